@@ -1,0 +1,13 @@
+//go:build tools
+
+// Package tools pins the upstream Kubernetes binaries that the test bed runs:
+// kube-apiserver (the control plane of the end-to-end tests and the demo) and
+// kube-proxy (the reference proxy in the end-to-end suite and the benchmarks).
+// It is a separate module so that svcnat's own go.mod never depends on
+// k8s.io/kubernetes.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+)

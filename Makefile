@@ -1,0 +1,54 @@
+# svcnat: a kube-proxy replacement. `make help` lists the targets.
+# Targets that program the kernel or start the test bed need root; they work
+# only inside network namespaces they create (see shared/TESTBED.md).
+
+GO      ?= go
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+# Which proxies the end-to-end suite runs against (comma list of
+# svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
+E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables
+
+.PHONY: help build setup generate check-generated lint unit e2e test demo bench image clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+build: ## build bin/svcnat
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/svcnat ./cmd/svcnat
+
+setup: ## install Debian packages, mount bpffs, build kube-apiserver/kube-proxy (root)
+	scripts/setup.sh
+
+generate: ## regenerate the eBPF objects and bindings (needs clang-16)
+	$(GO) generate ./pkg/ebpf/...
+
+check-generated: generate ## fail if the committed eBPF objects differ from their sources
+	@git diff --exit-code --stat -- pkg/ebpf || { echo "committed eBPF objects are stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- pkg/ebpf)" || { git status --porcelain -- pkg/ebpf; echo "make generate produced untracked files"; exit 1; }
+
+lint: ## gofmt, go vet, staticcheck
+	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "not gofmt-clean:"; echo "$$out"; exit 1; }
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+unit: ## unit tests, and privileged tests in their own namespaces when root
+	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)
+
+e2e: build ## end-to-end suite against a real kube-apiserver (root)
+	SVCNAT_E2E_PROXIES=$(E2E_PROXIES) SVCNAT_BIN=$(CURDIR)/bin/svcnat \
+		$(GO) test -count=1 -timeout 75m -v ./test/e2e/...
+
+test: lint check-generated unit e2e ## everything CI runs
+
+demo: setup build ## start the test bed and the voting-app example (root)
+	$(GO) run ./test/testbed/cmd/demo --svcnat $(CURDIR)/bin/svcnat $(DEMO_FLAGS)
+
+bench: build ## benchmarks: render/apply at 10k Services, eBPF lookup, memory
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/...
+
+image: ## build the agent image (needs a Docker engine)
+	docker build -t svcnat:$(VERSION) .
+
+clean: ## remove build output
+	rm -rf bin

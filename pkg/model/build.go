@@ -1,0 +1,683 @@
+package model
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// LabelServiceProxyName marks a Service (and its EndpointSlices) as handled by
+// another proxy; svcnat, like kube-proxy, leaves such objects alone.
+const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+
+// Config is what Build needs to know about the node it builds for.
+type Config struct {
+	// NodeName is this node's name: endpoints with this nodeName are local,
+	// and node topology hints naming it apply.
+	NodeName string `json:"nodeName,omitempty"`
+	// NodeZone is this node's topology.kubernetes.io/zone label; empty means
+	// zone hints never apply.
+	NodeZone string `json:"nodeZone,omitempty"`
+	// NodeAddresses are the node's own addresses NodePorts may open on.
+	NodeAddresses []netip.Addr `json:"nodeAddresses,omitempty"`
+	// NodePortAddresses restricts NodePort frontends to NodeAddresses inside
+	// these prefixes; empty means every NodeAddress.
+	NodePortAddresses []netip.Prefix `json:"nodePortAddresses,omitempty"`
+	// ClusterCIDRs are copied, masked and sorted, into State.ClusterCIDRs.
+	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs,omitempty"`
+}
+
+// defaultAffinity is the sessionAffinity ClientIP timeout when the Service
+// does not set one (the API server's default).
+const defaultAffinity = time.Duration(corev1.DefaultClientIPServiceAffinitySeconds) * time.Second
+
+// maxAffinity is the longest ClientIP timeout the API allows.
+const maxAffinity = 86400 * time.Second
+
+// Ignored reports whether svcnat must leave obj (a Service or EndpointSlice)
+// alone: it carries the service.kubernetes.io/service-proxy-name label (another
+// proxy owns it) or the service.kubernetes.io/headless label.
+func Ignored(obj metav1.Object) bool {
+	labels := obj.GetLabels()
+	_, proxied := labels[LabelServiceProxyName]
+	_, headless := labels[corev1.IsHeadlessService]
+	return proxied || headless
+}
+
+// Build returns the desired state of the node described by cfg for the given
+// Services and EndpointSlices (in any order; cfg, svcs and slices are not
+// modified; a nil cfg is an empty Config). Slices are matched to Services by namespace and the
+// kubernetes.io/service-name label; slices of no given Service are unused.
+//
+// Invalid input is skipped, and each skipped piece yields an error naming the
+// object and field; everything else is built. The result is canonical: equal
+// input (in any order) gives an equal State.
+func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (*State, []error) {
+	if cfg == nil {
+		cfg = &Config{}
+	}
+	var errs []error
+	type serviceKey struct{ namespace, name string }
+	byService := make(map[serviceKey][]*discoveryv1.EndpointSlice, len(svcs))
+	for _, es := range endpointSlices {
+		if es == nil || Ignored(es) {
+			continue
+		}
+		name := es.Labels[discoveryv1.LabelServiceName]
+		if name == "" {
+			errs = append(errs, fmt.Errorf("endpointslice %s/%s: no %s label", es.Namespace, es.Name, discoveryv1.LabelServiceName))
+			continue
+		}
+		k := serviceKey{es.Namespace, name}
+		byService[k] = append(byService[k], es)
+	}
+
+	state := &State{
+		ClusterCIDRs: canonicalPrefixes(cfg.ClusterCIDRs),
+		ServicePorts: make(map[ServicePortName]*ServicePort, len(svcs)),
+	}
+	// Visit Services in name order so that which duplicate wins, and the
+	// order of errors, do not depend on the input order.
+	ordered := make([]*corev1.Service, 0, len(svcs))
+	for _, svc := range svcs {
+		if svc != nil {
+			ordered = append(ordered, svc)
+		}
+	}
+	slicesSortStableByName(ordered)
+	for i, svc := range ordered {
+		if i > 0 && ordered[i-1].Namespace == svc.Namespace && ordered[i-1].Name == svc.Name {
+			errs = append(errs, fmt.Errorf("service %s/%s: duplicate service, using the first", svc.Namespace, svc.Name))
+			continue
+		}
+		sps, serrs := BuildService(cfg, svc, byService[serviceKey{svc.Namespace, svc.Name}])
+		errs = append(errs, serrs...)
+		for _, sp := range sps {
+			state.ServicePorts[sp.Name] = sp
+		}
+	}
+	return state, errs
+}
+
+func slicesSortStableByName(svcs []*corev1.Service) {
+	slices.SortStableFunc(svcs, func(a, b *corev1.Service) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+}
+
+// BuildService returns the ServicePorts of one Service: one per entry of
+// spec.ports and IP family of spec.clusterIPs, in name order. slices should
+// be the Service's EndpointSlices; slices of other Services (by namespace and
+// kubernetes.io/service-name label) and ignored slices are skipped silently.
+//
+// A Service that svcnat does not proxy (headless, ExternalName, no cluster IP
+// yet, or Ignored) yields nothing and no error. Invalid parts are skipped with
+// an error naming the object and field; the rest is built.
+func BuildService(cfg *Config, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) ([]*ServicePort, []error) {
+	if svc == nil || Ignored(svc) || svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return nil, nil
+	}
+	if cfg == nil {
+		cfg = &Config{}
+	}
+	b := serviceBuilder{cfg: cfg, svc: svc}
+	clusterIPs := svc.Spec.ClusterIPs
+	if len(clusterIPs) == 0 && svc.Spec.ClusterIP != "" {
+		clusterIPs = []string{svc.Spec.ClusterIP}
+	}
+	if len(clusterIPs) == 0 || clusterIPs[0] == corev1.ClusterIPNone {
+		return nil, nil
+	}
+	var families []familyIP
+	for i, s := range clusterIPs {
+		ip, err := parseAddr(s)
+		if err != nil {
+			b.errorf("spec.clusterIPs[%d]: %w", i, err)
+			continue
+		}
+		f := FamilyOf(ip)
+		if slices.ContainsFunc(families, func(x familyIP) bool { return x.family == f }) {
+			b.errorf("spec.clusterIPs[%d]: second %s address %s", i, f, ip)
+			continue
+		}
+		families = append(families, familyIP{f, ip})
+	}
+	if len(families) == 0 {
+		return nil, b.errs
+	}
+
+	b.parseSlices(endpointSlices)
+	b.parseService()
+
+	var out []*ServicePort
+	seen := make(map[string]bool, len(svc.Spec.Ports))
+	for i := range svc.Spec.Ports {
+		port, ok := b.parsePort(i)
+		if !ok {
+			continue
+		}
+		if seen[port.name] {
+			b.errorf("spec.ports[%d]: duplicate port name %q", i, port.name)
+			continue
+		}
+		seen[port.name] = true
+		for _, fam := range families {
+			out = append(out, b.servicePort(port, fam))
+		}
+	}
+	slicesSortServicePorts(out)
+	return out, b.errs
+}
+
+func slicesSortServicePorts(sps []*ServicePort) {
+	slices.SortFunc(sps, func(a, b *ServicePort) int { return a.Name.Compare(b.Name) })
+}
+
+// familyIP is a Service's cluster IP in one family.
+type familyIP struct {
+	family Family
+	ip     netip.Addr
+}
+
+// servicePortSpec is a validated entry of spec.ports.
+type servicePortSpec struct {
+	name     string
+	protocol Protocol
+	port     uint16
+	nodePort uint16
+}
+
+// sliceEndpoint is one validated endpoint of an EndpointSlice.
+type sliceEndpoint struct {
+	ip                          netip.Addr
+	local                       bool
+	ready, serving, terminating bool
+	forNodeHint, hasNodeHints   bool
+	forZoneHint, hasZoneHints   bool
+}
+
+// rank orders duplicates of one address: ready beats serving-and-terminating
+// beats anything else.
+func (e *sliceEndpoint) rank() int {
+	switch {
+	case e.ready:
+		return 2
+	case e.serving && e.terminating:
+		return 1
+	}
+	return 0
+}
+
+// slicePort is one validated port of an EndpointSlice.
+type slicePort struct {
+	name     string
+	protocol Protocol
+	port     uint16
+}
+
+// parsedSlice is the usable content of one EndpointSlice.
+type parsedSlice struct {
+	family    Family
+	ports     []slicePort
+	endpoints []sliceEndpoint
+}
+
+// serviceBuilder holds what is parsed once per Service and shared by its
+// ServicePorts.
+type serviceBuilder struct {
+	cfg  *Config
+	svc  *corev1.Service
+	errs []error
+
+	slices []parsedSlice
+
+	internalLocal  bool
+	externalLocal  bool // the policy; applies only with external frontends
+	affinity       time.Duration
+	externalIPs    []netip.Addr
+	ingressIPs     []netip.Addr
+	sourceRanges   []netip.Prefix
+	healthCheck    uint16
+	nodePortsOpen  bool // type NodePort or LoadBalancer
+	loadBalancerOK bool // false when source ranges were unusable
+}
+
+func (b *serviceBuilder) errorf(format string, args ...any) {
+	b.errs = append(b.errs, fmt.Errorf("service %s/%s: "+format,
+		append([]any{b.svc.Namespace, b.svc.Name}, args...)...))
+}
+
+func sliceErrorf(es *discoveryv1.EndpointSlice, format string, args ...any) error {
+	return fmt.Errorf("endpointslice %s/%s: "+format, append([]any{es.Namespace, es.Name}, args...)...)
+}
+
+// parseAddr parses a plain IP address: no zone, IPv4-mapped IPv6 unmapped.
+func parseAddr(s string) (netip.Addr, error) {
+	ip, err := netip.ParseAddr(strings.TrimSpace(s))
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("parse address: %w", err)
+	}
+	if ip.Zone() != "" {
+		return netip.Addr{}, fmt.Errorf("address %s has a zone", s)
+	}
+	return ip.Unmap(), nil
+}
+
+func parseProtocol(p corev1.Protocol) (Protocol, error) {
+	switch p {
+	case "", corev1.ProtocolTCP: // "" is the API default, TCP
+		return TCP, nil
+	case corev1.ProtocolUDP:
+		return UDP, nil
+	case corev1.ProtocolSCTP:
+		return SCTP, nil
+	}
+	return "", fmt.Errorf("unknown protocol %q", p)
+}
+
+func validPort(p int32) bool { return p > 0 && p <= 65535 }
+
+// parseService reads the Service-wide settings shared by all its ports.
+func (b *serviceBuilder) parseService() {
+	spec := &b.svc.Spec
+	b.nodePortsOpen = spec.Type == corev1.ServiceTypeNodePort || spec.Type == corev1.ServiceTypeLoadBalancer
+	b.internalLocal = spec.InternalTrafficPolicy != nil && *spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	b.externalLocal = b.nodePortsOpen && spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+
+	if spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+		b.affinity = defaultAffinity
+		if c := spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			t := time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+			if t <= 0 || t > maxAffinity {
+				b.errorf("spec.sessionAffinityConfig.clientIP.timeoutSeconds %d: not in 1..86400, using %d",
+					*c.ClientIP.TimeoutSeconds, corev1.DefaultClientIPServiceAffinitySeconds)
+			} else {
+				b.affinity = t
+			}
+		}
+	}
+
+	for i, s := range spec.ExternalIPs {
+		ip, err := parseAddr(s)
+		if err != nil {
+			b.errorf("spec.externalIPs[%d]: %w", i, err)
+			continue
+		}
+		b.externalIPs = append(b.externalIPs, ip)
+	}
+
+	if spec.Type != corev1.ServiceTypeLoadBalancer {
+		// A lingering status after a type change must not expose the Service.
+		return
+	}
+	b.loadBalancerOK = true
+	for i, ing := range b.svc.Status.LoadBalancer.Ingress {
+		if ing.IP == "" || (ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy) {
+			// Hostname-only ingress, or a proxying load balancer that
+			// delivers to the node itself, not to the VIP.
+			continue
+		}
+		ip, err := parseAddr(ing.IP)
+		if err != nil {
+			b.errorf("status.loadBalancer.ingress[%d].ip: %w", i, err)
+			continue
+		}
+		b.ingressIPs = append(b.ingressIPs, ip)
+	}
+	for i, s := range spec.LoadBalancerSourceRanges {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			// Fail closed: without the range we cannot tell who may connect.
+			b.errorf("spec.loadBalancerSourceRanges[%d]: %w; leaving out the load balancer frontends", i, err)
+			b.loadBalancerOK = false
+			continue
+		}
+		b.sourceRanges = append(b.sourceRanges, p)
+	}
+	if b.externalLocal && spec.HealthCheckNodePort != 0 {
+		if validPort(spec.HealthCheckNodePort) {
+			b.healthCheck = uint16(spec.HealthCheckNodePort)
+		} else {
+			b.errorf("spec.healthCheckNodePort %d: out of range", spec.HealthCheckNodePort)
+		}
+	}
+}
+
+// parsePort validates spec.ports[i].
+func (b *serviceBuilder) parsePort(i int) (servicePortSpec, bool) {
+	p := &b.svc.Spec.Ports[i]
+	proto, err := parseProtocol(p.Protocol)
+	if err != nil {
+		b.errorf("spec.ports[%d].protocol: %w", i, err)
+		return servicePortSpec{}, false
+	}
+	if !validPort(p.Port) {
+		b.errorf("spec.ports[%d].port %d: out of range", i, p.Port)
+		return servicePortSpec{}, false
+	}
+	if p.NodePort != 0 && !validPort(p.NodePort) {
+		b.errorf("spec.ports[%d].nodePort %d: out of range", i, p.NodePort)
+		return servicePortSpec{}, false
+	}
+	return servicePortSpec{name: p.Name, protocol: proto, port: uint16(p.Port), nodePort: uint16(p.NodePort)}, true
+}
+
+// parseSlices validates the Service's EndpointSlices once for all its ports.
+func (b *serviceBuilder) parseSlices(in []*discoveryv1.EndpointSlice) {
+	// Name order makes the choice among duplicate endpoints independent of
+	// the input order.
+	ordered := make([]*discoveryv1.EndpointSlice, 0, len(in))
+	for _, es := range in {
+		if es != nil && es.Namespace == b.svc.Namespace && !Ignored(es) &&
+			es.Labels[discoveryv1.LabelServiceName] == b.svc.Name {
+			ordered = append(ordered, es)
+		}
+	}
+	slices.SortStableFunc(ordered, func(x, y *discoveryv1.EndpointSlice) int { return cmp.Compare(x.Name, y.Name) })
+	b.slices = make([]parsedSlice, 0, len(ordered))
+	for _, es := range ordered {
+		if ps, ok := b.parseSlice(es); ok {
+			b.slices = append(b.slices, ps)
+		}
+	}
+}
+
+func (b *serviceBuilder) parseSlice(es *discoveryv1.EndpointSlice) (parsedSlice, bool) {
+	var ps parsedSlice
+	switch es.AddressType {
+	case discoveryv1.AddressTypeIPv4:
+		ps.family = IPv4
+	case discoveryv1.AddressTypeIPv6:
+		ps.family = IPv6
+	case discoveryv1.AddressTypeFQDN:
+		return ps, false
+	default:
+		b.errs = append(b.errs, sliceErrorf(es, "addressType %q: unknown", es.AddressType))
+		return ps, false
+	}
+	for i, p := range es.Ports {
+		var sp slicePort
+		if p.Name != nil {
+			sp.name = *p.Name
+		}
+		proto := corev1.ProtocolTCP
+		if p.Protocol != nil {
+			proto = *p.Protocol
+		}
+		var err error
+		if sp.protocol, err = parseProtocol(proto); err != nil {
+			b.errs = append(b.errs, sliceErrorf(es, "ports[%d].protocol: %w", i, err))
+			continue
+		}
+		if p.Port == nil || !validPort(*p.Port) {
+			port := "nil"
+			if p.Port != nil {
+				port = fmt.Sprint(*p.Port)
+			}
+			b.errs = append(b.errs, sliceErrorf(es, "ports[%d].port %s: out of range", i, port))
+			continue
+		}
+		sp.port = uint16(*p.Port)
+		ps.ports = append(ps.ports, sp)
+	}
+	ps.endpoints = make([]sliceEndpoint, 0, len(es.Endpoints))
+	for i := range es.Endpoints {
+		ep := &es.Endpoints[i]
+		if len(ep.Addresses) == 0 {
+			b.errs = append(b.errs, sliceErrorf(es, "endpoints[%d]: no address", i))
+			continue
+		}
+		// Like kube-proxy, use the first address: the others are the same
+		// Pod's and not to be balanced over separately.
+		ip, err := parseAddr(ep.Addresses[0])
+		if err != nil {
+			b.errs = append(b.errs, sliceErrorf(es, "endpoints[%d].addresses[0]: %w", i, err))
+			continue
+		}
+		if FamilyOf(ip) != ps.family {
+			b.errs = append(b.errs, sliceErrorf(es, "endpoints[%d].addresses[0] %s: not of addressType %s", i, ip, es.AddressType))
+			continue
+		}
+		se := sliceEndpoint{
+			ip:          ip,
+			local:       b.cfg.NodeName != "" && ep.NodeName != nil && *ep.NodeName == b.cfg.NodeName,
+			ready:       ep.Conditions.Ready == nil || *ep.Conditions.Ready,
+			terminating: ep.Conditions.Terminating != nil && *ep.Conditions.Terminating,
+		}
+		se.serving = se.ready
+		if ep.Conditions.Serving != nil {
+			se.serving = *ep.Conditions.Serving
+		}
+		if h := ep.Hints; h != nil {
+			se.hasNodeHints = len(h.ForNodes) > 0
+			se.forNodeHint = b.cfg.NodeName != "" && slices.ContainsFunc(h.ForNodes, func(n discoveryv1.ForNode) bool { return n.Name == b.cfg.NodeName })
+			se.hasZoneHints = len(h.ForZones) > 0
+			se.forZoneHint = b.cfg.NodeZone != "" && slices.ContainsFunc(h.ForZones, func(z discoveryv1.ForZone) bool { return z.Name == b.cfg.NodeZone })
+		}
+		ps.endpoints = append(ps.endpoints, se)
+	}
+	return ps, true
+}
+
+// endpointsFor returns the deduplicated endpoints of one Service port in one
+// family, sorted by address and port.
+func (b *serviceBuilder) endpointsFor(port servicePortSpec, family Family) []candidate {
+	var byAddr map[netip.AddrPort]int
+	var out []candidate
+	for i := range b.slices {
+		ps := &b.slices[i]
+		if ps.family != family {
+			continue
+		}
+		j := slices.IndexFunc(ps.ports, func(p slicePort) bool { return p.name == port.name && p.protocol == port.protocol })
+		if j < 0 {
+			continue
+		}
+		if byAddr == nil {
+			byAddr = make(map[netip.AddrPort]int, len(ps.endpoints))
+			out = make([]candidate, 0, len(ps.endpoints))
+		}
+		for k := range ps.endpoints {
+			se := &ps.endpoints[k]
+			ap := netip.AddrPortFrom(se.ip, ps.ports[j].port)
+			if at, dup := byAddr[ap]; dup {
+				if se.rank() > out[at].rank() {
+					out[at].sliceEndpoint = se
+				}
+				continue
+			}
+			byAddr[ap] = len(out)
+			out = append(out, candidate{sliceEndpoint: se, port: ps.ports[j].port})
+		}
+	}
+	slices.SortFunc(out, func(x, y candidate) int {
+		return cmp.Or(x.ip.Compare(y.ip), cmp.Compare(x.port, y.port))
+	})
+	return out
+}
+
+// candidate is an endpoint of one Service port before categorization.
+type candidate struct {
+	*sliceEndpoint
+	port uint16
+}
+
+func (c candidate) endpoint() Endpoint { return Endpoint{IP: c.ip, Port: c.port, Local: c.local} }
+
+// topology says which hints restrict the cluster endpoints.
+type topology int
+
+const (
+	noTopology topology = iota
+	sameNode
+	sameZone
+)
+
+// topologyOf decides, as kube-proxy does, from the ready endpoints: node
+// hints when every one has some and one names this node; else zone hints
+// likewise; else none.
+func topologyOf(cands []candidate) topology {
+	anyReady, allNode, forNode, allZone, forZone := false, true, false, true, false
+	for _, c := range cands {
+		if !c.ready {
+			continue
+		}
+		anyReady = true
+		allNode = allNode && c.hasNodeHints
+		forNode = forNode || c.forNodeHint
+		allZone = allZone && c.hasZoneHints
+		forZone = forZone || c.forZoneHint
+	}
+	switch {
+	case !anyReady:
+		return noTopology
+	case allNode && forNode:
+		return sameNode
+	case allZone && forZone:
+		return sameZone
+	}
+	return noTopology
+}
+
+// usable returns the endpoints among cands that keep is true for: the ready
+// ones, or when none is ready, the serving-and-terminating ones.
+func usable(cands []candidate, keep func(candidate) bool) []Endpoint {
+	var out []Endpoint
+	for _, c := range cands {
+		if c.ready && keep(c) {
+			out = append(out, c.endpoint())
+		}
+	}
+	if len(out) > 0 {
+		return out
+	}
+	for _, c := range cands {
+		if c.serving && c.terminating && keep(c) {
+			out = append(out, c.endpoint())
+		}
+	}
+	return out
+}
+
+func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *ServicePort {
+	sp := &ServicePort{
+		Name: ServicePortName{
+			Namespace: b.svc.Namespace, Name: b.svc.Name, Port: port.name, Family: fam.family,
+		},
+		Protocol:        port.protocol,
+		AffinityTimeout: b.affinity,
+	}
+	sp.Frontends = append(sp.Frontends, Frontend{Kind: ClusterIP, IP: fam.ip, Port: port.port})
+	if b.nodePortsOpen && port.nodePort != 0 {
+		for _, a := range b.cfg.NodeAddresses {
+			a = a.Unmap()
+			if a.IsValid() && FamilyOf(a) == fam.family && nodePortAddress(a, b.cfg.NodePortAddresses) {
+				sp.Frontends = append(sp.Frontends, Frontend{Kind: NodePort, IP: a, Port: port.nodePort})
+			}
+		}
+	}
+	for _, ip := range b.externalIPs {
+		if FamilyOf(ip) == fam.family {
+			sp.Frontends = append(sp.Frontends, Frontend{Kind: ExternalIP, IP: ip, Port: port.port})
+		}
+	}
+	if b.loadBalancerOK {
+		for _, ip := range b.ingressIPs {
+			if FamilyOf(ip) == fam.family {
+				sp.Frontends = append(sp.Frontends, Frontend{Kind: LoadBalancer, IP: ip, Port: port.port})
+			}
+		}
+	}
+	slices.SortFunc(sp.Frontends, compareFrontends)
+	sp.Frontends = slices.Compact(sp.Frontends)
+
+	external := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind.External() })
+	hasLoadBalancer := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind == LoadBalancer })
+	sp.InternalTrafficLocal = b.internalLocal
+	sp.ExternalTrafficLocal = b.externalLocal && external
+	if hasLoadBalancer {
+		sp.SourceRanges = familyRanges(b.sourceRanges, fam.family)
+	}
+	if b.externalLocal {
+		sp.HealthCheckNodePort = b.healthCheck
+	}
+
+	cands := b.endpointsFor(port, fam.family)
+	topo := topologyOf(cands)
+	cluster := usable(cands, func(c candidate) bool {
+		switch topo {
+		case sameNode:
+			return c.forNodeHint
+		case sameZone:
+			return c.forZoneHint
+		}
+		return true
+	})
+	usesCluster := !sp.InternalTrafficLocal || external
+	usesLocal := sp.InternalTrafficLocal || sp.ExternalTrafficLocal
+	if usesLocal {
+		sp.LocalEndpoints = usable(cands, func(c candidate) bool { return c.local })
+	}
+	// With only internalTrafficPolicy Local in effect, no frontend uses the
+	// cluster endpoints; they are kept only when there is no local one, so
+	// that NoEndpoints drops (endpoints exist elsewhere) instead of rejecting.
+	if usesCluster || len(sp.LocalEndpoints) == 0 {
+		sp.ClusterEndpoints = cluster
+	}
+	return sp
+}
+
+func compareFrontends(a, b Frontend) int {
+	return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+}
+
+// nodePortAddress reports whether NodePorts open on node address a.
+func nodePortAddress(a netip.Addr, allowed []netip.Prefix) bool {
+	if a.IsLoopback() || a.IsUnspecified() || (a.Is6() && a.IsLinkLocalUnicast()) {
+		return false
+	}
+	if len(allowed) == 0 {
+		return true
+	}
+	return slices.ContainsFunc(allowed, func(p netip.Prefix) bool { return p.Contains(a) })
+}
+
+// familyRanges returns the ranges of one family, masked, sorted and without
+// duplicates; nil when one of them allows every address (as kube-proxy
+// treats a zero-length prefix).
+func familyRanges(ranges []netip.Prefix, f Family) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ranges {
+		if FamilyOf(p.Addr()) != f {
+			continue
+		}
+		if p.Bits() == 0 {
+			return nil
+		}
+		out = append(out, p.Masked())
+	}
+	return canonicalPrefixes(out)
+}
+
+// canonicalPrefixes returns valid prefixes masked, sorted and deduplicated.
+func canonicalPrefixes(in []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range in {
+		if p.IsValid() {
+			out = append(out, p.Masked())
+		}
+	}
+	slices.SortFunc(out, comparePrefixes)
+	return slices.Compact(out)
+}
+
+func comparePrefixes(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}

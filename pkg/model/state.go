@@ -127,8 +127,9 @@ func (n ServicePortName) Compare(o ServicePortName) int {
 //   - With a non-zero AffinityTimeout, a client IP keeps its endpoint for that
 //     long after its last new connection (sessionAffinity: ClientIP).
 //
-// Fields no frontend uses are left empty, so that everything in a ServicePort
-// can be read back from the kernel.
+// Fields no frontend uses are left empty (except ClusterEndpoints, see
+// there), so that everything in a ServicePort can be read back from the
+// kernel.
 type ServicePort struct {
 	Name     ServicePortName `json:"name"`
 	Protocol Protocol        `json:"protocol"`
@@ -137,6 +138,12 @@ type ServicePort struct {
 	// ClusterEndpoints are the usable endpoints cluster-wide: ready ones, or
 	// serving-and-terminating ones when none is ready; filtered by topology
 	// hints. Sorted by IP and port, no duplicates.
+	//
+	// When InternalTrafficLocal holds and there is no external frontend, no
+	// frontend uses them: they are then set only while LocalEndpoints is
+	// empty, so that NoEndpoints tells Drop (endpoints exist on other nodes)
+	// from Reject (none anywhere). A backend records them in that case so
+	// that Dump returns them.
 	ClusterEndpoints []Endpoint `json:"clusterEndpoints,omitempty"`
 	// LocalEndpoints are the usable endpoints on this node, with the same
 	// fallback. Set only when a traffic policy is Local.

@@ -1,0 +1,139 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * svcnat.h defines every BPF map key and value svcnat uses, once, for the BPF
+ * programs and (through bpf2go -type) for the Go side in pkg/ebpf.
+ *
+ * Addresses are 16 bytes in network order: IPv6 as is, IPv4 as the IPv4-mapped
+ * IPv6 address ::ffff:a.b.c.d, so one map serves both families and a
+ * dual-stack socket connecting to ::ffff:a.b.c.d finds the IPv4 Service.
+ * Ports are in network byte order. All padding is explicit so that the Go
+ * types have no hidden holes and map keys hash the same on both sides.
+ */
+#ifndef SVCNAT_H
+#define SVCNAT_H
+
+#include <linux/types.h>
+
+/* Frontend kinds (svc_value.kind), as model.FrontendKind. */
+#define SVCNAT_KIND_CLUSTER_IP 1
+#define SVCNAT_KIND_NODE_PORT 2
+#define SVCNAT_KIND_EXTERNAL_IP 3
+#define SVCNAT_KIND_LOAD_BALANCER 4
+
+/* svc_value.flags */
+#define SVCNAT_F_INTERNAL_LOCAL 0x1 /* internalTrafficPolicy: Local */
+#define SVCNAT_F_EXTERNAL_LOCAL 0x2 /* externalTrafficPolicy: Local */
+#define SVCNAT_F_SOURCE_RANGES 0x4  /* loadBalancerSourceRanges set: see source_ranges */
+
+/* Endpoint sets (slot_key.set). */
+#define SVCNAT_SET_CLUSTER 0
+#define SVCNAT_SET_LOCAL 1
+
+/* backend.flags */
+#define SVCNAT_BACKEND_LOCAL 0x1 /* the endpoint runs on this node */
+
+/* affinity_key.origin */
+#define SVCNAT_AFFINITY_NETNS 0  /* client is a network namespace cookie (socket hooks) */
+#define SVCNAT_AFFINITY_ADDR 1   /* client is an address (tc) */
+
+/* One frontend of a Service port: the lookup key of every program. */
+struct svc_key {
+	__u8 addr[16];
+	__u16 port;
+	__u8 proto; /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP */
+	__u8 pad;
+};
+
+/*
+ * What a frontend leads to. Every frontend of a Service port carries the same
+ * id, counts and flags; kind says which endpoint set applies. Rewriting this
+ * value is the one atomic step that switches a Service to new counts.
+ */
+struct svc_value {
+	__u32 id;             /* ServicePort id: svc_info and slots key */
+	__u16 cluster_count;  /* slots [0, cluster_count) of SVCNAT_SET_CLUSTER */
+	__u16 local_count;    /* slots [0, local_count) of SVCNAT_SET_LOCAL */
+	__u8 kind;            /* SVCNAT_KIND_* */
+	__u8 flags;           /* SVCNAT_F_* */
+	__u16 pad;
+	__u32 affinity_timeout; /* seconds; 0 means no session affinity */
+};
+
+/* The endpoint in position slot of one endpoint set of one Service port. */
+struct slot_key {
+	__u32 id;
+	__u16 slot;
+	__u8 set; /* SVCNAT_SET_* */
+	__u8 pad;
+};
+
+/* An endpoint, shared by every slot that names it; value of backends[id]. */
+struct backend {
+	__u8 addr[16];
+	__u16 port;
+	__u8 flags; /* SVCNAT_BACKEND_* */
+	__u8 pad;
+};
+
+/*
+ * What the datapath does not need but Dump does to give back the model:
+ * the Service port's name and the fields no frontend carries.
+ */
+struct svc_info {
+	char namespace[64]; /* DNS label, at most 63 bytes */
+	char name[64];      /* DNS label, at most 63 bytes */
+	char port_name[16]; /* IANA service name, at most 15 bytes */
+	__u8 family;        /* 4 or 6 */
+	__u8 proto;
+	__u16 health_check_node_port; /* host byte order */
+	__u32 pad;
+};
+
+/* An LPM trie key for loadBalancerSourceRanges: id, then the address. */
+struct source_range_key {
+	__u32 prefixlen; /* 32 + prefix length in the 16-byte address */
+	__u32 id;
+	__u8 addr[16];
+};
+
+/* An LPM trie key for the cluster (pod) CIDRs. */
+struct cidr_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Session affinity: which endpoint a client was last sent to. */
+struct affinity_key {
+	__u8 client[16]; /* netns cookie (first 8 bytes) or address */
+	__u32 id;
+	__u8 origin;     /* SVCNAT_AFFINITY_* */
+	__u8 pad[3];
+};
+
+struct affinity_value {
+	__u64 last_used; /* bpf_ktime_get_ns */
+	__u32 backend_id;
+	__u16 slot;
+	__u8 set;
+	__u8 pad;
+};
+
+/*
+ * Reverse translation for a socket whose connect/sendmsg was rewritten:
+ * recvmsg and getpeername show the Service address again.
+ */
+struct revnat_key {
+	__u64 cookie; /* socket cookie */
+	__u8 addr[16]; /* endpoint */
+	__u16 port;
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct revnat_value {
+	__u8 addr[16]; /* frontend */
+	__u16 port;
+	__u16 pad;
+};
+
+#endif /* SVCNAT_H */

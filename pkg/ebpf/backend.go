@@ -1,0 +1,454 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/svcnat/svcnat/pkg/dataplane"
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// Options configures the eBPF backend.
+type Options struct {
+	// BPFFSPath is the directory maps and links are pinned in; its parent
+	// must be a mounted bpffs. Default /sys/fs/bpf/svcnat.
+	BPFFSPath string
+	// CgroupPath is the cgroup v2 whose processes (and its descendants')
+	// get connect-time translation. Required: the node's cgroup v2 root in
+	// production, a child cgroup in tests.
+	CgroupPath string
+	// Interfaces are the node's interfaces for per-packet translation of
+	// traffic from outside the node. Not yet used: see doc.go.
+	Interfaces []string
+	// Map sizes; zero means the default. MaxServices sizes the frontend,
+	// Service info and source range maps (--bpf-map-max-services);
+	// MaxBackends the endpoint and slot maps (--bpf-map-max-backends);
+	// MaxAffinity the session affinity map (--bpf-map-max-affinity);
+	// MaxNAT the socket reverse translation map (--bpf-map-max-nat).
+	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
+	// Registerer, when set, receives the backend's metrics.
+	Registerer prometheus.Registerer
+	// Logger, when set, receives the backend's logs.
+	Logger *slog.Logger
+}
+
+// Defaults for Options.
+const (
+	DefaultBPFFSPath   = "/sys/fs/bpf/svcnat"
+	DefaultMaxServices = 65536
+	DefaultMaxBackends = 262144
+	DefaultMaxAffinity = 65536
+	DefaultMaxNAT      = 262144
+)
+
+// Backend is the eBPF dataplane. It implements dataplane.Backend.
+type Backend struct {
+	opts    Options
+	log     *slog.Logger
+	objs    *svcnatObjects
+	links   []link.Link
+	rec     *reconciler
+	entries *prometheus.GaugeVec
+}
+
+var _ dataplane.Backend = (*Backend)(nil)
+
+// hook is one cgroup socket hook: the program and where it attaches.
+type hook struct {
+	prog   string
+	attach ebpf.AttachType
+}
+
+var hooks = []hook{
+	{svcnatProgSvcnatConnect4, ebpf.AttachCGroupInet4Connect},
+	{svcnatProgSvcnatConnect6, ebpf.AttachCGroupInet6Connect},
+	{svcnatProgSvcnatSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+	{svcnatProgSvcnatSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+	{svcnatProgSvcnatRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+	{svcnatProgSvcnatRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+	{svcnatProgSvcnatGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+	{svcnatProgSvcnatGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+}
+
+// New checks the options and probes the kernel for every feature the
+// backend needs; the error names the first one missing. It changes nothing
+// on the host.
+func New(opts Options) (*Backend, error) {
+	if opts.BPFFSPath == "" {
+		opts.BPFFSPath = DefaultBPFFSPath
+	}
+	if opts.CgroupPath == "" {
+		return nil, errors.New("create ebpf backend: no cgroup path")
+	}
+	opts.MaxServices = cmpOr(opts.MaxServices, DefaultMaxServices)
+	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
+	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
+	opts.MaxNAT = cmpOr(opts.MaxNAT, DefaultMaxNAT)
+	if len(opts.Interfaces) > 0 {
+		return nil, errors.New("create ebpf backend: per-packet translation on interfaces is not implemented")
+	}
+	if err := probe(); err != nil {
+		return nil, fmt.Errorf("create ebpf backend: %w", err)
+	}
+	b := &Backend{opts: opts, log: opts.Logger}
+	if b.log == nil {
+		b.log = slog.New(slog.DiscardHandler)
+	}
+	if opts.Registerer != nil {
+		b.entries = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "svcnat_ebpf_map_entries",
+			Help: "Entries in svcnat's BPF maps after the last successful sync, by map.",
+		}, []string{"map"})
+		if err := opts.Registerer.Register(b.entries); err != nil {
+			return nil, fmt.Errorf("create ebpf backend: register metrics: %w", err)
+		}
+	}
+	return b, nil
+}
+
+func cmpOr(v, def int) int {
+	if v == 0 {
+		return def
+	}
+	return v
+}
+
+// probe names the first kernel feature the backend needs that is missing.
+func probe() error {
+	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie} {
+		if err := features.HaveMapType(mt); err != nil {
+			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
+		}
+	}
+	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
+		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.CGroupSockAddr, err)
+	}
+	for _, fn := range []asm.BuiltinFunc{asm.FnGetSocketCookie, asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32} {
+		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
+			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
+		}
+	}
+	return nil
+}
+
+// checkBPFFS fails unless the parent of dir is a mounted bpffs.
+func checkBPFFS(dir string) error {
+	parent := filepath.Dir(filepath.Clean(dir))
+	var st unix.Statfs_t
+	if err := unix.Statfs(parent, &st); err != nil {
+		return fmt.Errorf("check bpffs at %s: %w", parent, err)
+	}
+	if st.Type != unix.BPF_FS_MAGIC {
+		return fmt.Errorf("check bpffs: %s is not a bpffs mount (mount -t bpf bpf %s)", parent, parent)
+	}
+	return nil
+}
+
+// Init loads the programs, creates or adopts the pinned maps, and attaches
+// the socket hooks to the cgroup, replacing the programs of links pinned by
+// an earlier run in place, so translation never stops. What the maps hold is
+// kept. Idempotent.
+func (b *Backend) Init(ctx context.Context) error {
+	if err := checkBPFFS(b.opts.BPFFSPath); err != nil {
+		return fmt.Errorf("init ebpf backend: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Join(b.opts.BPFFSPath, "links"), 0o700); err != nil {
+		return fmt.Errorf("init ebpf backend: create pin directory: %w", err)
+	}
+	if b.objs == nil {
+		spec, err := loadSvcnat()
+		if err != nil {
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+		for name, size := range b.sizes() {
+			spec.Maps[name].MaxEntries = uint32(size)
+		}
+		objs := &svcnatObjects{}
+		err = spec.LoadAndAssign(objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: b.opts.BPFFSPath}})
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return fmt.Errorf("init ebpf backend: pinned maps in %s differ from the flags (a map size changed?); run svcnat cleanup first: %w", b.opts.BPFFSPath, err)
+		}
+		if err != nil {
+			return fmt.Errorf("init ebpf backend: load programs: %w", err)
+		}
+		b.objs = objs
+		b.rec = &reconciler{maps: b.mapSet(objs)}
+	}
+	progs := map[string]*ebpf.Program{
+		svcnatProgSvcnatConnect4: b.objs.SvcnatConnect4, svcnatProgSvcnatConnect6: b.objs.SvcnatConnect6,
+		svcnatProgSvcnatSendmsg4: b.objs.SvcnatSendmsg4, svcnatProgSvcnatSendmsg6: b.objs.SvcnatSendmsg6,
+		svcnatProgSvcnatRecvmsg4: b.objs.SvcnatRecvmsg4, svcnatProgSvcnatRecvmsg6: b.objs.SvcnatRecvmsg6,
+		svcnatProgSvcnatGetpeername4: b.objs.SvcnatGetpeername4, svcnatProgSvcnatGetpeername6: b.objs.SvcnatGetpeername6,
+	}
+	for _, l := range b.links {
+		l.Close()
+	}
+	b.links = nil
+	for _, h := range hooks {
+		l, err := b.attach(h, progs[h.prog])
+		if err != nil {
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+		b.links = append(b.links, l)
+	}
+	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
+	return nil
+}
+
+// attach adopts the link pinned for h, pointing it at prog, or attaches
+// prog to the cgroup and pins the new link.
+func (b *Backend) attach(h hook, prog *ebpf.Program) (link.Link, error) {
+	pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err == nil {
+		if err := l.Update(prog); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("update pinned link %s: %w", pin, err)
+		}
+		return l, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+	l, err = link.AttachCgroup(link.CgroupOptions{Path: b.opts.CgroupPath, Attach: h.attach, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to cgroup %s: %w", h.prog, b.opts.CgroupPath, err)
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pin link %s: %w", pin, err)
+	}
+	return l, nil
+}
+
+func (b *Backend) sizes() map[string]int {
+	return map[string]int{
+		svcnatMapSvcnatServices:     b.opts.MaxServices,
+		svcnatMapSvcnatSvcInfo:      b.opts.MaxServices,
+		svcnatMapSvcnatSourceRanges: b.opts.MaxServices,
+		svcnatMapSvcnatSlots:        b.opts.MaxBackends,
+		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
+		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
+		svcnatMapSvcnatSockRevnat:   b.opts.MaxNAT,
+	}
+}
+
+func (b *Backend) mapSet(objs *svcnatObjects) *mapSet {
+	sized := func(name, flag string, m *ebpf.Map) sizedMap {
+		return sizedMap{name: name, flag: flag, capacity: int(m.MaxEntries()), m: kernelMap{m}}
+	}
+	return &mapSet{
+		services:     sized(svcnatMapSvcnatServices, "--bpf-map-max-services", objs.SvcnatServices),
+		info:         sized(svcnatMapSvcnatSvcInfo, "--bpf-map-max-services", objs.SvcnatSvcInfo),
+		slots:        sized(svcnatMapSvcnatSlots, "--bpf-map-max-backends", objs.SvcnatSlots),
+		backends:     sized(svcnatMapSvcnatBackends, "--bpf-map-max-backends", objs.SvcnatBackends),
+		sourceRanges: sized(svcnatMapSvcnatSourceRanges, "--bpf-map-max-services", objs.SvcnatSourceRanges),
+		clusterCIDRs: sized(svcnatMapSvcnatClusterCidrs, "", objs.SvcnatClusterCidrs),
+	}
+}
+
+// Sync makes the maps hold s, writing only what differs from the last
+// successful Sync (or from what the kernel holds, after a failure or at
+// start). It fails before writing anything when s does not fit the maps.
+func (b *Backend) Sync(ctx context.Context, s *model.State) error {
+	if b.rec == nil {
+		return errors.New("sync ebpf backend: Init has not run")
+	}
+	start := time.Now()
+	if err := b.rec.sync(s); err != nil {
+		return fmt.Errorf("sync ebpf backend: %w", err)
+	}
+	t := b.rec.written
+	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "frontends", len(t.services),
+		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))
+	if b.entries != nil {
+		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))
+		b.entries.WithLabelValues(svcnatMapSvcnatSvcInfo).Set(float64(len(t.info)))
+		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
+		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
+		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
+	}
+	return nil
+}
+
+// pinnedMaps opens the desired-state maps pinned under the backend's
+// directory, for a process that did not load them. It returns nil maps
+// when nothing is pinned.
+func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
+	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots,
+		svcnatMapSvcnatBackends, svcnatMapSvcnatSourceRanges, svcnatMapSvcnatClusterCidrs}
+	opened := map[string]*ebpf.Map{}
+	closeAll := func() {
+		for _, m := range opened {
+			m.Close()
+		}
+	}
+	for _, name := range names {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if errors.Is(err, fs.ErrNotExist) {
+			closeAll()
+			return nil, func() {}, nil
+		}
+		if err != nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		opened[name] = m
+	}
+	objs := &svcnatObjects{svcnatMaps: svcnatMaps{
+		SvcnatServices: opened[svcnatMapSvcnatServices], SvcnatSvcInfo: opened[svcnatMapSvcnatSvcInfo],
+		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatBackends: opened[svcnatMapSvcnatBackends],
+		SvcnatSourceRanges: opened[svcnatMapSvcnatSourceRanges], SvcnatClusterCidrs: opened[svcnatMapSvcnatClusterCidrs],
+	}}
+	return b.mapSet(objs), closeAll, nil
+}
+
+// Dump reads the pinned maps and decodes them into the State they
+// program. It needs no Init and works from any process; with nothing
+// pinned it returns an empty State.
+func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
+	ms, closeAll, err := b.pinnedMaps()
+	if err != nil {
+		return nil, fmt.Errorf("dump ebpf maps: %w", err)
+	}
+	defer closeAll()
+	if ms == nil {
+		return &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}, nil
+	}
+	t, err := readTable(ms)
+	if err != nil {
+		return nil, fmt.Errorf("dump ebpf maps: %w", err)
+	}
+	s, err := decode(t)
+	if err != nil {
+		return nil, fmt.Errorf("dump ebpf maps: %w", err)
+	}
+	return s, nil
+}
+
+// Raw prints the entries of the pinned desired-state maps, one per line
+// and sorted, as the kernel holds them (ports in host order). It needs no
+// Init.
+func (b *Backend) Raw(ctx context.Context) (string, error) {
+	ms, closeAll, err := b.pinnedMaps()
+	if err != nil {
+		return "", fmt.Errorf("print ebpf maps: %w", err)
+	}
+	defer closeAll()
+	if ms == nil {
+		return "", nil
+	}
+	t, err := readTable(ms)
+	if err != nil {
+		return "", fmt.Errorf("print ebpf maps: %w", err)
+	}
+	return formatTable(t), nil
+}
+
+// Cleanup detaches the socket hooks and removes every pin under the
+// backend's directory. Removing what is already gone is not an error.
+func (b *Backend) Cleanup(ctx context.Context) error {
+	var errs []error
+	for _, l := range b.links {
+		errs = append(errs, l.Close())
+	}
+	b.links = nil
+	for _, h := range hooks {
+		pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
+			continue
+		}
+		// Unpinning drops the pin's reference; closing ours detaches.
+		errs = append(errs, l.Unpin(), l.Close())
+	}
+	if b.objs != nil {
+		errs = append(errs, b.objs.Close())
+		b.objs, b.rec = nil, nil
+	}
+	if err := os.RemoveAll(b.opts.BPFFSPath); err != nil {
+		errs = append(errs, fmt.Errorf("remove pins in %s: %w", b.opts.BPFFSPath, err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("clean up ebpf backend: %w", err)
+	}
+	return nil
+}
+
+// Close releases the backend's file descriptors; pinned maps and links stay,
+// and translation goes on.
+func (b *Backend) Close() error {
+	var errs []error
+	for _, l := range b.links {
+		errs = append(errs, l.Close())
+	}
+	b.links = nil
+	if b.objs != nil {
+		errs = append(errs, b.objs.Close())
+		b.objs, b.rec = nil, nil
+	}
+	return errors.Join(errs...)
+}
+
+// kernelMap is a BPF map as a bpfMap.
+type kernelMap struct{ m *ebpf.Map }
+
+func (k kernelMap) Put(key, value any) error { return k.m.Put(key, value) }
+
+func (k kernelMap) Delete(key any) error {
+	if err := k.m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	return nil
+}
+
+func (k kernelMap) Iterate() entryIterator { return k.m.Iterate() }
+
+func formatTable(t *table) string {
+	var lines []string
+	for k, v := range t.services {
+		lines = append(lines, fmt.Sprintf("%s %s port=%d proto=%d -> id=%d kind=%d flags=%#x cluster=%d local=%d affinity=%ds",
+			svcnatMapSvcnatServices, addrString(k.Addr), ntohs(k.Port), k.Proto, v.Id, v.Kind, v.Flags, v.ClusterCount, v.LocalCount, v.AffinityTimeout))
+	}
+	for id, v := range t.info {
+		name, proto, _ := decodeInfo(v)
+		lines = append(lines, fmt.Sprintf("%s id=%d -> %s %s healthCheckNodePort=%d", svcnatMapSvcnatSvcInfo, id, name, proto, v.HealthCheckNodePort))
+	}
+	for k, v := range t.slots {
+		lines = append(lines, fmt.Sprintf("%s id=%d set=%d slot=%d -> backend=%d", svcnatMapSvcnatSlots, k.Id, k.Set, k.Slot, v))
+	}
+	for id, v := range t.backends {
+		lines = append(lines, fmt.Sprintf("%s id=%d -> %s port=%d flags=%#x", svcnatMapSvcnatBackends, id, addrString(v.Addr), ntohs(v.Port), v.Flags))
+	}
+	for k := range t.sourceRanges {
+		p, _ := decodePrefix(k.Addr, k.Prefixlen-32)
+		lines = append(lines, fmt.Sprintf("%s id=%d %s", svcnatMapSvcnatSourceRanges, k.Id, p))
+	}
+	for k := range t.clusterCIDRs {
+		p, _ := decodePrefix(k.Addr, k.Prefixlen)
+		lines = append(lines, fmt.Sprintf("%s %s", svcnatMapSvcnatClusterCidrs, p))
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n") + "\n"
+}

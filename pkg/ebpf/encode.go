@@ -1,0 +1,488 @@
+package ebpf
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/binary"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// Values shared with bpf/svcnat.h.
+const (
+	kindClusterIP    = 1
+	kindNodePort     = 2
+	kindExternalIP   = 3
+	kindLoadBalancer = 4
+
+	flagInternalLocal = 0x1
+	flagExternalLocal = 0x2
+	flagSourceRanges  = 0x4
+
+	setCluster = 0
+	setLocal   = 1
+
+	backendLocal = 0x1
+
+	protoTCP  = 6
+	protoUDP  = 17
+	protoSCTP = 132
+)
+
+var kinds = map[model.FrontendKind]uint8{
+	model.ClusterIP:    kindClusterIP,
+	model.NodePort:     kindNodePort,
+	model.ExternalIP:   kindExternalIP,
+	model.LoadBalancer: kindLoadBalancer,
+}
+
+var protocols = map[model.Protocol]uint8{
+	model.TCP:  protoTCP,
+	model.UDP:  protoUDP,
+	model.SCTP: protoSCTP,
+}
+
+// table is the content of the maps that hold the desired state (not the
+// LRU maps the datapath writes itself), one Go map per BPF map.
+type table struct {
+	services     map[svcnatSvcKey]svcnatSvcValue
+	info         map[uint32]svcnatSvcInfo
+	slots        map[svcnatSlotKey]uint32
+	backends     map[uint32]svcnatBackend
+	sourceRanges map[svcnatSourceRangeKey]uint8
+	clusterCIDRs map[svcnatCidrKey]uint8
+}
+
+func newTable() *table {
+	return &table{
+		services:     map[svcnatSvcKey]svcnatSvcValue{},
+		info:         map[uint32]svcnatSvcInfo{},
+		slots:        map[svcnatSlotKey]uint32{},
+		backends:     map[uint32]svcnatBackend{},
+		sourceRanges: map[svcnatSourceRangeKey]uint8{},
+		clusterCIDRs: map[svcnatCidrKey]uint8{},
+	}
+}
+
+func (t *table) equal(o *table) bool {
+	return maps.Equal(t.services, o.services) && maps.Equal(t.info, o.info) &&
+		maps.Equal(t.slots, o.slots) && maps.Equal(t.backends, o.backends) &&
+		maps.Equal(t.sourceRanges, o.sourceRanges) && maps.Equal(t.clusterCIDRs, o.clusterCIDRs)
+}
+
+// ids hands out the numbers that name ServicePorts and endpoints in the maps.
+// A number stays with its ServicePort or endpoint while it exists, and a
+// released number is not handed out again until the counter wraps, so a slot
+// that still names an endpoint removed by the write in progress never sees
+// another endpoint under that number.
+type ids struct {
+	services numbering[model.ServicePortName]
+	backends numbering[model.Endpoint]
+}
+
+type numbering[K comparable] struct {
+	byKey map[K]uint32
+	taken map[uint32]K
+	next  uint32
+}
+
+func newNumbering[K comparable]() numbering[K] {
+	return numbering[K]{byKey: map[K]uint32{}, taken: map[uint32]K{}, next: 1}
+}
+
+func (n *numbering[K]) set(k K, id uint32) {
+	n.taken[id] = k
+	n.next = max(n.next, id+1)
+	if old, ok := n.byKey[k]; !ok || id < old {
+		n.byKey[k] = id
+	}
+}
+
+// get returns k's number, giving it the next free one if it has none.
+func (n *numbering[K]) get(k K) uint32 {
+	if id, ok := n.byKey[k]; ok {
+		return id
+	}
+	for {
+		id := n.next
+		n.next++
+		if _, used := n.taken[id]; id != 0 && !used {
+			n.byKey[k] = id
+			n.taken[id] = k
+			return id
+		}
+	}
+}
+
+// keep forgets the numbers for which live is false.
+func (n *numbering[K]) keep(live func(uint32) bool) {
+	for id, k := range n.taken {
+		if !live(id) {
+			delete(n.taken, id)
+			if n.byKey[k] == id {
+				delete(n.byKey, k)
+			}
+		}
+	}
+}
+
+func newIDs() *ids {
+	return &ids{services: newNumbering[model.ServicePortName](), backends: newNumbering[model.Endpoint]()}
+}
+
+// adoptIDs continues the numbering found in t, as written by an earlier
+// run. Every number any entry uses is taken, also one a failed write left
+// without Service info or slot, so that no number is reused while an entry
+// still holds it.
+func adoptIDs(t *table) (*ids, error) {
+	n := newIDs()
+	for id, info := range t.info {
+		name, _, err := decodeInfo(info)
+		if err != nil {
+			return nil, fmt.Errorf("adopt service port %d: %w", id, err)
+		}
+		n.services.set(name, id)
+	}
+	for id, b := range t.backends {
+		ep, err := decodeBackend(b)
+		if err != nil {
+			return nil, fmt.Errorf("adopt backend %d: %w", id, err)
+		}
+		n.backends.set(ep, id)
+	}
+	for _, v := range t.services {
+		n.services.next = max(n.services.next, v.Id+1)
+	}
+	for k, bid := range t.slots {
+		n.services.next = max(n.services.next, k.Id+1)
+		n.backends.next = max(n.backends.next, bid+1)
+	}
+	for k := range t.sourceRanges {
+		n.services.next = max(n.services.next, k.Id+1)
+	}
+	return n, nil
+}
+
+// release forgets the numbers t does not use, once t is all the kernel
+// holds.
+func (n *ids) release(t *table) {
+	n.services.keep(func(id uint32) bool { _, ok := t.info[id]; return ok })
+	n.backends.keep(func(id uint32) bool { _, ok := t.backends[id]; return ok })
+}
+
+// encode turns s into map entries, numbering ServicePorts and endpoints with
+// n. It fails, naming both ServicePorts, when two claim the same frontend.
+func encode(s *model.State, n *ids) (*table, error) {
+	t := newTable()
+	for _, p := range s.ClusterCIDRs {
+		t.clusterCIDRs[svcnatCidrKey{Prefixlen: uint32(mappedBits(p)), Addr: addr16(p.Addr())}] = 1
+	}
+	owner := map[svcnatSvcKey]model.ServicePortName{}
+	for _, sp := range s.Sorted() {
+		proto, ok := protocols[sp.Protocol]
+		if !ok {
+			return nil, fmt.Errorf("encode service port %s: unknown protocol %q", sp.Name, sp.Protocol)
+		}
+		info, err := encodeInfo(sp, proto)
+		if err != nil {
+			return nil, err
+		}
+		id := n.services.get(sp.Name)
+		t.info[id] = info
+		for i, ep := range sp.ClusterEndpoints {
+			t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: setCluster}] = encodeEndpoint(t, n, ep)
+		}
+		for i, ep := range sp.LocalEndpoints {
+			t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: setLocal}] = encodeEndpoint(t, n, ep)
+		}
+		if len(sp.ClusterEndpoints) > 0xffff || len(sp.LocalEndpoints) > 0xffff {
+			return nil, fmt.Errorf("encode service port %s: more than 65535 endpoints", sp.Name)
+		}
+		value := svcnatSvcValue{
+			Id:              id,
+			ClusterCount:    uint16(len(sp.ClusterEndpoints)),
+			LocalCount:      uint16(len(sp.LocalEndpoints)),
+			AffinityTimeout: uint32(sp.AffinityTimeout / time.Second),
+		}
+		if sp.AffinityTimeout%time.Second != 0 || sp.AffinityTimeout < 0 || sp.AffinityTimeout/time.Second > 1<<32-1 {
+			return nil, fmt.Errorf("encode service port %s: affinity timeout %s is not a whole number of seconds that fits 32 bits", sp.Name, sp.AffinityTimeout)
+		}
+		if sp.InternalTrafficLocal {
+			value.Flags |= flagInternalLocal
+		}
+		if sp.ExternalTrafficLocal {
+			value.Flags |= flagExternalLocal
+		}
+		if len(sp.SourceRanges) > 0 {
+			value.Flags |= flagSourceRanges
+		}
+		for _, p := range sp.SourceRanges {
+			t.sourceRanges[svcnatSourceRangeKey{Prefixlen: 32 + uint32(mappedBits(p)), Id: id, Addr: addr16(p.Addr())}] = 1
+		}
+		for _, f := range sp.Frontends {
+			kind, ok := kinds[f.Kind]
+			if !ok {
+				return nil, fmt.Errorf("encode service port %s: unknown frontend kind %q", sp.Name, f.Kind)
+			}
+			key := svcnatSvcKey{Addr: addr16(f.IP), Port: htons(f.Port), Proto: proto}
+			if other, dup := owner[key]; dup {
+				return nil, fmt.Errorf("encode service port %s: frontend %s is also a frontend of %s", sp.Name, f, other)
+			}
+			owner[key] = sp.Name
+			v := value
+			v.Kind = kind
+			t.services[key] = v
+		}
+	}
+	return t, nil
+}
+
+func encodeEndpoint(t *table, n *ids, ep model.Endpoint) uint32 {
+	id := n.backends.get(ep)
+	b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
+	if ep.Local {
+		b.Flags |= backendLocal
+	}
+	t.backends[id] = b
+	return id
+}
+
+func encodeInfo(sp *model.ServicePort, proto uint8) (svcnatSvcInfo, error) {
+	info := svcnatSvcInfo{Proto: proto, HealthCheckNodePort: sp.HealthCheckNodePort}
+	switch sp.Name.Family {
+	case model.IPv4:
+		info.Family = 4
+	case model.IPv6:
+		info.Family = 6
+	default:
+		return info, fmt.Errorf("encode service port %s: unknown family %q", sp.Name, sp.Name.Family)
+	}
+	for _, f := range []struct {
+		dst   []int8
+		value string
+		what  string
+	}{
+		{info.Namespace[:], sp.Name.Namespace, "namespace"},
+		{info.Name[:], sp.Name.Name, "name"},
+		{info.PortName[:], sp.Name.Port, "port name"},
+	} {
+		if len(f.value) >= len(f.dst) || bytes.IndexByte([]byte(f.value), 0) >= 0 {
+			return info, fmt.Errorf("encode service port %s: %s %q longer than %d bytes or holds NUL", sp.Name, f.what, f.value, len(f.dst)-1)
+		}
+		for i := range len(f.value) {
+			f.dst[i] = int8(f.value[i])
+		}
+	}
+	return info, nil
+}
+
+func cString(b []int8) string {
+	out := make([]byte, 0, len(b))
+	for _, c := range b {
+		if c == 0 {
+			break
+		}
+		out = append(out, byte(c))
+	}
+	return string(out)
+}
+
+func decodeInfo(info svcnatSvcInfo) (model.ServicePortName, model.Protocol, error) {
+	name := model.ServicePortName{
+		Namespace: cString(info.Namespace[:]),
+		Name:      cString(info.Name[:]),
+		Port:      cString(info.PortName[:]),
+	}
+	switch info.Family {
+	case 4:
+		name.Family = model.IPv4
+	case 6:
+		name.Family = model.IPv6
+	default:
+		return name, "", fmt.Errorf("decode service port %s: unknown family %d", name, info.Family)
+	}
+	for p, n := range protocols {
+		if n == info.Proto {
+			return name, p, nil
+		}
+	}
+	return name, "", fmt.Errorf("decode service port %s: unknown protocol %d", name, info.Proto)
+}
+
+func decodeBackend(b svcnatBackend) (model.Endpoint, error) {
+	ip, ok := netip.AddrFromSlice(b.Addr[:])
+	if !ok {
+		return model.Endpoint{}, fmt.Errorf("decode backend address %x", b.Addr)
+	}
+	return model.Endpoint{IP: ip.Unmap(), Port: ntohs(b.Port), Local: b.Flags&backendLocal != 0}, nil
+}
+
+// decode turns map entries back into the State they program. It reports
+// entries that no ServicePort explains, so that Dump shows leftovers as
+// errors rather than hiding them.
+func decode(t *table) (*model.State, error) {
+	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for k := range t.clusterCIDRs {
+		p, err := decodePrefix(k.Addr, k.Prefixlen)
+		if err != nil {
+			return nil, fmt.Errorf("decode cluster CIDR: %w", err)
+		}
+		s.ClusterCIDRs = append(s.ClusterCIDRs, p)
+	}
+	slices.SortFunc(s.ClusterCIDRs, comparePrefix)
+
+	byID := map[uint32]*model.ServicePort{}
+	for id, info := range t.info {
+		name, proto, err := decodeInfo(info)
+		if err != nil {
+			return nil, err
+		}
+		if _, dup := s.ServicePorts[name]; dup {
+			return nil, fmt.Errorf("decode service port %s: programmed twice", name)
+		}
+		sp := &model.ServicePort{Name: name, Protocol: proto, HealthCheckNodePort: info.HealthCheckNodePort}
+		s.ServicePorts[name] = sp
+		byID[id] = sp
+	}
+
+	values := map[uint32]svcnatSvcValue{}
+	for k, v := range t.services {
+		sp := byID[v.Id]
+		if sp == nil {
+			return nil, fmt.Errorf("decode frontend %x port %d: unknown service port %d", k.Addr, ntohs(k.Port), v.Id)
+		}
+		if k.Proto != protocols[sp.Protocol] {
+			return nil, fmt.Errorf("decode service port %s: frontend protocol %d", sp.Name, k.Proto)
+		}
+		var kind model.FrontendKind
+		for fk, n := range kinds {
+			if n == v.Kind {
+				kind = fk
+			}
+		}
+		if kind == "" {
+			return nil, fmt.Errorf("decode service port %s: unknown frontend kind %d", sp.Name, v.Kind)
+		}
+		ip, _ := netip.AddrFromSlice(k.Addr[:])
+		sp.Frontends = append(sp.Frontends, model.Frontend{Kind: kind, IP: ip.Unmap(), Port: ntohs(k.Port)})
+		common := v
+		common.Kind = 0
+		if prev, seen := values[v.Id]; seen && prev != common {
+			return nil, fmt.Errorf("decode service port %s: frontends disagree on counts or flags", sp.Name)
+		}
+		values[v.Id] = common
+	}
+
+	for id, sp := range byID {
+		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
+			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+		})
+		v, hasFrontend := values[id]
+		cluster, err := decodeSet(t, id, setCluster, v.ClusterCount, hasFrontend)
+		if err != nil {
+			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
+		}
+		local, err := decodeSet(t, id, setLocal, v.LocalCount, hasFrontend)
+		if err != nil {
+			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
+		}
+		sp.ClusterEndpoints, sp.LocalEndpoints = cluster, local
+		sp.InternalTrafficLocal = v.Flags&flagInternalLocal != 0
+		sp.ExternalTrafficLocal = v.Flags&flagExternalLocal != 0
+		sp.AffinityTimeout = time.Duration(v.AffinityTimeout) * time.Second
+	}
+
+	for k := range t.sourceRanges {
+		sp := byID[k.Id]
+		if sp == nil {
+			return nil, fmt.Errorf("decode source range: unknown service port %d", k.Id)
+		}
+		p, err := decodePrefix(k.Addr, k.Prefixlen-32)
+		if err != nil {
+			return nil, fmt.Errorf("decode service port %s: source range: %w", sp.Name, err)
+		}
+		sp.SourceRanges = append(sp.SourceRanges, p)
+	}
+	for _, sp := range byID {
+		slices.SortFunc(sp.SourceRanges, comparePrefix)
+	}
+	return s, nil
+}
+
+// decodeSet reads the endpoints in slots [0, count) of one set. Without a
+// frontend there is no count; then the slots present from 0 on are read.
+func decodeSet(t *table, id uint32, set uint8, count uint16, counted bool) ([]model.Endpoint, error) {
+	var out []model.Endpoint
+	for i := 0; i <= 0xffff; i++ {
+		if counted && i >= int(count) {
+			break
+		}
+		bid, ok := t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}]
+		if !ok {
+			if counted {
+				return nil, fmt.Errorf("slot %d of set %d missing", i, set)
+			}
+			break
+		}
+		b, ok := t.backends[bid]
+		if !ok {
+			return nil, fmt.Errorf("slot %d of set %d names missing backend %d", i, set, bid)
+		}
+		ep, err := decodeBackend(b)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ep)
+	}
+	return out, nil
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}
+
+// addr16 is a's 16-byte form: IPv4 as ::ffff:a.b.c.d.
+func addr16(a netip.Addr) [16]byte { return a.As16() }
+
+// mappedBits is p's length in the 16-byte form of its address.
+func mappedBits(p netip.Prefix) int {
+	if p.Addr().Is4() {
+		return 96 + p.Bits()
+	}
+	return p.Bits()
+}
+
+func decodePrefix(a [16]byte, bits uint32) (netip.Prefix, error) {
+	ip := netip.AddrFrom16(a)
+	if ip.Is4In6() {
+		if bits < 96 || bits > 128 {
+			return netip.Prefix{}, fmt.Errorf("IPv4 prefix %s with %d mapped bits", ip.Unmap(), bits)
+		}
+		return netip.PrefixFrom(ip.Unmap(), int(bits)-96), nil
+	}
+	if bits > 128 {
+		return netip.Prefix{}, fmt.Errorf("IPv6 prefix %s/%d", ip, bits)
+	}
+	return netip.PrefixFrom(ip, int(bits)), nil
+}
+
+// htons converts a port to the network byte order the maps hold, as stored
+// in a native little- or big-endian uint16.
+func htons(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func ntohs(p uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], p)
+	return binary.BigEndian.Uint16(b[:])
+}
+
+func addrString(a [16]byte) string { return netip.AddrFrom16(a).Unmap().String() }

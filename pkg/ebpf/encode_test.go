@@ -1,0 +1,200 @@
+package ebpf
+
+import (
+	"cmp"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// randomState builds a State exercising every field the maps carry: both
+// families, every frontend kind and protocol, Local endpoints and policies,
+// affinity, source ranges, health check ports, cluster CIDRs.
+func randomState(r *rand.Rand, services int) *model.State {
+	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	if r.IntN(2) == 0 {
+		s.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("fd00:244::/48")}
+	}
+	kinds := []model.FrontendKind{model.ClusterIP, model.NodePort, model.ExternalIP, model.LoadBalancer}
+	protos := []model.Protocol{model.TCP, model.UDP, model.SCTP}
+	for i := range services {
+		fam := model.IPv4
+		if r.IntN(3) == 0 {
+			fam = model.IPv6
+		}
+		ip := func(net, host int) netip.Addr {
+			if fam == model.IPv4 {
+				return netip.AddrFrom4([4]byte{10, byte(net), byte(host >> 8), byte(host)})
+			}
+			return netip.AddrFrom16([16]byte{0xfd, 0, byte(net), 14: byte(host >> 8), 15: byte(host)})
+		}
+		sp := &model.ServicePort{
+			Name:     model.ServicePortName{Namespace: fmt.Sprintf("ns%d", r.IntN(3)), Name: fmt.Sprintf("svc-%d", i), Family: fam},
+			Protocol: protos[r.IntN(len(protos))],
+		}
+		if r.IntN(2) == 0 {
+			sp.Name.Port = "http"
+		}
+		for j := range 1 + r.IntN(3) {
+			k := kinds[r.IntN(len(kinds))]
+			if j == 0 {
+				k = model.ClusterIP
+			}
+			sp.Frontends = append(sp.Frontends, model.Frontend{Kind: k, IP: ip(96+j, i), Port: uint16(80 + j)})
+		}
+		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
+			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+		})
+		for j := range r.IntN(5) {
+			e := model.Endpoint{IP: ip(244, 256*j+i%256), Port: 8080, Local: j%2 == 0}
+			sp.ClusterEndpoints = append(sp.ClusterEndpoints, e)
+			if e.Local && r.IntN(3) > 0 {
+				sp.LocalEndpoints = append(sp.LocalEndpoints, e)
+			}
+		}
+		sp.InternalTrafficLocal = r.IntN(4) == 0
+		sp.ExternalTrafficLocal = r.IntN(4) == 0
+		if r.IntN(3) == 0 {
+			sp.AffinityTimeout = time.Duration(1+r.IntN(10800)) * time.Second
+		}
+		if r.IntN(4) == 0 {
+			sp.SourceRanges = []netip.Prefix{netip.PrefixFrom(ip(0, 0), 8)}
+			if fam == model.IPv6 {
+				sp.SourceRanges = []netip.Prefix{netip.MustParsePrefix("2001:db8::/32")}
+			}
+			sp.HealthCheckNodePort = uint16(30000 + i)
+		}
+		s.ServicePorts[sp.Name] = sp
+	}
+	return s
+}
+
+func statesEqual(t *testing.T, want, got *model.State) {
+	t.Helper()
+	if !slices.Equal(want.ClusterCIDRs, got.ClusterCIDRs) {
+		t.Errorf("cluster CIDRs: want %v, got %v", want.ClusterCIDRs, got.ClusterCIDRs)
+	}
+	for n, w := range want.ServicePorts {
+		g, ok := got.ServicePorts[n]
+		if !ok {
+			t.Errorf("%s: missing", n)
+			continue
+		}
+		if !w.Equal(g) {
+			t.Errorf("%s: want %+v, got %+v", n, *w, *g)
+		}
+	}
+	for n := range got.ServicePorts {
+		if _, ok := want.ServicePorts[n]; !ok {
+			t.Errorf("%s: unexpected", n)
+		}
+	}
+}
+
+func TestEncodeDecodeRoundTrip(t *testing.T) {
+	for seed := range uint64(50) {
+		r := rand.New(rand.NewPCG(seed, 1))
+		want := randomState(r, 1+r.IntN(40))
+		tab, err := encode(want, newIDs())
+		if err != nil {
+			t.Fatalf("seed %d: encode: %v", seed, err)
+		}
+		got, err := decode(tab)
+		if err != nil {
+			t.Fatalf("seed %d: decode: %v", seed, err)
+		}
+		statesEqual(t, want, got)
+	}
+}
+
+func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
+	s := randomState(rand.New(rand.NewPCG(7, 7)), 30)
+	n := newIDs()
+	first, err := encode(s, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps := map[model.Endpoint]bool{}
+	for _, sp := range s.ServicePorts {
+		for _, e := range slices.Concat(sp.ClusterEndpoints, sp.LocalEndpoints) {
+			eps[e] = true
+		}
+	}
+	if len(first.backends) != len(eps) {
+		t.Errorf("backends: %d entries for %d distinct endpoints", len(first.backends), len(eps))
+	}
+	again, err := encode(s, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !again.equal(first) {
+		t.Error("encoding the same state twice gave different entries")
+	}
+	// Numbers adopted from the kernel's entries give the same encoding.
+	adopted, err := adoptIDs(first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	third, err := encode(s, adopted)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !third.equal(first) {
+		t.Error("encoding with adopted numbers gave different entries")
+	}
+}
+
+func TestEncodeRejects(t *testing.T) {
+	base := func() *model.ServicePort {
+		return &model.ServicePort{
+			Name:      model.ServicePortName{Namespace: "default", Name: "web", Family: model.IPv4},
+			Protocol:  model.TCP,
+			Frontends: []model.Frontend{{Kind: model.ClusterIP, IP: netip.MustParseAddr("10.96.0.10"), Port: 80}},
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		mutate func(sp *model.ServicePort, s *model.State)
+		want   string
+	}{
+		{"long namespace", func(sp *model.ServicePort, _ *model.State) { sp.Name.Namespace = strings.Repeat("a", 64) }, "namespace"},
+		{"long port name", func(sp *model.ServicePort, _ *model.State) { sp.Name.Port = strings.Repeat("p", 16) }, "port name"},
+		{"protocol", func(sp *model.ServicePort, _ *model.State) { sp.Protocol = "ICMP" }, "unknown protocol"},
+		{"affinity", func(sp *model.ServicePort, _ *model.State) { sp.AffinityTimeout = 1500 * time.Millisecond }, "affinity timeout"},
+		{"shared frontend", func(sp *model.ServicePort, s *model.State) {
+			other := base()
+			other.Name.Name = "api"
+			s.ServicePorts[other.Name] = other
+		}, "also a frontend of"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sp := base()
+			s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+			tc.mutate(sp, s)
+			s.ServicePorts[sp.Name] = sp
+			_, err := encode(s, newIDs())
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("encode: got error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestPortByteOrder(t *testing.T) {
+	if got := ntohs(htons(0x1f90)); got != 0x1f90 {
+		t.Fatalf("ntohs(htons(8080)) = %d", got)
+	}
+	b := svcnatBackend{Port: htons(8080)}
+	// In memory the port must read big-endian, as the kernel compares it.
+	raw := (*[2]byte)(unsafe.Pointer(&b.Port))
+	if raw[0] != 0x1f || raw[1] != 0x90 {
+		t.Fatalf("port 8080 stored as %x, want 1f90", raw[:])
+	}
+}

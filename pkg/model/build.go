@@ -83,18 +83,21 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 		ClusterCIDRs: canonicalPrefixes(cfg.ClusterCIDRs),
 		ServicePorts: make(map[ServicePortName]*ServicePort, len(svcs)),
 	}
-	// Visit Services in name order so that which duplicate wins, and the
-	// order of errors, do not depend on the input order.
+	// Visit Services in name order so that the order of errors, and which
+	// of two Services with one name wins (the lower UID), do not depend on
+	// the input order.
 	ordered := make([]*corev1.Service, 0, len(svcs))
 	for _, svc := range svcs {
 		if svc != nil {
 			ordered = append(ordered, svc)
 		}
 	}
-	slicesSortStableByName(ordered)
+	slices.SortFunc(ordered, func(a, b *corev1.Service) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name), cmp.Compare(a.UID, b.UID))
+	})
 	for i, svc := range ordered {
 		if i > 0 && ordered[i-1].Namespace == svc.Namespace && ordered[i-1].Name == svc.Name {
-			errs = append(errs, fmt.Errorf("service %s/%s: duplicate service, using the first", svc.Namespace, svc.Name))
+			errs = append(errs, fmt.Errorf("service %s/%s: duplicate service, using the one with the lowest uid", svc.Namespace, svc.Name))
 			continue
 		}
 		sps, serrs := BuildService(cfg, svc, byService[serviceKey{svc.Namespace, svc.Name}])
@@ -104,12 +107,6 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 		}
 	}
 	return state, errs
-}
-
-func slicesSortStableByName(svcs []*corev1.Service) {
-	slices.SortStableFunc(svcs, func(a, b *corev1.Service) int {
-		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
-	})
 }
 
 // BuildService returns the ServicePorts of one Service: one per entry of
@@ -262,7 +259,7 @@ func sliceErrorf(es *discoveryv1.EndpointSlice, format string, args ...any) erro
 func parseAddr(s string) (netip.Addr, error) {
 	ip, err := netip.ParseAddr(strings.TrimSpace(s))
 	if err != nil {
-		return netip.Addr{}, fmt.Errorf("parse address: %w", err)
+		return netip.Addr{}, err
 	}
 	if ip.Zone() != "" {
 		return netip.Addr{}, fmt.Errorf("address %s has a zone", s)
@@ -595,7 +592,7 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 			}
 		}
 	}
-	slices.SortFunc(sp.Frontends, compareFrontends)
+	slices.SortFunc(sp.Frontends, Frontend.Compare)
 	sp.Frontends = slices.Compact(sp.Frontends)
 
 	external := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind.External() })
@@ -634,10 +631,6 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	return sp
 }
 
-func compareFrontends(a, b Frontend) int {
-	return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
-}
-
 // nodePortAddress reports whether NodePorts open on node address a.
 func nodePortAddress(a netip.Addr, allowed []netip.Prefix) bool {
 	if a.IsLoopback() || a.IsUnspecified() || (a.Is6() && a.IsLinkLocalUnicast()) {
@@ -674,10 +667,6 @@ func canonicalPrefixes(in []netip.Prefix) []netip.Prefix {
 			out = append(out, p.Masked())
 		}
 	}
-	slices.SortFunc(out, comparePrefixes)
+	slices.SortFunc(out, ComparePrefixes)
 	return slices.Compact(out)
-}
-
-func comparePrefixes(a, b netip.Prefix) int {
-	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
 }

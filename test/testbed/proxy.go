@@ -1,0 +1,234 @@
+//go:build linux
+
+package testbed
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// ProxyKind names a proxy implementation the test bed can run on its nodes.
+type ProxyKind string
+
+// The proxies the test bed knows.
+const (
+	SvcnatIptables    ProxyKind = "svcnat-iptables"
+	SvcnatEBPF        ProxyKind = "svcnat-ebpf"
+	KubeProxyIptables ProxyKind = "kube-proxy-iptables"
+	KubeProxyNftables ProxyKind = "kube-proxy-nftables"
+)
+
+// ParseProxyKinds parses a comma-separated list of proxy kinds.
+func ParseProxyKinds(s string) ([]ProxyKind, error) {
+	var out []ProxyKind
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		switch k := ProxyKind(f); k {
+		case SvcnatIptables, SvcnatEBPF, KubeProxyIptables, KubeProxyNftables:
+			out = append(out, k)
+		default:
+			return nil, fmt.Errorf("parse proxy kind %q: want one of svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables", f)
+		}
+	}
+	return out, nil
+}
+
+// IsSvcnat reports whether the proxy is svcnat (rather than kube-proxy).
+func (k ProxyKind) IsSvcnat() bool { return k == SvcnatIptables || k == SvcnatEBPF }
+
+// HealthzPort is where every proxy serves /healthz inside its node namespace.
+const HealthzPort = 10256
+
+// Proxy is a proxy process on one node.
+type Proxy struct {
+	Kind ProxyKind
+	Node *Node
+	// PinDir is the bpffs directory of an eBPF proxy.
+	PinDir string
+	c      *Cluster
+	proc   *Process
+	runs   int
+}
+
+// StartProxies starts a proxy of the given kind on every node and waits
+// until each reports healthy. Close stops them and removes what they
+// installed outside their namespaces.
+func (c *Cluster) StartProxies(ctx context.Context, kind ProxyKind) error {
+	if kind.IsSvcnat() && c.Binaries.Svcnat == "" {
+		return fmt.Errorf("start %s: no svcnat binary", kind)
+	}
+	if kind == SvcnatEBPF {
+		if _, err := run("", "sh", "-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"); err != nil {
+			return fmt.Errorf("mount bpffs: %w", err)
+		}
+	}
+	for _, n := range c.Nodes {
+		p := &Proxy{Kind: kind, Node: n, c: c}
+		if kind == SvcnatEBPF {
+			p.PinDir = filepath.Join("/sys/fs/bpf", n.Netns)
+		}
+		n.Proxy = p
+		c.onClose(p.remove)
+		if err := p.Start(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// backendArgs are the flags naming an svcnat backend and where it lives.
+func (p *Proxy) backendArgs() []string {
+	switch p.Kind {
+	case SvcnatEBPF:
+		return []string{"--backend=ebpf", "--cgroup-path=" + p.Node.Cgroup, "--bpffs-path=" + p.PinDir}
+	default:
+		return []string{"--backend=iptables"}
+	}
+}
+
+func (p *Proxy) args() []string {
+	n := p.Node
+	switch p.Kind {
+	case KubeProxyIptables, KubeProxyNftables:
+		mode := strings.TrimPrefix(string(p.Kind), "kube-proxy-")
+		return []string{filepath.Join(p.c.Binaries.K8sDir, "kube-proxy"),
+			"--kubeconfig=" + p.c.Kubeconfig, "--hostname-override=" + n.Name,
+			"--proxy-mode=" + mode, "--cluster-cidr=" + ClusterCIDR.String(),
+			"--conntrack-max-per-core=0",
+			"--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
+			"--conntrack-udp-timeout=0", "--conntrack-udp-timeout-stream=0",
+			"--metrics-bind-address=127.0.0.1:10249",
+			fmt.Sprintf("--healthz-bind-address=0.0.0.0:%d", HealthzPort),
+			"--v=2"}
+	default:
+		return append([]string{p.c.Binaries.Svcnat, "run",
+			"--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + n.Name,
+			"--cluster-cidr=" + ClusterCIDR.String(),
+			"--metrics-bind-address=127.0.0.1:10249",
+			fmt.Sprintf("--healthz-bind-address=0.0.0.0:%d", HealthzPort),
+		}, p.backendArgs()...)
+	}
+}
+
+// Start starts the proxy process (again) and waits until it is healthy.
+func (p *Proxy) Start(ctx context.Context) error {
+	if p.proc != nil && !p.proc.Exited() {
+		return fmt.Errorf("start %s on %s: already running as pid %d", p.Kind, p.Node.Name, p.proc.PID())
+	}
+	p.runs++
+	var err error
+	p.proc, err = start(procSpec{
+		name:  fmt.Sprintf("%s on %s", p.Kind, p.Node.Name),
+		netns: p.Node.Netns,
+		log:   p.c.logPath(fmt.Sprintf("proxy-%s", p.Node.Name)),
+		args:  p.args(),
+	})
+	if err != nil {
+		return err
+	}
+	return p.WaitHealthy(ctx, 60*time.Second)
+}
+
+// WaitHealthy waits until the proxy's /healthz answers 200.
+func (p *Proxy) WaitHealthy(ctx context.Context, limit time.Duration) error {
+	client := HTTPClientIn(p.Node.Netns, time.Second)
+	url := fmt.Sprintf("http://127.0.0.1:%d/healthz", HealthzPort)
+	deadline := time.Now().Add(limit)
+	last := ""
+	for time.Now().Before(deadline) {
+		if p.proc.Exited() {
+			return fmt.Errorf("wait for %s on %s: it exited; log:\n%s", p.Kind, p.Node.Name, p.proc.Tail(30))
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = resp.Status
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("wait for %s on %s to be healthy: %s; log:\n%s", p.Kind, p.Node.Name, last, p.proc.Tail(30))
+}
+
+// Kill kills the proxy with SIGKILL, leaving what it programmed in place.
+func (p *Proxy) Kill() {
+	if p.proc != nil {
+		p.proc.Kill()
+	}
+}
+
+// Stop stops the proxy with SIGTERM.
+func (p *Proxy) Stop() {
+	if p.proc != nil {
+		p.proc.Stop(stopGrace)
+	}
+}
+
+// Running reports whether the proxy process is alive.
+func (p *Proxy) Running() bool { return p.proc != nil && !p.proc.Exited() }
+
+// Tail returns the end of the proxy's log.
+func (p *Proxy) Tail(n int) string {
+	if p.proc == nil {
+		return ""
+	}
+	return p.proc.Tail(n)
+}
+
+// remove stops the proxy and removes what it installed outside its node
+// namespace (bpffs pins); rules inside the namespace go with it.
+func (p *Proxy) remove() error {
+	p.Stop()
+	if !p.Kind.IsSvcnat() {
+		return nil
+	}
+	var errs []string
+	if out, err := p.Svcnat(context.Background(), append([]string{"cleanup"}, p.backendArgs()...)...); err != nil {
+		errs = append(errs, fmt.Sprintf("svcnat cleanup on %s: %v: %s", p.Node.Name, err, out))
+	}
+	if p.PinDir != "" {
+		if err := os.RemoveAll(p.PinDir); err != nil {
+			errs = append(errs, fmt.Sprintf("remove pins %s: %v", p.PinDir, err))
+		}
+	}
+	if errs != nil {
+		return fmt.Errorf("remove proxy: %s", strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+// Svcnat runs an svcnat subcommand (dump, cleanup, ...) in the proxy's node
+// namespace and returns its combined output.
+func (p *Proxy) Svcnat(ctx context.Context, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	full := append([]string{"netns", "exec", p.Node.Netns, p.c.Binaries.Svcnat}, args...)
+	out, err := exec.CommandContext(ctx, "ip", full...).CombinedOutput()
+	return string(out), err
+}
+
+// Dump runs `svcnat dump` with the flags that match the running agent,
+// plus extra (for example "--check").
+func (p *Proxy) Dump(ctx context.Context, extra ...string) (string, error) {
+	args := append([]string{"dump", "--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + p.Node.Name,
+		"--cluster-cidr=" + ClusterCIDR.String()}, p.backendArgs()...)
+	return p.Svcnat(ctx, append(args, extra...)...)
+}

@@ -63,6 +63,16 @@ type Proxy struct {
 // until each reports healthy. Close stops them and removes what they
 // installed outside their namespaces.
 func (c *Cluster) StartProxies(ctx context.Context, kind ProxyKind) error {
+	return c.startProxies(ctx, kind, true)
+}
+
+// LaunchProxies is StartProxies without waiting for health, for measuring
+// how long a proxy takes from its start to programming the dataplane.
+func (c *Cluster) LaunchProxies(ctx context.Context, kind ProxyKind) error {
+	return c.startProxies(ctx, kind, false)
+}
+
+func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) error {
 	if kind.IsSvcnat() && c.Binaries.Svcnat == "" {
 		return fmt.Errorf("start %s: no svcnat binary", kind)
 	}
@@ -78,7 +88,13 @@ func (c *Cluster) StartProxies(ctx context.Context, kind ProxyKind) error {
 		}
 		n.Proxy = p
 		c.onClose(p.remove)
-		if err := p.Start(ctx); err != nil {
+		if err := p.launch(); err != nil {
+			return err
+		}
+		if !wait {
+			continue
+		}
+		if err := p.WaitHealthy(ctx, 60*time.Second); err != nil {
 			return err
 		}
 	}
@@ -121,6 +137,14 @@ func (p *Proxy) args() []string {
 
 // Start starts the proxy process (again) and waits until it is healthy.
 func (p *Proxy) Start(ctx context.Context) error {
+	if err := p.launch(); err != nil {
+		return err
+	}
+	return p.WaitHealthy(ctx, 60*time.Second)
+}
+
+// launch starts the proxy process without waiting for it.
+func (p *Proxy) launch() error {
 	if p.proc != nil && !p.proc.Exited() {
 		return fmt.Errorf("start %s on %s: already running as pid %d", p.Kind, p.Node.Name, p.proc.PID())
 	}
@@ -132,10 +156,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 		log:   p.c.logPath(fmt.Sprintf("proxy-%s", p.Node.Name)),
 		args:  p.args(),
 	})
-	if err != nil {
-		return err
-	}
-	return p.WaitHealthy(ctx, 60*time.Second)
+	return err
 }
 
 // WaitHealthy waits until the proxy's /healthz answers 200.

@@ -4,6 +4,7 @@
 package conformance
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -43,6 +44,10 @@ func state(cidrs []string, sps ...*model.ServicePort) *model.State {
 		s.ClusterCIDRs = append(s.ClusterCIDRs, prefix(c))
 	}
 	for _, sp := range sps {
+		// Canonical order, as model.Build produces it.
+		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
+			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+		})
 		s.ServicePorts[sp.Name] = sp
 	}
 	return s
@@ -85,8 +90,8 @@ func lbLocal() *model.ServicePort {
 		Protocol: model.TCP,
 		Frontends: []model.Frontend{
 			fe(model.ClusterIP, "10.96.1.1", 443),
-			fe(model.NodePort, "192.168.1.10", 31443),
 			fe(model.LoadBalancer, "203.0.113.7", 443),
+			fe(model.NodePort, "192.168.1.10", 31443),
 		},
 		ClusterEndpoints:     []model.Endpoint{ep("10.244.1.20", 8443, true), ep("10.244.2.20", 8443, false)},
 		LocalEndpoints:       []model.Endpoint{ep("10.244.1.20", 8443, true)},

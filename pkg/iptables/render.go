@@ -1,0 +1,396 @@
+// Package iptables is svcnat's iptables backend: a pure renderer from
+// model.State to iptables-restore input, its exact inverse (a parser of
+// iptables-save output), and a Backend that applies the difference between
+// syncs with iptables-restore.
+//
+// Layout of the rules, per family (nat table unless noted):
+//
+//	PREROUTING, OUTPUT -> SVCNAT-SERVICES: 16-way dispatch on destination
+//	    address bits 0-3 -> SVCNAT-A-x: 16-way on bits 4-7 -> SVCNAT-A-xy
+//	    (leaf: the frontends whose address ends in 0xyx); then, for local
+//	    destinations, -> SVCNAT-NODEPORTS: dispatch on protocol and
+//	    destination port bits 15-12, 11-8, 7-4 -> SVCNAT-P-TCP-xyz (leaf).
+//	leaf frontend rule -> SVCNAT-SVC-<hash> (cluster endpoints) or
+//	    SVCNAT-LCL-<hash> (local endpoints) or, for external frontends,
+//	    SVCNAT-EXT-<hash> (traffic policy, masquerade marking).
+//	SVCNAT-SVC/LCL: one DNAT rule per endpoint, random choice with
+//	    statistic, session affinity with recent; no per-endpoint chains.
+//	POSTROUTING -> SVCNAT-POSTROUTING: hairpin masquerade per local endpoint
+//	    address, then MASQUERADE of marked packets.
+//	filter INPUT, FORWARD, OUTPUT (new connections) -> SVCNAT-FILTER: the
+//	    same dispatch trees, leaves holding REJECT (no endpoints), DROP (no
+//	    local endpoint, outside source ranges) and ACCEPT (health check
+//	    node ports).
+//
+// A new connection walks at most 16 rules per tree level plus one leaf, so its
+// cost does not grow with the number of Services the way kube-proxy's
+// KUBE-SERVICES does; a bucket is a fixed function of the address (or port),
+// so a change touches only the leaf chains of the frontends it concerns.
+package iptables
+
+import (
+	"crypto/sha256"
+	"encoding/base32"
+	"fmt"
+	"math"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// Chain names. Every chain svcnat owns starts with chainPrefix.
+const (
+	chainPrefix      = "SVCNAT-"
+	chainServices    = "SVCNAT-SERVICES"
+	chainNodePorts   = "SVCNAT-NODEPORTS"
+	chainPostrouting = "SVCNAT-POSTROUTING"
+	chainMarkMasq    = "SVCNAT-MARK-MASQ"
+	chainOffCluster  = "SVCNAT-OFF-CLUSTER"
+	chainFilter      = "SVCNAT-FILTER"
+	prefixAddrTree   = "SVCNAT-A-"
+	prefixPortTree   = "SVCNAT-P-"
+	prefixCluster    = "SVCNAT-SVC-"
+	prefixLocal      = "SVCNAT-LCL-"
+	prefixExternal   = "SVCNAT-EXT-"
+
+	tableNAT    = "nat"
+	tableFilter = "filter"
+
+	// addrLevels is the depth of the address dispatch tree (4 bits per
+	// level, from the least significant end, where Service addresses vary).
+	addrLevels = 2
+	// portLevels is the depth of the NodePort dispatch tree (4 bits per
+	// level, from the most significant end; leaves hold up to 16 ports).
+	portLevels = 3
+
+	// Comment words after the ServicePort name.
+	flagLocal       = "local"
+	flagAffinity    = "affinity="
+	roleHealthCheck = "health-check"
+	commentHairpin  = "hairpin"
+	commentCIDR     = "cluster-cidr"
+	commentMasq     = "masquerade"
+)
+
+// DefaultMasqueradeBit is the packet mark bit that asks for masquerading
+// (0x2000); kube-proxy uses bit 14, so the two can run side by side.
+const DefaultMasqueradeBit = 13
+
+// Ruleset is svcnat's part of one family's iptables: table name ("nat",
+// "filter") to chain name to rules, each rule in iptables-save form without
+// the leading "-A <chain> ".
+type Ruleset struct {
+	Family model.Family
+	Tables map[string]map[string][]string
+}
+
+func newRuleset(f model.Family) *Ruleset {
+	return &Ruleset{Family: f, Tables: map[string]map[string][]string{
+		tableNAT: {}, tableFilter: {},
+	}}
+}
+
+// Text returns the ruleset in iptables-save form (tables in the order filter,
+// nat; chains sorted by name; no counters), which iptables-restore accepts.
+func (r *Ruleset) Text() string {
+	var b strings.Builder
+	for _, table := range []string{tableFilter, tableNAT} {
+		chains := r.Tables[table]
+		names := sortedKeys(chains)
+		fmt.Fprintf(&b, "*%s\n", table)
+		for _, c := range names {
+			fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+		}
+		for _, c := range names {
+			for _, rule := range chains[c] {
+				fmt.Fprintf(&b, "-A %s %s\n", c, rule)
+			}
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return b.String()
+}
+
+// Rules counts the rules of a table.
+func (r *Ruleset) Rules(table string) int {
+	n := 0
+	for _, rules := range r.Tables[table] {
+		n += len(rules)
+	}
+	return n
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// Render returns the rules that program the family's part of s. masqBit is
+// the mark bit for masquerading. Render is pure and deterministic: equal
+// states give equal rulesets.
+func Render(s *model.State, family model.Family, masqBit int) *Ruleset {
+	r := &renderer{
+		rs:       newRuleset(family),
+		family:   family,
+		masqMark: fmt.Sprintf("0x%x", uint32(1)<<masqBit),
+		leaves:   map[string]map[string][]leafEntry{tableNAT: {}, tableFilter: {}},
+		locals:   map[netip.Addr]bool{},
+	}
+	for _, c := range s.ClusterCIDRs {
+		if model.FamilyOf(c.Addr()) == family {
+			r.cidrs = append(r.cidrs, c)
+		}
+	}
+	for _, sp := range s.Sorted() {
+		if sp.Name.Family == family {
+			r.servicePort(sp)
+		}
+	}
+	r.shared()
+	for _, table := range []string{tableNAT, tableFilter} {
+		r.trees(table)
+	}
+	return r.rs
+}
+
+type renderer struct {
+	rs       *Ruleset
+	family   model.Family
+	masqMark string
+	cidrs    []netip.Prefix
+	// leaves: table -> leaf chain -> entries, sorted before writing.
+	leaves map[string]map[string][]leafEntry
+	locals map[netip.Addr]bool
+}
+
+// leafEntry is one rule in a dispatch tree's leaf chain.
+type leafEntry struct {
+	ip    netip.Addr // invalid for health check ports
+	proto model.Protocol
+	port  uint16
+	name  model.ServicePortName
+	seq   int
+	rule  string
+}
+
+func (r *renderer) add(table, chain string, rule string) {
+	r.rs.Tables[table][chain] = append(r.rs.Tables[table][chain], rule)
+}
+
+// chainHash names a ServicePort's chains: 16 base32 characters of the SHA-256
+// of its name, so that chain names stay at most 28 characters.
+func chainHash(parts ...string) string {
+	sum := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
+	return base32.StdEncoding.EncodeToString(sum[:10])
+}
+
+func proto(p model.Protocol) string { return strings.ToLower(string(p)) }
+
+func hostPrefix(a netip.Addr) string { return netip.PrefixFrom(a, a.BitLen()).String() }
+
+func portMatch(p model.Protocol, port string) string {
+	return fmt.Sprintf("-p %s -m %s --dport %s", proto(p), proto(p), port)
+}
+
+// quote renders a string the way iptables-save does (xtables_save_string).
+func quote(s string) string {
+	plain := s != "" && strings.Trim(s, "_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") == ""
+	if plain {
+		return s
+	}
+	var b strings.Builder
+	b.WriteByte('"')
+	for _, c := range []byte(s) {
+		if c == '"' || c == '\\' || c == '\'' {
+			b.WriteByte('\\')
+		}
+		b.WriteByte(c)
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+func comment(s string) string { return "-m comment --comment " + quote(s) }
+
+// spnComment is the ServicePort part of a comment: "namespace/name[:port]";
+// the family is the table's.
+func spnComment(n model.ServicePortName) string {
+	n.Family = model.IPv4
+	return n.String()
+}
+
+// frontendComment describes a frontend rule: "<service port> <kind>", then
+// "local" when the traffic policy governing the frontend is Local and
+// "affinity=<seconds>" with session affinity. These words carry what the
+// matches alone cannot show when a frontend has no endpoints.
+func frontendComment(sp *model.ServicePort, kind model.FrontendKind) string {
+	words := []string{spnComment(sp.Name), string(kind)}
+	if (kind.External() && sp.ExternalTrafficLocal) || (!kind.External() && sp.InternalTrafficLocal) {
+		words = append(words, flagLocal)
+	}
+	if sp.AffinityTimeout > 0 {
+		words = append(words, flagAffinity+strconv.FormatInt(affinitySeconds(sp), 10))
+	}
+	return strings.Join(words, " ")
+}
+
+func affinitySeconds(sp *model.ServicePort) int64 {
+	return int64(math.Ceil(sp.AffinityTimeout.Seconds()))
+}
+
+func (r *renderer) servicePort(sp *model.ServicePort) {
+	h := chainHash(sp.Name.String())
+	svc, lcl, ext := prefixCluster+h, prefixLocal+h, prefixExternal+h
+	spc := spnComment(sp.Name)
+	if len(sp.ClusterEndpoints) > 0 {
+		if len(r.cidrs) > 0 {
+			r.add(tableNAT, svc, comment(spc)+" -j "+chainOffCluster)
+		}
+		r.endpoints(svc, sp, sp.ClusterEndpoints)
+	}
+	if len(sp.LocalEndpoints) > 0 {
+		r.endpoints(lcl, sp, sp.LocalEndpoints)
+	}
+	for _, e := range slices.Concat(sp.ClusterEndpoints, sp.LocalEndpoints) {
+		if e.Local {
+			r.locals[e.IP] = true
+		}
+	}
+
+	rejectWith := "icmp-port-unreachable"
+	if r.family == model.IPv6 {
+		rejectWith = "icmp6-port-unreachable"
+	}
+	noEndpoints := "-j DROP"
+	if sp.NoEndpoints() == model.Reject {
+		noEndpoints = "-j REJECT --reject-with " + rejectWith
+	}
+	extUsed := false
+	for _, f := range sp.Frontends {
+		match := fmt.Sprintf("-d %s %s %s", hostPrefix(f.IP), portMatch(sp.Protocol, strconv.Itoa(int(f.Port))),
+			comment(frontendComment(sp, f.Kind)))
+		entry := func(table string, rule string) { r.leaf(table, f, sp, rule) }
+		ranges := f.Kind == model.LoadBalancer && len(sp.SourceRanges) > 0
+		if !f.Kind.External() {
+			if eps := sp.InternalEndpoints(); len(eps) > 0 {
+				if sp.InternalTrafficLocal {
+					if len(r.cidrs) > 0 {
+						entry(tableNAT, match+" -j "+chainOffCluster)
+					}
+					entry(tableNAT, match+" -j "+lcl)
+				} else {
+					entry(tableNAT, match+" -j "+svc)
+				}
+			} else {
+				entry(tableFilter, match+" "+noEndpoints)
+			}
+			continue
+		}
+		eps := sp.ExternalEndpoints()
+		if len(eps) > 0 || (sp.ExternalTrafficLocal && len(sp.ClusterEndpoints) > 0) {
+			extUsed = true
+			if ranges {
+				for _, src := range sp.SourceRanges {
+					entry(tableNAT, "-s "+src.String()+" "+match+" -j "+ext)
+				}
+			} else {
+				entry(tableNAT, match+" -j "+ext)
+			}
+		}
+		switch {
+		case len(eps) == 0 && ranges && sp.NoEndpoints() == model.Reject:
+			for _, src := range sp.SourceRanges {
+				entry(tableFilter, "-s "+src.String()+" "+match+" "+noEndpoints)
+			}
+			entry(tableFilter, match+" -j DROP")
+		case len(eps) == 0:
+			entry(tableFilter, match+" "+noEndpoints)
+		case ranges:
+			entry(tableFilter, match+" -j DROP")
+		}
+	}
+	if extUsed {
+		if sp.ExternalTrafficLocal {
+			for _, c := range r.cidrs {
+				r.add(tableNAT, ext, "-s "+c.String()+" "+comment(spc)+" -j "+svc)
+			}
+			r.add(tableNAT, ext, comment(spc)+" -m addrtype --src-type LOCAL -j "+chainMarkMasq)
+			r.add(tableNAT, ext, comment(spc)+" -m addrtype --src-type LOCAL -j "+svc)
+			if len(sp.LocalEndpoints) > 0 {
+				r.add(tableNAT, ext, comment(spc)+" -j "+lcl)
+			}
+		} else {
+			r.add(tableNAT, ext, comment(spc)+" -j "+chainMarkMasq)
+			r.add(tableNAT, ext, comment(spc)+" -j "+svc)
+		}
+	}
+	if sp.HealthCheckNodePort != 0 {
+		r.leafEntry(tableFilter, portLeaf(model.TCP, sp.HealthCheckNodePort), leafEntry{
+			proto: model.TCP, port: sp.HealthCheckNodePort, name: sp.Name,
+			rule: fmt.Sprintf("%s -m addrtype --dst-type LOCAL %s -j ACCEPT",
+				portMatch(model.TCP, strconv.Itoa(int(sp.HealthCheckNodePort))),
+				comment(spc+" "+roleHealthCheck)),
+		})
+	}
+}
+
+// endpoints writes one DNAT rule per endpoint into chain: with affinity, a
+// first pass sends clients seen within the timeout back to their endpoint;
+// then endpoint i of n is chosen with probability 1/(n-i).
+func (r *renderer) endpoints(chain string, sp *model.ServicePort, eps []model.Endpoint) {
+	head := fmt.Sprintf("-p %s %s", proto(sp.Protocol), comment(spnComment(sp.Name)))
+	mask := "255.255.255.255"
+	if r.family == model.IPv6 {
+		mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+	}
+	recent := func(e model.Endpoint) string {
+		return fmt.Sprintf("--name %s --mask %s --rsource", chainPrefix+chainHash(sp.Name.String(), e.String()), mask)
+	}
+	if sp.AffinityTimeout > 0 {
+		for _, e := range eps {
+			r.add(tableNAT, chain, fmt.Sprintf("%s -m recent --rcheck --seconds %d --reap %s -m recent --set %s -j DNAT --to-destination %s",
+				head, affinitySeconds(sp), recent(e), recent(e), e))
+		}
+	}
+	for i, e := range eps {
+		rule := head
+		if n := len(eps) - i; n > 1 {
+			rule += " -m statistic --mode random --probability " + probability(n)
+		}
+		if sp.AffinityTimeout > 0 {
+			rule += " -m recent --set " + recent(e)
+		}
+		r.add(tableNAT, chain, rule+" -j DNAT --to-destination "+e.String())
+	}
+}
+
+// probability formats 1/n as iptables-save prints it: xt_statistic keeps
+// it as a fraction of 2^31.
+func probability(n int) string {
+	fixed := math.Round(float64(0x80000000) / float64(n))
+	return strconv.FormatFloat(fixed/0x80000000, 'f', 11, 64)
+}
+
+// leaf adds a frontend rule to the leaf chain of its dispatch tree: the
+// port tree for NodePorts (their addresses are few and shared by all
+// NodePorts), the address tree for the others.
+func (r *renderer) leaf(table string, f model.Frontend, sp *model.ServicePort, rule string) {
+	chain := addrLeaf(f.IP)
+	if f.Kind == model.NodePort {
+		chain = portLeaf(sp.Protocol, f.Port)
+	}
+	r.leafEntry(table, chain, leafEntry{ip: f.IP, proto: sp.Protocol, port: f.Port, name: sp.Name, rule: rule})
+}
+
+func (r *renderer) leafEntry(table, chain string, e leafEntry) {
+	leaves := r.leaves[table]
+	e.seq = len(leaves[chain])
+	leaves[chain] = append(leaves[chain], e)
+}

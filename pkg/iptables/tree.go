@@ -1,0 +1,186 @@
+package iptables
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+const hexDigits = "0123456789ABCDEF"
+
+// addrNibbles returns the dispatch path of an address: its addrLevels least
+// significant 4-bit groups, least significant first.
+func addrNibbles(a netip.Addr) []byte {
+	b := a.AsSlice()
+	path := make([]byte, addrLevels)
+	for i := range path {
+		v := b[len(b)-1-i/2]
+		if i%2 == 1 {
+			v >>= 4
+		}
+		path[i] = v & 0xf
+	}
+	return path
+}
+
+func hexPath(path []byte) string {
+	var b strings.Builder
+	for _, n := range path {
+		b.WriteByte(hexDigits[n])
+	}
+	return b.String()
+}
+
+func addrLeaf(a netip.Addr) string { return prefixAddrTree + hexPath(addrNibbles(a)) }
+
+// portNibbles returns the dispatch path of a port: its portLevels most
+// significant 4-bit groups.
+func portNibbles(port uint16) []byte {
+	path := make([]byte, portLevels)
+	for i := range path {
+		path[i] = byte(port>>(12-4*i)) & 0xf
+	}
+	return path
+}
+
+func portLeaf(p model.Protocol, port uint16) string {
+	return prefixPortTree + string(p) + "-" + hexPath(portNibbles(port))
+}
+
+// addrDispatch is the match of an address tree chain at the given path:
+// the path's last nibble, under a mask of that nibble alone.
+func addrDispatch(f model.Family, path []byte) string {
+	level := len(path) - 1
+	var value, mask [16]byte
+	byteIdx := 15 - level/2
+	shift := 4 * (level % 2)
+	value[byteIdx] = path[level] << shift
+	mask[byteIdx] = 0xf << shift
+	v, m := netip.AddrFrom16(value), netip.AddrFrom16(mask)
+	if f == model.IPv4 {
+		v = netip.AddrFrom4([4]byte(value[12:]))
+		m = netip.AddrFrom4([4]byte(mask[12:]))
+	}
+	return fmt.Sprintf("-d %s/%s", v, m)
+}
+
+// portDispatch is the match of a port tree chain at the given path: the
+// range of ports that share the path.
+func portDispatch(p model.Protocol, path []byte) string {
+	var lo uint16
+	for i, n := range path {
+		lo |= uint16(n) << (12 - 4*i)
+	}
+	hi := lo | (uint16(1)<<(12-4*(len(path)-1)) - 1)
+	return portMatch(p, fmt.Sprintf("%d:%d", lo, hi))
+}
+
+// trees writes the leaf chains of table and the dispatch chains above them.
+func (r *renderer) trees(table string) {
+	root := chainServices
+	if table == tableFilter {
+		root = chainFilter
+	}
+	children := map[string][]string{}
+	for leaf, entries := range r.leaves[table] {
+		slices.SortFunc(entries, func(a, b leafEntry) int {
+			return cmp.Or(a.ip.Compare(b.ip), cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port),
+				a.name.Compare(b.name), cmp.Compare(a.seq, b.seq))
+		})
+		for _, e := range entries {
+			r.add(table, leaf, e.rule)
+		}
+		// Link the leaf to the root through its ancestors.
+		chain := leaf
+		for {
+			parent := treeParent(chain, root)
+			if !slices.Contains(children[parent], chain) {
+				children[parent] = append(children[parent], chain)
+			}
+			if parent == root {
+				break
+			}
+			chain = parent
+		}
+	}
+	for _, parent := range sortedKeys(children) {
+		kids := children[parent]
+		slices.Sort(kids)
+		for _, child := range kids {
+			if child == chainNodePorts {
+				continue // last in the root, below
+			}
+			r.add(table, parent, r.dispatchMatch(child)+" -j "+child)
+		}
+	}
+	if slices.Contains(children[root], chainNodePorts) {
+		r.add(table, root, "-m addrtype --dst-type LOCAL -j "+chainNodePorts)
+	}
+}
+
+// treeParent returns the chain that dispatches to chain.
+func treeParent(chain, root string) string {
+	if chain == chainNodePorts {
+		return root
+	}
+	if path, ok := strings.CutPrefix(chain, prefixAddrTree); ok {
+		if len(path) == 1 {
+			return root
+		}
+		return chain[:len(chain)-1]
+	}
+	rest := strings.TrimPrefix(chain, prefixPortTree)
+	_, path, _ := strings.Cut(rest, "-")
+	if len(path) == 1 {
+		return chainNodePorts
+	}
+	return chain[:len(chain)-1]
+}
+
+func parseHexPath(s string) []byte {
+	path := make([]byte, len(s))
+	for i := range s {
+		path[i] = byte(strings.IndexByte(hexDigits, s[i]))
+	}
+	return path
+}
+
+// dispatchMatch is the match of the rule that jumps to a tree chain.
+func (r *renderer) dispatchMatch(child string) string {
+	if path, ok := strings.CutPrefix(child, prefixAddrTree); ok {
+		return addrDispatch(r.family, parseHexPath(path))
+	}
+	p, path, _ := strings.Cut(strings.TrimPrefix(child, prefixPortTree), "-")
+	return portDispatch(model.Protocol(p), parseHexPath(path))
+}
+
+// shared writes the chains that do not belong to one ServicePort.
+func (r *renderer) shared() {
+	nat := r.rs.Tables[tableNAT]
+	nat[chainServices] = nil
+	r.rs.Tables[tableFilter][chainFilter] = nil
+	locals := make([]netip.Addr, 0, len(r.locals))
+	for a := range r.locals {
+		locals = append(locals, a)
+	}
+	slices.SortFunc(locals, netip.Addr.Compare)
+	for _, a := range locals {
+		r.add(tableNAT, chainPostrouting, fmt.Sprintf("-s %s -d %s -m conntrack --ctstate DNAT %s -j MASQUERADE",
+			hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
+	}
+	mark := r.masqMark + "/" + r.masqMark
+	r.add(tableNAT, chainPostrouting, "-m mark ! --mark "+mark+" "+comment(commentMasq)+" -j RETURN")
+	r.add(tableNAT, chainPostrouting, comment(commentMasq)+" -j MARK --set-xmark "+r.masqMark+"/0x0")
+	r.add(tableNAT, chainPostrouting, comment(commentMasq)+" -j MASQUERADE --random-fully")
+	r.add(tableNAT, chainMarkMasq, comment(commentMasq)+" -j MARK --set-xmark "+mark)
+	if len(r.cidrs) > 0 {
+		for _, c := range r.cidrs {
+			r.add(tableNAT, chainOffCluster, "-s "+c.String()+" "+comment(commentCIDR)+" -j RETURN")
+		}
+		r.add(tableNAT, chainOffCluster, comment(commentMasq)+" -j MARK --set-xmark "+mark)
+	}
+}

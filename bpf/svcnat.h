@@ -136,4 +136,37 @@ struct revnat_value {
 	__u16 pad;
 };
 
+/*
+ * Per-packet translation state of the tc programs, one entry per direction
+ * of a flow. The key is the packet's tuple as it arrives; the value is the
+ * tuple to rewrite it to. dir says which side of the flow the key is.
+ */
+#define SVCNAT_NAT_FORWARD 0 /* client -> frontend, arriving from outside */
+#define SVCNAT_NAT_REPLY 1   /* endpoint -> client or SNAT address */
+
+struct nat_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir; /* SVCNAT_NAT_* */
+	__u16 pad;
+};
+
+struct nat_value {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 pad;
+};
+
+/* The address a node interface masquerades external traffic with. */
+struct snat_key {
+	__u32 ifindex;
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+};
+
 #endif /* SVCNAT_H */

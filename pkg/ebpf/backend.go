@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -34,14 +36,16 @@ type Options struct {
 	// get connect-time translation. Required: the node's cgroup v2 root in
 	// production, a child cgroup in tests.
 	CgroupPath string
-	// Interfaces are the node's interfaces for per-packet translation of
-	// traffic from outside the node. Not yet used: see doc.go.
+	// Interfaces are the node's interfaces that traffic from outside the
+	// node arrives on; each gets the tc programs (TCX) for per-packet
+	// translation, and masquerades with its first address of each family.
 	Interfaces []string
 	// Map sizes; zero means the default. MaxServices sizes the frontend,
 	// Service info and source range maps (--bpf-map-max-services);
 	// MaxBackends the endpoint and slot maps (--bpf-map-max-backends);
 	// MaxAffinity the session affinity map (--bpf-map-max-affinity);
-	// MaxNAT the socket reverse translation map (--bpf-map-max-nat).
+	// MaxNAT the socket reverse translation map and the tc flow map
+	// (--bpf-map-max-nat).
 	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
 	// Registerer, when set, receives the backend's metrics.
 	Registerer prometheus.Registerer
@@ -101,10 +105,7 @@ func New(opts Options) (*Backend, error) {
 	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
 	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
 	opts.MaxNAT = cmpOr(opts.MaxNAT, DefaultMaxNAT)
-	if len(opts.Interfaces) > 0 {
-		return nil, errors.New("create ebpf backend: per-packet translation on interfaces is not implemented")
-	}
-	if err := probe(); err != nil {
+	if err := probe(len(opts.Interfaces) > 0); err != nil {
 		return nil, fmt.Errorf("create ebpf backend: %w", err)
 	}
 	b := &Backend{opts: opts, log: opts.Logger}
@@ -130,8 +131,9 @@ func cmpOr(v, def int) int {
 	return v
 }
 
-// probe names the first kernel feature the backend needs that is missing.
-func probe() error {
+// probe names the first kernel feature the backend needs that is missing;
+// tc says whether the tc programs are needed too.
+func probe(tc bool) error {
 	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie} {
 		if err := features.HaveMapType(mt); err != nil {
 			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
@@ -143,6 +145,17 @@ func probe() error {
 	for _, fn := range []asm.BuiltinFunc{asm.FnGetSocketCookie, asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32} {
 		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
 			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
+		}
+	}
+	if !tc {
+		return nil
+	}
+	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
+		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.SchedCLS, err)
+	}
+	for _, fn := range []asm.BuiltinFunc{asm.FnCsumDiff, asm.FnL3CsumReplace, asm.FnL4CsumReplace, asm.FnSkbStoreBytes} {
+		if err := features.HaveProgramHelper(ebpf.SchedCLS, fn); err != nil {
+			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.SchedCLS, err)
 		}
 	}
 	return nil
@@ -202,20 +215,31 @@ func (b *Backend) Init(ctx context.Context) error {
 	}
 	b.links = nil
 	for _, h := range hooks {
-		l, err := b.attach(h, progs[h.prog])
+		pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
+		l, err := attachPinned(pin, progs[h.prog], func() (link.Link, error) {
+			l, err := link.AttachCgroup(link.CgroupOptions{Path: b.opts.CgroupPath, Attach: h.attach, Program: progs[h.prog]})
+			if err != nil {
+				return nil, fmt.Errorf("attach %s to cgroup %s: %w", h.prog, b.opts.CgroupPath, err)
+			}
+			return l, nil
+		})
 		if err != nil {
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
 		b.links = append(b.links, l)
 	}
+	for _, name := range b.opts.Interfaces {
+		if err := b.attachInterface(name); err != nil {
+			return fmt.Errorf("init ebpf backend: interface %s: %w", name, err)
+		}
+	}
 	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
 	return nil
 }
 
-// attach adopts the link pinned for h, pointing it at prog, or attaches
-// prog to the cgroup and pins the new link.
-func (b *Backend) attach(h hook, prog *ebpf.Program) (link.Link, error) {
-	pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
+// attachPinned adopts the link pinned at pin, pointing it at prog, or
+// makes a new link with attach and pins it.
+func attachPinned(pin string, prog *ebpf.Program, attach func() (link.Link, error)) (link.Link, error) {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err == nil {
 		if err := l.Update(prog); err != nil {
@@ -227,15 +251,81 @@ func (b *Backend) attach(h hook, prog *ebpf.Program) (link.Link, error) {
 	if !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
 	}
-	l, err = link.AttachCgroup(link.CgroupOptions{Path: b.opts.CgroupPath, Attach: h.attach, Program: prog})
-	if err != nil {
-		return nil, fmt.Errorf("attach %s to cgroup %s: %w", h.prog, b.opts.CgroupPath, err)
+	if l, err = attach(); err != nil {
+		return nil, err
 	}
 	if err := l.Pin(pin); err != nil {
 		l.Close()
 		return nil, fmt.Errorf("pin link %s: %w", pin, err)
 	}
 	return l, nil
+}
+
+// attachInterface attaches the tc programs to an interface (TCX) and
+// records the addresses it masquerades with.
+func (b *Backend) attachInterface(name string) error {
+	iface, err := net.InterfaceByName(name)
+	if err != nil {
+		return err
+	}
+	addrs, err := iface.Addrs()
+	if err != nil {
+		return fmt.Errorf("list addresses: %w", err)
+	}
+	for _, family := range []uint8{4, 6} {
+		key := svcnatSnatKey{Ifindex: uint32(iface.Index), Family: family}
+		snat, ok := masqueradeAddr(addrs, family)
+		if !ok {
+			if err := b.objs.SvcnatSnatAddrs.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("clear masquerade address: %w", err)
+			}
+			continue
+		}
+		if err := b.objs.SvcnatSnatAddrs.Put(key, snat.As16()); err != nil {
+			return fmt.Errorf("set masquerade address %s: %w", snat, err)
+		}
+	}
+	for _, dir := range []struct {
+		what   string
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{"ingress", b.objs.SvcnatTcIngress, ebpf.AttachTCXIngress},
+		{"egress", b.objs.SvcnatTcEgress, ebpf.AttachTCXEgress},
+	} {
+		pin := filepath.Join(b.opts.BPFFSPath, "links", "tc-"+name+"-"+dir.what)
+		l, err := attachPinned(pin, dir.prog, func() (link.Link, error) {
+			l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: dir.prog, Attach: dir.attach})
+			if err != nil {
+				return nil, fmt.Errorf("attach tc %s program (kernel feature TCX, Linux 6.6): %w", dir.what, err)
+			}
+			return l, nil
+		})
+		if err != nil {
+			return err
+		}
+		b.links = append(b.links, l)
+	}
+	return nil
+}
+
+// masqueradeAddr picks the first global unicast address of a family.
+func masqueradeAddr(addrs []net.Addr, family uint8) (netip.Addr, bool) {
+	for _, a := range addrs {
+		ipnet, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(ipnet.IP)
+		if !ok || !ip.IsGlobalUnicast() {
+			continue
+		}
+		ip = ip.Unmap()
+		if (family == 4) == ip.Is4() {
+			return ip, true
+		}
+	}
+	return netip.Addr{}, false
 }
 
 func (b *Backend) sizes() map[string]int {
@@ -247,6 +337,7 @@ func (b *Backend) sizes() map[string]int {
 		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
 		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
 		svcnatMapSvcnatSockRevnat:   b.opts.MaxNAT,
+		svcnatMapSvcnatNat:          b.opts.MaxNAT,
 	}
 }
 
@@ -362,20 +453,22 @@ func (b *Backend) Raw(ctx context.Context) (string, error) {
 	return formatTable(t), nil
 }
 
-// Cleanup detaches the socket hooks and removes every pin under the
-// backend's directory. Removing what is already gone is not an error.
+// Cleanup detaches the socket hooks and tc programs and removes every pin
+// under the backend's directory. Removing what is already gone is not an error.
 func (b *Backend) Cleanup(ctx context.Context) error {
 	var errs []error
 	for _, l := range b.links {
 		errs = append(errs, l.Close())
 	}
 	b.links = nil
-	for _, h := range hooks {
-		pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
+	linkDir := filepath.Join(b.opts.BPFFSPath, "links")
+	pins, err := os.ReadDir(linkDir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("list pinned links: %w", err))
+	}
+	for _, p := range pins {
+		pin := filepath.Join(linkDir, p.Name())
 		l, err := link.LoadPinnedLink(pin, nil)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
 			continue

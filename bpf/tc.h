@@ -1,0 +1,270 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * tc.h: per-packet translation for traffic that reaches a Service from
+ * outside the node (NodePort, LoadBalancer ingress IPs, externalIPs, and
+ * ClusterIPs routed to the node). Attached to the node's interfaces:
+ *
+ *   ingress: a packet of a known flow is rewritten as its svcnat_nat entry
+ *            says; the first packet to a frontend picks an endpoint, is
+ *            DNATed, and SNATed to the interface's address when the endpoint
+ *            runs on another node (so the reply comes back here); both
+ *            directions of the flow are recorded.
+ *   egress:  a reply from a local endpoint leaving toward the client gets
+ *            the frontend as its source again.
+ *
+ * TCP and UDP over IPv4 and IPv6 without extension headers; anything else
+ * passes untouched.
+ */
+#ifndef SVCNAT_TC_H
+#define SVCNAT_TC_H
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include "lb.h"
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+
+/* A parsed packet: its tuple in the maps' form and where things are. */
+struct pkt {
+	struct nat_key key; /* saddr, daddr, sport, dport, proto */
+	__u32 l3off;
+	__u32 l4off;
+	__u8 v6;
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u16 *ports;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	p->l3off = sizeof(*eth);
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end || ip->ihl < 5)
+			return -1;
+		/* Fragments after the first carry no ports. */
+		if (ip->frag_off & bpf_htons(IP_OFFSET))
+			return -1;
+		p->key.saddr[10] = 0xff;
+		p->key.saddr[11] = 0xff;
+		__builtin_memcpy(&p->key.saddr[12], &ip->saddr, 4);
+		p->key.daddr[10] = 0xff;
+		p->key.daddr[11] = 0xff;
+		__builtin_memcpy(&p->key.daddr[12], &ip->daddr, 4);
+		p->key.proto = ip->protocol;
+		p->l4off = p->l3off + ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->key.daddr, &ip6->daddr, 16);
+		p->key.proto = ip6->nexthdr;
+		p->l4off = p->l3off + sizeof(*ip6);
+		p->v6 = 1;
+	} else {
+		return -1;
+	}
+	if (p->key.proto != IPPROTO_TCP && p->key.proto != IPPROTO_UDP)
+		return -1;
+	ports = data + p->l4off;
+	if ((void *)(ports + 2) > end)
+		return -1;
+	p->key.sport = ports[0];
+	p->key.dport = ports[1];
+	return 0;
+}
+
+/* rewrite changes the packet's tuple from p->key to v, fixing checksums. */
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p,
+				   const struct nat_value *v)
+{
+	__u32 csum_off = p->l4off + (p->key.proto == IPPROTO_TCP ?
+				     offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+	__u64 l4flags = BPF_F_PSEUDO_HDR | (p->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+	__s64 diff;
+
+	if (p->v6) {
+		diff = bpf_csum_diff((__be32 *)p->key.saddr, 16, (__be32 *)v->saddr, 16, 0);
+		diff = bpf_csum_diff((__be32 *)p->key.daddr, 16, (__be32 *)v->daddr, 16, diff);
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, p->l3off + offsetof(struct ipv6hdr, saddr), v->saddr, 16, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, p->l3off + offsetof(struct ipv6hdr, daddr), v->daddr, 16, 0) < 0)
+			return -1;
+	} else {
+		__u32 os, od, ns, nd;
+
+		__builtin_memcpy(&os, &p->key.saddr[12], 4);
+		__builtin_memcpy(&od, &p->key.daddr[12], 4);
+		__builtin_memcpy(&ns, &v->saddr[12], 4);
+		__builtin_memcpy(&nd, &v->daddr[12], 4);
+		if (os != ns) {
+			if (bpf_l4_csum_replace(skb, csum_off, os, ns, l4flags | 4) < 0 ||
+			    bpf_l3_csum_replace(skb, p->l3off + offsetof(struct iphdr, check), os, ns, 4) < 0 ||
+			    bpf_skb_store_bytes(skb, p->l3off + offsetof(struct iphdr, saddr), &ns, 4, 0) < 0)
+				return -1;
+		}
+		if (od != nd) {
+			if (bpf_l4_csum_replace(skb, csum_off, od, nd, l4flags | 4) < 0 ||
+			    bpf_l3_csum_replace(skb, p->l3off + offsetof(struct iphdr, check), od, nd, 4) < 0 ||
+			    bpf_skb_store_bytes(skb, p->l3off + offsetof(struct iphdr, daddr), &nd, 4, 0) < 0)
+				return -1;
+		}
+	}
+	if (p->key.sport != v->sport) {
+		if (bpf_l4_csum_replace(skb, csum_off, p->key.sport, v->sport, 2 | (p->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0)) < 0 ||
+		    bpf_skb_store_bytes(skb, p->l4off, &v->sport, 2, 0) < 0)
+			return -1;
+	}
+	if (p->key.dport != v->dport) {
+		if (bpf_l4_csum_replace(skb, csum_off, p->key.dport, v->dport, 2 | (p->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0)) < 0 ||
+		    bpf_skb_store_bytes(skb, p->l4off + 2, &v->dport, 2, 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+static __always_inline int translate(struct __sk_buff *skb, struct pkt *p, __u8 dir)
+{
+	struct nat_value *v;
+
+	p->key.dir = dir;
+	v = bpf_map_lookup_elem(&svcnat_nat, &p->key);
+	if (!v)
+		return 0;
+	return rewrite(skb, p, v) < 0 ? -1 : 1;
+}
+
+/* in_prefix reports whether addr is in the cluster CIDRs. */
+static __always_inline int in_cluster(const __u8 addr[16])
+{
+	struct cidr_key k = { .prefixlen = 128 };
+
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&svcnat_cluster_cidrs, &k) != NULL;
+}
+
+/*
+ * new_flow picks an endpoint for the first packet of a flow to a frontend,
+ * records both directions, and rewrites the packet.
+ */
+static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
+{
+	struct svc_key sk = { .port = p->key.dport, .proto = p->key.proto };
+	struct affinity_key ak = { .origin = SVCNAT_AFFINITY_ADDR };
+	struct nat_key fwd, rev;
+	struct nat_value fv = {}, rv = {};
+	struct svc_value *sv;
+	struct backend b;
+	int external, v;
+
+	__builtin_memcpy(sk.addr, p->key.daddr, 16);
+	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
+	if (!sv)
+		return TC_ACT_OK;
+	if (sv->kind == SVCNAT_KIND_LOAD_BALANCER && (sv->flags & SVCNAT_F_SOURCE_RANGES)) {
+		struct source_range_key rk = { .prefixlen = 32 + 128, .id = sv->id };
+
+		__builtin_memcpy(rk.addr, p->key.saddr, 16);
+		if (!bpf_map_lookup_elem(&svcnat_source_ranges, &rk))
+			return TC_ACT_SHOT;
+	}
+	external = !in_cluster(p->key.saddr);
+	__builtin_memcpy(ak.client, p->key.saddr, 16);
+	v = lb_select(sv, lb_set(sv, external), &ak, &b);
+	if (v != LB_FORWARD)
+		return TC_ACT_SHOT; /* reject and drop alike: see bpf/README.md */
+
+	/* Forward: client -> frontend becomes client (or SNAT) -> endpoint. */
+	__builtin_memcpy(fv.saddr, p->key.saddr, 16);
+	__builtin_memcpy(fv.daddr, b.addr, 16);
+	fv.sport = p->key.sport;
+	fv.dport = b.port;
+	if (!(b.flags & SVCNAT_BACKEND_LOCAL)) {
+		/* The endpoint is elsewhere: masquerade, so its reply returns
+		 * through this node and is translated back. */
+		struct snat_key nk = { .ifindex = skb->ifindex, .family = p->v6 ? 6 : 4 };
+		__u8 *snat = bpf_map_lookup_elem(&svcnat_snat_addrs, &nk);
+
+		if (!snat)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(fv.saddr, snat, 16);
+		/* A source port unused toward this endpoint, tried a few times. */
+		for (int i = 0; i < 8; i++) {
+			fv.sport = bpf_htons(32768 + (bpf_get_prandom_u32() % 28232));
+			__builtin_memcpy(rev.saddr, fv.daddr, 16);
+			__builtin_memcpy(rev.daddr, fv.saddr, 16);
+			rev.sport = fv.dport;
+			rev.dport = fv.sport;
+			rev.proto = p->key.proto;
+			rev.dir = SVCNAT_NAT_REPLY;
+			rev.pad = 0;
+			if (!bpf_map_lookup_elem(&svcnat_nat, &rev))
+				break;
+		}
+	}
+	/* Reply: endpoint -> (SNAT or client) becomes frontend -> client. */
+	__builtin_memcpy(rev.saddr, fv.daddr, 16);
+	__builtin_memcpy(rev.daddr, fv.saddr, 16);
+	rev.sport = fv.dport;
+	rev.dport = fv.sport;
+	rev.proto = p->key.proto;
+	rev.dir = SVCNAT_NAT_REPLY;
+	rev.pad = 0;
+	__builtin_memcpy(rv.saddr, p->key.daddr, 16);
+	__builtin_memcpy(rv.daddr, p->key.saddr, 16);
+	rv.sport = p->key.dport;
+	rv.dport = p->key.sport;
+
+	fwd = p->key;
+	fwd.dir = SVCNAT_NAT_FORWARD;
+	if (bpf_map_update_elem(&svcnat_nat, &rev, &rv, BPF_ANY) < 0 ||
+	    bpf_map_update_elem(&svcnat_nat, &fwd, &fv, BPF_ANY) < 0)
+		return TC_ACT_SHOT;
+	return rewrite(skb, p, &fv) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+SEC("tc")
+int svcnat_tc_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	int r;
+
+	if (parse(skb, &p) < 0)
+		return TC_ACT_OK;
+	/* A later packet of a flow from outside. */
+	r = translate(skb, &p, SVCNAT_NAT_FORWARD);
+	if (r)
+		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	/* A reply from a remote endpoint to the masquerade address. */
+	r = translate(skb, &p, SVCNAT_NAT_REPLY);
+	if (r)
+		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	return new_flow(skb, &p);
+}
+
+SEC("tc")
+int svcnat_tc_egress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+
+	if (parse(skb, &p) < 0)
+		return TC_ACT_OK;
+	/* A reply from a local endpoint on its way to the client. */
+	return translate(skb, &p, SVCNAT_NAT_REPLY) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+#endif /* SVCNAT_TC_H */

@@ -1,0 +1,366 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/svcnat/svcnat/pkg/internal/netnstest"
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+const (
+	tcOK   = 0 // TC_ACT_OK
+	tcShot = 2 // TC_ACT_SHOT
+)
+
+// tuple is what the tc programs look at and rewrite.
+type tuple struct {
+	src, dst     netip.AddrPort
+	proto        uint8
+	syn          bool
+	payloadBytes int
+}
+
+func (t tuple) String() string { return fmt.Sprintf("%d %s -> %s", t.proto, t.src, t.dst) }
+
+func checksum(sum uint32, b []byte) uint32 {
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	return sum
+}
+
+func fold(sum uint32) uint16 {
+	for sum > 0xffff {
+		sum = sum&0xffff + sum>>16
+	}
+	return ^uint16(sum)
+}
+
+// packet builds an Ethernet frame for t with correct checksums.
+func packet(t tuple) []byte {
+	l4 := make([]byte, 8)
+	if t.proto == protoTCP {
+		l4 = make([]byte, 20)
+		l4[12] = 5 << 4
+		if t.syn {
+			l4[13] = 0x02
+		} else {
+			l4[13] = 0x10
+		}
+		binary.BigEndian.PutUint16(l4[14:], 65535)
+	}
+	l4 = append(l4, make([]byte, t.payloadBytes)...)
+	binary.BigEndian.PutUint16(l4[0:], t.src.Port())
+	binary.BigEndian.PutUint16(l4[2:], t.dst.Port())
+	if t.proto == protoUDP {
+		binary.BigEndian.PutUint16(l4[4:], uint16(len(l4)))
+	}
+	var l3 []byte
+	eth := make([]byte, 14)
+	if t.src.Addr().Is4() {
+		binary.BigEndian.PutUint16(eth[12:], 0x0800)
+		l3 = make([]byte, 20)
+		l3[0] = 0x45
+		binary.BigEndian.PutUint16(l3[2:], uint16(20+len(l4)))
+		l3[8] = 64
+		l3[9] = t.proto
+		s, d := t.src.Addr().As4(), t.dst.Addr().As4()
+		copy(l3[12:], s[:])
+		copy(l3[16:], d[:])
+		binary.BigEndian.PutUint16(l3[10:], fold(checksum(0, l3)))
+	} else {
+		binary.BigEndian.PutUint16(eth[12:], 0x86dd)
+		l3 = make([]byte, 40)
+		l3[0] = 0x60
+		binary.BigEndian.PutUint16(l3[4:], uint16(len(l4)))
+		l3[6] = t.proto
+		l3[7] = 64
+		s, d := t.src.Addr().As16(), t.dst.Addr().As16()
+		copy(l3[8:], s[:])
+		copy(l3[24:], d[:])
+	}
+	csumOff := 16
+	if t.proto == protoUDP {
+		csumOff = 6
+	}
+	binary.BigEndian.PutUint16(l4[csumOff:], fold(pseudoSum(t.src.Addr(), t.dst.Addr(), t.proto, len(l4))+checksumNoFold(l4)))
+	return append(append(eth, l3...), l4...)
+}
+
+func checksumNoFold(b []byte) uint32 { return checksum(0, b) }
+
+func pseudoSum(src, dst netip.Addr, proto uint8, l4len int) uint32 {
+	var sum uint32
+	if src.Is4() {
+		s, d := src.As4(), dst.As4()
+		sum = checksum(sum, s[:])
+		sum = checksum(sum, d[:])
+	} else {
+		s, d := src.As16(), dst.As16()
+		sum = checksum(sum, s[:])
+		sum = checksum(sum, d[:])
+	}
+	return sum + uint32(proto) + uint32(l4len)
+}
+
+// parsePacket reads the tuple of a frame and fails the test when a
+// checksum is wrong.
+func parsePacket(t *testing.T, b []byte) tuple {
+	t.Helper()
+	var out tuple
+	var l4 []byte
+	switch binary.BigEndian.Uint16(b[12:]) {
+	case 0x0800:
+		l3 := b[14:34]
+		out.proto = l3[9]
+		s, _ := netip.AddrFromSlice(l3[12:16])
+		d, _ := netip.AddrFromSlice(l3[16:20])
+		l4 = b[34:]
+		out.src, out.dst = netip.AddrPortFrom(s, 0), netip.AddrPortFrom(d, 0)
+	case 0x86dd:
+		l3 := b[14:54]
+		out.proto = l3[6]
+		s, _ := netip.AddrFromSlice(l3[8:24])
+		d, _ := netip.AddrFromSlice(l3[24:40])
+		l4 = b[54:]
+		out.src, out.dst = netip.AddrPortFrom(s, 0), netip.AddrPortFrom(d, 0)
+	default:
+		t.Fatalf("not IP: %x", b)
+	}
+	out.src = netip.AddrPortFrom(out.src.Addr(), binary.BigEndian.Uint16(l4[0:]))
+	out.dst = netip.AddrPortFrom(out.dst.Addr(), binary.BigEndian.Uint16(l4[2:]))
+	if !checksumsOK(b) {
+		t.Errorf("%s: checksum wrong", out)
+	}
+	return out
+}
+
+// checksumsOK verifies the IPv4 header and TCP/UDP checksums of a frame
+// packet could have built.
+func checksumsOK(b []byte) bool {
+	var l3, l4 []byte
+	var src, dst netip.Addr
+	var proto uint8
+	if binary.BigEndian.Uint16(b[12:]) == 0x0800 {
+		l3, l4 = b[14:34], b[34:]
+		if fold(checksum(0, l3)) != 0 {
+			return false
+		}
+		src, _ = netip.AddrFromSlice(l3[12:16])
+		dst, _ = netip.AddrFromSlice(l3[16:20])
+		proto = l3[9]
+	} else {
+		l3, l4 = b[14:54], b[54:]
+		src, _ = netip.AddrFromSlice(l3[8:24])
+		dst, _ = netip.AddrFromSlice(l3[24:40])
+		proto = l3[6]
+	}
+	return fold(pseudoSum(src, dst, proto, len(l4))+checksumNoFold(l4)) == 0
+}
+
+func TestPacketChecksums(t *testing.T) {
+	for _, in := range []tuple{
+		{src: ap("198.51.100.7:40000"), dst: ap("192.0.2.1:30080"), proto: protoTCP, payloadBytes: 3},
+		{src: ap("198.51.100.7:40000"), dst: ap("192.0.2.1:30080"), proto: protoUDP, payloadBytes: 4},
+		{src: ap("[2001:db8::7]:40000"), dst: ap("[2001:db8::1]:30080"), proto: protoTCP},
+	} {
+		b := packet(in)
+		if !checksumsOK(b) {
+			t.Errorf("%s: built with a wrong checksum", in)
+		}
+		for _, off := range []int{len(b) - 1, 30, 37} { // payload or L4 header; an address byte
+			bad := append([]byte(nil), b...)
+			bad[off] ^= 0x40
+			if checksumsOK(bad) {
+				t.Errorf("%s: byte %d changed, checksums still pass", in, off)
+			}
+		}
+	}
+}
+
+// skbContext is the start of struct __sk_buff, up to ifindex: what a test
+// run may set.
+type skbContext struct {
+	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto, Priority, IngressIfindex, Ifindex uint32
+}
+
+type tcHarness struct {
+	t       *testing.T
+	b       *Backend
+	ifindex int
+}
+
+// run passes a packet built from in through prog and returns the verdict
+// and the tuple of the packet that comes out.
+func (h *tcHarness) run(prog *ebpf.Program, in tuple) (uint32, tuple) {
+	h.t.Helper()
+	opts := &ebpf.RunOptions{
+		Data:    packet(in),
+		DataOut: make([]byte, 1500),
+		Context: skbContext{Ifindex: uint32(h.ifindex)},
+	}
+	ret, err := prog.Run(opts)
+	if err != nil {
+		h.t.Fatalf("run %s on %s: %v", prog, in, err)
+	}
+	if ret != tcOK {
+		return ret, tuple{}
+	}
+	return ret, parsePacket(h.t, opts.DataOut)
+}
+
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+func TestTCPrograms(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	// The node's uplink: a veth whose peer sits in another namespace.
+	peerNS := netnstest.NewNamespace(t, "sn-x")
+	netnstest.Run(t, "", "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p", "netns", peerNS)
+	netnstest.Run(t, "", "ip", "addr", "add", "192.0.2.1/24", "dev", "up0")
+	netnstest.Run(t, "", "ip", "-6", "addr", "add", "2001:db8::1/64", "dev", "up0", "nodad")
+	netnstest.Run(t, "", "ip", "link", "set", "up0", "up")
+	iface, err := net.InterfaceByName("up0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Cleanup(t.Context()) })
+	h := &tcHarness{t: t, b: b, ifindex: iface.Index}
+	ingress, egress := b.objs.SvcnatTcIngress, b.objs.SvcnatTcEgress
+
+	local := func(ip string, port uint16) model.Endpoint {
+		return model.Endpoint{IP: mustAddr(ip), Port: port, Local: true}
+	}
+	withFrontend := func(p *model.ServicePort, kind model.FrontendKind, addrPort string) *model.ServicePort {
+		a := ap(addrPort)
+		p.Frontends = append(p.Frontends, model.Frontend{Kind: kind, IP: a.Addr(), Port: a.Port()})
+		return p
+	}
+	npLocal := withFrontend(sp("np-local", model.IPv4, model.TCP, "10.96.0.1", 80, local("10.244.1.2", 8080)), model.NodePort, "192.0.2.1:30080")
+	npLocal.ExternalTrafficLocal = true
+	npLocal.LocalEndpoints = npLocal.ClusterEndpoints
+	npRemote := withFrontend(sp("np-remote", model.IPv4, model.UDP, "10.96.0.2", 53, endpoint("10.244.2.5", 5353)), model.NodePort, "192.0.2.1:30053")
+	lbRanges := withFrontend(sp("lb-ranges", model.IPv4, model.TCP, "10.96.0.3", 443, local("10.244.1.2", 8443)), model.LoadBalancer, "203.0.113.10:443")
+	lbRanges.SourceRanges = []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}
+	sticky := withFrontend(sp("sticky", model.IPv4, model.TCP, "10.96.0.4", 80,
+		local("10.244.1.2", 8080), local("10.244.1.3", 8080), local("10.244.1.4", 8080)), model.ExternalIP, "203.0.113.20:80")
+	sticky.AffinityTimeout = time.Hour
+	spread := withFrontend(sp("spread", model.IPv4, model.TCP, "10.96.0.5", 80,
+		local("10.244.1.2", 8080), local("10.244.1.3", 8080)), model.ExternalIP, "203.0.113.30:80")
+	empty := withFrontend(sp("empty", model.IPv4, model.TCP, "10.96.0.6", 80), model.NodePort, "192.0.2.1:30099")
+	v6 := withFrontend(sp("v6", model.IPv6, model.TCP, "fd00:96::1", 80, endpoint("fd00:244:2::5", 8080)), model.NodePort, "[2001:db8::1]:30080")
+	if err := b.Sync(t.Context(), stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, v6)); err != nil {
+		t.Fatal(err)
+	}
+	client := ap("198.51.100.7:40000")
+
+	t.Run("DNAT to a local endpoint, reply translated on egress", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("192.0.2.1:30080"), proto: protoTCP, syn: true, payloadBytes: 3}
+		ret, out := h.run(ingress, in)
+		if want := (tuple{src: client, dst: ap("10.244.1.2:8080"), proto: protoTCP}); ret != tcOK || out != want {
+			t.Fatalf("ingress %s: %d %s, want %s", in, ret, out, want)
+		}
+		in.syn = false
+		if _, again := h.run(ingress, in); again != out {
+			t.Errorf("second packet of the flow: %s, want %s", again, out)
+		}
+		reply := tuple{src: ap("10.244.1.2:8080"), dst: client, proto: protoTCP, payloadBytes: 5}
+		ret, back := h.run(egress, reply)
+		if want := (tuple{src: ap("192.0.2.1:30080"), dst: client, proto: protoTCP}); ret != tcOK || back != want {
+			t.Fatalf("egress %s: %d %s, want %s", reply, ret, back, want)
+		}
+	})
+	t.Run("SNAT to a remote endpoint, reply translated on ingress", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("192.0.2.1:30053"), proto: protoUDP, payloadBytes: 7}
+		ret, out := h.run(ingress, in)
+		if ret != tcOK || out.src.Addr() != mustAddr("192.0.2.1") || out.dst != ap("10.244.2.5:5353") {
+			t.Fatalf("ingress %s: %d %s, want 192.0.2.1:* -> 10.244.2.5:5353", in, ret, out)
+		}
+		reply := tuple{src: out.dst, dst: out.src, proto: protoUDP, payloadBytes: 9}
+		ret, back := h.run(ingress, reply)
+		if want := (tuple{src: ap("192.0.2.1:30053"), dst: client, proto: protoUDP}); ret != tcOK || back != want {
+			t.Fatalf("reply %s: %d %s, want %s", reply, ret, back, want)
+		}
+	})
+	t.Run("source ranges", func(t *testing.T) {
+		in := tuple{src: ap("192.0.2.99:40000"), dst: ap("203.0.113.10:443"), proto: protoTCP, syn: true}
+		if ret, _ := h.run(ingress, in); ret != tcShot {
+			t.Errorf("from outside the source ranges: verdict %d, want drop", ret)
+		}
+		in.src = client
+		if ret, out := h.run(ingress, in); ret != tcOK || out.dst != ap("10.244.1.2:8443") {
+			t.Errorf("from inside the source ranges: %d %s", ret, out)
+		}
+	})
+	t.Run("affinity", func(t *testing.T) {
+		var first netip.AddrPort
+		for i := range 30 {
+			in := tuple{src: netip.AddrPortFrom(client.Addr(), uint16(41000+i)), dst: ap("203.0.113.20:80"), proto: protoTCP, syn: true}
+			ret, out := h.run(ingress, in)
+			if ret != tcOK {
+				t.Fatalf("verdict %d", ret)
+			}
+			if i == 0 {
+				first = out.dst
+			} else if out.dst != first {
+				t.Fatalf("flow %d went to %s, the client's first went to %s", i, out.dst, first)
+			}
+		}
+	})
+	t.Run("without affinity flows spread", func(t *testing.T) {
+		seen := map[netip.AddrPort]int{}
+		for i := range 60 {
+			in := tuple{src: netip.AddrPortFrom(client.Addr(), uint16(42000+i)), dst: ap("203.0.113.30:80"), proto: protoTCP, syn: true}
+			_, out := h.run(ingress, in)
+			seen[out.dst]++
+		}
+		if len(seen) != 2 {
+			t.Errorf("60 flows reached %v", seen)
+		}
+	})
+	t.Run("no endpoints drops", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("192.0.2.1:30099"), proto: protoTCP, syn: true}
+		if ret, _ := h.run(ingress, in); ret != tcShot {
+			t.Errorf("verdict %d, want drop", ret)
+		}
+	})
+	t.Run("IPv6 SNAT", func(t *testing.T) {
+		c6 := ap("[2001:db8::77]:40000")
+		in := tuple{src: c6, dst: ap("[2001:db8::1]:30080"), proto: protoTCP, syn: true, payloadBytes: 1}
+		ret, out := h.run(ingress, in)
+		if ret != tcOK || out.src.Addr() != mustAddr("2001:db8::1") || out.dst != ap("[fd00:244:2::5]:8080") {
+			t.Fatalf("ingress %s: %d %s", in, ret, out)
+		}
+		reply := tuple{src: out.dst, dst: out.src, proto: protoTCP}
+		if ret, back := h.run(ingress, reply); ret != tcOK || back != (tuple{src: in.dst, dst: c6, proto: protoTCP}) {
+			t.Fatalf("reply: %d %s", ret, back)
+		}
+	})
+	t.Run("other traffic passes untouched", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("192.0.2.1:22"), proto: protoTCP, syn: true}
+		if ret, out := h.run(ingress, in); ret != tcOK || out != (tuple{src: in.src, dst: in.dst, proto: protoTCP}) {
+			t.Errorf("%d %s", ret, out)
+		}
+	})
+}

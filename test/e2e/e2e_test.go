@@ -275,25 +275,28 @@ func (e *env) answers(t *testing.T, from testbed.Origin, s testbed.ProbeSpec, wa
 	return seen, nil
 }
 
-// reachesOnly waits until probes from an origin are answered only by pods
-// in want, then checks that every pod in want answers within 60 attempts.
+// reachesOnly waits until a batch of 40 attempts from an origin is answered
+// only by pods in want, and by every one of them.
 func (e *env) reachesOnly(t *testing.T, from testbed.Origin, proto string, addr netip.AddrPort, want ...string) {
 	t.Helper()
-	s := testbed.ProbeSpec{Proto: proto, Addr: addr, N: 4, Timeout: 2 * time.Second}
-	eventually(t, fmt.Sprintf("%s %s from %s answered only by %v", proto, addr, from.Name, want), programmed, func() error {
-		_, err := e.answers(t, from, s, want...)
-		return err
-	})
-	s.N = 60
-	seen, err := e.answers(t, from, s, want...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, w := range want {
-		if seen[w] == 0 {
-			t.Fatalf("%s %s from %s: %s never answered in %d attempts (seen %v)", proto, addr, from.Name, w, s.N, seen)
+	e.reachesOnlyWithin(t, programmed, from, proto, addr, want...)
+}
+
+func (e *env) reachesOnlyWithin(t *testing.T, limit time.Duration, from testbed.Origin, proto string, addr netip.AddrPort, want ...string) {
+	t.Helper()
+	s := testbed.ProbeSpec{Proto: proto, Addr: addr, N: 40, Timeout: 2 * time.Second}
+	eventually(t, fmt.Sprintf("%s %s from %s answered by all of and only %v", proto, addr, from.Name, want), limit, func() error {
+		seen, err := e.answers(t, from, s, want...)
+		if err != nil {
+			return err
 		}
-	}
+		for _, w := range want {
+			if seen[w] == 0 {
+				return fmt.Errorf("%s never answered in %d attempts (seen %v)", w, s.N, seen)
+			}
+		}
+		return nil
+	})
 }
 
 // unreachable waits until attempts fail; refused requires "connection

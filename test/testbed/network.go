@@ -194,9 +194,12 @@ func (c *Cluster) buildNode(n *Node, o Options) error {
 	return nil
 }
 
-// startEcho starts the pod's echo server in its namespace and its node's
-// cgroup.
-func (c *Cluster) startEcho(p *Pod, ports PodPorts) error {
+// StartEcho starts the pod's echo server in its namespace and its node's
+// cgroup, listening on ports; Close stops it.
+func (c *Cluster) StartEcho(p *Pod, ports PodPorts) error {
+	if p.echo != nil {
+		return fmt.Errorf("start echo server in %s: already running", p.Name)
+	}
 	args := []string{c.Binaries.EchoServer, "serve", "-name", p.Name,
 		"-tcp", joinInts(ports.TCP), "-udp", joinInts(ports.UDP), "-http", joinInts(ports.HTTP)}
 	proc, err := start(procSpec{name: "echo " + p.Name, netns: p.Netns, cgroup: p.Node.Cgroup, args: args, log: c.logPath("echo-" + p.Name)})

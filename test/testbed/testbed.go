@@ -53,7 +53,8 @@ type Options struct {
 	// PodsPerNode is the number of pod namespaces per node (default 3),
 	// named <node>-a, <node>-b, ...
 	PodsPerNode int
-	// PodPorts are the ports every pod's echo server listens on.
+	// PodPorts are the ports every pod's echo server listens on. With none,
+	// Start starts no echo servers; see StartEcho.
 	PodPorts PodPorts
 	// Binaries locates the programs to run.
 	Binaries Binaries
@@ -68,6 +69,8 @@ type Options struct {
 type PodPorts struct {
 	TCP, UDP, HTTP []int
 }
+
+func (p PodPorts) empty() bool { return len(p.TCP)+len(p.UDP)+len(p.HTTP) == 0 }
 
 // DefaultPodPorts are the ports the end-to-end suite uses.
 var DefaultPodPorts = PodPorts{TCP: []int{8080, 8081}, UDP: []int{5353}, HTTP: []int{80}}
@@ -169,9 +172,12 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err := c.registerNodes(ctx); err != nil {
 		return nil, err
 	}
+	if o.PodPorts.empty() {
+		return c, nil
+	}
 	for _, n := range c.Nodes {
 		for _, p := range n.Pods {
-			if err := c.startEcho(p, o.PodPorts); err != nil {
+			if err := c.StartEcho(p, o.PodPorts); err != nil {
 				return nil, err
 			}
 		}

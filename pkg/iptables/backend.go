@@ -1,0 +1,519 @@
+//go:build linux
+
+package iptables
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	goipt "github.com/coreos/go-iptables/iptables"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// Modes of Options.Mode.
+const (
+	ModeAuto   = "auto"
+	ModeNFT    = "nft"
+	ModeLegacy = "legacy"
+)
+
+// Options configure a Backend.
+type Options struct {
+	// Families to program; nil means IPv4 and IPv6.
+	Families []model.Family
+	// Mode is the iptables variant: "nft", "legacy", or "auto" (or empty)
+	// to use the one the host's rules are in.
+	Mode string
+	// MasqueradeBit is the packet mark bit (0-31) that asks for
+	// masquerading; 0 means DefaultMasqueradeBit.
+	MasqueradeBit int
+	// Registerer receives the backend's metrics; nil registers none.
+	Registerer prometheus.Registerer
+	// Logger; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Backend programs a model.State with iptables-restore. It implements
+// dataplane.Backend; it is not safe for concurrent use.
+type Backend struct {
+	opts     Options
+	log      *slog.Logger
+	mode     string // resolved: ModeNFT or ModeLegacy
+	families []*familyTables
+	rules    *prometheus.GaugeVec
+
+	// lastWrite counts the chains the last Sync wrote and deleted, for tests.
+	lastWrite struct {
+		full             bool
+		written, deleted int
+	}
+}
+
+// familyTables is the backend's view of one family's tables.
+type familyTables struct {
+	family  model.Family
+	save    string // path of the *-save binary
+	restore string // path of the *-restore binary
+	ipt     *goipt.IPTables
+	// last is what the last successful Sync wrote; nil makes the next Sync
+	// rewrite everything.
+	last *Ruleset
+}
+
+// jump is a rule svcnat adds to a built-in chain.
+type jump struct {
+	table, chain string
+	spec         []string
+}
+
+var jumps = []jump{
+	{tableNAT, "PREROUTING", []string{"-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
+	{tableNAT, "OUTPUT", []string{"-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
+	{tableNAT, "POSTROUTING", []string{"-m", "comment", "--comment", "svcnat masquerade", "-j", chainPostrouting}},
+	{tableFilter, "INPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+	{tableFilter, "FORWARD", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+	{tableFilter, "OUTPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+}
+
+// rootChains are checked on every Sync to notice rules changed behind
+// svcnat's back.
+var rootChains = []struct{ table, chain string }{
+	{tableNAT, chainServices}, {tableNAT, chainPostrouting}, {tableFilter, chainFilter},
+}
+
+// New validates opts and returns a Backend. It does not touch the kernel;
+// Init, Sync, Dump and Cleanup find the iptables binaries on first use.
+func New(opts Options) (*Backend, error) {
+	if opts.Families == nil {
+		opts.Families = []model.Family{model.IPv4, model.IPv6}
+	}
+	if opts.Mode == "" {
+		opts.Mode = ModeAuto
+	}
+	switch opts.Mode {
+	case ModeAuto, ModeNFT, ModeLegacy:
+	default:
+		return nil, fmt.Errorf("iptables mode %q: want auto, nft or legacy", opts.Mode)
+	}
+	if opts.MasqueradeBit == 0 {
+		opts.MasqueradeBit = DefaultMasqueradeBit
+	}
+	if opts.MasqueradeBit < 0 || opts.MasqueradeBit > 31 {
+		return nil, fmt.Errorf("masquerade bit %d: want 0-31", opts.MasqueradeBit)
+	}
+	for _, f := range opts.Families {
+		if f != model.IPv4 && f != model.IPv6 {
+			return nil, fmt.Errorf("address family %q: want IPv4 or IPv6", f)
+		}
+	}
+	b := &Backend{opts: opts, log: opts.Logger}
+	if b.log == nil {
+		b.log = slog.Default()
+	}
+	b.rules = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "svcnat", Subsystem: "iptables", Name: "rules",
+		Help: "Rules svcnat last programmed, by address family and table.",
+	}, []string{"family", "table"})
+	if opts.Registerer != nil {
+		if err := opts.Registerer.Register(b.rules); err != nil {
+			return nil, fmt.Errorf("register iptables metrics: %w", err)
+		}
+	}
+	return b, nil
+}
+
+// Mode returns the iptables variant in use ("nft" or "legacy"), empty before
+// the backend first looked at the host.
+func (b *Backend) Mode() string { return b.mode }
+
+func binaryBase(f model.Family) string {
+	if f == model.IPv6 {
+		return "ip6tables"
+	}
+	return "iptables"
+}
+
+// countRules counts the rules a save binary prints; 0 when it cannot run.
+func countRules(ctx context.Context, save string) int {
+	out, err := exec.CommandContext(ctx, save).Output()
+	if err != nil {
+		return 0
+	}
+	return bytes.Count(out, []byte("\n-A "))
+}
+
+// detectMode picks the variant holding more rules, as kube-proxy's
+// iptables-wrapper does; nft when tied (both empty in a fresh namespace).
+func detectMode(ctx context.Context) string {
+	legacy := countRules(ctx, "iptables-legacy-save") + countRules(ctx, "ip6tables-legacy-save")
+	nft := countRules(ctx, "iptables-nft-save") + countRules(ctx, "ip6tables-nft-save")
+	if legacy > nft {
+		return ModeLegacy
+	}
+	return ModeNFT
+}
+
+// resolve finds the binaries of the configured mode once.
+func (b *Backend) resolve(ctx context.Context) error {
+	if b.families != nil {
+		return nil
+	}
+	mode := b.opts.Mode
+	if mode == ModeAuto {
+		mode = detectMode(ctx)
+	}
+	var fams []*familyTables
+	for _, f := range b.opts.Families {
+		base := binaryBase(f) + "-" + mode
+		paths := map[string]string{}
+		for _, name := range []string{base, base + "-save", base + "-restore"} {
+			p, err := exec.LookPath(name)
+			if err != nil {
+				return fmt.Errorf("find %s (iptables %s mode, %s): %w", name, mode, f, err)
+			}
+			paths[name] = p
+		}
+		proto := goipt.ProtocolIPv4
+		if f == model.IPv6 {
+			proto = goipt.ProtocolIPv6
+		}
+		ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Path(paths[base]), goipt.Timeout(10))
+		if err != nil {
+			return fmt.Errorf("use %s: %w", paths[base], err)
+		}
+		fams = append(fams, &familyTables{family: f, save: paths[base+"-save"], restore: paths[base+"-restore"], ipt: ipt})
+	}
+	b.mode, b.families = mode, fams
+	b.log.Info("iptables backend", "mode", mode, "families", b.opts.Families)
+	return nil
+}
+
+// Init finds the iptables binaries and makes sure svcnat's root chains and
+// the jump rules to them exist. It keeps whatever svcnat rules a previous
+// run left, so traffic keeps flowing; the first Sync replaces them.
+// Idempotent.
+func (b *Backend) Init(ctx context.Context) error {
+	if err := b.resolve(ctx); err != nil {
+		return err
+	}
+	for _, ft := range b.families {
+		ft.last = nil
+		if err := ft.ensureJumps(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ensureJumps creates the root chains when missing and inserts the jump
+// rules to them at the top of the built-in chains unless present.
+func (ft *familyTables) ensureJumps() error {
+	for _, rc := range rootChains {
+		ok, err := ft.ipt.ChainExists(rc.table, rc.chain)
+		if err != nil {
+			return fmt.Errorf("look for %s chain %s/%s: %w", ft.family, rc.table, rc.chain, err)
+		}
+		if !ok {
+			if err := ft.ipt.NewChain(rc.table, rc.chain); err != nil {
+				return fmt.Errorf("create %s chain %s/%s: %w", ft.family, rc.table, rc.chain, err)
+			}
+		}
+	}
+	for _, j := range jumps {
+		ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...)
+		if err != nil {
+			return fmt.Errorf("check %s jump rule in %s/%s: %w", ft.family, j.table, j.chain, err)
+		}
+		if !ok {
+			if err := ft.ipt.Insert(j.table, j.chain, 1, j.spec...); err != nil {
+				return fmt.Errorf("insert %s jump rule in %s/%s: %w", ft.family, j.table, j.chain, err)
+			}
+		}
+	}
+	return nil
+}
+
+// intact reports whether the kernel still holds the jump rules and root
+// chains as svcnat last wrote them; a cheap check for outside interference
+// (a flushed chain, a deleted jump rule).
+func (ft *familyTables) intact() bool {
+	for _, j := range jumps {
+		if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
+			return false
+		}
+	}
+	for _, rc := range rootChains {
+		rules, err := ft.ipt.List(rc.table, rc.chain)
+		if err != nil {
+			return false
+		}
+		var want []string
+		want = append(want, "-N "+rc.chain)
+		for _, r := range ft.last.Tables[rc.table][rc.chain] {
+			want = append(want, "-A "+rc.chain+" "+r)
+		}
+		if !slices.Equal(rules, want) {
+			return false
+		}
+	}
+	return true
+}
+
+// Sync makes the kernel's svcnat chains match s: one iptables-restore
+// --noflush transaction per family, holding only the chains that differ
+// from the last successful Sync (all of them after Init, a failure, or
+// outside interference), and deleting chains no longer needed. Traffic is
+// never interrupted: no chain is flushed ahead of the transaction.
+func (b *Backend) Sync(ctx context.Context, s *model.State) error {
+	if err := b.resolve(ctx); err != nil {
+		return err
+	}
+	start := time.Now()
+	b.lastWrite.full, b.lastWrite.written, b.lastWrite.deleted = false, 0, 0
+	var errs []error
+	for _, ft := range b.families {
+		if err := b.syncFamily(ctx, ft, s); err != nil {
+			ft.last = nil
+			errs = append(errs, err)
+		}
+	}
+	b.log.Info("iptables sync", "servicePorts", len(s.ServicePorts), "full", b.lastWrite.full,
+		"chainsWritten", b.lastWrite.written, "chainsDeleted", b.lastWrite.deleted,
+		"duration", time.Since(start), "error", errors.Join(errs...))
+	return errors.Join(errs...)
+}
+
+func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
+	want := Render(s, ft.family, b.opts.MasqueradeBit)
+	full := ft.last == nil
+	if !full && !ft.intact() {
+		b.log.Warn("svcnat iptables rules changed outside svcnat; rewriting all", "family", ft.family)
+		full = true
+	}
+	var payload strings.Builder
+	for _, table := range []string{tableFilter, tableNAT} {
+		wantChains := want.Tables[table]
+		var write, del []string
+		if full {
+			write = sortedKeys(wantChains)
+			existing, err := ft.chains(ctx, table)
+			if err != nil {
+				return err
+			}
+			for _, c := range existing {
+				if _, ok := wantChains[c]; !ok {
+					del = append(del, c)
+				}
+			}
+		} else {
+			lastChains := ft.last.Tables[table]
+			for _, c := range sortedKeys(wantChains) {
+				old, ok := lastChains[c]
+				if !ok || !slices.Equal(old, wantChains[c]) {
+					write = append(write, c)
+				}
+			}
+			for _, c := range sortedKeys(lastChains) {
+				if _, ok := wantChains[c]; !ok {
+					del = append(del, c)
+				}
+			}
+		}
+		b.lastWrite.full = b.lastWrite.full || full
+		b.lastWrite.written += len(write)
+		b.lastWrite.deleted += len(del)
+		if len(write)+len(del) == 0 {
+			continue
+		}
+		fmt.Fprintf(&payload, "*%s\n", table)
+		// Declaring a chain flushes it inside the transaction: chains to
+		// delete lose their rules (and their references) first.
+		for _, c := range slices.Concat(write, del) {
+			fmt.Fprintf(&payload, ":%s - [0:0]\n", c)
+		}
+		for _, c := range write {
+			for _, r := range wantChains[c] {
+				fmt.Fprintf(&payload, "-A %s %s\n", c, r)
+			}
+		}
+		for _, c := range del {
+			fmt.Fprintf(&payload, "-X %s\n", c)
+		}
+		payload.WriteString("COMMIT\n")
+	}
+	if payload.Len() > 0 {
+		b.log.Debug("iptables-restore", "family", ft.family, "payload", payload.String())
+		if err := ft.restoreText(ctx, payload.String()); err != nil {
+			return err
+		}
+	}
+	ft.last = want
+	if err := ft.ensureJumps(); err != nil {
+		return err
+	}
+	for _, table := range []string{tableNAT, tableFilter} {
+		b.rules.WithLabelValues(string(ft.family), table).Set(float64(want.Rules(table)))
+	}
+	return nil
+}
+
+var failedLine = regexp.MustCompile(`line (\d+) failed`)
+
+// restoreText feeds payload to iptables-restore --noflush.
+func (ft *familyTables) restoreText(ctx context.Context, payload string) error {
+	cmd := exec.CommandContext(ctx, ft.restore, "--noflush", "--wait")
+	cmd.Stdin = strings.NewReader(payload)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if m := failedLine.FindStringSubmatch(msg); m != nil {
+			if n, _ := strconv.Atoi(m[1]); n > 0 {
+				if lines := strings.Split(payload, "\n"); n <= len(lines) {
+					msg += fmt.Sprintf(" (line %d: %q)", n, lines[n-1])
+				}
+			}
+		}
+		return fmt.Errorf("apply %s rules with %s: %w: %s", ft.family, ft.restore, err, msg)
+	}
+	return nil
+}
+
+// saveTable returns iptables-save output for one table.
+func (ft *familyTables) saveTable(ctx context.Context, table string) (string, error) {
+	cmd := exec.CommandContext(ctx, ft.save, "-t", table)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("read %s %s table with %s: %w: %s", ft.family, table, ft.save, err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
+}
+
+// chains lists svcnat's chains in a table.
+func (ft *familyTables) chains(ctx context.Context, table string) ([]string, error) {
+	text, err := ft.saveTable(ctx, table)
+	if err != nil {
+		return nil, err
+	}
+	rs, err := ParseSave(ft.family, text)
+	if err != nil {
+		return nil, err
+	}
+	return sortedKeys(rs.Tables[table]), nil
+}
+
+// read returns svcnat's rules of one family as the kernel holds them.
+func (ft *familyTables) read(ctx context.Context) (*Ruleset, error) {
+	var text strings.Builder
+	for _, table := range []string{tableFilter, tableNAT} {
+		t, err := ft.saveTable(ctx, table)
+		if err != nil {
+			return nil, err
+		}
+		text.WriteString(t)
+	}
+	return ParseSave(ft.family, text.String())
+}
+
+// Dump reads svcnat's rules from the kernel with iptables-save and decodes
+// them; it does not use what the backend remembers, so any process can call
+// it (without Init).
+func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
+	if err := b.resolve(ctx); err != nil {
+		return nil, err
+	}
+	var rss []*Ruleset
+	for _, ft := range b.families {
+		rs, err := ft.read(ctx)
+		if err != nil {
+			return nil, err
+		}
+		rss = append(rss, rs)
+	}
+	s, err := StateOf(rss...)
+	if err != nil {
+		return nil, fmt.Errorf("decode svcnat iptables rules: %w", err)
+	}
+	return s, nil
+}
+
+// Raw returns svcnat's rules as the kernel holds them, in iptables-save
+// form, one block per family.
+func (b *Backend) Raw(ctx context.Context) (string, error) {
+	if err := b.resolve(ctx); err != nil {
+		return "", err
+	}
+	var out strings.Builder
+	for _, ft := range b.families {
+		rs, err := ft.read(ctx)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(&out, "# %s (%s, %s)\n%s", ft.family, b.mode, ft.save, rs.Text())
+	}
+	return out.String(), nil
+}
+
+// Cleanup removes the jump rules and every SVCNAT- chain, and nothing else.
+// What is already gone is not an error.
+func (b *Backend) Cleanup(ctx context.Context) error {
+	if err := b.resolve(ctx); err != nil {
+		return err
+	}
+	for _, ft := range b.families {
+		ft.last = nil
+		for _, j := range jumps {
+			// A rule cannot jump to a missing chain (and legacy iptables
+			// fails to check for one).
+			target := j.spec[len(j.spec)-1]
+			if ok, err := ft.ipt.ChainExists(j.table, target); err != nil {
+				return fmt.Errorf("look for %s chain %s/%s: %w", ft.family, j.table, target, err)
+			} else if !ok {
+				continue
+			}
+			if err := ft.ipt.DeleteIfExists(j.table, j.chain, j.spec...); err != nil {
+				return fmt.Errorf("delete %s jump rule from %s/%s: %w", ft.family, j.table, j.chain, err)
+			}
+		}
+		var payload strings.Builder
+		for _, table := range []string{tableFilter, tableNAT} {
+			chains, err := ft.chains(ctx, table)
+			if err != nil {
+				return err
+			}
+			if len(chains) == 0 {
+				continue
+			}
+			fmt.Fprintf(&payload, "*%s\n", table)
+			for _, c := range chains {
+				fmt.Fprintf(&payload, ":%s - [0:0]\n", c)
+			}
+			for _, c := range chains {
+				fmt.Fprintf(&payload, "-X %s\n", c)
+			}
+			payload.WriteString("COMMIT\n")
+		}
+		if payload.Len() > 0 {
+			if err := ft.restoreText(ctx, payload.String()); err != nil {
+				return fmt.Errorf("delete svcnat chains: %w", err)
+			}
+		}
+		for _, table := range []string{tableNAT, tableFilter} {
+			b.rules.WithLabelValues(string(ft.family), table).Set(0)
+		}
+	}
+	return nil
+}

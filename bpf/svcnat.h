@@ -141,8 +141,10 @@ struct revnat_value {
  * of a flow. The key is the packet's tuple as it arrives; the value is the
  * tuple to rewrite it to. dir says which side of the flow the key is.
  */
-#define SVCNAT_NAT_FORWARD 0 /* client -> frontend, arriving from outside */
-#define SVCNAT_NAT_REPLY 1   /* endpoint -> client or SNAT address */
+#define SVCNAT_NAT_FORWARD 0 /* ingress: client -> frontend becomes client -> endpoint */
+#define SVCNAT_NAT_REPLY 1   /* egress: endpoint -> client becomes frontend -> client */
+#define SVCNAT_NAT_SNAT 2    /* egress: client -> remote endpoint becomes node -> endpoint */
+#define SVCNAT_NAT_UNSNAT 3  /* ingress: endpoint -> node becomes endpoint -> client */
 
 struct nat_key {
 	__u8 saddr[16];

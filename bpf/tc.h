@@ -5,12 +5,14 @@
  * ClusterIPs routed to the node). Attached to the node's interfaces:
  *
  *   ingress: a packet of a known flow is rewritten as its svcnat_nat entry
- *            says; the first packet to a frontend picks an endpoint, is
- *            DNATed, and SNATed to the interface's address when the endpoint
- *            runs on another node (so the reply comes back here); both
- *            directions of the flow are recorded.
- *   egress:  a reply from a local endpoint leaving toward the client gets
- *            the frontend as its source again.
+ *            says; the first packet to a frontend picks an endpoint and is
+ *            DNATed, and the flow's entries are recorded. A reply from a
+ *            remote endpoint to the masquerade address gets the client as
+ *            its destination.
+ *   egress:  a flow to a remote endpoint is SNATed to the address of the
+ *            interface it arrived on (so the reply comes back here); a reply
+ *            from an endpoint leaving toward the client gets the frontend as
+ *            its source again.
  *
  * TCP and UDP over IPv4 and IPv6 without extension headers; anything else
  * passes untouched.
@@ -188,39 +190,19 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	if (v != LB_FORWARD)
 		return TC_ACT_SHOT; /* reject and drop alike: see bpf/README.md */
 
-	/* Forward: client -> frontend becomes client (or SNAT) -> endpoint. */
+	/* Forward: client -> frontend becomes client -> endpoint. */
 	__builtin_memcpy(fv.saddr, p->key.saddr, 16);
 	__builtin_memcpy(fv.daddr, b.addr, 16);
 	fv.sport = p->key.sport;
 	fv.dport = b.port;
-	if (!(b.flags & SVCNAT_BACKEND_LOCAL)) {
-		/* The endpoint is elsewhere: masquerade, so its reply returns
-		 * through this node and is translated back. */
-		struct snat_key nk = { .ifindex = skb->ifindex, .family = p->v6 ? 6 : 4 };
-		__u8 *snat = bpf_map_lookup_elem(&svcnat_snat_addrs, &nk);
+	fwd = p->key;
+	fwd.dir = SVCNAT_NAT_FORWARD;
 
-		if (!snat)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(fv.saddr, snat, 16);
-		/* A source port unused toward this endpoint, tried a few times. */
-		for (int i = 0; i < 8; i++) {
-			fv.sport = bpf_htons(32768 + (bpf_get_prandom_u32() % 28232));
-			__builtin_memcpy(rev.saddr, fv.daddr, 16);
-			__builtin_memcpy(rev.daddr, fv.saddr, 16);
-			rev.sport = fv.dport;
-			rev.dport = fv.sport;
-			rev.proto = p->key.proto;
-			rev.dir = SVCNAT_NAT_REPLY;
-			rev.pad = 0;
-			if (!bpf_map_lookup_elem(&svcnat_nat, &rev))
-				break;
-		}
-	}
-	/* Reply: endpoint -> (SNAT or client) becomes frontend -> client. */
-	__builtin_memcpy(rev.saddr, fv.daddr, 16);
-	__builtin_memcpy(rev.daddr, fv.saddr, 16);
-	rev.sport = fv.dport;
-	rev.dport = fv.sport;
+	/* Reply: endpoint -> client becomes frontend -> client, on egress. */
+	__builtin_memcpy(rev.saddr, b.addr, 16);
+	__builtin_memcpy(rev.daddr, p->key.saddr, 16);
+	rev.sport = b.port;
+	rev.dport = p->key.sport;
 	rev.proto = p->key.proto;
 	rev.dir = SVCNAT_NAT_REPLY;
 	rev.pad = 0;
@@ -229,8 +211,41 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	rv.sport = p->key.dport;
 	rv.dport = p->key.sport;
 
-	fwd = p->key;
-	fwd.dir = SVCNAT_NAT_FORWARD;
+	if (!(b.flags & SVCNAT_BACKEND_LOCAL)) {
+		/*
+		 * The endpoint is elsewhere: masquerade, so that its reply comes
+		 * back through this node. Sources are rewritten on egress and
+		 * destinations on ingress only: a packet arriving with one of
+		 * the node's own addresses as source is dropped as martian.
+		 */
+		struct snat_key nk = { .ifindex = skb->ifindex, .family = p->v6 ? 6 : 4 };
+		struct nat_key out = fwd, back = rev;
+		struct nat_value outv = fv, backv = {};
+		__u8 *snat = bpf_map_lookup_elem(&svcnat_snat_addrs, &nk);
+
+		if (!snat)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(outv.saddr, snat, 16);
+		__builtin_memcpy(back.daddr, snat, 16);
+		back.dir = SVCNAT_NAT_UNSNAT;
+		/* A source port not in use toward this endpoint, a few tries. */
+		for (int i = 0; i < 8; i++) {
+			outv.sport = bpf_htons(32768 + (bpf_get_prandom_u32() % 28232));
+			back.dport = outv.sport;
+			if (!bpf_map_lookup_elem(&svcnat_nat, &back))
+				break;
+		}
+		__builtin_memcpy(out.daddr, fv.daddr, 16);
+		out.dport = fv.dport;
+		out.dir = SVCNAT_NAT_SNAT;
+		__builtin_memcpy(backv.saddr, b.addr, 16);
+		__builtin_memcpy(backv.daddr, p->key.saddr, 16);
+		backv.sport = b.port;
+		backv.dport = p->key.sport;
+		if (bpf_map_update_elem(&svcnat_nat, &back, &backv, BPF_ANY) < 0 ||
+		    bpf_map_update_elem(&svcnat_nat, &out, &outv, BPF_ANY) < 0)
+			return TC_ACT_SHOT;
+	}
 	if (bpf_map_update_elem(&svcnat_nat, &rev, &rv, BPF_ANY) < 0 ||
 	    bpf_map_update_elem(&svcnat_nat, &fwd, &fv, BPF_ANY) < 0)
 		return TC_ACT_SHOT;
@@ -250,7 +265,7 @@ int svcnat_tc_ingress(struct __sk_buff *skb)
 	if (r)
 		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 	/* A reply from a remote endpoint to the masquerade address. */
-	r = translate(skb, &p, SVCNAT_NAT_REPLY);
+	r = translate(skb, &p, SVCNAT_NAT_UNSNAT);
 	if (r)
 		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 	return new_flow(skb, &p);
@@ -261,8 +276,14 @@ int svcnat_tc_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 
+	int r;
+
 	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;
+	/* A flow from outside leaving for a remote endpoint: masquerade. */
+	r = translate(skb, &p, SVCNAT_NAT_SNAT);
+	if (r)
+		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 	/* A reply from a local endpoint on its way to the client. */
 	return translate(skb, &p, SVCNAT_NAT_REPLY) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 }

@@ -150,8 +150,8 @@ func newPod(t *testing.T, addrs ...string) *pod {
 			netnstest.Run(t, "", "ip", "-6", "route", "replace", ip+"/128", "dev", host)
 		}
 	}
-	netnstest.Run(t, ns, "ip", "route", "add", "default", "dev", peer)
-	netnstest.Run(t, ns, "ip", "-6", "route", "add", "default", "dev", peer)
+	netnstest.Run(t, ns, "ip", "route", "add", "default", "via", "10.244.0.1", "dev", peer, "onlink")
+	netnstest.Run(t, ns, "ip", "-6", "route", "add", "default", "via", "fd00:244::1", "dev", peer, "onlink")
 	return &pod{ns: ns}
 }
 

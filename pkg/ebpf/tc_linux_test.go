@@ -291,16 +291,24 @@ func TestTCPrograms(t *testing.T) {
 			t.Fatalf("egress %s: %d %s, want %s", reply, ret, back, want)
 		}
 	})
-	t.Run("SNAT to a remote endpoint, reply translated on ingress", func(t *testing.T) {
+	t.Run("SNAT to a remote endpoint on egress, reply translated on ingress", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:30053"), proto: protoUDP, payloadBytes: 7}
-		ret, out := h.run(ingress, in)
+		ret, dnat := h.run(ingress, in)
+		if want := (tuple{src: client, dst: ap("10.244.2.5:5353"), proto: protoUDP}); ret != tcOK || dnat != want {
+			t.Fatalf("ingress %s: %d %s, want %s", in, ret, dnat, want)
+		}
+		ret, out := h.run(egress, tuple{src: dnat.src, dst: dnat.dst, proto: protoUDP, payloadBytes: 7})
 		if ret != tcOK || out.src.Addr() != mustAddr("192.0.2.1") || out.dst != ap("10.244.2.5:5353") {
-			t.Fatalf("ingress %s: %d %s, want 192.0.2.1:* -> 10.244.2.5:5353", in, ret, out)
+			t.Fatalf("egress %s: %d %s, want 192.0.2.1:* -> 10.244.2.5:5353", dnat, ret, out)
 		}
 		reply := tuple{src: out.dst, dst: out.src, proto: protoUDP, payloadBytes: 9}
-		ret, back := h.run(ingress, reply)
+		ret, unsnat := h.run(ingress, reply)
+		if want := (tuple{src: out.dst, dst: client, proto: protoUDP}); ret != tcOK || unsnat != want {
+			t.Fatalf("reply %s on ingress: %d %s, want %s", reply, ret, unsnat, want)
+		}
+		ret, back := h.run(egress, tuple{src: unsnat.src, dst: unsnat.dst, proto: protoUDP, payloadBytes: 9})
 		if want := (tuple{src: ap("192.0.2.1:30053"), dst: client, proto: protoUDP}); ret != tcOK || back != want {
-			t.Fatalf("reply %s: %d %s, want %s", reply, ret, back, want)
+			t.Fatalf("reply %s on egress: %d %s, want %s", unsnat, ret, back, want)
 		}
 	})
 	t.Run("source ranges", func(t *testing.T) {
@@ -348,13 +356,20 @@ func TestTCPrograms(t *testing.T) {
 	t.Run("IPv6 SNAT", func(t *testing.T) {
 		c6 := ap("[2001:db8::77]:40000")
 		in := tuple{src: c6, dst: ap("[2001:db8::1]:30080"), proto: protoTCP, syn: true, payloadBytes: 1}
-		ret, out := h.run(ingress, in)
-		if ret != tcOK || out.src.Addr() != mustAddr("2001:db8::1") || out.dst != ap("[fd00:244:2::5]:8080") {
-			t.Fatalf("ingress %s: %d %s", in, ret, out)
+		ret, dnat := h.run(ingress, in)
+		if ret != tcOK || dnat.dst != ap("[fd00:244:2::5]:8080") {
+			t.Fatalf("ingress %s: %d %s", in, ret, dnat)
 		}
-		reply := tuple{src: out.dst, dst: out.src, proto: protoTCP}
-		if ret, back := h.run(ingress, reply); ret != tcOK || back != (tuple{src: in.dst, dst: c6, proto: protoTCP}) {
-			t.Fatalf("reply: %d %s", ret, back)
+		ret, out := h.run(egress, tuple{src: dnat.src, dst: dnat.dst, proto: protoTCP, syn: true, payloadBytes: 1})
+		if ret != tcOK || out.src.Addr() != mustAddr("2001:db8::1") || out.dst != dnat.dst {
+			t.Fatalf("egress %s: %d %s", dnat, ret, out)
+		}
+		ret, unsnat := h.run(ingress, tuple{src: out.dst, dst: out.src, proto: protoTCP})
+		if ret != tcOK || unsnat != (tuple{src: out.dst, dst: c6, proto: protoTCP}) {
+			t.Fatalf("reply on ingress: %d %s", ret, unsnat)
+		}
+		if ret, back := h.run(egress, unsnat); ret != tcOK || back != (tuple{src: in.dst, dst: c6, proto: protoTCP}) {
+			t.Fatalf("reply on egress: %d %s", ret, back)
 		}
 	})
 	t.Run("other traffic passes untouched", func(t *testing.T) {

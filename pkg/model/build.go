@@ -110,9 +110,14 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 }
 
 // BuildService returns the ServicePorts of one Service: one per entry of
-// spec.ports and IP family of spec.clusterIPs, in name order. slices should
-// be the Service's EndpointSlices; slices of other Services (by namespace and
-// kubernetes.io/service-name label) and ignored slices are skipped silently.
+// spec.ports and IP family of spec.clusterIPs, in name order. endpointSlices
+// should be the Service's EndpointSlices; slices of other Services (by
+// namespace and kubernetes.io/service-name label) and ignored slices are
+// skipped silently. A nil cfg is an empty Config.
+//
+// ServicePorts carry the node's view: which endpoints are local, which node
+// addresses NodePorts open on. Frontends and endpoints are sorted and
+// deduplicated, so equal input gives equal output.
 //
 // A Service that svcnat does not proxy (headless, ExternalName, no cluster IP
 // yet, or Ignored) yields nothing and no error. Invalid parts are skipped with
@@ -169,12 +174,8 @@ func BuildService(cfg *Config, svc *corev1.Service, endpointSlices []*discoveryv
 			out = append(out, b.servicePort(port, fam))
 		}
 	}
-	slicesSortServicePorts(out)
+	slices.SortFunc(out, func(x, y *ServicePort) int { return x.Name.Compare(y.Name) })
 	return out, b.errs
-}
-
-func slicesSortServicePorts(sps []*ServicePort) {
-	slices.SortFunc(sps, func(a, b *ServicePort) int { return a.Name.Compare(b.Name) })
 }
 
 // familyIP is a Service's cluster IP in one family.
@@ -338,6 +339,7 @@ func (b *serviceBuilder) parseService() {
 		}
 		b.sourceRanges = append(b.sourceRanges, p)
 	}
+	// Only type LoadBalancer gets here: NodePort Services have no health check.
 	if b.externalLocal && spec.HealthCheckNodePort != 0 {
 		if validPort(spec.HealthCheckNodePort) {
 			b.healthCheck = uint16(spec.HealthCheckNodePort)

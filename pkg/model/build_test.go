@@ -266,7 +266,7 @@ func TestInvalidObjects(t *testing.T) {
 
 func TestIgnored(t *testing.T) {
 	for labels, want := range map[string]bool{
-		"":                                         false,
+		"": false,
 		"service.kubernetes.io/service-proxy-name": true,
 		"service.kubernetes.io/headless":           true,
 		"app":                                      false,

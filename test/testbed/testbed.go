@@ -144,6 +144,9 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err := o.Binaries.check(); err != nil {
 		return nil, fmt.Errorf("start test bed: %w", err)
 	}
+	if err := sweep(); err != nil {
+		o.Logger.Warn("leftovers of an earlier run remain", "err", err)
+	}
 	c := &Cluster{
 		Prefix:   fmt.Sprintf("snt%05d", os.Getpid()%100000),
 		Binaries: o.Binaries,
@@ -154,6 +157,10 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 		return nil, fmt.Errorf("start test bed: make run directory: %w", err)
 	}
 	c.onClose(func() error { return os.RemoveAll(c.Dir) })
+	if err := c.lockRun(); err != nil {
+		_ = c.Close()
+		return nil, fmt.Errorf("start test bed: %w", err)
+	}
 	if o.HandleSignals {
 		c.handleSignals()
 	}

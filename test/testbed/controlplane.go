@@ -169,6 +169,8 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 		"--service-account-signing-key-file=" + saKey,
 		"--authorization-mode=RBAC",
 		"--endpoint-reconciler-type=none",
+		// As kubeadm and kind set it: node agents such as svcnat run privileged.
+		"--allow-privileged=true",
 	}})
 	if err != nil {
 		return err

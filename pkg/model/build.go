@@ -445,14 +445,12 @@ func (b *serviceBuilder) parseSlice(es *discoveryv1.EndpointSlice) (parsedSlice,
 			continue
 		}
 		se := sliceEndpoint{
-			ip:          ip,
-			local:       b.cfg.NodeName != "" && ep.NodeName != nil && *ep.NodeName == b.cfg.NodeName,
+			ip:    ip,
+			local: b.cfg.NodeName != "" && ep.NodeName != nil && *ep.NodeName == b.cfg.NodeName,
+			// nil means true, true and false (the API's and kube-proxy's reading).
 			ready:       ep.Conditions.Ready == nil || *ep.Conditions.Ready,
+			serving:     ep.Conditions.Serving == nil || *ep.Conditions.Serving,
 			terminating: ep.Conditions.Terminating != nil && *ep.Conditions.Terminating,
-		}
-		se.serving = se.ready
-		if ep.Conditions.Serving != nil {
-			se.serving = *ep.Conditions.Serving
 		}
 		if h := ep.Hints; h != nil {
 			se.hasNodeHints = len(h.ForNodes) > 0

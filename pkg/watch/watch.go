@@ -1,0 +1,276 @@
+// Package watch follows the apiserver for the objects svcnat programs from:
+// Services, EndpointSlices and this node's Node. It is the only package that
+// imports client-go. Its event handlers do nothing but tell a Sink which
+// Service changed; the sync loop reads the objects back through the Watcher's
+// listers when it rebuilds that Service.
+package watch
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// ZoneLabel is the Node label that names the node's zone, for topology hints.
+const ZoneLabel = "topology.kubernetes.io/zone"
+
+// byService indexes EndpointSlices by "namespace/service-name".
+const byService = "service"
+
+// Sink is told which Services need a rebuild. Its methods are called from
+// informer goroutines and must not block.
+type Sink interface {
+	// ServiceChanged says the Service or one of its EndpointSlices changed.
+	ServiceChanged(key types.NamespacedName)
+	// AllChanged says every Service needs a rebuild (the node changed).
+	AllChanged()
+}
+
+// Watcher holds the informers and answers questions from their caches.
+type Watcher struct {
+	services cache.SharedIndexInformer
+	slices   cache.SharedIndexInformer
+	node     cache.SharedIndexInformer
+	svcList  corelisters.ServiceLister
+	nodeList corelisters.NodeLister
+	nodeName string
+	sink     Sink
+	log      *slog.Logger
+	start    []func(<-chan struct{})
+}
+
+// New creates informers for Services, EndpointSlices and the Node named
+// nodeName, wired to sink. resync is the informers' resync period (0 for
+// none). Nothing is listed or watched until Start.
+func New(client kubernetes.Interface, nodeName string, resync time.Duration, sink Sink, log *slog.Logger) (*Watcher, error) {
+	factory := informers.NewSharedInformerFactory(client, resync)
+	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, resync,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector(metav1.ObjectNameField, nodeName).String()
+		}))
+	w := &Watcher{
+		services: factory.Core().V1().Services().Informer(),
+		slices:   factory.Discovery().V1().EndpointSlices().Informer(),
+		node:     nodeFactory.Core().V1().Nodes().Informer(),
+		svcList:  factory.Core().V1().Services().Lister(),
+		nodeList: nodeFactory.Core().V1().Nodes().Lister(),
+		nodeName: nodeName,
+		sink:     sink,
+		log:      log,
+		start:    []func(<-chan struct{}){factory.Start, nodeFactory.Start},
+	}
+	if err := w.slices.AddIndexers(cache.Indexers{byService: sliceServiceIndex}); err != nil {
+		return nil, fmt.Errorf("index endpointslices by service: %w", err)
+	}
+	handlers := []struct {
+		inf cache.SharedIndexInformer
+		h   cache.ResourceEventHandler
+	}{
+		{w.services, cache.ResourceEventHandlerFuncs{
+			AddFunc:    w.serviceAdded,
+			UpdateFunc: w.serviceUpdated,
+			DeleteFunc: w.serviceDeleted,
+		}},
+		{w.slices, cache.ResourceEventHandlerFuncs{
+			AddFunc:    w.sliceAdded,
+			UpdateFunc: w.sliceUpdated,
+			DeleteFunc: w.sliceDeleted,
+		}},
+		{w.node, cache.ResourceEventHandlerFuncs{
+			AddFunc:    w.nodeAddedOrDeleted,
+			UpdateFunc: w.nodeUpdated,
+			DeleteFunc: func(obj any) { w.nodeAddedOrDeleted(untomb(obj)) },
+		}},
+	}
+	for _, h := range handlers {
+		if _, err := h.inf.AddEventHandler(h.h); err != nil {
+			return nil, fmt.Errorf("add event handler: %w", err)
+		}
+	}
+	return w, nil
+}
+
+// Start starts the informers; they stop when ctx ends. It returns at once.
+func (w *Watcher) Start(ctx context.Context) {
+	for _, start := range w.start {
+		start(ctx.Done())
+	}
+}
+
+// WaitForCacheSync blocks until every informer has listed its objects once,
+// and reports false if ctx ended first.
+func (w *Watcher) WaitForCacheSync(ctx context.Context) bool {
+	return cache.WaitForCacheSync(ctx.Done(), w.services.HasSynced, w.slices.HasSynced, w.node.HasSynced)
+}
+
+// Service returns the Service named key from the cache, or nil when there
+// is none or it is ignored (model.Ignored). The object is shared: do not
+// modify it.
+func (w *Watcher) Service(key types.NamespacedName) (*corev1.Service, error) {
+	svc, err := w.svcList.Services(key.Namespace).Get(key.Name)
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("get service %s from cache: %w", key, err)
+	}
+	if model.Ignored(svc) {
+		return nil, nil
+	}
+	return svc, nil
+}
+
+// EndpointSlices returns the cached EndpointSlices labelled for the Service
+// named key, without ignored ones. The objects are shared: do not modify
+// them.
+func (w *Watcher) EndpointSlices(key types.NamespacedName) ([]*discoveryv1.EndpointSlice, error) {
+	objs, err := w.slices.GetIndexer().ByIndex(byService, key.String())
+	if err != nil {
+		return nil, fmt.Errorf("list endpointslices of service %s from cache: %w", key, err)
+	}
+	out := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		if s, ok := o.(*discoveryv1.EndpointSlice); ok && !model.Ignored(s) {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+// ServiceKeys returns the names of every cached Service that is not ignored.
+func (w *Watcher) ServiceKeys() ([]types.NamespacedName, error) {
+	svcs, err := w.svcList.List(labels.Everything())
+	if err != nil {
+		return nil, fmt.Errorf("list services from cache: %w", err)
+	}
+	out := make([]types.NamespacedName, 0, len(svcs))
+	for _, s := range svcs {
+		if !model.Ignored(s) {
+			out = append(out, types.NamespacedName{Namespace: s.Namespace, Name: s.Name})
+		}
+	}
+	return out, nil
+}
+
+// Node returns this node's Node object from the cache, or nil when it does
+// not exist (yet). The object is shared: do not modify it.
+func (w *Watcher) Node() *corev1.Node {
+	n, err := w.nodeList.Get(w.nodeName)
+	if err != nil {
+		return nil
+	}
+	return n
+}
+
+func (w *Watcher) serviceAdded(obj any) {
+	svc, ok := obj.(*corev1.Service)
+	if !ok || model.Ignored(svc) {
+		return
+	}
+	w.sink.ServiceChanged(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name})
+}
+
+func (w *Watcher) serviceDeleted(obj any) { w.serviceAdded(untomb(obj)) }
+
+func (w *Watcher) serviceUpdated(oldObj, newObj any) {
+	old, ok1 := oldObj.(*corev1.Service)
+	svc, ok2 := newObj.(*corev1.Service)
+	if !ok1 || !ok2 {
+		return
+	}
+	// A Service that becomes ignored must be removed, so it is dirty if it
+	// was handled before or is handled now.
+	if model.Ignored(old) && model.Ignored(svc) {
+		return
+	}
+	w.sink.ServiceChanged(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name})
+}
+
+func (w *Watcher) sliceAdded(obj any) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok || model.Ignored(s) {
+		return
+	}
+	w.sliceChanged(s)
+}
+
+func (w *Watcher) sliceDeleted(obj any) { w.sliceAdded(untomb(obj)) }
+
+func (w *Watcher) sliceUpdated(oldObj, newObj any) {
+	old, ok1 := oldObj.(*discoveryv1.EndpointSlice)
+	s, ok2 := newObj.(*discoveryv1.EndpointSlice)
+	if !ok1 || !ok2 {
+		return
+	}
+	// The slice may have moved to another Service or become ignored: both
+	// the Service it belonged to and the one it belongs to now change.
+	if !model.Ignored(old) {
+		w.sliceChanged(old)
+	}
+	moved := s.Labels[discoveryv1.LabelServiceName] != old.Labels[discoveryv1.LabelServiceName]
+	if !model.Ignored(s) && (moved || model.Ignored(old)) {
+		w.sliceChanged(s)
+	}
+}
+
+func (w *Watcher) sliceChanged(s *discoveryv1.EndpointSlice) {
+	name := s.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		w.log.Debug("endpointslice without service-name label ignored", "endpointslice", s.Namespace+"/"+s.Name)
+		return
+	}
+	w.sink.ServiceChanged(types.NamespacedName{Namespace: s.Namespace, Name: name})
+}
+
+// nodeAddedOrDeleted rebuilds everything: the zone (topology hints) may have
+// come or gone.
+func (w *Watcher) nodeAddedOrDeleted(obj any) {
+	if n, ok := obj.(*corev1.Node); ok && n.Name == w.nodeName {
+		w.sink.AllChanged()
+	}
+}
+
+func (w *Watcher) nodeUpdated(oldObj, newObj any) {
+	old, ok1 := oldObj.(*corev1.Node)
+	n, ok2 := newObj.(*corev1.Node)
+	if !ok1 || !ok2 || n.Name != w.nodeName || old.Labels[ZoneLabel] == n.Labels[ZoneLabel] {
+		return
+	}
+	w.sink.AllChanged()
+}
+
+// untomb returns the object a deletion event is about, also when the
+// informer missed the deletion and only has its last known state.
+func untomb(obj any) any {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		return t.Obj
+	}
+	return obj
+}
+
+func sliceServiceIndex(obj any) ([]string, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil, nil
+	}
+	name := s.Labels[discoveryv1.LabelServiceName]
+	if name == "" {
+		return nil, nil
+	}
+	return []string{s.Namespace + "/" + name}, nil
+}

@@ -1,0 +1,277 @@
+package watch
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
+)
+
+const proxyNameLabel = "service.kubernetes.io/service-proxy-name"
+
+// recorder is a Sink that remembers what it was told.
+type recorder struct {
+	mu      sync.Mutex
+	changed []types.NamespacedName
+	all     int
+}
+
+func (r *recorder) ServiceChanged(k types.NamespacedName) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.changed = append(r.changed, k)
+}
+
+func (r *recorder) AllChanged() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.all++
+}
+
+// take returns and forgets what was recorded.
+func (r *recorder) take() ([]types.NamespacedName, int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c, a := r.changed, r.all
+	r.changed, r.all = nil, 0
+	return c, a
+}
+
+// waitFor polls until the recorder has seen want (in any order, maybe more
+// than once) and nothing else, or fails after a few seconds.
+func (r *recorder) waitFor(t *testing.T, want ...types.NamespacedName) {
+	t.Helper()
+	var got []types.NamespacedName
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		r.mu.Lock()
+		got = slices.Clone(r.changed)
+		r.mu.Unlock()
+		if containsAll(got, want) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Give stray events a moment to show up.
+	time.Sleep(50 * time.Millisecond)
+	got, _ = r.take()
+	if !containsAll(got, want) {
+		t.Fatalf("changed services: got %v, want %v", got, want)
+	}
+	for _, k := range got {
+		if !slices.Contains(want, k) {
+			t.Fatalf("changed services: got %v, want only %v", got, want)
+		}
+	}
+}
+
+func containsAll(got, want []types.NamespacedName) bool {
+	for _, w := range want {
+		if !slices.Contains(got, w) {
+			return false
+		}
+	}
+	return true
+}
+
+func key(ns, name string) types.NamespacedName {
+	return types.NamespacedName{Namespace: ns, Name: name}
+}
+
+func service(ns, name string, labels map[string]string) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: labels},
+		Spec:       corev1.ServiceSpec{ClusterIP: "10.96.0.10", Ports: []corev1.ServicePort{{Port: 80, Protocol: corev1.ProtocolTCP}}},
+	}
+}
+
+func slice(ns, name, svc string) *discoveryv1.EndpointSlice {
+	s := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{"10.244.0.5"}}},
+	}
+	if svc != "" {
+		s.Labels[discoveryv1.LabelServiceName] = svc
+	}
+	return s
+}
+
+func start(t *testing.T, objs ...runtime.Object) (*fake.Clientset, *Watcher, *recorder) {
+	t.Helper()
+	client := fake.NewClientset(objs...)
+	rec := &recorder{}
+	w, err := New(client, "node1", 0, rec, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	w.Start(ctx)
+	if !w.WaitForCacheSync(ctx) {
+		t.Fatal("caches did not sync")
+	}
+	return client, w, rec
+}
+
+func TestServiceEvents(t *testing.T) {
+	client, w, rec := start(t, service("a", "web", nil))
+	rec.waitFor(t, key("a", "web"))
+	ctx := context.Background()
+	svcs := client.CoreV1().Services("a")
+
+	// An ignored Service (another proxy's) is not reported ...
+	if _, err := svcs.Create(ctx, service("a", "other", map[string]string{proxyNameLabel: "x"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t)
+	if s, _ := w.Service(key("a", "other")); s != nil {
+		t.Errorf("Service(a/other) = %v, want nil for an ignored Service", s.Name)
+	}
+	// ... until it stops being ignored,
+	if _, err := svcs.Update(ctx, service("a", "other", nil), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, key("a", "other"))
+	// and one that becomes ignored is reported so that it is removed.
+	if _, err := svcs.Update(ctx, service("a", "web", map[string]string{proxyNameLabel: "x"}), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, key("a", "web"))
+	if s, _ := w.Service(key("a", "web")); s != nil {
+		t.Error("Service(a/web) returned a Service that became ignored")
+	}
+	keys, err := w.ServiceKeys()
+	if err != nil || !slices.Equal(keys, []types.NamespacedName{key("a", "other")}) {
+		t.Errorf("ServiceKeys() = %v, %v; want [a/other]", keys, err)
+	}
+
+	if err := svcs.Delete(ctx, "other", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, key("a", "other"))
+	if s, err := w.Service(key("a", "other")); s != nil || err != nil {
+		t.Errorf("Service(a/other) after delete = %v, %v; want nil, nil", s, err)
+	}
+}
+
+func TestSliceEvents(t *testing.T) {
+	client, w, rec := start(t, slice("a", "web-1", "web"), slice("a", "web-2", "web"), slice("a", "nolabel", ""))
+	rec.waitFor(t, key("a", "web"))
+	ctx := context.Background()
+	es := client.DiscoveryV1().EndpointSlices("a")
+
+	got, err := w.EndpointSlices(key("a", "web"))
+	if err != nil || len(got) != 2 {
+		t.Fatalf("EndpointSlices(a/web) = %d slices, %v; want 2", len(got), err)
+	}
+
+	// Moving a slice to another Service changes both.
+	if _, err := es.Update(ctx, slice("a", "web-2", "api"), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, key("a", "web"), key("a", "api"))
+	if got, _ := w.EndpointSlices(key("a", "web")); len(got) != 1 || got[0].Name != "web-1" {
+		t.Errorf("EndpointSlices(a/web) after move = %v, want [web-1]", names(got))
+	}
+	if got, _ := w.EndpointSlices(key("a", "api")); len(got) != 1 || got[0].Name != "web-2" {
+		t.Errorf("EndpointSlices(a/api) after move = %v, want [web-2]", names(got))
+	}
+
+	// A slice that becomes ignored changes its Service and is no longer listed.
+	ign := slice("a", "web-1", "web")
+	ign.Labels[proxyNameLabel] = "x"
+	if _, err := es.Update(ctx, ign, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, key("a", "web"))
+	if got, _ := w.EndpointSlices(key("a", "web")); len(got) != 0 {
+		t.Errorf("EndpointSlices(a/web) = %v, want none (ignored)", names(got))
+	}
+
+	if err := es.Delete(ctx, "web-2", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rec.waitFor(t, key("a", "api"))
+}
+
+func TestTombstones(t *testing.T) {
+	_, w, rec := start(t)
+	w.serviceDeleted(cache.DeletedFinalStateUnknown{Key: "a/web", Obj: service("a", "web", nil)})
+	w.sliceDeleted(cache.DeletedFinalStateUnknown{Key: "b/x", Obj: slice("b", "x", "api")})
+	w.serviceDeleted(cache.DeletedFinalStateUnknown{Key: "a/ign", Obj: service("a", "ign", map[string]string{proxyNameLabel: "x"})})
+	changed, _ := rec.take()
+	if want := []types.NamespacedName{key("a", "web"), key("b", "api")}; !slices.Equal(changed, want) {
+		t.Errorf("changed after tombstones = %v, want %v", changed, want)
+	}
+}
+
+func TestNodeZoneChangesEverything(t *testing.T) {
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1", Labels: map[string]string{ZoneLabel: "z1"}}}
+	client, w, rec := start(t, node)
+	waitAll(t, rec, 1)
+	if n := w.Node(); n == nil || n.Labels[ZoneLabel] != "z1" {
+		t.Fatalf("Node() = %v, want node1 in zone z1", n)
+	}
+	ctx := context.Background()
+	nodes := client.CoreV1().Nodes()
+
+	// Another label: nothing to rebuild.
+	n := node.DeepCopy()
+	n.Labels["x"] = "y"
+	if _, err := nodes.Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Another node: nothing either.
+	if _, err := nodes.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node2"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if _, all := rec.take(); all != 0 {
+		t.Errorf("AllChanged called %d times for an unrelated node change, want 0", all)
+	}
+
+	n = n.DeepCopy()
+	n.Labels[ZoneLabel] = "z2"
+	if _, err := nodes.Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitAll(t, rec, 1)
+}
+
+func waitAll(t *testing.T, rec *recorder, want int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		rec.mu.Lock()
+		n := rec.all
+		rec.mu.Unlock()
+		if n >= want {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if _, all := rec.take(); all != want {
+		t.Fatalf("AllChanged called %d times, want %d", all, want)
+	}
+}
+
+func names(s []*discoveryv1.EndpointSlice) []string {
+	var out []string
+	for _, x := range s {
+		out = append(out, x.Name)
+	}
+	return out
+}

@@ -1,0 +1,166 @@
+//go:build linux
+
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMain lets the test binary serve as the prober, as the benchmark
+// binary does: the prober re-executes whatever binary is running.
+func TestMain(m *testing.M) {
+	if os.Getenv(roleEnv) == "prober" {
+		if err := runProber(); err != nil {
+			fmt.Fprintln(os.Stderr, "prober:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestShort runs the -short benchmark on the real test bed and checks that
+// the harness produced every figure with a sane value. It is a check of the
+// harness, not of svcnat's speed: no timing fails it unless it is absurd.
+func TestShort(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: builds network namespaces, cgroups and a control plane")
+	}
+	out := t.TempDir()
+	cfg := shortConfig(out)
+	rep, err := run(t.Context(), cfg, slog.New(slog.NewTextHandler(testWriter{t}, nil)))
+	if err != nil {
+		t.Fatalf("benchmark: %v", err)
+	}
+	if len(rep.Results) != 1 {
+		t.Fatalf("got %d results, want 1: %+v", len(rep.Results), rep.Results)
+	}
+	r := rep.Results[0]
+	t.Logf("result: %+v", r)
+	limit := cfg.cap.Seconds()
+	checks := []struct {
+		what string
+		ok   bool
+	}{
+		{"proxy", r.Proxy == "svcnat-iptables" && r.Services == 100 && r.Endpoints == endpointsPerService},
+		{"no failure", !r.Failed && !r.InitCapped && len(r.Notes) == 0},
+		{"initial programming", r.InitSeconds > 0 && r.InitSeconds < limit},
+		{"latency changes", r.LatencyChanges == cfg.changes && r.LatencyTimeouts == 0},
+		{"latency percentiles", r.LatencyP50Ms > 0 && r.LatencyP50Ms <= r.LatencyP90Ms && r.LatencyP90Ms <= r.LatencyP99Ms && r.LatencyP99Ms < 1000*limit},
+		{"connections", r.ConnPairs == cfg.pairs && r.ConnFailed == 0},
+		{"connection latency", r.ConnServiceP50Us > 0 && r.ConnServiceP50Us < 1e6 && r.ConnDirectP50Us > 0 && r.ConnDirectP50Us < 1e6},
+		{"connection means", r.ConnServiceMeanUs > 0 && r.ConnDirectMeanUs > 0 && r.ConnServiceRate > 0 && r.ConnDirectRate > 0},
+		{"overhead", r.ConnOverheadPct > -100 && r.ConnOverheadPct < 10000},
+		{"memory", r.RSSSteadyMB > 1 && r.RSSSteadyMB < 10000 && r.RSSBurstPeakMB > 1 && r.RSSBurstPeakMB < 10000},
+		{"cpu", r.CPUInitSeconds >= 0 && r.CPUIdlePct >= 0 && r.CPUIdlePct <= 100*float64(rep.Machine.Cores) && r.CPUBurstSeconds >= 0},
+		{"burst", r.BurstChanges == cfg.burst && r.BurstConvergeSeconds > 0 && r.BurstWriteSeconds > 0 && r.BurstConvergeSeconds >= r.BurstWriteSeconds},
+		{"programmed", r.Rules > r.Services && r.Chains > 0},
+		{"date", r.Date != "" && rep.Machine.Cores > 0 && rep.Machine.Kernel != ""},
+	}
+	for _, c := range checks {
+		if !c.ok {
+			t.Errorf("%s: implausible result", c.what)
+		}
+	}
+
+	b, err := os.ReadFile(filepath.Join(out, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(b, &back); err != nil || len(back.Results) != 1 {
+		t.Errorf("results.json does not hold the result: %v, %d results", err, len(back.Results))
+	}
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	row := ""
+	for line := range strings.SplitSeq(string(md), "\n") {
+		if strings.HasPrefix(line, "| svcnat-iptables |") {
+			row = line
+		}
+	}
+	if row == "" || strings.Contains(row, "n/a") {
+		t.Errorf("results.md: want a svcnat-iptables row with every column filled, got %q", row)
+	}
+}
+
+func TestCountIptables(t *testing.T) {
+	save := "# Generated\n*nat\n:PREROUTING ACCEPT [0:0]\n:SVCNAT-SERVICES - [0:0]\n-A PREROUTING -j SVCNAT-SERVICES\n-A SVCNAT-SERVICES -d 10.96.0.1/32 -j DNAT\nCOMMIT\n"
+	rules, chains := countIptables(save)
+	if rules != 2 || chains != 2 {
+		t.Errorf("countIptables = %d rules, %d chains; want 2, 2", rules, chains)
+	}
+}
+
+func TestCountNft(t *testing.T) {
+	out := `{"nftables": [{"metainfo": {}}, {"table": {"name": "kube-proxy"}},
+	{"chain": {"name": "a"}}, {"chain": {"name": "b"}},
+	{"map": {"name": "service-ips", "elem": [[1, 2], [3, 4], [5, 6]]}},
+	{"set": {"name": "cluster-ips", "elem": ["10.96.0.1"]}}, {"set": {"name": "empty"}},
+	{"rule": {"chain": "a"}}]}`
+	rules, chains, elems, err := countNft(out)
+	if err != nil || rules != 1 || chains != 2 || elems != 4 {
+		t.Errorf("countNft = %d, %d, %d, %v; want 1 rule, 2 chains, 4 elements", rules, chains, elems, err)
+	}
+	if _, _, _, err := countNft("not json"); err == nil {
+		t.Error("countNft accepted garbage")
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	v := []float64{5, 1, 4, 2, 3, 10, 9, 8, 7, 6}
+	for _, c := range []struct{ p, want float64 }{{50, 5}, {90, 9}, {99, 10}, {0, 1}} {
+		if got := percentile(v, c.p); got != c.want {
+			t.Errorf("percentile(%v) = %v, want %v", c.p, got, c.want)
+		}
+	}
+}
+
+func TestProcReaders(t *testing.T) {
+	// Burn a little CPU so the reading cannot be zero.
+	for start := time.Now(); time.Since(start) < 50*time.Millisecond; {
+	}
+	cpu, err := cpuSeconds(os.Getpid())
+	if err != nil || cpu <= 0 {
+		t.Errorf("cpuSeconds(self) = %v, %v; want > 0", cpu, err)
+	}
+	rss, err := rssMB(os.Getpid())
+	if err != nil || rss <= 1 {
+		t.Errorf("rssMB(self) = %v, %v; want > 1 MiB", rss, err)
+	}
+	if _, err := rssMB(-1); err == nil {
+		t.Error("rssMB(-1) succeeded")
+	}
+}
+
+func TestReportAddReplaces(t *testing.T) {
+	var r Report
+	r.add(Result{Proxy: "kube-proxy-iptables", Services: 1000, InitSeconds: 1})
+	r.add(Result{Proxy: "svcnat-iptables", Services: 1000, InitSeconds: 2})
+	r.add(Result{Proxy: "svcnat-iptables", Services: 100, InitSeconds: 3})
+	r.add(Result{Proxy: "kube-proxy-iptables", Services: 1000, InitSeconds: 4})
+	var got []string
+	for _, res := range r.Results {
+		got = append(got, fmt.Sprintf("%s@%d=%v", res.Proxy, res.Services, res.InitSeconds))
+	}
+	want := "svcnat-iptables@100=3 svcnat-iptables@1000=2 kube-proxy-iptables@1000=4"
+	if strings.Join(got, " ") != want {
+		t.Errorf("results = %v, want %s", got, want)
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}

@@ -1,0 +1,206 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/svcnat/svcnat/test/testbed"
+)
+
+// The workload: Services in one namespace, each with one TCP port and an
+// EndpointSlice of endpointsPerService endpoints. Filler endpoints use
+// addresses from fillerBase upwards, which no namespace of the test bed
+// holds (they are never connected to); probe Services point at real pods.
+const (
+	benchNamespace      = "bench"
+	servicePort         = 8080
+	endpointsPerService = 10
+	portName            = "tcp"
+)
+
+var fillerBase = netip.MustParseAddr("172.20.0.0")
+
+// workload is what the benchmark has written to the apiserver; it keeps the
+// latest version of every filler EndpointSlice so that bursts can update
+// them without reading them back.
+type workload struct {
+	kube    kubernetes.Interface
+	workers int
+
+	mu      sync.Mutex
+	slices  []*discoveryv1.EndpointSlice // filler slices, by index
+	version int                          // bumps filler endpoint addresses on each burst
+}
+
+func fillerName(i int) string { return fmt.Sprintf("svc-%05d", i) }
+
+// fillerAddr returns endpoint j of filler Service i, shifted by version.
+func fillerAddr(i, j, version int) string {
+	a := fillerBase.As4()
+	n := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
+	n += uint32((i*endpointsPerService + j + version) % (1 << 20))
+	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}).String()
+}
+
+func service(name string) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: benchNamespace, Name: name},
+		Spec: corev1.ServiceSpec{
+			Type: corev1.ServiceTypeClusterIP,
+			Ports: []corev1.ServicePort{{Name: portName, Protocol: corev1.ProtocolTCP, Port: servicePort,
+				TargetPort: intstr.FromInt32(servicePort)}},
+		},
+	}
+}
+
+func fillerSlice(i, version int) *discoveryv1.EndpointSlice {
+	ready := true
+	eps := make([]discoveryv1.Endpoint, endpointsPerService)
+	for j := range eps {
+		eps[j] = discoveryv1.Endpoint{Addresses: []string{fillerAddr(i, j, version)},
+			Conditions: discoveryv1.EndpointConditions{Ready: &ready}}
+	}
+	return testbed.EndpointSlice(benchNamespace, fillerName(i), fillerName(i)+"-1",
+		[]discoveryv1.EndpointPort{testbed.SlicePort(portName, corev1.ProtocolTCP, servicePort)}, eps...)
+}
+
+// parallel runs f(i) for i in [from, to) on w workers and returns the first
+// error; it stops handing out work once an error occurred or ctx ended.
+func parallel(ctx context.Context, w, from, to int, f func(i int) error) error {
+	var next atomic.Int64
+	next.Store(int64(from))
+	var once sync.Once
+	var first error
+	var wg sync.WaitGroup
+	for range w {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= to || ctx.Err() != nil {
+					return
+				}
+				if err := f(i); err != nil {
+					once.Do(func() { first = err })
+					next.Store(int64(to))
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if first == nil {
+		first = ctx.Err()
+	}
+	return first
+}
+
+// grow creates filler Services (and their slices) until there are n.
+func (w *workload) grow(ctx context.Context, n int) error {
+	w.mu.Lock()
+	have := len(w.slices)
+	if n > have {
+		w.slices = append(w.slices, make([]*discoveryv1.EndpointSlice, n-have)...)
+	}
+	version := w.version
+	w.mu.Unlock()
+	if n <= have {
+		return nil
+	}
+	return parallel(ctx, w.workers, have, n, func(i int) error {
+		if _, err := w.kube.CoreV1().Services(benchNamespace).Create(ctx, service(fillerName(i)), metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create service %s: %w", fillerName(i), err)
+		}
+		s, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, fillerSlice(i, version), metav1.CreateOptions{})
+		if err != nil {
+			return fmt.Errorf("create endpointslice of %s: %w", fillerName(i), err)
+		}
+		w.mu.Lock()
+		w.slices[i] = s
+		w.mu.Unlock()
+		return nil
+	})
+}
+
+// burst changes the endpoint addresses of count filler slices as fast as
+// the workers can write, and returns when every write is done.
+func (w *workload) burst(ctx context.Context, count int) (time.Duration, error) {
+	w.mu.Lock()
+	w.version++
+	version := w.version
+	count = min(count, len(w.slices))
+	w.mu.Unlock()
+	start := time.Now()
+	err := parallel(ctx, w.workers, 0, count, func(i int) error {
+		w.mu.Lock()
+		s := w.slices[i].DeepCopy()
+		w.mu.Unlock()
+		s.Endpoints = fillerSlice(i, version).Endpoints
+		got, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Update(ctx, s, metav1.UpdateOptions{})
+		if err != nil {
+			return fmt.Errorf("update endpointslice %s: %w", s.Name, err)
+		}
+		w.mu.Lock()
+		w.slices[i] = got
+		w.mu.Unlock()
+		return nil
+	})
+	return time.Since(start), err
+}
+
+// probeService is a Service whose single endpoint is a real pod.
+type probeService struct {
+	name      string
+	clusterIP netip.Addr
+	slice     *discoveryv1.EndpointSlice
+	pod       *testbed.Pod // the pod it currently points at
+}
+
+func (p *probeService) addr() string {
+	return netip.AddrPortFrom(p.clusterIP, servicePort).String()
+}
+
+// createProbe creates a probe Service pointing at pod.
+func (w *workload) createProbe(ctx context.Context, name string, pod *testbed.Pod) (*probeService, error) {
+	svc, err := w.kube.CoreV1().Services(benchNamespace).Create(ctx, service(name), metav1.CreateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("create probe service %s: %w", name, err)
+	}
+	ip, err := netip.ParseAddr(svc.Spec.ClusterIP)
+	if err != nil {
+		return nil, fmt.Errorf("probe service %s: cluster IP %q: %w", name, svc.Spec.ClusterIP, err)
+	}
+	p := &probeService{name: name, clusterIP: ip}
+	slice := testbed.EndpointSlice(benchNamespace, name, name+"-1",
+		[]discoveryv1.EndpointPort{testbed.SlicePort(portName, corev1.ProtocolTCP, servicePort)}, pod.Endpoint(testbed.Ready))
+	if p.slice, err = w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		return nil, fmt.Errorf("create endpointslice of probe service %s: %w", name, err)
+	}
+	p.pod = pod
+	return p, nil
+}
+
+// point updates the probe Service's slice to the given pod and returns the
+// time just before the write was sent.
+func (w *workload) point(ctx context.Context, p *probeService, pod *testbed.Pod) (time.Time, error) {
+	s := p.slice.DeepCopy()
+	s.Endpoints = []discoveryv1.Endpoint{pod.Endpoint(testbed.Ready)}
+	t0 := time.Now()
+	got, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Update(ctx, s, metav1.UpdateOptions{})
+	if err != nil {
+		return t0, fmt.Errorf("point probe service %s at %s: %w", p.name, pod.Name, err)
+	}
+	p.slice, p.pod = got, pod
+	return t0, nil
+}

@@ -1,0 +1,534 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/svcnat/svcnat/test/testbed"
+)
+
+// Result is everything measured for one proxy at one size. Durations are in
+// the unit their name says; a zero value with a note means not measured.
+type Result struct {
+	Proxy     string `json:"proxy"`
+	Services  int    `json:"services"`
+	Endpoints int    `json:"endpoints"`
+
+	// InitSeconds: proxy start until every probe Service answered.
+	// InitCapped: not reached within CapSeconds.
+	InitSeconds float64 `json:"initSeconds"`
+	InitCapped  bool    `json:"initCapped,omitempty"`
+	CapSeconds  float64 `json:"capSeconds"`
+
+	// Network programming latency: EndpointSlice write until the first
+	// connection through the Service reaches the new endpoint.
+	LatencyP50Ms    float64 `json:"latencyP50Ms"`
+	LatencyP90Ms    float64 `json:"latencyP90Ms"`
+	LatencyP99Ms    float64 `json:"latencyP99Ms"`
+	LatencyChanges  int     `json:"latencyChanges"`
+	LatencyTimeouts int     `json:"latencyTimeouts"`
+
+	// New-connection latency (connect to first byte), interleaved through
+	// the Service and directly to the same pod.
+	ConnPairs           int     `json:"connPairs"`
+	ConnFailed          int     `json:"connFailed"`
+	ConnServiceP50Us    float64 `json:"connServiceP50Us"`
+	ConnDirectP50Us     float64 `json:"connDirectP50Us"`
+	ConnServiceMeanUs   float64 `json:"connServiceMeanUs"`
+	ConnDirectMeanUs    float64 `json:"connDirectMeanUs"`
+	ConnOverheadPct     float64 `json:"connOverheadPct"` // median service / median direct - 1
+	ConnServiceRate     float64 `json:"connServiceRate"` // connections per second, one at a time
+	ConnDirectRate      float64 `json:"connDirectRate"`
+	ConnOverheadMeanPct float64 `json:"connOverheadMeanPct"`
+
+	// Agent resources (the agent's process plus the children it waited for,
+	// such as iptables-restore, for CPU; the agent's own RSS).
+	CPUInitSeconds       float64 `json:"cpuInitSeconds"`
+	RSSSteadyMB          float64 `json:"rssSteadyMB"`
+	CPUIdlePct           float64 `json:"cpuIdlePct"`
+	BurstChanges         int     `json:"burstChanges"`
+	BurstWriteSeconds    float64 `json:"burstWriteSeconds"`
+	BurstConvergeSeconds float64 `json:"burstConvergeSeconds"`
+	RSSBurstPeakMB       float64 `json:"rssBurstPeakMB"`
+	CPUBurstSeconds      float64 `json:"cpuBurstSeconds"`
+
+	// Programmed size: iptables rules and chains, nftables rules and
+	// set/map elements, BPF map entries.
+	Rules      int `json:"rules"`
+	Chains     int `json:"chains"`
+	Elements   int `json:"elements"`
+	MapEntries int `json:"mapEntries"`
+
+	// Date is when the measurement ended; Failed marks one that broke off
+	// (Notes say why).
+	Date   string   `json:"date"`
+	Failed bool     `json:"failed,omitempty"`
+	Notes  []string `json:"notes,omitempty"`
+}
+
+func (r *Result) note(format string, args ...any) {
+	r.Notes = append(r.Notes, fmt.Sprintf(format, args...))
+}
+
+// params are the knobs of one measurement.
+type params struct {
+	cap     time.Duration
+	changes int
+	pairs   int
+	burst   int
+	idle    time.Duration
+}
+
+// bench holds what every measurement shares.
+type bench struct {
+	c      *testbed.Cluster
+	w      *workload
+	probes []*probeService
+	// backends are the pods probe Services point at; origin is where the
+	// probe connections start.
+	backends []*testbed.Pod
+	prober   *prober
+	p        params
+}
+
+// measure runs one proxy against the loaded apiserver and removes it again.
+func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services int) (res Result, err error) {
+	res = Result{Proxy: string(kind), Services: services, Endpoints: endpointsPerService, CapSeconds: b.p.cap.Seconds()}
+	log := b.c.Log.With("proxy", kind, "services", services)
+	defer func() {
+		if serr := b.c.StopProxies(); serr != nil {
+			err = errors.Join(err, fmt.Errorf("stop %s: %w", kind, serr))
+		}
+	}()
+
+	// 1. Initial programming time.
+	start := time.Now()
+	if err := b.c.LaunchProxies(ctx, kind); err != nil {
+		return res, err
+	}
+	proxy := b.c.Nodes[0].Proxy
+	for _, p := range b.probes {
+		left := b.p.cap - time.Since(start)
+		if left <= 0 {
+			break
+		}
+		if _, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: p.pod.Name, Timeout: left, Interval: 5 * time.Millisecond}); err != nil {
+			if ctx.Err() != nil {
+				return res, ctx.Err()
+			}
+			if !proxy.Running() {
+				return res, fmt.Errorf("%s exited during initial programming; log:\n%s", kind, proxy.Tail(20))
+			}
+			if time.Since(start) < b.p.cap {
+				return res, fmt.Errorf("initial programming, probe %s: %w", p.name, err)
+			}
+		}
+	}
+	res.InitSeconds = time.Since(start).Seconds()
+	if time.Since(start) >= b.p.cap {
+		res.InitCapped = true
+		res.InitSeconds = b.p.cap.Seconds()
+		res.note("not programmed within the %v cap; nothing else measured", b.p.cap)
+		log.Warn("initial programming cap reached", "cap", b.p.cap)
+		return res, nil
+	}
+	cpu, err := cpuSeconds(proxy.PID())
+	if err != nil {
+		return res, err
+	}
+	res.CPUInitSeconds = cpu
+	log.Info("programmed", "seconds", res.InitSeconds, "cpu", cpu)
+
+	// 2. Network programming latency.
+	var lat []float64
+	for i := range b.p.changes {
+		p := b.probes[i%len(b.probes)]
+		next := b.backends[0]
+		if p.pod == next {
+			next = b.backends[1]
+		}
+		d, err := b.reprogram(ctx, p, next, b.p.cap)
+		if err != nil {
+			if ctx.Err() != nil {
+				return res, ctx.Err()
+			}
+			res.LatencyTimeouts++
+			log.Warn("change not seen", "probe", p.name, "err", err)
+			// Later changes must start from a known endpoint: wait once more.
+			if _, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: p.pod.Name, Timeout: b.p.cap, Interval: 20 * time.Millisecond}); err != nil {
+				return res, fmt.Errorf("probe %s never reached %s: %w", p.name, p.pod.Name, err)
+			}
+			continue
+		}
+		lat = append(lat, d.Seconds()*1000)
+		time.Sleep(time.Second) // changes arrive one at a time, not as a burst
+	}
+	res.LatencyChanges = len(lat) + res.LatencyTimeouts
+	if len(lat) > 0 {
+		res.LatencyP50Ms, res.LatencyP90Ms, res.LatencyP99Ms = percentile(lat, 50), percentile(lat, 90), percentile(lat, 99)
+	}
+	if res.LatencyTimeouts > 0 {
+		res.note("%d of %d changes not seen within %v (left out of the percentiles)", res.LatencyTimeouts, res.LatencyChanges, b.p.cap)
+	}
+	log.Info("programming latency", "p50ms", res.LatencyP50Ms, "p90ms", res.LatencyP90Ms, "p99ms", res.LatencyP99Ms)
+
+	// 3. Steady state: memory and idle CPU.
+	cpu0, err := cpuSeconds(proxy.PID())
+	if err != nil {
+		return res, err
+	}
+	t0 := time.Now()
+	if err := sleep(ctx, b.p.idle); err != nil {
+		return res, err
+	}
+	cpu1, err := cpuSeconds(proxy.PID())
+	if err != nil {
+		return res, err
+	}
+	res.CPUIdlePct = 100 * (cpu1 - cpu0) / time.Since(t0).Seconds()
+	if res.RSSSteadyMB, err = rssMB(proxy.PID()); err != nil {
+		return res, err
+	}
+
+	// 4. New-connection latency, through the Service and direct.
+	p := b.probes[0]
+	direct := netip.AddrPortFrom(p.pod.IP, servicePort).String()
+	ab, err := b.prober.do(ctx, proberRequest{Op: "ab", Addr: p.addr(), Direct: direct, Want: p.pod.Name, Pairs: b.p.pairs, Timeout: 5 * time.Minute})
+	if err != nil {
+		return res, fmt.Errorf("connection latency: %w", err)
+	}
+	res.ConnPairs, res.ConnFailed = b.p.pairs, ab.Failed
+	if len(ab.Service) == 0 || len(ab.Direct) == 0 {
+		return res, fmt.Errorf("connection latency: no successful connections (%d failed)", ab.Failed)
+	}
+	svc, dir := micros(ab.Service), micros(ab.Direct)
+	res.ConnServiceP50Us, res.ConnDirectP50Us = percentile(svc, 50), percentile(dir, 50)
+	res.ConnServiceMeanUs, res.ConnDirectMeanUs = mean(svc), mean(dir)
+	res.ConnOverheadPct = 100 * (res.ConnServiceP50Us/res.ConnDirectP50Us - 1)
+	res.ConnOverheadMeanPct = 100 * (res.ConnServiceMeanUs/res.ConnDirectMeanUs - 1)
+	res.ConnServiceRate, res.ConnDirectRate = 1e6/res.ConnServiceMeanUs, 1e6/res.ConnDirectMeanUs
+	if ab.Failed > 0 {
+		res.note("%d of %d connections failed or reached another pod", ab.Failed, 2*b.p.pairs)
+	}
+	log.Info("connection latency", "serviceP50us", res.ConnServiceP50Us, "directP50us", res.ConnDirectP50Us, "overheadPct", res.ConnOverheadPct)
+
+	// 5. Programmed size.
+	if err := b.size(ctx, kind, &res); err != nil {
+		return res, err
+	}
+
+	// 6. A burst of changes: resources until the agent has caught up, which
+	// a probe change written after the burst shows.
+	if err := b.burstPhase(ctx, proxy, &res); err != nil {
+		return res, err
+	}
+	log.Info("burst", "changes", res.BurstChanges, "convergeS", res.BurstConvergeSeconds, "cpuS", res.CPUBurstSeconds, "peakMB", res.RSSBurstPeakMB)
+	return res, nil
+}
+
+// reprogram points a probe Service at pod and returns how long until a
+// connection through the Service first reached it.
+func (b *bench) reprogram(ctx context.Context, p *probeService, pod *testbed.Pod, limit time.Duration) (time.Duration, error) {
+	type answer struct {
+		resp proberResponse
+		err  error
+	}
+	ch := make(chan answer, 1)
+	go func() {
+		r, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: pod.Name, Timeout: limit, Interval: 2 * time.Millisecond})
+		ch <- answer{r, err}
+	}()
+	t0, err := b.w.point(ctx, p, pod)
+	a := <-ch
+	if err != nil {
+		return 0, err
+	}
+	if a.err != nil {
+		return 0, a.err
+	}
+	return time.Unix(0, a.resp.OKAt).Sub(t0), nil
+}
+
+func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Result) error {
+	pid := proxy.PID()
+	cpu0, err := cpuSeconds(pid)
+	if err != nil {
+		return err
+	}
+	peak := 0.0
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if m, err := rssMB(pid); err == nil {
+				peak = max(peak, m)
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	start := time.Now()
+	wrote, err := b.w.burst(ctx, b.p.burst)
+	if err == nil {
+		p := b.probes[0]
+		next := b.backends[0]
+		if p.pod == next {
+			next = b.backends[1]
+		}
+		_, err = b.reprogram(ctx, p, next, b.p.cap)
+	}
+	converged := time.Since(start)
+	close(stop)
+	<-sampled
+	if err != nil {
+		return fmt.Errorf("burst: %w", err)
+	}
+	cpu1, err := cpuSeconds(pid)
+	if err != nil {
+		return err
+	}
+	res.BurstChanges = b.p.burst
+	res.BurstWriteSeconds = wrote.Seconds()
+	res.BurstConvergeSeconds = converged.Seconds()
+	res.CPUBurstSeconds = cpu1 - cpu0
+	res.RSSBurstPeakMB = peak
+	return nil
+}
+
+// size counts what the proxy programmed in the node namespace.
+func (b *bench) size(ctx context.Context, kind testbed.ProxyKind, res *Result) error {
+	n := b.c.Nodes[0]
+	switch kind {
+	case testbed.KubeProxyNftables:
+		out, err := nsOutput(ctx, n.Netns, "nft", "-j", "list", "ruleset")
+		if err != nil {
+			return err
+		}
+		res.Rules, res.Chains, res.Elements, err = countNft(out)
+		return err
+	case testbed.SvcnatEBPF:
+		entries, err := countPinned(ctx, n.Proxy.PinDir)
+		if err != nil {
+			return err
+		}
+		res.MapEntries = entries
+		// Rules the agent may also have installed (none expected).
+		fallthrough
+	default:
+		for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+			out, err := nsOutput(ctx, n.Netns, save)
+			if err != nil {
+				return err
+			}
+			r, c := countIptables(out)
+			res.Rules += r
+			res.Chains += c
+		}
+		if kind == testbed.SvcnatIptables {
+			out, err := nsOutput(ctx, n.Netns, "ipset", "list", "-t")
+			if err == nil {
+				res.Elements = countIpsetEntries(out)
+			}
+		}
+		return nil
+	}
+}
+
+func nsOutput(ctx context.Context, netns string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	full := append([]string{"netns", "exec", netns}, args...)
+	out, err := exec.CommandContext(ctx, "ip", full...).Output()
+	if err != nil {
+		return "", fmt.Errorf("%s in %s: %w", strings.Join(args, " "), netns, err)
+	}
+	return string(out), nil
+}
+
+// countIptables counts rules (-A lines) and chains of an iptables-save dump.
+func countIptables(save string) (rules, chains int) {
+	for line := range strings.SplitSeq(save, "\n") {
+		switch {
+		case strings.HasPrefix(line, "-A "):
+			rules++
+		case strings.HasPrefix(line, ":"):
+			chains++
+		}
+	}
+	return rules, chains
+}
+
+// countIpsetEntries sums "Number of entries" over `ipset list -t`.
+func countIpsetEntries(out string) int {
+	total := 0
+	for line := range strings.SplitSeq(out, "\n") {
+		if v, ok := strings.CutPrefix(line, "Number of entries: "); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			total += n
+		}
+	}
+	return total
+}
+
+// countNft counts rules, chains and set/map elements of `nft -j list ruleset`.
+func countNft(out string) (rules, chains, elements int, err error) {
+	var doc struct {
+		Nftables []map[string]json.RawMessage `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		return 0, 0, 0, fmt.Errorf("decode nft ruleset: %w", err)
+	}
+	for _, obj := range doc.Nftables {
+		switch {
+		case obj["rule"] != nil:
+			rules++
+		case obj["chain"] != nil:
+			chains++
+		case obj["set"] != nil || obj["map"] != nil:
+			raw := obj["set"]
+			if raw == nil {
+				raw = obj["map"]
+			}
+			var s struct {
+				Elem []json.RawMessage `json:"elem"`
+			}
+			if err := json.Unmarshal(raw, &s); err != nil {
+				return 0, 0, 0, fmt.Errorf("decode nft set: %w", err)
+			}
+			elements += len(s.Elem)
+		}
+	}
+	return rules, chains, elements, nil
+}
+
+// countPinned sums the entries of the hash-type maps pinned under dir
+// (bpftool reads them; array maps have a fixed size and are not counted).
+func countPinned(ctx context.Context, dir string) (int, error) {
+	total := 0
+	err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		show, err := exec.CommandContext(ctx, "bpftool", "-j", "map", "show", "pinned", path).Output()
+		if err != nil {
+			return nil // a pinned program or link, not a map
+		}
+		var info struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal(show, &info) != nil || !strings.Contains(info.Type, "hash") {
+			return nil
+		}
+		dump, err := exec.CommandContext(ctx, "bpftool", "-j", "map", "dump", "pinned", path).Output()
+		if err != nil {
+			return fmt.Errorf("dump map %s: %w", path, err)
+		}
+		var entries []json.RawMessage
+		if err := json.Unmarshal(dump, &entries); err != nil {
+			return fmt.Errorf("decode dump of map %s: %w", path, err)
+		}
+		total += len(entries)
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("count pinned map entries under %s: %w", dir, err)
+	}
+	return total, nil
+}
+
+// clockTicks is USER_HZ, the unit of CPU times in /proc (100 on Linux).
+const clockTicks = 100
+
+// cpuSeconds returns the user and system CPU time of pid plus that of its
+// waited-for children.
+func cpuSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("read cpu time of pid %d: %w", pid, err)
+	}
+	// The command name may hold spaces; fields start after its ')'.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 15 {
+		return 0, fmt.Errorf("read cpu time of pid %d: short stat line", pid)
+	}
+	total := 0.0
+	for _, i := range []int{11, 12, 13, 14} { // utime stime cutime cstime
+		v, err := strconv.ParseFloat(f[i], 64)
+		if err != nil {
+			return 0, fmt.Errorf("read cpu time of pid %d: %w", pid, err)
+		}
+		total += v
+	}
+	return total / clockTicks, nil
+}
+
+// rssMB returns the resident set size of pid in MiB.
+func rssMB(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, fmt.Errorf("read memory of pid %d: %w", pid, err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			if err != nil {
+				return 0, fmt.Errorf("read memory of pid %d: %w", pid, err)
+			}
+			return kb / 1024, nil
+		}
+	}
+	return 0, fmt.Errorf("read memory of pid %d: no VmRSS", pid)
+}
+
+func micros(ns []int64) []float64 {
+	out := make([]float64, len(ns))
+	for i, v := range ns {
+		out[i] = float64(v) / 1000
+	}
+	return out
+}
+
+// percentile returns the p-th percentile (nearest rank) of v.
+func percentile(v []float64, p float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	i := int(math.Ceil(p/100*float64(len(s)))) - 1
+	return s[max(i, 0)]
+}
+
+func mean(v []float64) float64 {
+	t := 0.0
+	for _, x := range v {
+		t += x
+	}
+	return t / float64(len(v))
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}

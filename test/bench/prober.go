@@ -1,0 +1,254 @@
+//go:build linux
+
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/svcnat/svcnat/test/testbed"
+)
+
+// The benchmark re-executes itself as a prober: a long-lived process inside
+// a pod namespace and its node's cgroup (so an eBPF proxy's socket hooks see
+// its connects), taking one JSON request per line on standard input and
+// answering one JSON response per line on standard output. Keeping one
+// process per origin avoids a process start per connection, which would
+// dwarf the latencies being measured.
+
+// roleEnv selects the prober role when set to "prober".
+const roleEnv = "SVCNAT_BENCH_ROLE"
+
+// proberRequest is one job for the prober.
+type proberRequest struct {
+	// Op is "until" (connect to Addr repeatedly until Want answers) or
+	// "ab" (Pairs pairs of new connections, alternating Addr and Direct).
+	Op     string `json:"op"`
+	Addr   string `json:"addr"`
+	Direct string `json:"direct,omitempty"`
+	// Want is the pod that must answer; empty accepts any.
+	Want string `json:"want,omitempty"`
+	// Timeout bounds the whole job.
+	Timeout time.Duration `json:"timeout"`
+	// Interval is the pause between "until" attempts.
+	Interval time.Duration `json:"interval,omitempty"`
+	Pairs    int           `json:"pairs,omitempty"`
+}
+
+// proberResponse is the prober's answer to one request.
+type proberResponse struct {
+	Err string `json:"err,omitempty"`
+	// OKAt is the wall-clock time (Unix nanoseconds) at which Want first
+	// answered ("until").
+	OKAt     int64 `json:"okAt,omitempty"`
+	Attempts int   `json:"attempts"`
+	// Service and Direct are the durations of the "ab" connections, from
+	// connect() to the server's first line, in nanoseconds.
+	Service []int64 `json:"service,omitempty"`
+	Direct  []int64 `json:"direct,omitempty"`
+	// Failed counts "ab" connections that failed or reached another pod.
+	Failed int `json:"failed,omitempty"`
+}
+
+// Attempts are bounded even when a request asks for more.
+const (
+	maxAttemptTimeout = 200 * time.Millisecond
+	minInterval       = 2 * time.Millisecond
+	maxPairs          = 20000
+	maxJob            = 15 * time.Minute
+)
+
+// runProber serves requests from stdin until it is closed.
+func runProber() error {
+	in := bufio.NewScanner(os.Stdin)
+	enc := json.NewEncoder(os.Stdout)
+	for in.Scan() {
+		var req proberRequest
+		var resp proberResponse
+		if err := json.Unmarshal(in.Bytes(), &req); err != nil {
+			resp.Err = fmt.Sprintf("decode request: %v", err)
+		} else {
+			resp = serveRequest(req)
+		}
+		if err := enc.Encode(resp); err != nil {
+			return fmt.Errorf("write response: %w", err)
+		}
+	}
+	return in.Err()
+}
+
+func serveRequest(req proberRequest) proberResponse {
+	timeout := min(max(req.Timeout, time.Second), maxJob)
+	deadline := time.Now().Add(timeout)
+	switch req.Op {
+	case "until":
+		interval := max(req.Interval, minInterval)
+		var resp proberResponse
+		for time.Now().Before(deadline) {
+			resp.Attempts++
+			pod, err := connectOnce(req.Addr, min(maxAttemptTimeout, time.Until(deadline)))
+			if err == nil && (req.Want == "" || pod == req.Want) {
+				resp.OKAt = time.Now().UnixNano()
+				return resp
+			}
+			time.Sleep(interval)
+		}
+		resp.Err = fmt.Sprintf("%s did not answer from %q within %v (%d attempts)", req.Addr, req.Want, timeout, resp.Attempts)
+		return resp
+	case "ab":
+		var resp proberResponse
+		pairs := min(req.Pairs, maxPairs)
+		for range pairs {
+			if time.Now().After(deadline) {
+				resp.Err = fmt.Sprintf("%d of %d pairs done within %v", len(resp.Direct), pairs, timeout)
+				return resp
+			}
+			for _, target := range []struct {
+				addr string
+				out  *[]int64
+			}{{req.Addr, &resp.Service}, {req.Direct, &resp.Direct}} {
+				resp.Attempts++
+				start := time.Now()
+				pod, err := connectOnce(target.addr, maxAttemptTimeout)
+				d := time.Since(start)
+				if err != nil || (req.Want != "" && pod != req.Want) {
+					resp.Failed++
+					continue
+				}
+				*target.out = append(*target.out, d.Nanoseconds())
+			}
+		}
+		return resp
+	default:
+		return proberResponse{Err: fmt.Sprintf("unknown op %q", req.Op)}
+	}
+}
+
+// connectOnce opens a TCP connection, reads the echo server's greeting and
+// returns the pod that sent it. The connection is closed with a reset so no
+// TIME_WAIT state piles up over thousands of attempts.
+func connectOnce(addr string, timeout time.Duration) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return "", err
+	}
+	tc := c.(*net.TCPConn)
+	defer func() {
+		_ = tc.SetLinger(0)
+		tc.Close()
+	}()
+	_ = tc.SetReadDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(tc).ReadBytes('\n')
+	if err != nil {
+		return "", fmt.Errorf("read greeting from %s: %w", addr, err)
+	}
+	var reply struct {
+		Pod string `json:"pod"`
+	}
+	if err := json.Unmarshal(line, &reply); err != nil {
+		return "", fmt.Errorf("decode greeting from %s: %w", addr, err)
+	}
+	return reply.Pod, nil
+}
+
+// prober is the benchmark's handle on a prober process.
+type prober struct {
+	origin testbed.Origin
+	cmd    *exec.Cmd
+	in     io.WriteCloser
+	out    *bufio.Scanner
+	mu     sync.Mutex
+	done   chan struct{}
+}
+
+// startProber starts a prober in the origin's namespace and cgroup. The
+// kernel kills it if the benchmark dies.
+func startProber(from testbed.Origin) (*prober, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("start prober in %s: find own executable: %w", from.Name, err)
+	}
+	cmd := exec.Command("ip", "netns", "exec", from.Netns, self)
+	cmd.Env = append(os.Environ(), roleEnv+"=prober")
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if from.Cgroup != "" {
+		fd, err := syscall.Open(from.Cgroup, syscall.O_DIRECTORY|syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, fmt.Errorf("start prober in %s: open cgroup: %w", from.Name, err)
+		}
+		defer syscall.Close(fd)
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = fd
+	}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("start prober in %s: %w", from.Name, err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, fmt.Errorf("start prober in %s: %w", from.Name, err)
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start prober in %s: %w", from.Name, err)
+	}
+	p := &prober{origin: from, cmd: cmd, in: in, out: bufio.NewScanner(out), done: make(chan struct{})}
+	p.out.Buffer(make([]byte, 1<<20), 64<<20)
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	return p, nil
+}
+
+// do sends one request and waits for its response, at most the request's
+// timeout plus a margin; a prober that overruns is killed.
+func (p *prober) do(ctx context.Context, req proberRequest) (proberResponse, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var resp proberResponse
+	b, _ := json.Marshal(req)
+	if _, err := p.in.Write(append(b, '\n')); err != nil {
+		return resp, fmt.Errorf("prober in %s: send request: %w", p.origin.Name, err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		if !p.out.Scan() {
+			got <- fmt.Errorf("prober in %s ended: %v", p.origin.Name, p.out.Err())
+			return
+		}
+		got <- json.Unmarshal(p.out.Bytes(), &resp)
+	}()
+	limit := min(max(req.Timeout, time.Second), maxJob) + 30*time.Second
+	select {
+	case err := <-got:
+		if err == nil && resp.Err != "" {
+			err = errors.New(resp.Err)
+		}
+		return resp, err
+	case <-ctx.Done():
+		p.stop()
+		return resp, ctx.Err()
+	case <-time.After(limit):
+		p.stop()
+		return resp, fmt.Errorf("prober in %s: no answer to %s within %v; killed", p.origin.Name, req.Op, limit)
+	}
+}
+
+// stop ends the prober (by its own PID) and waits for it.
+func (p *prober) stop() {
+	_ = p.in.Close()
+	select {
+	case <-p.done:
+	case <-time.After(2 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}

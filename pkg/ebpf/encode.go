@@ -168,6 +168,18 @@ func adoptIDs(t *table) (*ids, error) {
 	return n, nil
 }
 
+// forget drops the number id and its key.
+func (n *numbering[K]) forget(id uint32) {
+	k, ok := n.taken[id]
+	if !ok {
+		return
+	}
+	delete(n.taken, id)
+	if n.byKey[k] == id {
+		delete(n.byKey, k)
+	}
+}
+
 // release forgets the numbers t does not use, once t is all the kernel
 // holds.
 func (n *ids) release(t *table) {
@@ -175,81 +187,129 @@ func (n *ids) release(t *table) {
 	n.backends.keep(func(id uint32) bool { _, ok := t.backends[id]; return ok })
 }
 
-// encode turns s into map entries, numbering ServicePorts and endpoints with
-// n. It fails, naming both ServicePorts, when two claim the same frontend.
-func encode(s *model.State, n *ids) (*table, error) {
-	t := newTable()
-	for _, p := range s.ClusterCIDRs {
-		t.clusterCIDRs[svcnatCidrKey{Prefixlen: uint32(mappedBits(p)), Addr: addr16(p.Addr())}] = 1
-	}
-	owner := map[svcnatSvcKey]model.ServicePortName{}
-	for _, sp := range s.Sorted() {
-		proto, ok := protocols[sp.Protocol]
-		if !ok {
-			return nil, fmt.Errorf("encode service port %s: unknown protocol %q", sp.Name, sp.Protocol)
-		}
-		info, err := encodeInfo(sp, proto)
-		if err != nil {
-			return nil, err
-		}
-		id := n.services.get(sp.Name)
-		t.info[id] = info
-		for i, ep := range sp.ClusterEndpoints {
-			t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: setCluster}] = encodeEndpoint(t, n, ep)
-		}
-		for i, ep := range sp.LocalEndpoints {
-			t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: setLocal}] = encodeEndpoint(t, n, ep)
-		}
-		if len(sp.ClusterEndpoints) > 0xffff || len(sp.LocalEndpoints) > 0xffff {
-			return nil, fmt.Errorf("encode service port %s: more than 65535 endpoints", sp.Name)
-		}
-		value := svcnatSvcValue{
-			Id:              id,
-			ClusterCount:    uint16(len(sp.ClusterEndpoints)),
-			LocalCount:      uint16(len(sp.LocalEndpoints)),
-			AffinityTimeout: uint32(sp.AffinityTimeout / time.Second),
-		}
-		if sp.AffinityTimeout%time.Second != 0 || sp.AffinityTimeout < 0 || sp.AffinityTimeout/time.Second > 1<<32-1 {
-			return nil, fmt.Errorf("encode service port %s: affinity timeout %s is not a whole number of seconds that fits 32 bits", sp.Name, sp.AffinityTimeout)
-		}
-		if sp.InternalTrafficLocal {
-			value.Flags |= flagInternalLocal
-		}
-		if sp.ExternalTrafficLocal {
-			value.Flags |= flagExternalLocal
-		}
-		if len(sp.SourceRanges) > 0 {
-			value.Flags |= flagSourceRanges
-		}
-		for _, p := range sp.SourceRanges {
-			t.sourceRanges[svcnatSourceRangeKey{Prefixlen: 32 + uint32(mappedBits(p)), Id: id, Addr: addr16(p.Addr())}] = 1
-		}
-		for _, f := range sp.Frontends {
-			kind, ok := kinds[f.Kind]
-			if !ok {
-				return nil, fmt.Errorf("encode service port %s: unknown frontend kind %q", sp.Name, f.Kind)
-			}
-			key := svcnatSvcKey{Addr: addr16(f.IP), Port: htons(f.Port), Proto: proto}
-			if other, dup := owner[key]; dup {
-				return nil, fmt.Errorf("encode service port %s: frontend %s is also a frontend of %s", sp.Name, f, other)
-			}
-			owner[key] = sp.Name
-			v := value
-			v.Kind = kind
-			t.services[key] = v
-		}
-	}
-	return t, nil
+// fragment is the entries one ServicePort owns. Backends are shared and
+// counted separately.
+type fragment struct {
+	sp           *model.ServicePort // a copy of what was encoded
+	id           uint32
+	info         svcnatSvcInfo
+	services     map[svcnatSvcKey]svcnatSvcValue
+	slots        map[svcnatSlotKey]uint32
+	sourceRanges map[svcnatSourceRangeKey]uint8
+	backends     map[uint32]svcnatBackend // the endpoints the slots name
 }
 
-func encodeEndpoint(t *table, n *ids, ep model.Endpoint) uint32 {
-	id := n.backends.get(ep)
-	b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
-	if ep.Local {
-		b.Flags |= backendLocal
+// encode turns s into map entries, numbering ServicePorts and endpoints with
+// n, and returns them whole and per ServicePort. It fails, naming both
+// ServicePorts, when two claim the same frontend.
+func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment, error) {
+	t := newTable()
+	t.clusterCIDRs = encodeClusterCIDRs(s.ClusterCIDRs)
+	frags := make(map[model.ServicePortName]*fragment, len(s.ServicePorts))
+	owner := map[svcnatSvcKey]model.ServicePortName{}
+	for _, sp := range s.Sorted() {
+		f, err := encodeServicePort(sp, n)
+		if err != nil {
+			return nil, nil, err
+		}
+		for key, v := range f.services {
+			if other, dup := owner[key]; dup {
+				return nil, nil, fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", sp.Name, addrString(key.Addr), ntohs(key.Port), other)
+			}
+			owner[key] = sp.Name
+			t.services[key] = v
+		}
+		t.info[f.id] = f.info
+		maps.Copy(t.slots, f.slots)
+		maps.Copy(t.sourceRanges, f.sourceRanges)
+		maps.Copy(t.backends, f.backends)
+		frags[sp.Name] = f
 	}
-	t.backends[id] = b
-	return id
+	return t, frags, nil
+}
+
+func encodeClusterCIDRs(cidrs []netip.Prefix) map[svcnatCidrKey]uint8 {
+	out := make(map[svcnatCidrKey]uint8, len(cidrs))
+	for _, p := range cidrs {
+		out[svcnatCidrKey{Prefixlen: uint32(mappedBits(p)), Addr: addr16(p.Addr())}] = 1
+	}
+	return out
+}
+
+// encodeServicePort turns one ServicePort into the entries it owns.
+func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
+	proto, ok := protocols[sp.Protocol]
+	if !ok {
+		return nil, fmt.Errorf("encode service port %s: unknown protocol %q", sp.Name, sp.Protocol)
+	}
+	info, err := encodeInfo(sp, proto)
+	if err != nil {
+		return nil, err
+	}
+	if len(sp.ClusterEndpoints) > 0xffff || len(sp.LocalEndpoints) > 0xffff {
+		return nil, fmt.Errorf("encode service port %s: more than 65535 endpoints", sp.Name)
+	}
+	if sp.AffinityTimeout%time.Second != 0 || sp.AffinityTimeout < 0 || sp.AffinityTimeout/time.Second > 1<<32-1 {
+		return nil, fmt.Errorf("encode service port %s: affinity timeout %s is not a whole number of seconds that fits 32 bits", sp.Name, sp.AffinityTimeout)
+	}
+	id := n.services.get(sp.Name)
+	f := &fragment{
+		sp:           cloneServicePort(sp),
+		id:           id,
+		info:         info,
+		services:     make(map[svcnatSvcKey]svcnatSvcValue, len(sp.Frontends)),
+		slots:        make(map[svcnatSlotKey]uint32, len(sp.ClusterEndpoints)+len(sp.LocalEndpoints)),
+		sourceRanges: make(map[svcnatSourceRangeKey]uint8, len(sp.SourceRanges)),
+		backends:     make(map[uint32]svcnatBackend, len(sp.ClusterEndpoints)),
+	}
+	for set, eps := range [][]model.Endpoint{setCluster: sp.ClusterEndpoints, setLocal: sp.LocalEndpoints} {
+		for i, ep := range eps {
+			bid := n.backends.get(ep)
+			b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
+			if ep.Local {
+				b.Flags |= backendLocal
+			}
+			f.backends[bid] = b
+			f.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: uint8(set)}] = bid
+		}
+	}
+	value := svcnatSvcValue{
+		Id:              id,
+		ClusterCount:    uint16(len(sp.ClusterEndpoints)),
+		LocalCount:      uint16(len(sp.LocalEndpoints)),
+		AffinityTimeout: uint32(sp.AffinityTimeout / time.Second),
+	}
+	if sp.InternalTrafficLocal {
+		value.Flags |= flagInternalLocal
+	}
+	if sp.ExternalTrafficLocal {
+		value.Flags |= flagExternalLocal
+	}
+	if len(sp.SourceRanges) > 0 {
+		value.Flags |= flagSourceRanges
+	}
+	for _, p := range sp.SourceRanges {
+		f.sourceRanges[svcnatSourceRangeKey{Prefixlen: 32 + uint32(mappedBits(p)), Id: id, Addr: addr16(p.Addr())}] = 1
+	}
+	for _, fe := range sp.Frontends {
+		kind, ok := kinds[fe.Kind]
+		if !ok {
+			return nil, fmt.Errorf("encode service port %s: unknown frontend kind %q", sp.Name, fe.Kind)
+		}
+		v := value
+		v.Kind = kind
+		f.services[svcnatSvcKey{Addr: addr16(fe.IP), Port: htons(fe.Port), Proto: proto}] = v
+	}
+	return f, nil
+}
+
+func cloneServicePort(sp *model.ServicePort) *model.ServicePort {
+	c := *sp
+	c.Frontends = slices.Clone(sp.Frontends)
+	c.ClusterEndpoints = slices.Clone(sp.ClusterEndpoints)
+	c.LocalEndpoints = slices.Clone(sp.LocalEndpoints)
+	c.SourceRanges = slices.Clone(sp.SourceRanges)
+	return &c
 }
 
 func encodeInfo(sp *model.ServicePort, proto uint8) (svcnatSvcInfo, error) {

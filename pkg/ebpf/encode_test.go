@@ -102,7 +102,7 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 	for seed := range uint64(50) {
 		r := rand.New(rand.NewPCG(seed, 1))
 		want := randomState(r, 1+r.IntN(40))
-		tab, err := encode(want, newIDs())
+		tab, _, err := encode(want, newIDs())
 		if err != nil {
 			t.Fatalf("seed %d: encode: %v", seed, err)
 		}
@@ -117,7 +117,7 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 	s := randomState(rand.New(rand.NewPCG(7, 7)), 30)
 	n := newIDs()
-	first, err := encode(s, n)
+	first, _, err := encode(s, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +130,7 @@ func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 	if len(first.backends) != len(eps) {
 		t.Errorf("backends: %d entries for %d distinct endpoints", len(first.backends), len(eps))
 	}
-	again, err := encode(s, n)
+	again, _, err := encode(s, n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +142,7 @@ func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	third, err := encode(s, adopted)
+	third, _, err := encode(s, adopted)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +179,7 @@ func TestEncodeRejects(t *testing.T) {
 			s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
 			tc.mutate(sp, s)
 			s.ServicePorts[sp.Name] = sp
-			_, err := encode(s, newIDs())
+			_, _, err := encode(s, newIDs())
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("encode: got error %v, want one containing %q", err, tc.want)
 			}

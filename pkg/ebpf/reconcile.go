@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 
 	"github.com/svcnat/svcnat/pkg/model"
 )
@@ -67,11 +68,12 @@ func readMap[K comparable, V any](sm sizedMap, dst map[K]V) error {
 }
 
 // checkCapacity fails, naming the map and its flag, when writing want over
-// cur would overflow a map at any point: new entries are written before old
-// ones are deleted, so the peak is their union.
+// cur (all of it, or only what changes) would overflow a map at any point:
+// new entries are written before old ones are deleted, so the peak is cur
+// plus the keys of want it does not hold.
 func checkCapacity(ms *mapSet, cur, want *table) error {
 	var errs []error
-	check := func(sm sizedMap, peak, needed int) {
+	check := func(sm sizedMap, peak int) {
 		if peak <= sm.capacity {
 			return
 		}
@@ -79,15 +81,15 @@ func checkCapacity(ms *mapSet, cur, want *table) error {
 		if sm.flag != "" {
 			how = "raise " + sm.flag
 		}
-		errs = append(errs, fmt.Errorf("map %s holds %d entries, the new state needs %d (%d while old entries are replaced): %s",
-			sm.name, sm.capacity, needed, peak, how))
+		errs = append(errs, fmt.Errorf("map %s holds %d entries, this sync needs %d while old entries are replaced: %s",
+			sm.name, sm.capacity, peak, how))
 	}
-	check(ms.services, unionLen(cur.services, want.services), len(want.services))
-	check(ms.info, unionLen(cur.info, want.info), len(want.info))
-	check(ms.slots, unionLen(cur.slots, want.slots), len(want.slots))
-	check(ms.backends, unionLen(cur.backends, want.backends), len(want.backends))
-	check(ms.sourceRanges, unionLen(cur.sourceRanges, want.sourceRanges), len(want.sourceRanges))
-	check(ms.clusterCIDRs, unionLen(cur.clusterCIDRs, want.clusterCIDRs), len(want.clusterCIDRs))
+	check(ms.services, unionLen(cur.services, want.services))
+	check(ms.info, unionLen(cur.info, want.info))
+	check(ms.slots, unionLen(cur.slots, want.slots))
+	check(ms.backends, unionLen(cur.backends, want.backends))
+	check(ms.sourceRanges, unionLen(cur.sourceRanges, want.sourceRanges))
+	check(ms.clusterCIDRs, unionLen(cur.clusterCIDRs, want.clusterCIDRs))
 	return errors.Join(errs...)
 }
 
@@ -161,48 +163,185 @@ func deleteGone[K, V comparable](sm sizedMap, cur, want map[K]V) error {
 	return nil
 }
 
-// reconciler keeps the maps equal to the desired state, writing only the
-// difference to what it last wrote, and reading the kernel back after any
-// failure.
+// reconciler keeps the maps equal to the desired state. It re-encodes only
+// the ServicePorts that changed since the last successful sync and writes
+// only the entries that differ; after a failure it reads the kernel back
+// and compares everything.
 type reconciler struct {
 	maps *mapSet
 	ids  *ids // nil until adopted from the kernel
 	// written is what the maps hold, nil when unknown (at start or after a
-	// failed write).
+	// failed write); frags and refs describe it per ServicePort and per
+	// backend (how many ServicePorts name it).
 	written *table
+	frags   map[model.ServicePortName]*fragment
+	refs    map[uint32]int
 }
 
-// sync makes the maps hold s. On error the maps hold either the previous
-// state or, for a ServicePort the failed write reached, a consistent mix
-// of the old and new endpoint sets; the next sync repairs them.
+// sync makes the maps hold s. It writes nothing when s does not fit. On a
+// write error the maps hold, per ServicePort, the old or the new entries or
+// a mix the datapath can use (every slot below a count exists); the next
+// sync repairs them.
 func (r *reconciler) sync(s *model.State) error {
 	if r.written == nil {
-		cur, err := readTable(r.maps)
-		if err != nil {
-			return err
-		}
-		if r.ids == nil {
-			// At start: continue the numbering a previous run left. After
-			// a failed write the numbers in memory stay, so a retry writes
-			// only what is still missing.
-			if r.ids, err = adoptIDs(cur); err != nil {
-				return err
-			}
-		}
-		r.written = cur
+		return r.syncAll(s)
 	}
-	want, err := encode(s, r.ids)
+	return r.syncChanges(s)
+}
+
+// syncAll compares everything with what the kernel holds.
+func (r *reconciler) syncAll(s *model.State) error {
+	cur, err := readTable(r.maps)
 	if err != nil {
 		return err
 	}
-	if err := checkCapacity(r.maps, r.written, want); err != nil {
-		return fmt.Errorf("check capacity: %w", err)
+	if r.ids == nil {
+		// At start: continue the numbering a previous run left. After a
+		// failed write the numbers in memory stay, so a retry writes only
+		// what is still missing.
+		if r.ids, err = adoptIDs(cur); err != nil {
+			return err
+		}
 	}
-	if err := apply(r.maps, r.written, want); err != nil {
-		r.written = nil
+	want, frags, err := encode(s, r.ids)
+	if err != nil {
 		return err
 	}
-	r.written = want
+	if err := checkCapacity(r.maps, cur, want); err != nil {
+		return fmt.Errorf("check capacity: %w", err)
+	}
+	if err := apply(r.maps, cur, want); err != nil {
+		return err
+	}
+	r.written, r.frags, r.refs = want, frags, map[uint32]int{}
+	for _, f := range frags {
+		for bid := range f.backends {
+			r.refs[bid]++
+		}
+	}
 	r.ids.release(want)
 	return nil
+}
+
+// syncChanges writes the entries of the ServicePorts that differ from the
+// last sync: old holds what they replace, next what replaces it.
+func (r *reconciler) syncChanges(s *model.State) error {
+	old, next := newTable(), newTable()
+	replaced := map[uint32]bool{} // ids of ServicePorts changed or removed
+	frags := map[model.ServicePortName]*fragment{}
+	var removed []*fragment
+	delta := map[uint32]int{}
+	for name, sp := range s.ServicePorts {
+		prev := r.frags[name]
+		if prev != nil && prev.sp.Equal(sp) {
+			continue
+		}
+		f, err := encodeServicePort(sp, r.ids)
+		if err != nil {
+			return err
+		}
+		for key, v := range f.services {
+			if other, dup := next.services[key]; dup {
+				return fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of service port %d", name, addrString(key.Addr), ntohs(key.Port), other.Id)
+			}
+			next.services[key] = v
+		}
+		addFragment(next, f)
+		for bid, b := range f.backends {
+			delta[bid]++
+			next.backends[bid] = b
+		}
+		frags[name] = f
+		if prev != nil {
+			replaced[prev.id] = true
+			maps.Copy(old.services, prev.services)
+			addFragment(old, prev)
+			for bid := range prev.backends {
+				delta[bid]--
+			}
+		}
+	}
+	for name, prev := range r.frags {
+		if _, ok := s.ServicePorts[name]; !ok {
+			replaced[prev.id] = true
+			maps.Copy(old.services, prev.services)
+			addFragment(old, prev)
+			for bid := range prev.backends {
+				delta[bid]--
+			}
+			removed = append(removed, prev)
+		}
+	}
+	for key, v := range next.services {
+		if cur, ok := r.written.services[key]; ok && cur.Id != v.Id && !replaced[cur.Id] {
+			return fmt.Errorf("encode service port %d: frontend %s port %d is also a frontend of service port %d", v.Id, addrString(key.Addr), ntohs(key.Port), cur.Id)
+		}
+	}
+	// A backend is written when the first ServicePort names it and deleted
+	// when the last one stops.
+	var orphans []uint32
+	for bid, d := range delta {
+		before := r.refs[bid]
+		switch after := before + d; {
+		case before > 0 && after > 0:
+			b := r.written.backends[bid]
+			old.backends[bid], next.backends[bid] = b, b
+		case before > 0:
+			old.backends[bid] = r.written.backends[bid]
+			delete(next.backends, bid)
+			orphans = append(orphans, bid)
+		default:
+			// New: next holds it already.
+		}
+	}
+	if cidrs := encodeClusterCIDRs(s.ClusterCIDRs); !maps.Equal(cidrs, r.written.clusterCIDRs) {
+		old.clusterCIDRs, next.clusterCIDRs = r.written.clusterCIDRs, cidrs
+	}
+	if len(frags) == 0 && len(removed) == 0 && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
+		return nil
+	}
+	if err := checkCapacity(r.maps, r.written, next); err != nil {
+		return fmt.Errorf("check capacity: %w", err)
+	}
+	if err := apply(r.maps, old, next); err != nil {
+		r.written, r.frags, r.refs = nil, nil, nil
+		return err
+	}
+
+	replaceEntries(r.written.services, old.services, next.services)
+	replaceEntries(r.written.info, old.info, next.info)
+	replaceEntries(r.written.slots, old.slots, next.slots)
+	replaceEntries(r.written.backends, old.backends, next.backends)
+	replaceEntries(r.written.sourceRanges, old.sourceRanges, next.sourceRanges)
+	replaceEntries(r.written.clusterCIDRs, old.clusterCIDRs, next.clusterCIDRs)
+	for _, f := range removed {
+		delete(r.frags, f.sp.Name)
+		r.ids.services.forget(f.id)
+	}
+	maps.Copy(r.frags, frags)
+	for bid, d := range delta {
+		if r.refs[bid] += d; r.refs[bid] <= 0 {
+			delete(r.refs, bid)
+		}
+	}
+	for _, bid := range orphans {
+		r.ids.backends.forget(bid)
+	}
+	return nil
+}
+
+// addFragment adds a ServicePort's own entries, not its frontends or
+// backends, to t.
+func addFragment(t *table, f *fragment) {
+	t.info[f.id] = f.info
+	maps.Copy(t.slots, f.slots)
+	maps.Copy(t.sourceRanges, f.sourceRanges)
+}
+
+// replaceEntries makes dst, which held old, hold next instead.
+func replaceEntries[K comparable, V any](dst, old, next map[K]V) {
+	for k := range old {
+		delete(dst, k)
+	}
+	maps.Copy(dst, next)
 }

@@ -1,10 +1,13 @@
 package ebpf
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -236,5 +239,126 @@ func TestReconcilerCapacity(t *testing.T) {
 	// The reconciler still works afterwards.
 	if err := rec.sync(small); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// mutate changes a few ServicePorts of s the way Kubernetes updates do:
+// endpoints come and go, policies flip, ServicePorts are added and removed,
+// and a frontend moves from one ServicePort to another.
+func mutate(r *rand.Rand, s *model.State, fresh *model.State) {
+	for range 1 + r.IntN(4) {
+		sps := s.Sorted()
+		if len(sps) == 0 {
+			break
+		}
+		sp := cloneServicePort(sps[r.IntN(len(sps))])
+		switch r.IntN(6) {
+		case 0:
+			if len(sp.ClusterEndpoints) > 0 {
+				sp.ClusterEndpoints = sp.ClusterEndpoints[1:]
+			}
+		case 1:
+			ip := sp.Frontends[0].IP
+			sp.ClusterEndpoints = append(sp.ClusterEndpoints, model.Endpoint{IP: ip.Next(), Port: uint16(r.IntN(3) + 1)})
+		case 2:
+			sp.InternalTrafficLocal = !sp.InternalTrafficLocal
+			sp.LocalEndpoints = nil
+		case 3:
+			delete(s.ServicePorts, sp.Name)
+			continue
+		case 4:
+			// Move this ServicePort's last frontend to another one of the
+			// same family and protocol.
+			for _, other := range sps {
+				if other.Name != sp.Name && other.Name.Family == sp.Name.Family && other.Protocol == sp.Protocol && len(sp.Frontends) > 1 {
+					o := cloneServicePort(other)
+					o.Frontends = append(o.Frontends, sp.Frontends[len(sp.Frontends)-1])
+					slices.SortFunc(o.Frontends, func(a, b model.Frontend) int {
+						return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+					})
+					sp.Frontends = sp.Frontends[:len(sp.Frontends)-1]
+					s.ServicePorts[o.Name] = o
+					break
+				}
+			}
+		case 5:
+			// A new ServicePort, on frontend addresses no other uses.
+			for _, n := range fresh.Sorted() {
+				if _, ok := s.ServicePorts[n.Name]; !ok {
+					for i := range n.Frontends {
+						n.Frontends[i].IP = uniqueAddr(n.Name.Family)
+					}
+					slices.SortFunc(n.Frontends, func(a, b model.Frontend) int {
+						return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+					})
+					s.ServicePorts[n.Name] = n
+					break
+				}
+			}
+			continue
+		}
+		s.ServicePorts[sp.Name] = sp
+	}
+}
+
+var uniqueCounter uint16
+
+func uniqueAddr(f model.Family) netip.Addr {
+	uniqueCounter++
+	if f == model.IPv4 {
+		return netip.AddrFrom4([4]byte{10, 200, byte(uniqueCounter >> 8), byte(uniqueCounter)})
+	}
+	return netip.AddrFrom16([16]byte{0xfd, 0xc8, 14: byte(uniqueCounter >> 8), 15: byte(uniqueCounter)})
+}
+
+func TestReconcilerIncremental(t *testing.T) {
+	for seed := range uint64(10) {
+		r := rand.New(rand.NewPCG(seed, 9))
+		ms := fakeMaps(1<<20, nil)
+		var inconsistent error
+		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
+			sm.m.(*fakeMap).after = func() {
+				if err := datapathConsistent(ms); err != nil && inconsistent == nil {
+					inconsistent = err
+				}
+			}
+		}
+		rec := &reconciler{maps: ms}
+		s := randomState(r, 30)
+		for step := range 40 {
+			if err := rec.sync(s); err != nil {
+				t.Fatalf("seed %d step %d: %v", seed, step, err)
+			}
+			if inconsistent != nil {
+				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, inconsistent)
+			}
+			got, err := readTable(ms)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !got.equal(rec.written) {
+				t.Fatalf("seed %d step %d: maps differ from what the reconciler believes it wrote", seed, step)
+			}
+			// Exactly the entries a fresh encoding has: nothing left over.
+			fresh, _, err := encode(s, newIDs())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got.backends) != len(fresh.backends) || len(got.slots) != len(fresh.slots) ||
+				len(got.services) != len(fresh.services) || len(got.info) != len(fresh.info) {
+				t.Fatalf("seed %d step %d: %d backends, %d slots, %d frontends, %d service ports; want %d, %d, %d, %d", seed, step,
+					len(got.backends), len(got.slots), len(got.services), len(got.info),
+					len(fresh.backends), len(fresh.slots), len(fresh.services), len(fresh.info))
+			}
+			dumped, err := decode(got)
+			if err != nil {
+				t.Fatalf("seed %d step %d: decode: %v", seed, step, err)
+			}
+			statesEqual(t, s, dumped)
+			if t.Failed() {
+				t.Fatalf("seed %d step %d", seed, step)
+			}
+			mutate(r, s, randomState(r, 40))
+		}
 	}
 }

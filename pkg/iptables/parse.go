@@ -453,9 +453,14 @@ func decode(s *model.State, rs *Ruleset) error {
 			s.ClusterCIDRs = append(s.ClusterCIDRs, p)
 		}
 	}
-	for _, r := range nat[chainPostrouting] {
-		if r.comment == commentHairpin && r.src.set() {
-			d.locals[r.src.addr] = true
+	for chain, rules := range nat {
+		if !strings.HasPrefix(chain, prefixHairpin) {
+			continue
+		}
+		for _, r := range rules {
+			if r.comment == commentHairpin && r.src.set() {
+				d.locals[r.src.addr] = true
+			}
 		}
 	}
 	for _, table := range []string{tableNAT, tableFilter} {

@@ -15,8 +15,10 @@
 //	    SVCNAT-EXT-<hash> (traffic policy, masquerade marking).
 //	SVCNAT-SVC/LCL: one DNAT rule per endpoint, random choice with
 //	    statistic, session affinity with recent; no per-endpoint chains.
-//	POSTROUTING -> SVCNAT-POSTROUTING: hairpin masquerade per local endpoint
-//	    address, then MASQUERADE of marked packets.
+//	POSTROUTING -> SVCNAT-POSTROUTING: for DNATed connections, 16-way
+//	    dispatch on source address bits 0-3 -> SVCNAT-H-x: hairpin
+//	    masquerade per local endpoint address; then MASQUERADE of marked
+//	    packets.
 //	filter INPUT, FORWARD, OUTPUT (new connections) -> SVCNAT-FILTER: the
 //	    same dispatch trees, leaves holding REJECT (no endpoints), DROP (no
 //	    local endpoint, outside source ranges) and ACCEPT (health check
@@ -52,6 +54,7 @@ const (
 	chainFilter      = "SVCNAT-FILTER"
 	prefixAddrTree   = "SVCNAT-A-"
 	prefixPortTree   = "SVCNAT-P-"
+	prefixHairpin    = "SVCNAT-H-"
 	prefixCluster    = "SVCNAT-SVC-"
 	prefixLocal      = "SVCNAT-LCL-"
 	prefixExternal   = "SVCNAT-EXT-"

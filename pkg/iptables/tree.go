@@ -167,10 +167,20 @@ func (r *renderer) shared() {
 	for a := range r.locals {
 		locals = append(locals, a)
 	}
-	slices.SortFunc(locals, netip.Addr.Compare)
+	slices.SortFunc(locals, func(a, b netip.Addr) int {
+		return cmp.Or(cmp.Compare(addrNibbles(a)[0], addrNibbles(b)[0]), a.Compare(b))
+	})
+	// Hairpin: a DNATed connection from a local endpoint to itself. The
+	// rules are dispatched on the source's lowest 4 bits, so a connection
+	// walks at most 16 rules plus a sixteenth of the node's endpoints.
 	for _, a := range locals {
-		r.add(tableNAT, chainPostrouting, fmt.Sprintf("-s %s -d %s -m conntrack --ctstate DNAT %s -j MASQUERADE",
-			hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
+		path := addrNibbles(a)[:1]
+		chain := prefixHairpin + hexPath(path)
+		if _, ok := nat[chain]; !ok {
+			r.add(tableNAT, chainPostrouting, strings.Replace(addrDispatch(r.family, path), "-d", "-s", 1)+
+				" -m conntrack --ctstate DNAT -j "+chain)
+		}
+		r.add(tableNAT, chain, fmt.Sprintf("-s %s -d %s %s -j MASQUERADE", hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
 	}
 	mark := r.masqMark + "/" + r.masqMark
 	r.add(tableNAT, chainPostrouting, "-m mark ! --mark "+mark+" "+comment(commentMasq)+" -j RETURN")

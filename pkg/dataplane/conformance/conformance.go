@@ -58,7 +58,7 @@ func state(cidrs []string, sps ...*model.ServicePort) *model.State {
 // derive locality per endpoint address, so the cases keep it consistent.
 var (
 	v4CIDRs   = []string{"10.244.0.0/16"}
-	dualCIDRs = []string{"10.244.0.0/16", "fd00:244::/48"}
+	dualCIDRs = []string{"10.244.0.0/16", "fd00:244::/32"}
 )
 
 func clusterIPMulti() *model.ServicePort {
@@ -173,7 +173,7 @@ func Cases() []Case {
 		{"LoadBalancerSourceRangesLocal", state(v4CIDRs, lbLocal())},
 		{"Affinity", state(v4CIDRs, affinity())},
 		{"NoEndpoints", state(v4CIDRs, noEndpoints())},
-		{"IPv6", state([]string{"fd00:244::/48"}, ipv6())},
+		{"IPv6", state([]string{"fd00:244::/32"}, ipv6())},
 		{"DualStack", state(dualCIDRs, dual, dual6)},
 		{"LocalPolicies", state(v4CIDRs, localPolicies(), localNoLocalEndpoint())},
 		{"ClusterCIDRsOnly", state(dualCIDRs)},

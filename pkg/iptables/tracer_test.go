@@ -231,7 +231,6 @@ func (m *addrMatch) matches(a netip.Addr) bool {
 	return eq != m.neg
 }
 
-
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 func pkt(from origin, src, dst string, port uint16, proto model.Protocol) packet {
@@ -243,8 +242,8 @@ func to(ep string, prob float64, masq bool) outcome {
 }
 
 var (
-	dropped  = outcome{prob: 1, verdict: "drop"}
-	rejected = outcome{prob: 1, verdict: "reject"}
+	dropped   = outcome{prob: 1, verdict: "drop"}
+	rejected  = outcome{prob: 1, verdict: "reject"}
 	untouched = outcome{prob: 1, verdict: "accept"}
 )
 

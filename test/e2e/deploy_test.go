@@ -16,7 +16,7 @@ import (
 // a server-side dry run and strict field validation, so a schema error in
 // the manifests fails here rather than on a user's cluster.
 func TestDeployManifests(t *testing.T) {
-	b := binaries(t, false)
+	b := binaries(t)
 	kubectl, err := exec.LookPath("kubectl")
 	if err != nil {
 		t.Skip("needs kubectl for the server-side dry run")

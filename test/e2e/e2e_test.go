@@ -28,14 +28,14 @@ import (
 // bed has no namespace controller, so objects are deleted one by one.
 const ns = "e2e"
 
-// binaries locates (or builds) what the test bed runs, or skips the test
-// with the reason.
-func binaries(t *testing.T, withSvcnat bool) testbed.Binaries {
+// binaries locates (or builds) what the test bed runs, except svcnat, or
+// skips the test with the reason.
+func binaries(t *testing.T) testbed.Binaries {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: builds network namespaces, cgroups and a control plane")
 	}
-	b, err := testbed.LocateBinaries(t.TempDir(), withSvcnat)
+	b, err := testbed.LocateBinaries(t.TempDir(), false)
 	if err != nil {
 		t.Skipf("binaries missing: %v", err)
 	}
@@ -72,13 +72,18 @@ func TestServices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	withSvcnat := false
+	b := binaries(t)
+	var svcnatErr error
 	for _, k := range kinds {
-		withSvcnat = withSvcnat || k.IsSvcnat()
+		if k.IsSvcnat() && b.Svcnat == "" && svcnatErr == nil {
+			b.Svcnat, svcnatErr = testbed.BuildSvcnat(t.TempDir())
+		}
 	}
-	b := binaries(t, withSvcnat)
 	for _, kind := range kinds {
 		t.Run(string(kind), func(t *testing.T) {
+			if kind.IsSvcnat() && svcnatErr != nil {
+				t.Skipf("svcnat binary missing: %v", svcnatErr)
+			}
 			runSuite(t, b, kind)
 		})
 	}

@@ -14,7 +14,7 @@ import (
 // holds the Nodes, pods reach each other directly across nodes, and the
 // client reaches the nodes. The Service scenarios rely on all of it.
 func TestTestbed(t *testing.T) {
-	b := binaries(t, false)
+	b := binaries(t)
 	c := startCluster(t, t.Context(), b, testbed.Options{PodPorts: testbed.DefaultPodPorts})
 	nodes, err := c.Kube.CoreV1().Nodes().List(t.Context(), metav1.ListOptions{})
 	if err != nil {

@@ -102,31 +102,39 @@ func LocateBinaries(buildDir string, withSvcnat bool) (Binaries, error) {
 			return b, err
 		}
 	}
-	root, err := sourceRoot()
-	if err != nil {
-		return b, err
-	}
-	build := func(env, pkg, name string) (string, error) {
-		if p := os.Getenv(env); p != "" {
-			return filepath.Abs(p)
-		}
-		out := filepath.Join(buildDir, name)
-		cmd := exec.Command("go", "build", "-o", out, pkg)
-		cmd.Dir = root
-		if msg, err := cmd.CombinedOutput(); err != nil {
-			return "", fmt.Errorf("build %s (or set %s): %w: %s", pkg, env, err, strings.TrimSpace(string(msg)))
-		}
-		return out, nil
-	}
-	if b.EchoServer, err = build("SVCNAT_ECHOSERVER_BIN", "./test/echoserver", "echoserver"); err != nil {
+	if b.EchoServer, err = buildFromSource("SVCNAT_ECHOSERVER_BIN", "./test/echoserver", buildDir, "echoserver"); err != nil {
 		return b, err
 	}
 	if withSvcnat {
-		if b.Svcnat, err = build("SVCNAT_BIN", "./cmd/svcnat", "svcnat"); err != nil {
+		if b.Svcnat, err = BuildSvcnat(buildDir); err != nil {
 			return b, err
 		}
 	}
 	return b, nil
+}
+
+// BuildSvcnat returns $SVCNAT_BIN, or builds ./cmd/svcnat into buildDir.
+func BuildSvcnat(buildDir string) (string, error) {
+	return buildFromSource("SVCNAT_BIN", "./cmd/svcnat", buildDir, "svcnat")
+}
+
+// buildFromSource returns the absolute path in $env, or builds pkg of this
+// source tree into buildDir/name.
+func buildFromSource(env, pkg, buildDir, name string) (string, error) {
+	if p := os.Getenv(env); p != "" {
+		return filepath.Abs(p)
+	}
+	root, err := sourceRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(buildDir, name)
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = root
+	if msg, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build %s (or set %s): %w: %s", pkg, env, err, strings.TrimSpace(string(msg)))
+	}
+	return out, nil
 }
 
 func insecureTLS() *tls.Config {

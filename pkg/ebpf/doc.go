@@ -1,0 +1,46 @@
+// Package ebpf is svcnat's eBPF dataplane: Service translation with BPF maps
+// and programs instead of rule chains. The C side, its maps and the design
+// decisions are described in bpf/README.md; this package loads the programs,
+// attaches them, and keeps the maps equal to a model.State.
+//
+// # Maps
+//
+// The desired state lives in six maps (see bpf/svcnat.h): svcnat_services
+// (frontend address, port, protocol -> ServicePort id, endpoint counts,
+// flags), svcnat_slots ((id, set, slot) -> backend id), svcnat_backends
+// (backend id -> address, port, local), svcnat_svc_info (id -> the
+// ServicePort's name and the fields Dump needs), svcnat_source_ranges and
+// svcnat_cluster_cidrs (LPM tries). encode and decode turn a model.State into
+// these entries and back; the round trip is exact, so Dump gives back what
+// Sync was given. The datapath writes three LRU maps itself: session
+// affinity, the sockets' reverse translation, and the tc flow table.
+//
+// # Writing
+//
+// The reconciler re-encodes only the ServicePorts that changed since the
+// last sync and writes the differing entries in an order that never shows
+// the datapath a half-written Service: new backends, then slots, then the
+// frontends carrying the new counts (one atomic value each), then deletions
+// of frontends, slots beyond a smaller count, and last the backends no slot
+// names. Backend and ServicePort ids are never reused while an entry may
+// still hold them. Capacity is checked before anything is written; a state
+// that does not fit fails naming the map and the flag that sizes it. After a
+// failed write the next sync reads the maps back and compares everything.
+// The reconciler works on the bpfMap interface; tests use an in-memory fake
+// that fails writes at random and checks, after every write, that the
+// datapath's invariant (every slot below a count exists and names a
+// backend) holds.
+//
+// # Pins and restarts
+//
+// Maps are pinned by name under Options.BPFFSPath and links under its
+// links/ directory. A restarted agent loads its programs against the pinned
+// maps and points the pinned links at the new programs (bpf_link_update), so
+// translation never stops; its first Sync compares with what the kernel
+// holds and writes only the difference. Dump and Raw open the pins
+// read-only and need no Init, so `svcnat dump` works from another process.
+// Cleanup detaches every pinned link and removes the directory.
+//
+// Init mounts nothing: the parent of Options.BPFFSPath must already be a
+// bpffs, or Init fails saying so.
+package ebpf

@@ -13,6 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
@@ -157,6 +158,27 @@ func (w *workload) burst(ctx context.Context, count int) (time.Duration, error) 
 		return nil
 	})
 	return time.Since(start), err
+}
+
+// hiddenLabel makes every proxy here ignore a Service, as kube-proxy does
+// for Services another proxy serves.
+const hiddenLabel = "service.kubernetes.io/service-proxy-name"
+
+// hide sets (or removes) hiddenLabel on every filler Service.
+func (w *workload) hide(ctx context.Context, on bool) error {
+	w.mu.Lock()
+	n := len(w.slices)
+	w.mu.Unlock()
+	patch := []byte(`{"metadata":{"labels":{"` + hiddenLabel + `":null}}}`)
+	if on {
+		patch = []byte(`{"metadata":{"labels":{"` + hiddenLabel + `":"svcnat-bench-hidden"}}}`)
+	}
+	return parallel(ctx, w.workers, 0, n, func(i int) error {
+		if _, err := w.kube.CoreV1().Services(benchNamespace).Patch(ctx, fillerName(i), types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			return fmt.Errorf("label service %s: %w", fillerName(i), err)
+		}
+		return nil
+	})
 }
 
 // probeService is a Service whose single endpoint is a real pod.

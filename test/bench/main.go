@@ -54,6 +54,7 @@ type config struct {
 	probes  int
 	plots   bool
 	merge   bool
+	warm    bool
 }
 
 // shortConfig is the CI variant: small, one proxy, no plots.
@@ -99,6 +100,7 @@ func parseFlags(args []string) (config, error) {
 	workers := fs.Int("workers", 32, "parallel apiserver writers")
 	merge := fs.Bool("merge", false, "keep results of other proxies and sizes already in -out/results.json")
 	noPlots := fs.Bool("no-plots", false, "skip the PNG plots")
+	warm := fs.Bool("warm", true, "when a proxy's cold start is over -cap, measure the rest warm (Services added while it runs); larger sizes then skip its cold start")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
 	}
@@ -108,7 +110,7 @@ func parseFlags(args []string) (config, error) {
 		return cfg, nil
 	}
 	cfg := config{out: *out, cap: *capD, changes: *changes, pairs: *pairs, burst: *burst, idle: *idle,
-		workers: *workers, probes: 3, plots: !*noPlots, merge: *merge}
+		workers: *workers, probes: 3, plots: !*noPlots, merge: *merge, warm: *warm}
 	for f := range strings.SplitSeq(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > 60000 {
@@ -177,7 +179,8 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 	b := &bench{
 		c: c, w: &workload{kube: kube, workers: cfg.workers},
 		backends: pods[1:3],
-		p:        params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle},
+		p:        params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm},
+		capped:   map[testbed.ProxyKind]int{},
 	}
 	for i := range cfg.probes {
 		p, err := b.w.createProbe(ctx, fmt.Sprintf("probe-%d", i), b.backends[i%2])

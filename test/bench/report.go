@@ -166,7 +166,9 @@ func (r *Report) find(proxy testbed.ProxyKind, services int) *Result {
 }
 
 // measured reports whether the result has the figures of every phase.
-func (res *Result) measured() bool { return res != nil && !res.Failed && !res.InitCapped }
+func (res *Result) measured() bool {
+	return res != nil && !res.Failed && (!res.InitCapped || res.Warm)
+}
 
 func (r *Report) markdown(plots []string) []byte {
 	var b bytes.Buffer
@@ -245,6 +247,8 @@ func (res *Result) cells() []string {
 		out[i] = na
 	}
 	switch {
+	case res.InitCapped && res.Warm:
+		out[0] = fmt.Sprintf("> %.0f (cap); the rest warm", res.CapSeconds)
 	case res.InitCapped:
 		out[0] = fmt.Sprintf("> %.0f (cap)", res.CapSeconds)
 	case res.InitSeconds > 0:
@@ -268,6 +272,9 @@ func (res *Result) cells() []string {
 		out[5] = fmt.Sprintf("%.0f", res.RSSSteadyMB)
 		out[6] = fmt.Sprintf("%.1f", res.CPUIdlePct)
 		out[7] = fmt.Sprintf("%.1f", res.CPUInitSeconds)
+		if res.Warm {
+			out[7] = "n/a (warm)"
+		}
 	}
 	if res.BurstChanges > 0 {
 		out[8] = fmt.Sprintf("%d changes: %.1f / %.2f / %.0f", res.BurstChanges, res.BurstConvergeSeconds, res.CPUBurstSeconds, res.RSSBurstPeakMB)

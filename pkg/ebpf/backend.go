@@ -233,6 +233,9 @@ func (b *Backend) Init(ctx context.Context) error {
 			return fmt.Errorf("init ebpf backend: interface %s: %w", name, err)
 		}
 	}
+	if err := b.detachOtherInterfaces(); err != nil {
+		return fmt.Errorf("init ebpf backend: %w", err)
+	}
 	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
 	return nil
 }
@@ -305,6 +308,36 @@ func (b *Backend) attachInterface(name string) error {
 			return err
 		}
 		b.links = append(b.links, l)
+	}
+	return nil
+}
+
+// detachOtherInterfaces removes the tc links an earlier run pinned for
+// interfaces no longer in Options.Interfaces.
+func (b *Backend) detachOtherInterfaces() error {
+	keep := map[string]bool{}
+	for _, name := range b.opts.Interfaces {
+		keep["tc-"+name+"-ingress"], keep["tc-"+name+"-egress"] = true, true
+	}
+	dir := filepath.Join(b.opts.BPFFSPath, "links")
+	pins, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("list pinned links: %w", err)
+	}
+	for _, p := range pins {
+		if !strings.HasPrefix(p.Name(), "tc-") || keep[p.Name()] {
+			continue
+		}
+		pin := filepath.Join(dir, p.Name())
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			return fmt.Errorf("load pinned link %s: %w", pin, err)
+		}
+		err = errors.Join(l.Unpin(), l.Close())
+		if err != nil {
+			return fmt.Errorf("detach %s: %w", pin, err)
+		}
+		b.log.Info("detached tc program from an interface no longer configured", "link", p.Name())
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -254,4 +255,39 @@ func TestRestartAndCleanup(t *testing.T) {
 	if err := second.Cleanup(t.Context()); err != nil {
 		t.Fatalf("second cleanup: %v", err)
 	}
+}
+
+// TestCapacity: a state that does not fit the real maps fails before
+// writing, naming the map and the flag, and what was programmed stays.
+func TestCapacity(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, MaxServices: 4, MaxBackends: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Cleanup(t.Context()) })
+	small := stateOf(sp("web", model.IPv4, model.TCP, "10.96.0.10", 80, endpoint("10.244.1.2", 8080)))
+	if err := b.Sync(t.Context(), small); err != nil {
+		t.Fatal(err)
+	}
+	big := stateOf(sp("web", model.IPv4, model.TCP, "10.96.0.10", 80, endpoint("10.244.1.2", 8080)))
+	for i := range 5 {
+		p := sp("svc"+string(rune('a'+i)), model.IPv4, model.TCP, "10.96.1."+string(rune('1'+i)), 80, endpoint("10.244.1.3", 8080))
+		big.ServicePorts[p.Name] = p
+	}
+	err = b.Sync(t.Context(), big)
+	if err == nil || !strings.Contains(err.Error(), "svcnat_services") || !strings.Contains(err.Error(), "--bpf-map-max-services") {
+		t.Fatalf("sync of 6 frontends into a map of 4: %v, want an error naming svcnat_services and --bpf-map-max-services", err)
+	}
+	got, err := b.Dump(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	statesEqual(t, small, got)
 }

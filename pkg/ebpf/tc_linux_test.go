@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
 	"github.com/svcnat/svcnat/pkg/model"
@@ -378,4 +379,62 @@ func TestTCPrograms(t *testing.T) {
 			t.Errorf("%d %s", ret, out)
 		}
 	})
+}
+
+// TestInterfacesChange: a restart with fewer interfaces detaches the tc
+// programs from the ones left out.
+func TestInterfacesChange(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	for _, name := range []string{"ifa", "ifb"} {
+		netnstest.Run(t, "", "ip", "link", "add", name, "type", "veth", "peer", "name", name+"p")
+	}
+	start := func(ifaces ...string) *Backend {
+		b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: ifaces})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Init(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	attached := func(name string) bool {
+		iface, err := net.InterfaceByName(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, dir := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: iface.Index, Attach: dir})
+			if err != nil {
+				t.Fatalf("query tc programs on %s: %v", name, err)
+			}
+			n += len(res.Programs)
+		}
+		return n == 2
+	}
+	first := start("ifa", "ifb")
+	if !attached("ifa") || !attached("ifb") {
+		t.Fatal("tc programs not attached to both interfaces")
+	}
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	second := start("ifa")
+	t.Cleanup(func() { second.Cleanup(t.Context()) })
+	if !attached("ifa") {
+		t.Error("restart detached the tc programs from ifa")
+	}
+	if attached("ifb") {
+		t.Error("restart left the tc programs on ifb, no longer configured")
+	}
+	if err := second.Cleanup(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if attached("ifa") {
+		t.Error("cleanup left the tc programs on ifa")
+	}
 }

@@ -181,6 +181,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 		backends: pods[1:3],
 		p:        params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm},
 		capped:   map[testbed.ProxyKind]int{},
+		out:      cfg.out,
 	}
 	for i := range cfg.probes {
 		p, err := b.w.createProbe(ctx, fmt.Sprintf("probe-%d", i), b.backends[i%2])

@@ -77,9 +77,12 @@ type Result struct {
 
 	// Date is when the measurement ended; Failed marks one that broke off
 	// (Notes say why).
-	Date   string   `json:"date"`
-	Failed bool     `json:"failed,omitempty"`
-	Notes  []string `json:"notes,omitempty"`
+	// Profiles are pprof files (relative to the output directory) of an
+	// svcnat agent at rest (heap) and during the burst (CPU).
+	Profiles []string `json:"profiles,omitempty"`
+	Date     string   `json:"date"`
+	Failed   bool     `json:"failed,omitempty"`
+	Notes    []string `json:"notes,omitempty"`
 }
 
 func (r *Result) note(format string, args ...any) {
@@ -107,6 +110,7 @@ type bench struct {
 	backends []*testbed.Pod
 	prober   *prober
 	p        params
+	out      string // output directory, for profiles
 	// capped records, per proxy, the size at which its cold start went
 	// over the cap; larger sizes skip the cold start.
 	capped map[testbed.ProxyKind]int
@@ -207,6 +211,11 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 	res.CPUIdlePct = 100 * (cpu1 - cpu0) / time.Since(t0).Seconds()
 	if res.RSSSteadyMB, err = rssMB(proxy.PID()); err != nil {
 		return res, err
+	}
+	if path, err := profile(ctx, proxy, b.out, fmt.Sprintf("%s-%d-heap.pprof", kind, services), "heap", 0); err != nil {
+		res.note("no heap profile: %v", err)
+	} else if path != "" {
+		res.Profiles = append(res.Profiles, path)
 	}
 
 	// 4. New-connection latency, through the Service and direct.
@@ -339,6 +348,16 @@ func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Resul
 	if err != nil {
 		return err
 	}
+	// A CPU profile of the burst, when the agent serves one.
+	type saved struct {
+		path string
+		err  error
+	}
+	cpuProfile := make(chan saved, 1)
+	go func() {
+		path, err := profile(ctx, proxy, b.out, fmt.Sprintf("%s-%d-burst-cpu.pprof", proxy.Kind, res.Services), "profile", 10)
+		cpuProfile <- saved{path, err}
+	}()
 	peak := 0.0
 	stop := make(chan struct{})
 	sampled := make(chan struct{})
@@ -365,6 +384,11 @@ func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Resul
 	converged := time.Since(start)
 	close(stop)
 	<-sampled
+	if p := <-cpuProfile; p.err != nil {
+		res.note("no CPU profile of the burst: %v", p.err)
+	} else if p.path != "" {
+		res.Profiles = append(res.Profiles, p.path)
+	}
 	if err != nil {
 		return fmt.Errorf("burst: %w", err)
 	}

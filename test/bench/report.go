@@ -198,6 +198,9 @@ func (r *Report) markdown(plots []string) []byte {
 			for _, note := range res.Notes {
 				notes = append(notes, fmt.Sprintf("- %s (%s): %s", kind, res.Date, note))
 			}
+			for _, p := range res.Profiles {
+				notes = append(notes, fmt.Sprintf("- %s: profile [%s](%s) (`go tool pprof %s`)", kind, p, p, p))
+			}
 		}
 		if len(notes) > 0 {
 			fmt.Fprintf(&b, "\n%s\n", strings.Join(notes, "\n"))
@@ -398,6 +401,10 @@ func (r *Report) targets() string {
 			}
 		}
 	}
-	b.WriteString("\nNo CPU profile (pprof) of a missed target is in docs/bench yet.\n")
+	if !slices.ContainsFunc(r.Results, func(res Result) bool { return len(res.Profiles) > 0 }) {
+		b.WriteString("\nNo profile (pprof) is in docs/bench: the svcnat agent measured did not serve /debug/pprof on its metrics address.\n")
+	} else {
+		b.WriteString("\nProfiles of the svcnat agents (heap at rest, CPU during the burst) are linked under each table.\n")
+	}
 	return b.String()
 }

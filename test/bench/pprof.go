@@ -1,0 +1,62 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/svcnat/svcnat/test/testbed"
+)
+
+// metricsAddr is where the test bed tells every proxy to serve metrics;
+// an svcnat agent that serves net/http/pprof there is profiled.
+const metricsAddr = "127.0.0.1:10249"
+
+// profile saves a pprof profile ("heap", or "profile" for CPU over
+// seconds) of an svcnat agent into dir/pprof and returns the file's path
+// relative to dir. It returns "" without error when the agent serves no
+// profiles; kube-proxy is not profiled.
+func profile(ctx context.Context, proxy *testbed.Proxy, dir, name, kind string, seconds int) (string, error) {
+	if !proxy.Kind.IsSvcnat() {
+		return "", nil
+	}
+	url := fmt.Sprintf("http://%s/debug/pprof/%s", metricsAddr, kind)
+	if seconds > 0 {
+		url += fmt.Sprintf("?seconds=%d", seconds)
+	}
+	client := testbed.HTTPClientIn(proxy.Node.Netns, time.Duration(seconds)*time.Second+30*time.Second)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("fetch %s profile of %s: %w", kind, proxy.Kind, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusNotFound {
+		return "", nil
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("fetch %s profile of %s: %s", kind, proxy.Kind, resp.Status)
+	}
+	rel := filepath.Join("pprof", name)
+	if err := os.MkdirAll(filepath.Join(dir, "pprof"), 0o755); err != nil {
+		return "", fmt.Errorf("save profile: %w", err)
+	}
+	f, err := os.Create(filepath.Join(dir, rel))
+	if err != nil {
+		return "", fmt.Errorf("save profile: %w", err)
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		return "", fmt.Errorf("save %s profile of %s: %w", kind, proxy.Kind, err)
+	}
+	return rel, f.Close()
+}

@@ -355,8 +355,14 @@ func testHairpin(t *testing.T, e *env) {
 	self := e.pod("node1-a").Origin()
 	e.reachesOnly(t, self, "tcp", addr, "node1-a")
 	r := e.probe(t, self, testbed.ProbeSpec{Proto: "tcp", Addr: addr})[0]
+	if e.kind == testbed.SvcnatEBPF {
+		// Connect-time translation turns the connection into a local one
+		// inside the pod: no packet crosses the node, nothing to masquerade.
+		t.Logf("hairpin with connect-time translation: node1-a saw %s", r.Client)
+		return
+	}
 	if r.ClientIP() == self.IP {
-		t.Errorf("hairpin: node1-a saw its own address %s as the source; it must be masqueraded", r.Client)
+		t.Errorf("hairpin: node1-a saw its own address %s as the source; the node must masquerade it, or the reply would bypass the reverse NAT", r.Client)
 	}
 }
 

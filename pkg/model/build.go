@@ -201,8 +201,11 @@ type sliceEndpoint struct {
 	forZoneHint, hasZoneHints   bool
 }
 
-// rank orders duplicates of one address: ready beats serving-and-terminating
-// beats anything else.
+// rank orders duplicates of one address and port (an endpoint moving between
+// slices, or a Pod IP reused while the old Pod terminates): ready beats
+// serving-and-terminating beats anything else; on a tie the slice first in
+// name order wins. kube-proxy keeps the last non-terminating one in map
+// order, which is not deterministic.
 func (e *sliceEndpoint) rank() int {
 	switch {
 	case e.ready:

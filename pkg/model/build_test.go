@@ -401,3 +401,32 @@ func BenchmarkBuild10k(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkBuildServiceLarge measures one dual-stack NodePort Service with
+// 5,000 endpoints per family in 50 slices each: the cost of a rebuild when
+// one big Service changes.
+func BenchmarkBuildServiceLarge(b *testing.B) {
+	cfg := &Config{NodeName: "node1", NodeAddresses: []netip.Addr{netip.MustParseAddr("192.168.1.2"), netip.MustParseAddr("2001:db8::2")}}
+	svc := service("default", "big", "10.96.0.10", "fd00::10")
+	svc.Spec.Type = corev1.ServiceTypeNodePort
+	svc.Spec.Ports[0].NodePort = 30080
+	var ess []*discoveryv1.EndpointSlice
+	for s := range 50 {
+		var v4, v6 []endpoint
+		for j := range 100 {
+			v4 = append(v4, endpoint{ip: fmt.Sprintf("10.244.%d.%d", s, j), node: fmt.Sprintf("node%d", j%3)})
+			v6 = append(v6, endpoint{ip: fmt.Sprintf("fd00:244:%x::%x", s, j), node: fmt.Sprintf("node%d", j%3)})
+		}
+		ess = append(ess, slice("default", "big", fmt.Sprintf("big-v4-%02d", s), v4...))
+		es6 := slice("default", "big", fmt.Sprintf("big-v6-%02d", s), v6...)
+		es6.AddressType = discoveryv1.AddressTypeIPv6
+		ess = append(ess, es6)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		sps, errs := BuildService(cfg, svc, ess)
+		if len(errs) > 0 || len(sps) != 2 || len(sps[0].ClusterEndpoints) != 5000 || len(sps[1].ClusterEndpoints) != 5000 {
+			b.Fatalf("BuildService: %d ports, %v", len(sps), errs)
+		}
+	}
+}

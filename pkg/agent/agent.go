@@ -1,0 +1,455 @@
+// Package agent is svcnat's sync loop: it collects which Services changed,
+// rebuilds only those with model.BuildService, and hands the assembled
+// model.State to the backend, at a bounded rate, with retries and a periodic
+// full reconcile. It also serves the agent's health and the
+// healthCheckNodePorts of Services with externalTrafficPolicy Local.
+package agent
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/clock"
+
+	"github.com/svcnat/svcnat/pkg/dataplane"
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// Sources is where the agent reads Services, EndpointSlices and its Node
+// from: the informer caches (watch.Watcher).
+type Sources interface {
+	// WaitForCacheSync blocks until the caches are filled and reports false
+	// if ctx ended first.
+	WaitForCacheSync(ctx context.Context) bool
+	// Service returns the Service, or nil when it does not exist or is
+	// ignored.
+	Service(key types.NamespacedName) (*corev1.Service, error)
+	// EndpointSlices returns the Service's EndpointSlices.
+	EndpointSlices(key types.NamespacedName) ([]*discoveryv1.EndpointSlice, error)
+	// ServiceKeys returns the names of every Service.
+	ServiceKeys() ([]types.NamespacedName, error)
+	// Node returns this node's Node object, or nil when there is none.
+	Node() *corev1.Node
+}
+
+// ConntrackCleaner removes conntrack entries that the new state made stale.
+type ConntrackCleaner interface {
+	// Clean is called after every successful Sync with the state programmed.
+	Clean(s *model.State) error
+}
+
+// Options configure an Agent. Zero durations take the defaults.
+type Options struct {
+	NodeName          string
+	NodePortAddresses []netip.Prefix
+	ClusterCIDRs      []netip.Prefix
+	// NodeAddresses returns this node's current addresses, for NodePort
+	// frontends; nil means none.
+	NodeAddresses func() []netip.Addr
+	// MinSyncInterval is the least time between two syncs (default 1s): a
+	// burst of changes within it is programmed in one sync.
+	MinSyncInterval time.Duration
+	// SyncPeriod is the interval of full reconciles (default 30s); the
+	// health server reports unhealthy when a queued change waits for more
+	// than twice as long.
+	SyncPeriod time.Duration
+	// RetryBackoff is the first delay after a failed sync (default 1s),
+	// doubled after every further failure up to SyncPeriod.
+	RetryBackoff time.Duration
+	// BackendName is reported in the backend info metric.
+	BackendName string
+	// Conntrack, when set, is called after each successful sync.
+	Conntrack ConntrackCleaner
+	// HealthCheckHost is the address the healthCheckNodePort servers listen
+	// on; empty means every address.
+	HealthCheckHost string
+	Clock           clock.Clock
+	Metrics         *Metrics
+	Logger          *slog.Logger
+}
+
+// Agent runs the sync loop. Its MarkDirty and MarkAllDirty methods (the
+// watch.Sink) may be called from any goroutine.
+type Agent struct {
+	opts         Options
+	backend      dataplane.Backend
+	src          Sources
+	clock        clock.Clock
+	log          *slog.Logger
+	metrics      *Metrics
+	health       *Health
+	svcHealth    *ServiceHealth
+	started      time.Time
+	clusterCIDRs []netip.Prefix
+
+	mu          sync.Mutex
+	dirty       map[types.NamespacedName]struct{}
+	allDirty    bool
+	due         time.Time     // when the next sync runs; zero until caches synced
+	gap         time.Duration // least time from lastAttempt to the next sync
+	lastAttempt time.Time
+	armedFor    time.Time // the due time the loop's timer is set for (for tests)
+	wake        chan struct{}
+
+	// Owned by the loop goroutine.
+	ports    map[types.NamespacedName][]*model.ServicePort
+	triggers map[types.NamespacedName]map[string]time.Time
+	pending  []time.Time // trigger times not yet programmed
+	failures int
+}
+
+// New returns an Agent that programs backend from src. The backend must be
+// initialised (Init) already.
+func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
+	if opts.MinSyncInterval <= 0 {
+		opts.MinSyncInterval = time.Second
+	}
+	if opts.SyncPeriod <= 0 {
+		opts.SyncPeriod = 30 * time.Second
+	}
+	if opts.RetryBackoff <= 0 {
+		opts.RetryBackoff = time.Second
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = NewMetrics(nil)
+	}
+	a := &Agent{
+		opts:     opts,
+		backend:  backend,
+		src:      src,
+		clock:    opts.Clock,
+		log:      opts.Logger,
+		metrics:  opts.Metrics,
+		started:  opts.Clock.Now(),
+		dirty:    map[types.NamespacedName]struct{}{},
+		allDirty: true,
+		gap:      opts.MinSyncInterval,
+		wake:     make(chan struct{}, 1),
+		ports:    map[types.NamespacedName][]*model.ServicePort{},
+		triggers: map[types.NamespacedName]map[string]time.Time{},
+	}
+	// Build canonicalises the cluster CIDRs the way the State holds them.
+	if s, _ := model.Build(&model.Config{ClusterCIDRs: opts.ClusterCIDRs}, nil, nil); s != nil {
+		a.clusterCIDRs = s.ClusterCIDRs
+	}
+	a.health = newHealth(opts.Clock, 2*opts.SyncPeriod, src.Node)
+	a.health.queued()
+	a.svcHealth = newServiceHealth(opts.HealthCheckHost, a.health, opts.Logger)
+	a.metrics.backendInfo.WithLabelValues(opts.BackendName).Set(1)
+	return a
+}
+
+// Health returns the agent's health, for the /healthz and /livez server.
+func (a *Agent) Health() *Health { return a.health }
+
+// ServiceChanged marks one Service for rebuilding in the next sync.
+func (a *Agent) ServiceChanged(key types.NamespacedName) {
+	a.mu.Lock()
+	a.dirty[key] = struct{}{}
+	a.scheduleLocked()
+	a.mu.Unlock()
+	a.health.queued()
+	a.poke()
+}
+
+// AllChanged marks every Service for rebuilding in the next sync.
+func (a *Agent) AllChanged() {
+	a.mu.Lock()
+	a.allDirty = true
+	a.scheduleLocked()
+	a.mu.Unlock()
+	a.health.queued()
+	a.poke()
+}
+
+// scheduleLocked moves the next sync as early as the rate limit (or the
+// retry back-off) allows. Before the first sync it does nothing: Run starts
+// syncing once the caches are filled.
+func (a *Agent) scheduleLocked() {
+	if a.due.IsZero() {
+		return
+	}
+	earliest := a.lastAttempt.Add(a.gap)
+	if now := a.clock.Now(); earliest.Before(now) {
+		earliest = now
+	}
+	if earliest.Before(a.due) {
+		a.due = earliest
+	}
+}
+
+func (a *Agent) poke() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run waits for the caches, then syncs until ctx ends. It never syncs
+// before the caches are filled, so a restart does not program an empty
+// state. It returns nil when ctx ends, leaving what is programmed in place.
+func (a *Agent) Run(ctx context.Context) error {
+	a.log.Info("waiting for informer caches")
+	if !a.src.WaitForCacheSync(ctx) {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return errors.New("wait for informer caches: not synced")
+	}
+	defer a.svcHealth.Close()
+	a.mu.Lock()
+	a.due = a.clock.Now()
+	a.mu.Unlock()
+	for {
+		a.mu.Lock()
+		due := a.due
+		a.mu.Unlock()
+		if wait := due.Sub(a.clock.Now()); wait > 0 {
+			a.mu.Lock()
+			timer := a.clock.NewTimer(wait)
+			a.armedFor = due
+			a.mu.Unlock()
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				return nil
+			case <-a.wake:
+			case <-timer.C():
+			}
+			timer.Stop()
+			continue
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		a.syncAndSchedule(ctx)
+	}
+}
+
+// syncAndSchedule runs one sync and sets when the next one is due.
+func (a *Agent) syncAndSchedule(ctx context.Context) {
+	a.health.queued() // a periodic sync is due work too
+	start := a.clock.Now()
+	a.mu.Lock()
+	a.lastAttempt = start
+	a.mu.Unlock()
+	err := a.sync(ctx)
+	now := a.clock.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err != nil {
+		a.failures++
+		a.gap = a.backoff()
+		a.log.Error("sync failed, will retry", "err", err, "retryIn", a.gap, "failures", a.failures)
+		a.due = start.Add(a.gap)
+	} else {
+		a.failures = 0
+		a.gap = a.opts.MinSyncInterval
+		a.due = now.Add(a.opts.SyncPeriod)
+	}
+	if a.due.Before(now) {
+		a.due = now
+	}
+	if len(a.dirty) > 0 || a.allDirty {
+		a.scheduleLocked()
+		a.health.queued()
+	}
+}
+
+func (a *Agent) backoff() time.Duration {
+	d := a.opts.RetryBackoff
+	for i := 1; i < a.failures && d < a.opts.SyncPeriod; i++ {
+		d *= 2
+	}
+	return min(d, max(a.opts.SyncPeriod, a.opts.RetryBackoff))
+}
+
+// takeDirty returns the Services to rebuild and forgets them.
+func (a *Agent) takeDirty() ([]types.NamespacedName, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	keys := slices.Collect(maps.Keys(a.dirty))
+	all := a.allDirty
+	a.dirty = map[types.NamespacedName]struct{}{}
+	a.allDirty = false
+	return keys, all
+}
+
+// requeue marks keys dirty again after they could not be read.
+func (a *Agent) requeue(keys []types.NamespacedName, all bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, k := range keys {
+		a.dirty[k] = struct{}{}
+	}
+	a.allDirty = a.allDirty || all
+}
+
+// sync rebuilds the dirty Services and programs the whole state.
+func (a *Agent) sync(ctx context.Context) error {
+	start := a.clock.Now()
+	keys, all := a.takeDirty()
+	if all {
+		current, err := a.src.ServiceKeys()
+		if err != nil {
+			a.requeue(keys, true)
+			return fmt.Errorf("list services: %w", err)
+		}
+		keys = append(keys, current...)
+		keys = append(keys, slices.Collect(maps.Keys(a.ports))...)
+		slices.SortFunc(keys, func(x, y types.NamespacedName) int {
+			return cmp.Or(strings.Compare(x.Namespace, y.Namespace), strings.Compare(x.Name, y.Name))
+		})
+		keys = slices.Compact(keys)
+	}
+	cfg := a.modelConfig()
+	for _, key := range keys {
+		if err := a.rebuild(cfg, key); err != nil {
+			a.requeue([]types.NamespacedName{key}, false)
+			a.log.Error("rebuild service", "service", key, "err", err)
+		}
+	}
+
+	state := &model.State{
+		ClusterCIDRs: a.clusterCIDRs,
+		ServicePorts: map[model.ServicePortName]*model.ServicePort{},
+	}
+	endpoints := 0
+	for _, sps := range a.ports {
+		for _, sp := range sps {
+			state.ServicePorts[sp.Name] = sp
+			endpoints += len(sp.ClusterEndpoints)
+		}
+	}
+	if err := a.backend.Sync(ctx, state); err != nil {
+		a.metrics.syncErrors.Inc()
+		return fmt.Errorf("program %d service ports: %w", len(state.ServicePorts), err)
+	}
+	now := a.clock.Now()
+	for _, t := range a.pending {
+		a.metrics.programmingLatency.Observe(now.Sub(t).Seconds())
+	}
+	a.pending = a.pending[:0]
+	a.health.updated()
+	a.svcHealth.Sync(state)
+	if a.opts.Conntrack != nil {
+		if err := a.opts.Conntrack.Clean(state); err != nil {
+			a.log.Error("clean stale udp conntrack entries", "err", err)
+		}
+	}
+	took := now.Sub(start)
+	a.metrics.syncDuration.Observe(took.Seconds())
+	a.metrics.lastSync.Set(float64(now.UnixNano()) / 1e9)
+	a.metrics.services.Set(float64(len(a.ports)))
+	a.metrics.servicePorts.Set(float64(len(state.ServicePorts)))
+	a.metrics.endpoints.Set(float64(endpoints))
+	a.log.Info("synced", "services", len(a.ports), "servicePorts", len(state.ServicePorts),
+		"endpoints", endpoints, "rebuilt", len(keys), "took", took)
+	return nil
+}
+
+// modelConfig is the node's view the model builds from, read fresh for
+// every sync.
+func (a *Agent) modelConfig() *model.Config {
+	cfg := &model.Config{
+		NodeName:          a.opts.NodeName,
+		NodePortAddresses: a.opts.NodePortAddresses,
+		ClusterCIDRs:      a.opts.ClusterCIDRs,
+	}
+	if a.opts.NodeAddresses != nil {
+		cfg.NodeAddresses = a.opts.NodeAddresses()
+	}
+	if n := a.src.Node(); n != nil {
+		cfg.NodeZone = n.Labels[corev1.LabelTopologyZone]
+	}
+	return cfg
+}
+
+// rebuild replaces the ServicePorts of one Service. Invalid parts of the
+// Service are logged and counted; the rest is built.
+func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
+	svc, err := a.src.Service(key)
+	if err != nil {
+		return err
+	}
+	if svc == nil {
+		delete(a.ports, key)
+		delete(a.triggers, key)
+		return nil
+	}
+	slices, err := a.src.EndpointSlices(key)
+	if err != nil {
+		return err
+	}
+	sps, errs := model.BuildService(cfg, svc, slices)
+	for _, err := range errs {
+		kind := invalidKind(err)
+		a.metrics.invalidObjects.WithLabelValues(kind).Inc()
+		a.log.Warn("invalid object skipped", "service", key, "kind", kind, "err", err)
+	}
+	if len(sps) == 0 {
+		delete(a.ports, key)
+	} else {
+		a.ports[key] = sps
+	}
+	a.noteTriggers(key, slices)
+	return nil
+}
+
+// triggerAnnotation is set by the EndpointSlice controller to when the
+// change that produced the slice happened.
+const triggerAnnotation = "endpoints.kubernetes.io/last-change-trigger-time"
+
+// noteTriggers remembers the change trigger times of slices that changed
+// since the agent started, to observe the network programming latency when
+// they are programmed.
+func (a *Agent) noteTriggers(key types.NamespacedName, slices []*discoveryv1.EndpointSlice) {
+	seen := map[string]time.Time{}
+	old := a.triggers[key]
+	for _, s := range slices {
+		v, ok := s.Annotations[triggerAnnotation]
+		if !ok {
+			continue
+		}
+		t, err := time.Parse(time.RFC3339Nano, v)
+		if err != nil {
+			continue
+		}
+		seen[s.Name] = t
+		if t.After(a.started) && !t.Equal(old[s.Name]) {
+			a.pending = append(a.pending, t)
+		}
+	}
+	if len(seen) == 0 {
+		delete(a.triggers, key)
+	} else {
+		a.triggers[key] = seen
+	}
+}
+
+// invalidKind names the kind of object a model.BuildService error is about,
+// from the object the error names first.
+func invalidKind(err error) string {
+	if strings.HasPrefix(err.Error(), "endpointslice ") {
+		return "EndpointSlice"
+	}
+	return "Service"
+}

@@ -1,0 +1,509 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// fakeSources serves Services and slices from maps, counts reads per
+// Service, and reports its caches synced only once synced is closed.
+type fakeSources struct {
+	synced chan struct{}
+
+	mu     sync.Mutex
+	svcs   map[types.NamespacedName]*corev1.Service
+	slices map[types.NamespacedName][]*discoveryv1.EndpointSlice
+	node   *corev1.Node
+	reads  map[types.NamespacedName]int
+}
+
+func newFakeSources() *fakeSources {
+	return &fakeSources{
+		synced: make(chan struct{}),
+		svcs:   map[types.NamespacedName]*corev1.Service{},
+		slices: map[types.NamespacedName][]*discoveryv1.EndpointSlice{},
+		reads:  map[types.NamespacedName]int{},
+	}
+}
+
+func (f *fakeSources) WaitForCacheSync(ctx context.Context) bool {
+	select {
+	case <-f.synced:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (f *fakeSources) Service(k types.NamespacedName) (*corev1.Service, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.reads[k]++
+	return f.svcs[k], nil
+}
+
+func (f *fakeSources) EndpointSlices(k types.NamespacedName) ([]*discoveryv1.EndpointSlice, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.slices[k], nil
+}
+
+func (f *fakeSources) ServiceKeys() ([]types.NamespacedName, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Collect(maps.Keys(f.svcs)), nil
+}
+
+func (f *fakeSources) Node() *corev1.Node {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.node
+}
+
+func (f *fakeSources) put(svc *corev1.Service, sl ...*discoveryv1.EndpointSlice) types.NamespacedName {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	k := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+	f.svcs[k] = svc
+	f.slices[k] = sl
+	return k
+}
+
+func (f *fakeSources) remove(k types.NamespacedName) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.svcs, k)
+	delete(f.slices, k)
+}
+
+func (f *fakeSources) takeReads() map[types.NamespacedName]int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := f.reads
+	f.reads = map[types.NamespacedName]int{}
+	return r
+}
+
+// fakeBackend records every state it is asked to program and fails while
+// it has errors queued.
+type fakeBackend struct {
+	synced chan *model.State
+	mu     sync.Mutex
+	errs   []error
+}
+
+func (b *fakeBackend) Init(context.Context) error { return nil }
+
+func (b *fakeBackend) Sync(_ context.Context, s *model.State) error {
+	cp := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
+	b.mu.Lock()
+	var err error
+	if len(b.errs) > 0 {
+		err, b.errs = b.errs[0], b.errs[1:]
+	}
+	b.mu.Unlock()
+	b.synced <- cp
+	return err
+}
+
+func (b *fakeBackend) Dump(context.Context) (*model.State, error) { return nil, errors.New("not used") }
+func (b *fakeBackend) Cleanup(context.Context) error              { return nil }
+
+func (b *fakeBackend) failNext(n int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for range n {
+		b.errs = append(b.errs, errors.New("injected"))
+	}
+}
+
+type harness struct {
+	t     *testing.T
+	clock *clocktesting.FakeClock
+	src   *fakeSources
+	be    *fakeBackend
+	a     *Agent
+	m     *Metrics
+	done  chan error
+}
+
+var t0 = time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)
+
+func newHarness(t *testing.T, synced bool) *harness {
+	t.Helper()
+	h := &harness{
+		t:     t,
+		clock: clocktesting.NewFakeClock(t0),
+		src:   newFakeSources(),
+		be:    &fakeBackend{synced: make(chan *model.State, 100)},
+		m:     NewMetrics(prometheus.NewRegistry()),
+		done:  make(chan error, 1),
+	}
+	if synced {
+		close(h.src.synced)
+	}
+	h.a = New(h.be, h.src, Options{
+		NodeName:        "node1",
+		MinSyncInterval: time.Second,
+		SyncPeriod:      30 * time.Second,
+		RetryBackoff:    time.Second,
+		BackendName:     "fake",
+		HealthCheckHost: "127.0.0.1",
+		Clock:           h.clock,
+		Metrics:         h.m,
+		Logger:          slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { h.done <- h.a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-h.done:
+			if err != nil {
+				t.Errorf("Run returned %v, want nil after cancel", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("Run did not return after cancel")
+		}
+	})
+	return h
+}
+
+// waitSync returns the next state the backend was asked to program.
+func (h *harness) waitSync() *model.State {
+	h.t.Helper()
+	select {
+	case s := <-h.be.synced:
+		return s
+	case <-time.After(5 * time.Second):
+		h.t.Fatalf("no sync at %v", h.clock.Now().Sub(t0))
+		return nil
+	}
+}
+
+// noSync fails if the backend is asked to program anything soon.
+func (h *harness) noSync() {
+	h.t.Helper()
+	select {
+	case s := <-h.be.synced:
+		h.t.Fatalf("unexpected sync at %v with %d service ports", h.clock.Now().Sub(t0), len(s.ServicePorts))
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// waitArmed waits until the loop sleeps until t0+d.
+func (h *harness) waitArmed(d time.Duration) {
+	h.t.Helper()
+	want := t0.Add(d)
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		h.a.mu.Lock()
+		armed := h.a.armedFor
+		h.a.mu.Unlock()
+		if armed.Equal(want) && h.clock.HasWaiters() {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	h.a.mu.Lock()
+	defer h.a.mu.Unlock()
+	h.t.Fatalf("loop armed for %v, want %v", h.a.armedFor.Sub(t0), d)
+}
+
+// advanceTo moves the fake clock to t0+d.
+func (h *harness) advanceTo(d time.Duration) { h.clock.SetTime(t0.Add(d)) }
+
+func service(name string, ip string) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name},
+		Spec: corev1.ServiceSpec{
+			Type:       corev1.ServiceTypeClusterIP,
+			ClusterIP:  ip,
+			ClusterIPs: []string{ip},
+			Ports:      []corev1.ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}},
+		},
+	}
+}
+
+func endpointSlice(svc, name string, ips ...string) *discoveryv1.EndpointSlice {
+	port := int32(8080)
+	proto := corev1.ProtocolTCP
+	s := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "ns", Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Port: &port, Protocol: &proto, Name: new("")}},
+	}
+	for _, ip := range ips {
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{ip}, Conditions: discoveryv1.EndpointConditions{Ready: new(true)}})
+	}
+	return s
+}
+
+func names(s *model.State) []string {
+	var out []string
+	for _, sp := range s.Sorted() {
+		out = append(out, fmt.Sprintf("%s=%d", sp.Name, len(sp.ClusterEndpoints)))
+	}
+	return out
+}
+
+func TestNoSyncBeforeCachesSynced(t *testing.T) {
+	h := newHarness(t, false)
+	k := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.a.ServiceChanged(k)
+	h.advanceTo(time.Minute)
+	h.noSync()
+	close(h.src.synced)
+	s := h.waitSync()
+	if got, want := names(s), []string{"ns/web=1"}; !slices.Equal(got, want) {
+		t.Errorf("first sync programmed %v, want %v", got, want)
+	}
+}
+
+func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
+	h := newHarness(t, true)
+	web := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
+		t.Fatalf("first sync programmed %v", got)
+	}
+	h.waitArmed(30 * time.Second) // the periodic reconcile
+	h.src.takeReads()
+
+	// A burst of changes right after a sync ...
+	var keys []types.NamespacedName
+	for i := range 3 {
+		name := fmt.Sprintf("api%d", i)
+		keys = append(keys, h.src.put(service(name, fmt.Sprintf("10.96.1.%d", i)), endpointSlice(name, name+"-1", "10.244.1.1", "10.244.1.2")))
+		h.a.ServiceChanged(keys[i])
+	}
+	h.a.ServiceChanged(keys[0])
+	// ... waits for the minimum interval and is programmed in one sync.
+	h.waitArmed(time.Second)
+	h.advanceTo(999 * time.Millisecond)
+	h.noSync()
+	h.advanceTo(time.Second)
+	got := names(h.waitSync())
+	if want := []string{"ns/api0=2", "ns/api1=2", "ns/api2=2", "ns/web=1"}; !slices.Equal(got, want) {
+		t.Errorf("coalesced sync programmed %v, want %v", got, want)
+	}
+	h.noSync()
+	reads := h.src.takeReads()
+	want := map[types.NamespacedName]int{keys[0]: 1, keys[1]: 1, keys[2]: 1}
+	if !maps.Equal(reads, want) {
+		t.Errorf("services rebuilt: %v, want each dirty one once and not %v", reads, web)
+	}
+
+	// A deleted Service disappears; the others are not rebuilt.
+	h.waitArmed(31 * time.Second)
+	h.src.remove(keys[1])
+	h.a.ServiceChanged(keys[1])
+	h.waitArmed(2 * time.Second)
+	h.advanceTo(2 * time.Second)
+	if got, want := names(h.waitSync()), []string{"ns/api0=2", "ns/api2=2", "ns/web=1"}; !slices.Equal(got, want) {
+		t.Errorf("after delete programmed %v, want %v", got, want)
+	}
+	if reads := h.src.takeReads(); !maps.Equal(reads, map[types.NamespacedName]int{keys[1]: 1}) {
+		t.Errorf("services rebuilt after delete: %v, want only %v", reads, keys[1])
+	}
+
+	// The periodic reconcile programs everything again without rebuilding.
+	h.waitArmed(32 * time.Second)
+	h.advanceTo(32 * time.Second)
+	if got := names(h.waitSync()); len(got) != 3 {
+		t.Errorf("periodic sync programmed %v", got)
+	}
+	if reads := h.src.takeReads(); len(reads) != 0 {
+		t.Errorf("periodic sync rebuilt %v, want nothing", reads)
+	}
+
+	// AllChanged rebuilds every Service.
+	h.waitArmed(62 * time.Second)
+	h.a.AllChanged()
+	h.waitArmed(33 * time.Second)
+	h.advanceTo(33 * time.Second)
+	h.waitSync()
+	if reads := h.src.takeReads(); len(reads) != 3 {
+		t.Errorf("AllChanged rebuilt %v, want every Service", reads)
+	}
+}
+
+func TestRetriesWithBackoff(t *testing.T) {
+	h := newHarness(t, true)
+	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.be.failNext(4)
+	h.waitSync() // t=0, fails
+	// Retries after 1s, 2s, 4s (doubling), then succeeds.
+	at := time.Duration(0)
+	for _, d := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second} {
+		at += d
+		h.waitArmed(at)
+		if d == 2*time.Second {
+			// A change does not bypass the back-off.
+			h.a.ServiceChanged(types.NamespacedName{Namespace: "ns", Name: "web"})
+			h.waitArmed(at)
+		}
+		h.advanceTo(at - time.Millisecond)
+		h.noSync()
+		h.advanceTo(at)
+		if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
+			t.Errorf("retry at %v programmed %v", at, got)
+		}
+	}
+	// Success: back to the periodic schedule.
+	h.waitArmed(at + 30*time.Second)
+	if got := counterValue(t, h.m.syncErrors); got != 4 {
+		t.Errorf("svcnat_sync_errors_total = %v, want 4", got)
+	}
+}
+
+func TestInvalidObjectsDoNotBlockOthers(t *testing.T) {
+	h := newHarness(t, true)
+	bad := service("bad", "10.96.0.11")
+	bad.Spec.Ports[0].Protocol = "ICMP"
+	h.src.put(bad)
+	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
+		t.Errorf("programmed %v, want only the valid Service", got)
+	}
+	if got := counterValue(t, h.m.invalidObjects.WithLabelValues("Service")); got != 1 {
+		t.Errorf("svcnat_invalid_objects_total{kind=Service} = %v, want 1", got)
+	}
+}
+
+func TestProgrammingLatency(t *testing.T) {
+	h := newHarness(t, true)
+	old := endpointSlice("web", "web-1", "10.244.0.5")
+	old.Annotations = map[string]string{triggerAnnotation: t0.Add(-time.Hour).Format(time.RFC3339Nano)}
+	k := h.src.put(service("web", "10.96.0.10"), old)
+	h.waitSync()
+	h.waitArmed(30 * time.Second)
+	if c := histogramCount(t, h.m.programmingLatency); c != 0 {
+		t.Errorf("latency observations for a change before the agent started = %d, want 0", c)
+	}
+
+	changed := endpointSlice("web", "web-1", "10.244.0.6")
+	changed.Annotations = map[string]string{triggerAnnotation: t0.Add(500 * time.Millisecond).Format(time.RFC3339Nano)}
+	h.src.put(service("web", "10.96.0.10"), changed)
+	h.advanceTo(time.Second)
+	h.a.ServiceChanged(k)
+	h.waitSync()
+	if c := histogramCount(t, h.m.programmingLatency); c != 1 {
+		t.Errorf("latency observations = %d, want 1", c)
+	}
+	// Rebuilding the same slice again observes nothing new.
+	h.waitArmed(31 * time.Second)
+	h.a.ServiceChanged(k)
+	h.waitArmed(2 * time.Second)
+	h.advanceTo(2 * time.Second)
+	h.waitSync()
+	if c := histogramCount(t, h.m.programmingLatency); c != 1 {
+		t.Errorf("latency observations after an unchanged rebuild = %d, want 1", c)
+	}
+}
+
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+func histogramCount(t *testing.T, h prometheus.Histogram) uint64 {
+	t.Helper()
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount()
+}
+
+func TestHealth(t *testing.T) {
+	h := newHarness(t, false)
+	srv := httptest.NewServer(h.a.Health().Handler())
+	defer srv.Close()
+
+	// Before the first sync, with no Node object: not eligible.
+	if code, body := get(t, srv.URL+"/healthz"); code != http.StatusServiceUnavailable || !strings.Contains(body, `"nodeEligible":false`) {
+		t.Errorf("/healthz before node = %d %s", code, body)
+	}
+	if code, _ := get(t, srv.URL+"/livez"); code != http.StatusOK {
+		t.Errorf("/livez right after start = %d, want 200", code)
+	}
+	// Caches never syncing: unhealthy after twice the sync period.
+	h.advanceTo(61 * time.Second)
+	if code, body := get(t, srv.URL+"/livez"); code != http.StatusServiceUnavailable || !strings.Contains(body, `"healthy":false`) {
+		t.Errorf("/livez with a change waiting 61s = %d %s", code, body)
+	}
+	h.src.mu.Lock()
+	h.src.node = &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}}
+	h.src.mu.Unlock()
+	close(h.src.synced)
+	h.waitSync()
+	h.waitArmed(91 * time.Second)
+	code, body := get(t, srv.URL+"/healthz")
+	if code != http.StatusOK || !strings.Contains(body, `"nodeEligible":true`) || !strings.Contains(body, `"healthy":true`) ||
+		!strings.Contains(body, `"lastUpdated":"2026-11-26T01:01:01Z"`) {
+		t.Errorf("/healthz after sync = %d %s", code, body)
+	}
+
+	// A node about to be removed by the autoscaler is not eligible.
+	h.src.mu.Lock()
+	h.src.node = &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}, Spec: corev1.NodeSpec{Taints: []corev1.Taint{{Key: toBeDeletedTaint}}}}
+	h.src.mu.Unlock()
+	if code, _ := get(t, srv.URL+"/healthz"); code != http.StatusServiceUnavailable {
+		t.Errorf("/healthz of a node to be deleted = %d, want 503", code)
+	}
+	if code, _ := get(t, srv.URL+"/livez"); code != http.StatusOK {
+		t.Errorf("/livez of a node to be deleted = %d, want 200", code)
+	}
+
+	// Failing syncs: unhealthy once a change waited 2 sync periods.
+	h.be.failNext(100)
+	h.a.ServiceChanged(types.NamespacedName{Namespace: "ns", Name: "x"})
+	h.waitArmed(62 * time.Second)
+	h.advanceTo(62 * time.Second)
+	h.waitSync()
+	h.clock.SetTime(t0.Add(61*time.Second + 59*time.Second))
+	if code, _ := get(t, srv.URL+"/livez"); code != http.StatusOK {
+		t.Errorf("/livez 59s into failing syncs = %d, want 200", code)
+	}
+	h.clock.SetTime(t0.Add(61*time.Second + 61*time.Second))
+	if code, _ := get(t, srv.URL+"/livez"); code != http.StatusServiceUnavailable {
+		t.Errorf("/livez 61s into failing syncs = %d, want 503", code)
+	}
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}

@@ -34,6 +34,9 @@ lint: ## gofmt, go vet, staticcheck
 
 unit: ## unit tests, and privileged tests in their own namespaces when root
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)
+	# The model against kube-proxy's own endpoint selection (its own module,
+	# so that svcnat's go.mod never depends on k8s.io/kubernetes).
+	cd pkg/model/kporacle && $(GO) test -count=1 ./...
 
 e2e: build ## end-to-end suite against a real kube-apiserver (root)
 	SVCNAT_E2E_PROXIES=$(E2E_PROXIES) SVCNAT_BIN=$(CURDIR)/bin/svcnat \

@@ -1,0 +1,160 @@
+//go:build linux
+
+package conntrack
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/svcnat/svcnat/pkg/internal/netnstest"
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+func udpPort(name, frontend string, endpoints ...string) *model.ServicePort {
+	fe := netip.MustParseAddrPort(frontend)
+	sp := &model.ServicePort{
+		Name:      model.ServicePortName{Namespace: "ns", Name: name, Family: model.IPv4},
+		Protocol:  model.UDP,
+		Frontends: []model.Frontend{{Kind: model.ClusterIP, IP: fe.Addr(), Port: fe.Port()}},
+	}
+	for _, e := range endpoints {
+		ap := netip.MustParseAddrPort(e)
+		sp.ClusterEndpoints = append(sp.ClusterEndpoints, model.Endpoint{IP: ap.Addr(), Port: ap.Port()})
+	}
+	return sp
+}
+
+func state(sps ...*model.ServicePort) *model.State {
+	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for _, sp := range sps {
+		s.ServicePorts[sp.Name] = sp
+	}
+	return s
+}
+
+// udpFlows returns "original destination -> reply source" of every UDP
+// conntrack entry.
+func udpFlows(t *testing.T) []string {
+	t.Helper()
+	flows, err := netlink.ConntrackTableList(netlink.ConntrackTable, unix.AF_INET)
+	if err != nil {
+		t.Fatalf("list conntrack: %v", err)
+	}
+	var out []string
+	for _, f := range flows {
+		if f.Forward.Protocol == unix.IPPROTO_UDP {
+			out = append(out, net.JoinHostPort(f.Forward.DstIP.String(), itoa(f.Forward.DstPort))+
+				" -> "+net.JoinHostPort(f.Reverse.SrcIP.String(), itoa(f.Reverse.SrcPort)))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func itoa(p uint16) string { return strconv.Itoa(int(p)) }
+
+func send(t *testing.T, to string) {
+	t.Helper()
+	c, err := net.Dial("udp4", to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatalf("send to %s: %v", to, err)
+	}
+}
+
+func TestCleanDeletesStaleUDPEntries(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	run := func(args ...string) { netnstest.Run(t, "", args[0], args[1:]...) }
+	// Packets leave through a veth towards "pods" whose MACs are fixed, so
+	// they are sent for real and conntrack confirms their entries; the peer
+	// end drops them (not its MAC), so no ICMP error comes back.
+	run("ip", "link", "add", "ctv0", "type", "veth", "peer", "name", "ctv1")
+	run("ip", "link", "set", "ctv0", "up")
+	run("ip", "link", "set", "ctv1", "up")
+	run("ip", "addr", "add", "10.244.0.1/24", "dev", "ctv0")
+	for i, ip := range []string{"10.244.0.5", "10.244.0.6", "10.244.0.7"} {
+		run("ip", "neigh", "add", ip, "lladdr", fmt.Sprintf("02:00:00:00:00:%02x", 5+i), "dev", "ctv0", "nud", "permanent")
+	}
+	run("ip", "neigh", "add", "10.244.0.254", "lladdr", "02:00:00:00:00:fe", "dev", "ctv0", "nud", "permanent")
+	run("ip", "route", "add", "10.96.0.0/16", "via", "10.244.0.254")
+	// Two Services DNATed to endpoints; a third with no rule yet, as when it
+	// had no endpoints.
+	run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-d", "10.96.0.10", "--dport", "53", "-j", "DNAT", "--to-destination", "10.244.0.5:53")
+	run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-d", "10.96.0.20", "--dport", "53", "-j", "DNAT", "--to-destination", "10.244.0.6:53")
+	send(t, "10.96.0.10:53")
+	send(t, "10.96.0.20:53")
+	send(t, "10.96.0.30:53")
+	send(t, "10.244.0.7:99") // not to a Service: never touched
+	before := []string{
+		"10.244.0.7:99 -> 10.244.0.7:99",
+		"10.96.0.10:53 -> 10.244.0.5:53",
+		"10.96.0.20:53 -> 10.244.0.6:53",
+		"10.96.0.30:53 -> 10.96.0.30:53",
+	}
+	if got := udpFlows(t); !slices.Equal(got, before) {
+		t.Fatalf("conntrack before clean: %q, want %q", got, before)
+	}
+
+	c := NewCleaner(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	// The state those flows were made under: nothing is stale.
+	if err := c.Clean(state(udpPort("a", "10.96.0.10:53", "10.244.0.5:53"), udpPort("b", "10.96.0.20:53", "10.244.0.6:53"))); err != nil {
+		t.Fatal(err)
+	}
+	if got := udpFlows(t); !slices.Equal(got, before) {
+		t.Fatalf("conntrack after a clean with nothing stale: %q, want %q", got, before)
+	}
+
+	// a lost 10.244.0.5, b is unchanged, c got its first endpoint.
+	if err := c.Clean(state(
+		udpPort("a", "10.96.0.10:53", "10.244.0.6:53"),
+		udpPort("b", "10.96.0.20:53", "10.244.0.6:53"),
+		udpPort("c", "10.96.0.30:53", "10.244.0.7:53"),
+	)); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"10.244.0.7:99 -> 10.244.0.7:99", "10.96.0.20:53 -> 10.244.0.6:53"}
+	if got := udpFlows(t); !slices.Equal(got, want) {
+		t.Errorf("conntrack after clean: %q, want %q", got, want)
+	}
+}
+
+func TestFilterMatchesOnlyStaleUDP(t *testing.T) {
+	f := staleFilter{netip.MustParseAddrPort("10.96.0.10:53"): {netip.MustParseAddrPort("10.244.0.6:53"): {}}}
+	flow := func(proto uint8, dst string, dport uint16, rsrc string, rport uint16) *netlink.ConntrackFlow {
+		fl := &netlink.ConntrackFlow{}
+		fl.Forward.Protocol = proto
+		fl.Forward.DstIP, fl.Forward.DstPort = net.ParseIP(dst), dport
+		fl.Reverse.SrcIP, fl.Reverse.SrcPort = net.ParseIP(rsrc), rport
+		return fl
+	}
+	for _, tc := range []struct {
+		name string
+		flow *netlink.ConntrackFlow
+		want bool
+	}{
+		{"to a removed endpoint", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.0.5", 53), true},
+		{"to a current endpoint", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.0.6", 53), false},
+		{"current endpoint, other port", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.0.6", 54), true},
+		{"untranslated", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.96.0.10", 53), true},
+		{"TCP", flow(unix.IPPROTO_TCP, "10.96.0.10", 53, "10.244.0.5", 53), false},
+		{"other port", flow(unix.IPPROTO_UDP, "10.96.0.10", 54, "10.244.0.5", 53), false},
+	} {
+		if got := f.MatchConntrackFlow(tc.flow); got != tc.want {
+			t.Errorf("%s: match = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

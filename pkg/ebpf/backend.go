@@ -70,6 +70,8 @@ type Backend struct {
 	links   []link.Link
 	rec     *reconciler
 	entries *prometheus.GaugeVec
+	// destroyer is nil when the kernel cannot destroy sockets.
+	destroyer *socketDestroyer
 }
 
 var _ dataplane.Backend = (*Backend)(nil)
@@ -203,6 +205,13 @@ func (b *Backend) Init(ctx context.Context) error {
 		}
 		b.objs = objs
 		b.rec = &reconciler{maps: b.mapSet(objs)}
+	}
+	if b.destroyer == nil {
+		d, err := newSocketDestroyer(b.opts.BPFFSPath, b.opts.MaxNAT)
+		if err != nil {
+			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
+		}
+		b.destroyer = d
 	}
 	progs := map[string]*ebpf.Program{
 		svcnatProgSvcnatConnect4: b.objs.SvcnatConnect4, svcnatProgSvcnatConnect6: b.objs.SvcnatConnect6,
@@ -399,6 +408,13 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	if err := b.rec.sync(s); err != nil {
 		return fmt.Errorf("sync ebpf backend: %w", err)
 	}
+	if b.destroyer != nil && len(b.rec.removedUDP) > 0 {
+		// Best effort: the maps are right; a socket left behind only
+		// delays its client until it reconnects by itself.
+		if err := b.destroyer.destroy(b.rec.removedUDP); err != nil {
+			b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
+		}
+	}
 	t := b.rec.written
 	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "frontends", len(t.services),
 		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))
@@ -513,6 +529,10 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		errs = append(errs, b.objs.Close())
 		b.objs, b.rec = nil, nil
 	}
+	if b.destroyer != nil {
+		errs = append(errs, b.destroyer.Close())
+		b.destroyer = nil
+	}
 	if err := os.RemoveAll(b.opts.BPFFSPath); err != nil {
 		errs = append(errs, fmt.Errorf("remove pins in %s: %w", b.opts.BPFFSPath, err))
 	}
@@ -533,6 +553,10 @@ func (b *Backend) Close() error {
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
 		b.objs, b.rec = nil, nil
+	}
+	if b.destroyer != nil {
+		errs = append(errs, b.destroyer.Close())
+		b.destroyer = nil
 	}
 	return errors.Join(errs...)
 }

@@ -291,3 +291,62 @@ func TestCapacity(t *testing.T) {
 	}
 	statesEqual(t, small, got)
 }
+
+// TestUDPSocketsToRemovedEndpoints: a connected UDP socket whose endpoint
+// is removed is destroyed at the sync, so its client sees an error at once
+// and a new socket reaches a live endpoint.
+func TestUDPSocketsToRemovedEndpoints(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	b := env.backend(t)
+	if b.destroyer == nil {
+		t.Fatal("the kernel here has bpf_sock_destroy, yet the UDP socket iterator did not load")
+	}
+	p := newPod(t, "10.244.1.2/24", "10.244.1.3/24")
+	p.serveUDP(t, "10.244.1.2:53")
+	p.serveUDP(t, "10.244.1.3:53")
+	dns := sp("dns", model.IPv4, model.UDP, "10.96.0.53", 53, endpoint("10.244.1.2", 53))
+	s := stateOf(dns)
+	if err := b.Sync(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	env.enterCgroup(t)
+	c, err := net.Dial("udp", "10.96.0.53:53")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 100)
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write([]byte("q")); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "10.244.1.2:53" {
+		t.Fatalf("first query: %q, %v", buf[:n], err)
+	}
+
+	dns.ClusterEndpoints = []model.Endpoint{endpoint("10.244.1.3", 53)}
+	if err := b.Sync(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	start := time.Now()
+	_, err = c.Write([]byte("q"))
+	if err == nil {
+		_, err = c.Read(buf)
+	}
+	// A destroyed UDP socket is disconnected with ECONNABORTED pending:
+	// a send fails with "destination address required", a receive with
+	// "connection aborted".
+	if !errors.Is(err, syscall.ECONNABORTED) && !errors.Is(err, syscall.EDESTADDRREQ) {
+		t.Fatalf("query on the socket to the removed endpoint: %v, want it destroyed", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("the error took %s", d)
+	}
+	if got, err := dialRead(t, "udp", "10.96.0.53:53"); err != nil || got != "10.244.1.3:53" {
+		t.Fatalf("a new socket: %q, %v", got, err)
+	}
+}

@@ -176,6 +176,9 @@ type reconciler struct {
 	written *table
 	frags   map[model.ServicePortName]*fragment
 	refs    map[uint32]int
+	// removedUDP are the endpoints the last sync removed from the maps that
+	// a UDP ServicePort used: connected sockets may still point at them.
+	removedUDP []svcnatBackend
 }
 
 // sync makes the maps hold s. It writes nothing when s does not fit. On a
@@ -183,6 +186,7 @@ type reconciler struct {
 // a mix the datapath can use (every slot below a count exists); the next
 // sync repairs them.
 func (r *reconciler) sync(s *model.State) error {
+	r.removedUDP = nil
 	if r.written == nil {
 		return r.syncAll(s)
 	}
@@ -231,6 +235,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	frags := map[model.ServicePortName]*fragment{}
 	var removed []*fragment
 	delta := map[uint32]int{}
+	usedByUDP := map[uint32]bool{} // backends that changed or removed UDP ServicePorts named
 	for name, sp := range s.ServicePorts {
 		prev := r.frags[name]
 		if prev != nil && prev.sp.Equal(sp) {
@@ -258,6 +263,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 			addFragment(old, prev)
 			for bid := range prev.backends {
 				delta[bid]--
+				usedByUDP[bid] = usedByUDP[bid] || prev.sp.Protocol == model.UDP
 			}
 		}
 	}
@@ -268,6 +274,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 			addFragment(old, prev)
 			for bid := range prev.backends {
 				delta[bid]--
+				usedByUDP[bid] = usedByUDP[bid] || prev.sp.Protocol == model.UDP
 			}
 			removed = append(removed, prev)
 		}
@@ -326,6 +333,9 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	}
 	for _, bid := range orphans {
 		r.ids.backends.forget(bid)
+		if usedByUDP[bid] {
+			r.removedUDP = append(r.removedUDP, old.backends[bid])
+		}
 	}
 	return nil
 }

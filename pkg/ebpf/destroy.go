@@ -1,0 +1,137 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// socketDestroyer destroys the connected UDP sockets the socket hooks
+// pointed at endpoints that no Service has any more (bpf/destroy.c).
+type socketDestroyer struct {
+	objs destroyObjects
+	iter *link.Iter
+}
+
+// newSocketDestroyer loads the UDP socket iterator against the pinned
+// reverse translation map. It needs kernel BTF and bpf_sock_destroy
+// (Linux 6.5); the error says what failed.
+func newSocketDestroyer(pinPath string, maxNAT int) (*socketDestroyer, error) {
+	spec, err := loadDestroy()
+	if err != nil {
+		return nil, err
+	}
+	spec.Maps[destroyMapSvcnatSockRevnat].MaxEntries = uint32(maxNAT)
+	d := &socketDestroyer{}
+	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinPath}}); err != nil {
+		return nil, fmt.Errorf("load UDP socket iterator (needs kernel BTF and the bpf_sock_destroy kfunc): %w", err)
+	}
+	if d.iter, err = link.AttachIter(link.IterOptions{Program: d.objs.SvcnatDestroyUdp}); err != nil {
+		d.objs.Close()
+		return nil, fmt.Errorf("attach UDP socket iterator: %w", err)
+	}
+	return d, nil
+}
+
+func (d *socketDestroyer) Close() error {
+	return errors.Join(d.iter.Close(), d.objs.Close())
+}
+
+// destroy destroys, in every network namespace a thread on the node is
+// in, the UDP sockets the hooks connected to one of endpoints.
+func (d *socketDestroyer) destroy(endpoints []svcnatBackend) error {
+	if len(endpoints) == 0 {
+		return nil
+	}
+	var keys []svcnatSvcKey
+	for _, b := range endpoints {
+		k := svcnatSvcKey{Addr: b.Addr, Port: b.Port, Proto: protoUDP}
+		if err := d.objs.SvcnatDestroy.Put(k, uint8(1)); err != nil {
+			return fmt.Errorf("mark endpoint %s port %d: %w", addrString(b.Addr), ntohs(b.Port), err)
+		}
+		keys = append(keys, k)
+	}
+	defer func() {
+		for _, k := range keys {
+			d.objs.SvcnatDestroy.Delete(k)
+		}
+	}()
+	var errs []error
+	for _, path := range namespaces() {
+		if err := d.runIn(path); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// namespaces returns one /proc path per network namespace any thread on
+// the node is in, the calling thread's first. Threads, not processes: a
+// process's threads may be in different namespaces (the agent's own, when
+// a helper thread switched namespace).
+func namespaces() []string {
+	paths := []string{"/proc/thread-self/ns/net"}
+	seen := map[uint64]bool{}
+	var st unix.Stat_t
+	if unix.Stat(paths[0], &st) == nil {
+		seen[st.Ino] = true
+	}
+	tasks, _ := filepath.Glob("/proc/[0-9]*/task/[0-9]*/ns/net")
+	for _, p := range tasks {
+		if unix.Stat(p, &st) != nil || seen[st.Ino] {
+			continue // gone, or a namespace seen already
+		}
+		seen[st.Ino] = true
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+// runIn runs the iterator in the network namespace at path: the iterator
+// walks the sockets of the namespace its reader is in.
+func (d *socketDestroyer) runIn(path string) error {
+	var err error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		var target, home netns.NsHandle
+		if home, err = netns.Get(); err != nil {
+			return
+		}
+		defer home.Close()
+		if target, err = netns.GetFromPath(path); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				err = nil // the process is gone
+			}
+			return
+		}
+		defer target.Close()
+		if err = netns.Set(target); err != nil {
+			return
+		}
+		var r io.ReadCloser
+		if r, err = d.iter.Open(); err == nil {
+			_, err = io.Copy(io.Discard, r)
+			r.Close()
+		}
+		if netns.Set(home) == nil {
+			runtime.UnlockOSThread()
+		} // else the thread stays locked and ends with the goroutine
+	}()
+	<-done
+	if err != nil {
+		return fmt.Errorf("destroy UDP sockets in network namespace %s: %w", path, err)
+	}
+	return nil
+}

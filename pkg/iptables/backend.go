@@ -69,6 +69,8 @@ type familyTables struct {
 	// last is what the last successful Sync wrote; nil makes the next Sync
 	// rewrite everything.
 	last *Ruleset
+	// cache makes rendering after a small change cost little.
+	cache renderCache
 }
 
 // jump is a rule svcnat adds to a built-in chain.
@@ -295,7 +297,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 }
 
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
-	want := Render(s, ft.family, b.opts.MasqueradeBit)
+	want := render(s, ft.family, b.opts.MasqueradeBit, &ft.cache)
 	full := ft.last == nil
 	if !full && !ft.intact() {
 		b.log.Warn("svcnat iptables rules changed outside svcnat; rewriting all", "family", ft.family)
@@ -359,8 +361,11 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 		}
 	}
 	ft.last = want
-	if err := ft.ensureJumps(); err != nil {
-		return err
+	if full {
+		// A partial sync found the jump rules in place already.
+		if err := ft.ensureJumps(); err != nil {
+			return err
+		}
 	}
 	for _, table := range []string{tableNAT, tableFilter} {
 		b.rules.WithLabelValues(string(ft.family), table).Set(float64(want.Rules(table)))

@@ -139,6 +139,32 @@ func sortedKeys[V any](m map[string]V) []string {
 // the mark bit for masquerading. Render is pure and deterministic: equal
 // states give equal rulesets.
 func Render(s *model.State, family model.Family, masqBit int) *Ruleset {
+	return render(s, family, masqBit, nil)
+}
+
+// renderCache keeps what each ServicePort contributed to the last render,
+// so that the next render formats only the ServicePorts that changed.
+type renderCache struct {
+	cidrs     []netip.Prefix
+	fragments map[model.ServicePortName]cachedFragment
+}
+
+type cachedFragment struct {
+	sp   *model.ServicePort // a copy: callers may change theirs
+	frag *fragment
+}
+
+func snapshot(sp *model.ServicePort) *model.ServicePort {
+	c := *sp
+	c.Frontends = slices.Clone(sp.Frontends)
+	c.ClusterEndpoints = slices.Clone(sp.ClusterEndpoints)
+	c.LocalEndpoints = slices.Clone(sp.LocalEndpoints)
+	c.SourceRanges = slices.Clone(sp.SourceRanges)
+	return &c
+}
+
+// render is Render, reusing and refreshing cache when it is not nil.
+func render(s *model.State, family model.Family, masqBit int, cache *renderCache) *Ruleset {
 	r := &renderer{
 		rs:       newRuleset(family),
 		family:   family,
@@ -151,10 +177,36 @@ func Render(s *model.State, family model.Family, masqBit int) *Ruleset {
 			r.cidrs = append(r.cidrs, c)
 		}
 	}
-	for _, sp := range s.Sorted() {
-		if sp.Name.Family == family {
-			r.servicePort(sp)
+	reuse := cache != nil && slices.Equal(cache.cidrs, r.cidrs)
+	var next map[model.ServicePortName]cachedFragment
+	if cache != nil {
+		next = make(map[model.ServicePortName]cachedFragment, len(s.ServicePorts))
+	}
+	// Map order is fine: leaf entries are sorted, and merging keeps the
+	// order of one ServicePort's entries.
+	for _, sp := range s.ServicePorts {
+		if sp.Name.Family != family {
+			continue
 		}
+		var cached cachedFragment
+		if reuse {
+			if c, ok := cache.fragments[sp.Name]; ok && c.sp.Equal(sp) {
+				cached = c
+			}
+		}
+		if cached.frag == nil {
+			cached.frag = r.servicePort(sp)
+			if cache != nil {
+				cached.sp = snapshot(sp)
+			}
+		}
+		if cache != nil {
+			next[sp.Name] = cached
+		}
+		r.merge(cached.frag)
+	}
+	if cache != nil {
+		cache.cidrs, cache.fragments = r.cidrs, next
 	}
 	r.shared()
 	for _, table := range []string{tableNAT, tableFilter} {
@@ -171,6 +223,49 @@ type renderer struct {
 	// leaves: table -> leaf chain -> entries, sorted before writing.
 	leaves map[string]map[string][]leafEntry
 	locals map[netip.Addr]bool
+}
+
+// fragment is what one ServicePort contributes: its own nat chains, its
+// entries in the dispatch trees' leaves, its local endpoint addresses.
+// Fragments are not changed once made.
+type fragment struct {
+	chains map[string][]string
+	leaves []leafRef
+	locals []netip.Addr
+}
+
+type leafRef struct {
+	table, chain string
+	entry        leafEntry
+}
+
+func (f *fragment) add(chain, rule string) { f.chains[chain] = append(f.chains[chain], rule) }
+
+// leaf adds a frontend rule to the leaf chain of its dispatch tree: the
+// port tree for NodePorts (their addresses are few and shared by all
+// NodePorts), the address tree for the others.
+func (f *fragment) leaf(table string, fe model.Frontend, sp *model.ServicePort, rule string) {
+	chain := addrLeaf(fe.IP)
+	if fe.Kind == model.NodePort {
+		chain = portLeaf(sp.Protocol, fe.Port)
+	}
+	f.leaves = append(f.leaves, leafRef{table, chain, leafEntry{ip: fe.IP, proto: sp.Protocol, port: fe.Port, name: sp.Name, rule: rule}})
+}
+
+func (r *renderer) merge(f *fragment) {
+	nat := r.rs.Tables[tableNAT]
+	for c, rules := range f.chains {
+		nat[c] = rules
+	}
+	for _, l := range f.leaves {
+		leaves := r.leaves[l.table]
+		e := l.entry
+		e.seq = len(leaves[l.chain])
+		leaves[l.chain] = append(leaves[l.chain], e)
+	}
+	for _, a := range f.locals {
+		r.locals[a] = true
+	}
 }
 
 // leafEntry is one rule in a dispatch tree's leaf chain.
@@ -248,22 +343,23 @@ func affinitySeconds(sp *model.ServicePort) int64 {
 	return int64(math.Ceil(sp.AffinityTimeout.Seconds()))
 }
 
-func (r *renderer) servicePort(sp *model.ServicePort) {
+func (r *renderer) servicePort(sp *model.ServicePort) *fragment {
+	fr := &fragment{chains: map[string][]string{}}
 	h := chainHash(sp.Name.String())
 	svc, lcl, ext := prefixCluster+h, prefixLocal+h, prefixExternal+h
 	spc := spnComment(sp.Name)
 	if len(sp.ClusterEndpoints) > 0 {
 		if len(r.cidrs) > 0 {
-			r.add(tableNAT, svc, comment(spc)+" -j "+chainOffCluster)
+			fr.add(svc, comment(spc)+" -j "+chainOffCluster)
 		}
-		r.endpoints(svc, sp, sp.ClusterEndpoints)
+		r.endpoints(fr, svc, sp, sp.ClusterEndpoints)
 	}
 	if len(sp.LocalEndpoints) > 0 {
-		r.endpoints(lcl, sp, sp.LocalEndpoints)
+		r.endpoints(fr, lcl, sp, sp.LocalEndpoints)
 	}
 	for _, e := range slices.Concat(sp.ClusterEndpoints, sp.LocalEndpoints) {
 		if e.Local {
-			r.locals[e.IP] = true
+			fr.locals = append(fr.locals, e.IP)
 		}
 	}
 
@@ -279,7 +375,7 @@ func (r *renderer) servicePort(sp *model.ServicePort) {
 	for _, f := range sp.Frontends {
 		match := fmt.Sprintf("-d %s %s %s", hostPrefix(f.IP), portMatch(sp.Protocol, strconv.Itoa(int(f.Port))),
 			comment(frontendComment(sp, f.Kind)))
-		entry := func(table string, rule string) { r.leaf(table, f, sp, rule) }
+		entry := func(table string, rule string) { fr.leaf(table, f, sp, rule) }
 		ranges := f.Kind == model.LoadBalancer && len(sp.SourceRanges) > 0
 		if !f.Kind.External() {
 			if eps := sp.InternalEndpoints(); len(eps) > 0 {
@@ -322,32 +418,33 @@ func (r *renderer) servicePort(sp *model.ServicePort) {
 	if extUsed {
 		if sp.ExternalTrafficLocal {
 			for _, c := range r.cidrs {
-				r.add(tableNAT, ext, "-s "+c.String()+" "+comment(spc)+" -j "+svc)
+				fr.add(ext, "-s "+c.String()+" "+comment(spc)+" -j "+svc)
 			}
-			r.add(tableNAT, ext, comment(spc)+" -m addrtype --src-type LOCAL -j "+chainMarkMasq)
-			r.add(tableNAT, ext, comment(spc)+" -m addrtype --src-type LOCAL -j "+svc)
+			fr.add(ext, comment(spc)+" -m addrtype --src-type LOCAL -j "+chainMarkMasq)
+			fr.add(ext, comment(spc)+" -m addrtype --src-type LOCAL -j "+svc)
 			if len(sp.LocalEndpoints) > 0 {
-				r.add(tableNAT, ext, comment(spc)+" -j "+lcl)
+				fr.add(ext, comment(spc)+" -j "+lcl)
 			}
 		} else {
-			r.add(tableNAT, ext, comment(spc)+" -j "+chainMarkMasq)
-			r.add(tableNAT, ext, comment(spc)+" -j "+svc)
+			fr.add(ext, comment(spc)+" -j "+chainMarkMasq)
+			fr.add(ext, comment(spc)+" -j "+svc)
 		}
 	}
 	if sp.HealthCheckNodePort != 0 {
-		r.leafEntry(tableFilter, portLeaf(model.TCP, sp.HealthCheckNodePort), leafEntry{
+		fr.leaves = append(fr.leaves, leafRef{tableFilter, portLeaf(model.TCP, sp.HealthCheckNodePort), leafEntry{
 			proto: model.TCP, port: sp.HealthCheckNodePort, name: sp.Name,
 			rule: fmt.Sprintf("%s -m addrtype --dst-type LOCAL %s -j ACCEPT",
 				portMatch(model.TCP, strconv.Itoa(int(sp.HealthCheckNodePort))),
 				comment(spc+" "+roleHealthCheck)),
-		})
+		}})
 	}
+	return fr
 }
 
 // endpoints writes one DNAT rule per endpoint into chain: with affinity, a
 // first pass sends clients seen within the timeout back to their endpoint;
 // then endpoint i of n is chosen with probability 1/(n-i).
-func (r *renderer) endpoints(chain string, sp *model.ServicePort, eps []model.Endpoint) {
+func (r *renderer) endpoints(fr *fragment, chain string, sp *model.ServicePort, eps []model.Endpoint) {
 	head := fmt.Sprintf("-p %s %s", proto(sp.Protocol), comment(spnComment(sp.Name)))
 	mask := "255.255.255.255"
 	if r.family == model.IPv6 {
@@ -358,7 +455,7 @@ func (r *renderer) endpoints(chain string, sp *model.ServicePort, eps []model.En
 	}
 	if sp.AffinityTimeout > 0 {
 		for _, e := range eps {
-			r.add(tableNAT, chain, fmt.Sprintf("%s -m recent --rcheck --seconds %d --reap %s -m recent --set %s -j DNAT --to-destination %s",
+			fr.add(chain, fmt.Sprintf("%s -m recent --rcheck --seconds %d --reap %s -m recent --set %s -j DNAT --to-destination %s",
 				head, affinitySeconds(sp), recent(e), recent(e), e))
 		}
 	}
@@ -370,7 +467,7 @@ func (r *renderer) endpoints(chain string, sp *model.ServicePort, eps []model.En
 		if sp.AffinityTimeout > 0 {
 			rule += " -m recent --set " + recent(e)
 		}
-		r.add(tableNAT, chain, rule+" -j DNAT --to-destination "+e.String())
+		fr.add(chain, rule+" -j DNAT --to-destination "+e.String())
 	}
 }
 
@@ -381,19 +478,3 @@ func probability(n int) string {
 	return strconv.FormatFloat(fixed/0x80000000, 'f', 11, 64)
 }
 
-// leaf adds a frontend rule to the leaf chain of its dispatch tree: the
-// port tree for NodePorts (their addresses are few and shared by all
-// NodePorts), the address tree for the others.
-func (r *renderer) leaf(table string, f model.Frontend, sp *model.ServicePort, rule string) {
-	chain := addrLeaf(f.IP)
-	if f.Kind == model.NodePort {
-		chain = portLeaf(sp.Protocol, f.Port)
-	}
-	r.leafEntry(table, chain, leafEntry{ip: f.IP, proto: sp.Protocol, port: f.Port, name: sp.Name, rule: rule})
-}
-
-func (r *renderer) leafEntry(table, chain string, e leafEntry) {
-	leaves := r.leaves[table]
-	e.seq = len(leaves[chain])
-	leaves[chain] = append(leaves[chain], e)
-}

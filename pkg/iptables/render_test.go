@@ -125,3 +125,34 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestRenderCache checks that rendering with the cache of earlier renders
+// gives what rendering from scratch gives, also when the caller changes a
+// ServicePort it passed before.
+func TestRenderCache(t *testing.T) {
+	var cache renderCache
+	check := func(s *model.State, what string) {
+		t.Helper()
+		for _, f := range families {
+			got := render(s, f, DefaultMasqueradeBit, &cache).Text()
+			if want := Render(s, f, DefaultMasqueradeBit).Text(); got != want {
+				t.Fatalf("%s, %s: cached render differs:\n%s\nwant\n%s", what, f, got, want)
+			}
+		}
+	}
+	cases := conformance.Cases()
+	for _, c := range cases {
+		check(c.State, c.Name)
+	}
+	all := cases[len(cases)-1].State
+	check(all, "All")
+	for _, sp := range all.ServicePorts {
+		sp.ClusterEndpoints = sp.ClusterEndpoints[:len(sp.ClusterEndpoints)/2]
+		if len(sp.Frontends) > 0 {
+			sp.Frontends[0].Port++
+		}
+	}
+	check(all, "All, changed in place")
+	all.ClusterCIDRs = all.ClusterCIDRs[:1]
+	check(all, "All, one cluster CIDR less")
+}

@@ -104,3 +104,17 @@ func BenchmarkParse10k(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkRenderOneChange10k renders 10,000 Services after one changed,
+// with the cache a Backend keeps between syncs.
+func BenchmarkRenderOneChange10k(b *testing.B) {
+	s := bigState(10000, 10)
+	var cache renderCache
+	render(s, model.IPv4, DefaultMasqueradeBit, &cache)
+	sp := s.ServicePorts[model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}]
+	b.ReportAllocs()
+	for b.Loop() {
+		sp.ClusterEndpoints[0].Port++
+		render(s, model.IPv4, DefaultMasqueradeBit, &cache)
+	}
+}

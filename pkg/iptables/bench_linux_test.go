@@ -1,0 +1,133 @@
+//go:build linux
+
+package iptables
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"testing"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+const envBenchNetns = "SVCNAT_TEST_NETNS"
+
+// inBenchNetns runs a privileged benchmark in a network namespace of its
+// own. Called in the parent, it re-runs this one benchmark as a child under
+// `ip netns exec`, prints its output, removes the namespace and skips;
+// called in the child it returns true.
+func inBenchNetns(b *testing.B) bool {
+	b.Helper()
+	if os.Getenv(envBenchNetns) != "" {
+		self, _ := os.Readlink("/proc/self/ns/net")
+		if self == os.Getenv("SVCNAT_BENCH_PARENT_NETNS") {
+			b.Fatal("benchmark child runs in its parent's network namespace")
+		}
+		return true
+	}
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: programs iptables in a network namespace of its own")
+	}
+	ns := fmt.Sprintf("sn-b%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		b.Fatalf("create namespace %s: %v: %s", ns, err, out)
+	}
+	defer func() {
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			b.Errorf("delete namespace %s: %v: %s", ns, err, out)
+		}
+	}()
+	args := []string{"netns", "exec", ns, os.Args[0], "-test.run", "^$", "-test.bench", "^" + b.Name() + "$", "-test.benchmem"}
+	if f := flag.Lookup("test.benchtime"); f != nil {
+		args = append(args, "-test.benchtime", f.Value.String())
+	}
+	cmd := exec.Command("ip", args...)
+	parent, _ := os.Readlink("/proc/self/ns/net")
+	cmd.Env = append(os.Environ(), envBenchNetns+"="+ns, "SVCNAT_BENCH_PARENT_NETNS="+parent)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		b.Fatalf("benchmark in namespace %s: %v", ns, err)
+	}
+	b.Skip("ran in namespace " + ns + "; results above")
+	return false
+}
+
+func benchBackend(b *testing.B) *Backend {
+	b.Helper()
+	be, err := New(Options{Families: []model.Family{model.IPv4}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := be.Init(b.Context()); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		if err := be.Cleanup(context.Background()); err != nil {
+			b.Error(err)
+		}
+	})
+	return be
+}
+
+// BenchmarkSync10k measures a full sync (the first one after Init) of
+// 10,000 Services x 10 endpoints into empty tables.
+func BenchmarkSync10k(b *testing.B) {
+	if !inBenchNetns(b) {
+		return
+	}
+	s := bigState(10000, 10)
+	be := benchBackend(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		if err := be.Cleanup(b.Context()); err != nil {
+			b.Fatal(err)
+		}
+		if err := be.Init(b.Context()); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := be.Sync(b.Context(), s); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(be.families[0].last.Rules(tableNAT)), "nat-rules")
+	b.ReportMetric(float64(len(be.families[0].last.Tables[tableNAT])), "nat-chains")
+}
+
+// BenchmarkSyncOneServiceChange10k measures the sync after one Service's
+// endpoints changed among 10,000 Services x 10 endpoints.
+func BenchmarkSyncOneServiceChange10k(b *testing.B) {
+	if !inBenchNetns(b) {
+		return
+	}
+	s := bigState(10000, 10)
+	be := benchBackend(b)
+	if err := be.Sync(b.Context(), s); err != nil {
+		b.Fatal(err)
+	}
+	sp := s.ServicePorts[model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}]
+	extra := model.Endpoint{IP: netip.MustParseAddr("10.245.0.1"), Port: 8080}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		if i%2 == 1 {
+			sp.ClusterEndpoints = append(sp.ClusterEndpoints, extra)
+		} else {
+			sp.ClusterEndpoints = sp.ClusterEndpoints[:len(sp.ClusterEndpoints)-1]
+		}
+		if err := be.Sync(b.Context(), s); err != nil {
+			b.Fatal(err)
+		}
+		if be.lastWrite.full || be.lastWrite.written != 1 {
+			b.Fatalf("one endpoint changed: sync wrote %+v, want one chain", be.lastWrite)
+		}
+	}
+}

@@ -11,6 +11,8 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/svcnat/svcnat/pkg/model"
@@ -43,7 +45,11 @@ func inBenchNetns(b *testing.B) bool {
 			b.Errorf("delete namespace %s: %v: %s", ns, err, out)
 		}
 	}()
-	args := []string{"netns", "exec", ns, os.Args[0], "-test.run", "^$", "-test.bench", "^" + b.Name() + "$", "-test.benchmem"}
+	parts := strings.Split(b.Name(), "/")
+	for i, p := range parts {
+		parts[i] = "^" + regexp.QuoteMeta(p) + "$"
+	}
+	args := []string{"netns", "exec", ns, os.Args[0], "-test.run", "^$", "-test.bench", strings.Join(parts, "/"), "-test.benchmem"}
 	if f := flag.Lookup("test.benchtime"); f != nil {
 		args = append(args, "-test.benchtime", f.Value.String())
 	}
@@ -58,9 +64,9 @@ func inBenchNetns(b *testing.B) bool {
 	return false
 }
 
-func benchBackend(b *testing.B) *Backend {
+func benchBackend(b *testing.B, mode string) *Backend {
 	b.Helper()
-	be, err := New(Options{Families: []model.Family{model.IPv4}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	be, err := New(Options{Mode: mode, Families: []model.Family{model.IPv4}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -78,11 +84,17 @@ func benchBackend(b *testing.B) *Backend {
 // BenchmarkSync10k measures a full sync (the first one after Init) of
 // 10,000 Services x 10 endpoints into empty tables.
 func BenchmarkSync10k(b *testing.B) {
+	for _, mode := range []string{ModeNFT, ModeLegacy} {
+		b.Run(mode, func(b *testing.B) { benchmarkSync10k(b, mode) })
+	}
+}
+
+func benchmarkSync10k(b *testing.B, mode string) {
 	if !inBenchNetns(b) {
 		return
 	}
 	s := bigState(10000, 10)
-	be := benchBackend(b)
+	be := benchBackend(b, mode)
 	b.ReportAllocs()
 	for b.Loop() {
 		b.StopTimer()
@@ -104,11 +116,17 @@ func BenchmarkSync10k(b *testing.B) {
 // BenchmarkSyncOneServiceChange10k measures the sync after one Service's
 // endpoints changed among 10,000 Services x 10 endpoints.
 func BenchmarkSyncOneServiceChange10k(b *testing.B) {
+	for _, mode := range []string{ModeNFT, ModeLegacy} {
+		b.Run(mode, func(b *testing.B) { benchmarkSyncOneServiceChange10k(b, mode) })
+	}
+}
+
+func benchmarkSyncOneServiceChange10k(b *testing.B, mode string) {
 	if !inBenchNetns(b) {
 		return
 	}
 	s := bigState(10000, 10)
-	be := benchBackend(b)
+	be := benchBackend(b, mode)
 	if err := be.Sync(b.Context(), s); err != nil {
 		b.Fatal(err)
 	}

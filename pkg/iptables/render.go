@@ -477,4 +477,3 @@ func probability(n int) string {
 	fixed := math.Round(float64(0x80000000) / float64(n))
 	return strconv.FormatFloat(fixed/0x80000000, 'f', 11, 64)
 }
-

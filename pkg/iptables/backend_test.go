@@ -4,9 +4,12 @@ package iptables
 
 import (
 	"context"
+	"maps"
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/dataplane/conformance"
@@ -114,7 +117,19 @@ func TestPartialSync(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, d := range conformance.Diff(s, got) {
+	// The backend programs IPv4 only.
+	v4 := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for _, c := range s.ClusterCIDRs {
+		if c.Addr().Is4() {
+			v4.ClusterCIDRs = append(v4.ClusterCIDRs, c)
+		}
+	}
+	for n, sp := range s.ServicePorts {
+		if n.Family == model.IPv4 {
+			v4.ServicePorts[n] = sp
+		}
+	}
+	for _, d := range conformance.Diff(v4, got) {
 		t.Error(d)
 	}
 }
@@ -201,4 +216,102 @@ func strip(save string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+func TestMissingBinaryIsNamed(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	b, err := New(Options{Mode: ModeLegacy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = b.Init(t.Context())
+	if err == nil || !strings.Contains(err.Error(), "iptables-legacy") {
+		t.Errorf("Init without iptables binaries: %v, want an error naming iptables-legacy", err)
+	}
+}
+
+func TestNewRejectsBadOptions(t *testing.T) {
+	for _, o := range []Options{{Mode: "ipvs"}, {MasqueradeBit: 32}, {Families: []model.Family{"IPX"}}} {
+		if _, err := New(o); err == nil {
+			t.Errorf("New(%+v) accepted", o)
+		}
+	}
+}
+
+// TestFailedSyncRewritesAll makes one iptables-restore fail; the next Sync
+// must rewrite everything, not only what changed.
+func TestFailedSyncRewritesAll(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	reg := prometheus.NewRegistry()
+	b, err := New(Options{Families: []model.Family{model.IPv4}, Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Cleanup(context.Background()) })
+	ctx := t.Context()
+	s := allCase()
+	if err := b.Sync(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	rs := Render(s, model.IPv4, DefaultMasqueradeBit)
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gauges := map[string]float64{}
+	for _, mf := range families {
+		for _, m := range mf.GetMetric() {
+			labels := mf.GetName()
+			for _, l := range m.GetLabel() {
+				labels += " " + l.GetValue()
+			}
+			gauges[labels] = m.GetGauge().GetValue()
+		}
+	}
+	want := map[string]float64{
+		"svcnat_iptables_rules IPv4 nat":    float64(rs.Rules(tableNAT)),
+		"svcnat_iptables_rules IPv4 filter": float64(rs.Rules(tableFilter)),
+	}
+	if !maps.Equal(gauges, want) {
+		t.Errorf("metrics %v, want %v", gauges, want)
+	}
+	ft := b.families[0]
+	restore := ft.restore
+	ft.restore = "/bin/false"
+	web := model.ServicePortName{Namespace: "default", Name: "web", Port: "http", Family: model.IPv4}
+	s.ServicePorts[web].ClusterEndpoints = s.ServicePorts[web].ClusterEndpoints[:1]
+	if err := b.Sync(ctx, s); err == nil {
+		t.Fatal("sync with a failing iptables-restore succeeded")
+	}
+	ft.restore = restore
+	if err := b.Sync(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	if !b.lastWrite.full {
+		t.Errorf("sync after a failure wrote %+v, want a full rewrite", b.lastWrite)
+	}
+	got, err := b.Dump(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The backend programs IPv4 only.
+	v4 := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for _, c := range s.ClusterCIDRs {
+		if c.Addr().Is4() {
+			v4.ClusterCIDRs = append(v4.ClusterCIDRs, c)
+		}
+	}
+	for n, sp := range s.ServicePorts {
+		if n.Family == model.IPv4 {
+			v4.ServicePorts[n] = sp
+		}
+	}
+	for _, d := range conformance.Diff(v4, got) {
+		t.Error(d)
+	}
 }

@@ -159,6 +159,132 @@ static __always_inline int in_cluster(const __u8 addr[16])
 	return bpf_map_lookup_elem(&svcnat_cluster_cidrs, &k) != NULL;
 }
 
+static __always_inline __u16 csum_fold(__s64 sum)
+{
+	__u64 s = (__u64)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~(__u16)s;
+}
+
+/* ICMP errors are built in a per-CPU buffer: not on the stack, which the
+ * caller fills. */
+struct icmp4_reject {
+	struct iphdr ip;
+	__u8 type, code;
+	__u16 check;
+	__u32 unused;
+	__u8 quote[28]; /* IP header without options, 8 bytes of L4 */
+};
+
+struct icmp6_reject {
+	struct ipv6hdr ip;
+	__u8 type, code;
+	__u16 check;
+	__u32 unused;
+	__u8 quote[48]; /* IPv6 header, 8 bytes of L4 */
+};
+
+struct icmp6_pseudo {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be32 len;
+	__be32 next;
+};
+
+/* Room for either reply (plain bytes, so the Go side needs no type for
+ * it) and the rest of what reject builds. */
+struct icmp_scratch {
+	__u8 reply[96];
+	__u8 mac[12];
+	__u8 swapped[12];
+	struct icmp6_pseudo pseudo;
+};
+
+_Static_assert(sizeof(struct icmp4_reject) <= 96, "icmp4_reject");
+_Static_assert(sizeof(struct icmp6_reject) <= 96, "icmp6_reject");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct icmp_scratch);
+	__uint(max_entries, 1);
+} svcnat_reject_buf SEC(".maps");
+
+/*
+ * reject answers the packet with an ICMP (ICMPv6) port unreachable from the
+ * frontend, as kube-proxy's REJECT does, and sends it back out of the
+ * interface it came in on. The error quotes the packet's IP header and the
+ * first 8 bytes after it. IPv4 packets with options are dropped instead.
+ * Not inlined, to keep the stack of each function small.
+ */
+static __attribute__((noinline)) int reject(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct icmp_scratch *u;
+	__u32 zero = 0;
+	__s64 sum;
+
+	u = bpf_map_lookup_elem(&svcnat_reject_buf, &zero);
+	if (!u)
+		return TC_ACT_SHOT;
+	__builtin_memset(u, 0, sizeof(*u));
+	if (bpf_skb_load_bytes(skb, 0, u->mac, 12) < 0)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(u->swapped, &u->mac[6], 6);
+	__builtin_memcpy(&u->swapped[6], u->mac, 6);
+	if (!p->v6) {
+		struct icmp4_reject *r = (void *)u->reply;
+
+		if (p->l4off != p->l3off + 20 ||
+		    bpf_skb_load_bytes(skb, p->l3off, r->quote, sizeof(r->quote)) < 0)
+			return TC_ACT_SHOT;
+		r->type = 3; /* destination unreachable */
+		r->code = 3; /* port unreachable */
+		sum = bpf_csum_diff(0, 0, (__be32 *)&r->type, 36, 0);
+		r->check = csum_fold(sum);
+		r->ip.version = 4;
+		r->ip.ihl = 5;
+		r->ip.tot_len = bpf_htons(sizeof(*r));
+		r->ip.ttl = 64;
+		r->ip.protocol = IPPROTO_ICMP;
+		__builtin_memcpy(&r->ip.saddr, &p->key.daddr[12], 4);
+		__builtin_memcpy(&r->ip.daddr, &p->key.saddr[12], 4);
+		sum = bpf_csum_diff(0, 0, (__be32 *)&r->ip, 20, 0);
+		r->ip.check = csum_fold(sum);
+		if (bpf_skb_change_tail(skb, 14 + sizeof(*r), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 0, u->swapped, 12, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 14, r, sizeof(*r), 0) < 0)
+			return TC_ACT_SHOT;
+	} else {
+		struct icmp6_reject *r = (void *)u->reply;
+
+		if (bpf_skb_load_bytes(skb, p->l3off, r->quote, sizeof(r->quote)) < 0)
+			return TC_ACT_SHOT;
+		r->type = 1; /* destination unreachable */
+		r->code = 4; /* port unreachable */
+		__builtin_memcpy(u->pseudo.saddr, p->key.daddr, 16);
+		__builtin_memcpy(u->pseudo.daddr, p->key.saddr, 16);
+		u->pseudo.len = bpf_htonl(56);
+		u->pseudo.next = bpf_htonl(IPPROTO_ICMPV6);
+		sum = bpf_csum_diff(0, 0, (__be32 *)&u->pseudo, sizeof(u->pseudo), 0);
+		sum = bpf_csum_diff(0, 0, (__be32 *)&r->type, 56, sum);
+		r->check = csum_fold(sum);
+		r->ip.version = 6;
+		r->ip.payload_len = bpf_htons(56);
+		r->ip.nexthdr = IPPROTO_ICMPV6;
+		r->ip.hop_limit = 64;
+		__builtin_memcpy(&r->ip.saddr, p->key.daddr, 16);
+		__builtin_memcpy(&r->ip.daddr, p->key.saddr, 16);
+		if (bpf_skb_change_tail(skb, 14 + sizeof(*r), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 0, u->swapped, 12, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 14, r, sizeof(*r), 0) < 0)
+			return TC_ACT_SHOT;
+	}
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /*
  * new_flow picks an endpoint for the first packet of a flow to a frontend,
  * records both directions, and rewrites the packet.
@@ -187,8 +313,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	external = !in_cluster(p->key.saddr);
 	__builtin_memcpy(ak.client, p->key.saddr, 16);
 	v = lb_select(sv, lb_set(sv, external), &ak, &b);
+	if (v == LB_REJECT)
+		return reject(skb, p);
 	if (v != LB_FORWARD)
-		return TC_ACT_SHOT; /* reject and drop alike: see bpf/README.md */
+		return TC_ACT_SHOT;
 
 	/* Forward: client -> frontend becomes client -> endpoint. */
 	__builtin_memcpy(fv.saddr, p->key.saddr, 16);

@@ -3,8 +3,10 @@
 package ebpf
 
 import (
+	"errors"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
 
@@ -61,7 +63,9 @@ func TestExternalTraffic(t *testing.T) {
 	}
 	toLocal := nodePort("local", 30081, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 8080, Local: true})
 	toRemote := nodePort("remote", 30082, endpoint("203.0.113.9", 8080))
-	if err := b.Sync(t.Context(), stateOf(toLocal, toRemote)); err != nil {
+	empty := nodePort("empty", 30083, endpoint("203.0.113.9", 8080))
+	empty.ClusterEndpoints = nil
+	if err := b.Sync(t.Context(), stateOf(toLocal, toRemote, empty)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -85,5 +89,18 @@ func TestExternalTraffic(t *testing.T) {
 				t.Fatalf("connection %d to %s from outside: got %q, %v; want %s", i, tc.frontend, got, err, tc.want)
 			}
 		}
+	}
+
+	// Without endpoints: an ICMP port unreachable, which this kernel takes
+	// as a soft error for the first SYN (TESTBED.md), so refused after
+	// the retransmission.
+	inNamespace(t, client, func() {
+		var c net.Conn
+		if c, err = net.DialTimeout("tcp", "198.51.100.1:30083", 3*time.Second); err == nil {
+			c.Close()
+		}
+	})
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("connection to a NodePort without endpoints: %v, want connection refused", err)
 	}
 }

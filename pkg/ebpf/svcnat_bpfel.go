@@ -44,6 +44,20 @@ type svcnatCidrKey struct {
 	Addr      [16]uint8
 }
 
+type svcnatIcmpScratch struct {
+	_       structs.HostLayout
+	Reply   [96]uint8
+	Mac     [12]uint8
+	Swapped [12]uint8
+	Pseudo  struct {
+		_     structs.HostLayout
+		Saddr [16]uint8
+		Daddr [16]uint8
+		Len   uint32
+		Next  uint32
+	}
+}
+
 type svcnatIn6Addr struct {
 	_    structs.HostLayout
 	In6U struct {
@@ -148,6 +162,7 @@ const (
 	svcnatMapSvcnatBackends      = "svcnat_backends"
 	svcnatMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
 	svcnatMapSvcnatNat           = "svcnat_nat"
+	svcnatMapSvcnatRejectBuf     = "svcnat_reject_buf"
 	svcnatMapSvcnatServices      = "svcnat_services"
 	svcnatMapSvcnatSlots         = "svcnat_slots"
 	svcnatMapSvcnatSnatAddrs     = "svcnat_snat_addrs"
@@ -228,6 +243,7 @@ type svcnatMapSpecs struct {
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
 	SvcnatNat          *ebpf.MapSpec `ebpf:"svcnat_nat"`
+	SvcnatRejectBuf    *ebpf.MapSpec `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
 	SvcnatSnatAddrs    *ebpf.MapSpec `ebpf:"svcnat_snat_addrs"`
@@ -266,6 +282,7 @@ type svcnatMaps struct {
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
 	SvcnatNat          *ebpf.Map `ebpf:"svcnat_nat"`
+	SvcnatRejectBuf    *ebpf.Map `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
 	SvcnatSnatAddrs    *ebpf.Map `ebpf:"svcnat_snat_addrs"`
@@ -280,6 +297,7 @@ func (m *svcnatMaps) Close() error {
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
 		m.SvcnatNat,
+		m.SvcnatRejectBuf,
 		m.SvcnatServices,
 		m.SvcnatSlots,
 		m.SvcnatSnatAddrs,

@@ -18,8 +18,9 @@ import (
 )
 
 const (
-	tcOK   = 0 // TC_ACT_OK
-	tcShot = 2 // TC_ACT_SHOT
+	tcOK       = 0 // TC_ACT_OK
+	tcShot     = 2 // TC_ACT_SHOT
+	tcRedirect = 7 // TC_ACT_REDIRECT
 )
 
 // tuple is what the tc programs look at and rewrite.
@@ -69,7 +70,7 @@ func packet(t tuple) []byte {
 		binary.BigEndian.PutUint16(l4[4:], uint16(len(l4)))
 	}
 	var l3 []byte
-	eth := make([]byte, 14)
+	eth := []byte{2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0, 0}
 	if t.src.Addr().Is4() {
 		binary.BigEndian.PutUint16(eth[12:], 0x0800)
 		l3 = make([]byte, 20)
@@ -222,6 +223,64 @@ func (h *tcHarness) run(prog *ebpf.Program, in tuple) (uint32, tuple) {
 	return ret, parsePacket(h.t, opts.DataOut)
 }
 
+// runRaw passes a packet built from in through prog and returns the
+// verdict and the frame that comes out.
+func (h *tcHarness) runRaw(prog *ebpf.Program, in tuple) (uint32, []byte) {
+	h.t.Helper()
+	opts := &ebpf.RunOptions{Data: packet(in), DataOut: make([]byte, 1500), Context: skbContext{Ifindex: uint32(h.ifindex)}}
+	ret, err := prog.Run(opts)
+	if err != nil {
+		h.t.Fatalf("run %s on %s: %v", prog, in, err)
+	}
+	return ret, opts.DataOut
+}
+
+// checkPortUnreachable fails the test unless frame is an ICMP (ICMPv6)
+// port unreachable from in's destination to its source, quoting in, with
+// valid checksums, and with the MAC addresses of in swapped.
+func checkPortUnreachable(t *testing.T, frame []byte, in tuple) {
+	t.Helper()
+	orig := packet(in)
+	if string(frame[0:6]) != string(orig[6:12]) || string(frame[6:12]) != string(orig[0:6]) {
+		t.Errorf("MAC addresses not swapped: %x", frame[:12])
+	}
+	if in.src.Addr().Is4() {
+		ip, icmp := frame[14:34], frame[34:]
+		src, _ := netip.AddrFromSlice(ip[12:16])
+		dst, _ := netip.AddrFromSlice(ip[16:20])
+		switch {
+		case binary.BigEndian.Uint16(frame[12:]) != 0x0800 || ip[9] != 1:
+			t.Fatalf("not ICMP: %x", frame)
+		case fold(checksum(0, ip)) != 0:
+			t.Error("IP header checksum wrong")
+		case src != in.dst.Addr() || dst != in.src.Addr():
+			t.Errorf("ICMP error from %s to %s, want from %s to %s", src, dst, in.dst.Addr(), in.src.Addr())
+		case icmp[0] != 3 || icmp[1] != 3:
+			t.Errorf("ICMP type %d code %d, want 3/3 (port unreachable)", icmp[0], icmp[1])
+		case fold(checksum(0, icmp)) != 0:
+			t.Error("ICMP checksum wrong")
+		case string(icmp[8:36]) != string(orig[14:42]):
+			t.Errorf("quote %x, want %x", icmp[8:36], orig[14:42])
+		}
+		return
+	}
+	ip, icmp := frame[14:54], frame[54:]
+	src, _ := netip.AddrFromSlice(ip[8:24])
+	dst, _ := netip.AddrFromSlice(ip[24:40])
+	switch {
+	case binary.BigEndian.Uint16(frame[12:]) != 0x86dd || ip[6] != 58:
+		t.Fatalf("not ICMPv6: %x", frame)
+	case src != in.dst.Addr() || dst != in.src.Addr():
+		t.Errorf("ICMPv6 error from %s to %s", src, dst)
+	case icmp[0] != 1 || icmp[1] != 4:
+		t.Errorf("ICMPv6 type %d code %d, want 1/4 (port unreachable)", icmp[0], icmp[1])
+	case fold(pseudoSum(src, dst, 58, len(icmp))+checksumNoFold(icmp)) != 0:
+		t.Error("ICMPv6 checksum wrong")
+	case string(icmp[8:56]) != string(orig[14:62]):
+		t.Errorf("quote %x, want %x", icmp[8:56], orig[14:62])
+	}
+}
+
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 func TestTCPrograms(t *testing.T) {
@@ -270,8 +329,11 @@ func TestTCPrograms(t *testing.T) {
 	spread := withFrontend(sp("spread", model.IPv4, model.TCP, "10.96.0.5", 80,
 		local("10.244.1.2", 8080), local("10.244.1.3", 8080)), model.ExternalIP, "203.0.113.30:80")
 	empty := withFrontend(sp("empty", model.IPv4, model.TCP, "10.96.0.6", 80), model.NodePort, "192.0.2.1:30099")
+	empty6 := withFrontend(sp("empty", model.IPv6, model.UDP, "fd00:96::6", 80), model.NodePort, "[2001:db8::1]:30099")
+	noLocal := withFrontend(sp("no-local", model.IPv4, model.TCP, "10.96.0.7", 80, endpoint("10.244.2.5", 8080)), model.NodePort, "192.0.2.1:30098")
+	noLocal.ExternalTrafficLocal = true
 	v6 := withFrontend(sp("v6", model.IPv6, model.TCP, "fd00:96::1", 80, endpoint("fd00:244:2::5", 8080)), model.NodePort, "[2001:db8::1]:30080")
-	if err := b.Sync(t.Context(), stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, v6)); err != nil {
+	if err := b.Sync(t.Context(), stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, empty6, noLocal, v6)); err != nil {
 		t.Fatal(err)
 	}
 	client := ap("198.51.100.7:40000")
@@ -348,8 +410,22 @@ func TestTCPrograms(t *testing.T) {
 			t.Errorf("60 flows reached %v", seen)
 		}
 	})
-	t.Run("no endpoints drops", func(t *testing.T) {
-		in := tuple{src: client, dst: ap("192.0.2.1:30099"), proto: protoTCP, syn: true}
+	t.Run("no endpoints rejects", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("192.0.2.1:30099"), proto: protoTCP, syn: true, payloadBytes: 20}
+		ret, frame := h.runRaw(ingress, in)
+		if ret != tcRedirect {
+			t.Fatalf("verdict %d, want redirect (the ICMP error back out)", ret)
+		}
+		checkPortUnreachable(t, frame, in)
+		in6 := tuple{src: ap("[2001:db8::77]:40000"), dst: ap("[2001:db8::1]:30099"), proto: protoUDP, payloadBytes: 20}
+		ret, frame = h.runRaw(ingress, in6)
+		if ret != tcRedirect {
+			t.Fatalf("IPv6: verdict %d, want redirect", ret)
+		}
+		checkPortUnreachable(t, frame, in6)
+	})
+	t.Run("Local policy without local endpoints drops", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("192.0.2.1:30098"), proto: protoTCP, syn: true}
 		if ret, _ := h.run(ingress, in); ret != tcShot {
 			t.Errorf("verdict %d, want drop", ret)
 		}

@@ -453,14 +453,18 @@ func TestHealth(t *testing.T) {
 	if code, _ := get(t, srv.URL+"/livez"); code != http.StatusOK {
 		t.Errorf("/livez right after start = %d, want 200", code)
 	}
+	// With the Node but before the first sync: alive, not ready.
+	h.src.mu.Lock()
+	h.src.node = &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}}
+	h.src.mu.Unlock()
+	if code, body := get(t, srv.URL+"/healthz"); code != http.StatusServiceUnavailable || !strings.Contains(body, `"nodeEligible":true`) {
+		t.Errorf("/healthz before the first sync = %d %s, want 503", code, body)
+	}
 	// Caches never syncing: unhealthy after twice the sync period.
 	h.advanceTo(61 * time.Second)
 	if code, body := get(t, srv.URL+"/livez"); code != http.StatusServiceUnavailable || !strings.Contains(body, `"healthy":false`) {
 		t.Errorf("/livez with a change waiting 61s = %d %s", code, body)
 	}
-	h.src.mu.Lock()
-	h.src.node = &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}}
-	h.src.mu.Unlock()
 	close(h.src.synced)
 	h.waitSync()
 	h.waitArmed(91 * time.Second)

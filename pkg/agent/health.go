@@ -85,15 +85,17 @@ func (h *Health) nodeEligible() bool {
 	return true
 }
 
-// Handler serves /healthz (healthy and the node eligible) and /livez
-// (healthy), answering 200 or 503 with a HealthStatus.
+// Handler serves /healthz (synced at least once, healthy, and the node
+// eligible) and /livez (healthy), answering 200 or 503 with a HealthStatus.
 func (h *Health) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		st := h.Status()
 		eligible := h.nodeEligible()
 		st.NodeEligible = &eligible
-		h.write(w, st, st.Healthy && eligible)
+		// Unlike kube-proxy, not ready before the first sync: until then
+		// this node's dataplane may not match the cluster.
+		h.write(w, st, st.Healthy && eligible && !st.LastUpdated.IsZero())
 	})
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
 		st := h.Status()

@@ -55,9 +55,9 @@ type Watcher struct {
 }
 
 // New creates informers for Services, EndpointSlices and the Node named
-// nodeName, wired to sink. resync is the informers' resync period (0 for
-// none). Nothing is listed or watched until Start.
-func New(client kubernetes.Interface, nodeName string, resync time.Duration, sink Sink, log *slog.Logger) (*Watcher, error) {
+// nodeName. resync is the informers' resync period (0 for none). Nothing is
+// listed or watched until Start.
+func New(client kubernetes.Interface, nodeName string, resync time.Duration, log *slog.Logger) (*Watcher, error) {
 	factory := informers.NewSharedInformerFactory(client, resync)
 	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, resync,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
@@ -70,7 +70,6 @@ func New(client kubernetes.Interface, nodeName string, resync time.Duration, sin
 		svcList:  factory.Core().V1().Services().Lister(),
 		nodeList: nodeFactory.Core().V1().Nodes().Lister(),
 		nodeName: nodeName,
-		sink:     sink,
 		log:      log,
 		start:    []func(<-chan struct{}){factory.Start, nodeFactory.Start},
 	}
@@ -105,8 +104,10 @@ func New(client kubernetes.Interface, nodeName string, resync time.Duration, sin
 	return w, nil
 }
 
-// Start starts the informers; they stop when ctx ends. It returns at once.
-func (w *Watcher) Start(ctx context.Context) {
+// Start starts the informers, which tell sink about every change until ctx
+// ends. It returns at once. Call it once.
+func (w *Watcher) Start(ctx context.Context, sink Sink) {
+	w.sink = sink
 	for _, start := range w.start {
 		start(ctx.Done())
 	}

@@ -112,13 +112,13 @@ func start(t *testing.T, objs ...runtime.Object) (*fake.Clientset, *Watcher, *re
 	t.Helper()
 	client := fake.NewClientset(objs...)
 	rec := &recorder{}
-	w, err := New(client, "node1", 0, rec, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	w, err := New(client, "node1", 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	w.Start(ctx)
+	w.Start(ctx, rec)
 	if !w.WaitForCacheSync(ctx) {
 		t.Fatal("caches did not sync")
 	}

@@ -1,0 +1,135 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/pflag"
+
+	"github.com/svcnat/svcnat/pkg/dataplane"
+	"github.com/svcnat/svcnat/pkg/ebpf"
+	"github.com/svcnat/svcnat/pkg/iptables"
+)
+
+// The --backend values.
+const (
+	backendIptables = "iptables"
+	backendEBPF     = "ebpf"
+	backendAuto     = "auto"
+)
+
+// rawBackend is a backend that can also print its own kernel state.
+type rawBackend interface {
+	dataplane.Backend
+	Raw(ctx context.Context) (string, error)
+}
+
+// backendFlags choose and configure the backend.
+type backendFlags struct {
+	name          string
+	iptablesMode  string
+	masqueradeBit int
+	bpffsPath     string
+	cgroupPath    string
+	interfaces    []string
+	maxServices   int
+	maxBackends   int
+	maxAffinity   int
+	maxNAT        int
+}
+
+func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
+	fs.StringVar(&f.name, "backend", defaultBackend, "dataplane backend: iptables, ebpf or auto")
+	fs.StringVar(&f.iptablesMode, "iptables-mode", iptables.ModeAuto, "iptables variant: auto (the one the host's rules use), nft or legacy")
+	fs.IntVar(&f.masqueradeBit, "masquerade-bit", iptables.DefaultMasqueradeBit, "packet mark bit (0-31) svcnat's iptables rules use to ask for masquerading")
+	fs.StringVar(&f.bpffsPath, "bpffs-path", ebpf.DefaultBPFFSPath, "directory on a bpffs where the eBPF backend pins its maps and links")
+	fs.StringVar(&f.cgroupPath, "cgroup-path", "", "cgroup v2 whose processes get eBPF connect-time translation (the node's cgroup v2 root in production); required by --backend=ebpf")
+	fs.StringSliceVar(&f.interfaces, "bpf-interfaces", nil, "interfaces external traffic arrives on; each gets the eBPF tc programs (NodePort, externalIPs, LoadBalancer)")
+	fs.IntVar(&f.maxServices, "bpf-map-max-services", ebpf.DefaultMaxServices, "eBPF map size: frontends")
+	fs.IntVar(&f.maxBackends, "bpf-map-max-backends", ebpf.DefaultMaxBackends, "eBPF map size: endpoints")
+	fs.IntVar(&f.maxAffinity, "bpf-map-max-affinity", ebpf.DefaultMaxAffinity, "eBPF map size: session affinity entries")
+	fs.IntVar(&f.maxNAT, "bpf-map-max-nat", ebpf.DefaultMaxNAT, "eBPF map size: translated sockets and flows")
+}
+
+func (f *backendFlags) iptables(reg prometheus.Registerer, log *slog.Logger) (*iptables.Backend, error) {
+	return iptables.New(iptables.Options{Mode: f.iptablesMode, MasqueradeBit: f.masqueradeBit, Registerer: reg, Logger: log})
+}
+
+// ebpf creates the eBPF backend. Dump, Raw and Cleanup never attach to a
+// cgroup, so readOnly uses need no --cgroup-path.
+func (f *backendFlags) ebpf(reg prometheus.Registerer, log *slog.Logger, readOnly bool) (*ebpf.Backend, error) {
+	cgroup := f.cgroupPath
+	if cgroup == "" && readOnly {
+		cgroup = "/nonexistent/unused-by-dump-and-cleanup"
+	}
+	return ebpf.New(ebpf.Options{
+		BPFFSPath: f.bpffsPath, CgroupPath: cgroup, Interfaces: f.interfaces,
+		MaxServices: f.maxServices, MaxBackends: f.maxBackends, MaxAffinity: f.maxAffinity, MaxNAT: f.maxNAT,
+		Registerer: reg, Logger: log,
+	})
+}
+
+// forRun returns the backend the agent programs, and its name. auto tries
+// eBPF (which needs --cgroup-path and the kernel features it probes) and
+// falls back to iptables, saying why.
+func (f *backendFlags) forRun(reg prometheus.Registerer, log *slog.Logger) (rawBackend, string, error) {
+	switch f.name {
+	case backendIptables:
+		b, err := f.iptables(reg, log)
+		return b, backendIptables, err
+	case backendEBPF:
+		b, err := f.ebpf(reg, log, false)
+		return b, backendEBPF, err
+	case backendAuto:
+		if f.cgroupPath == "" {
+			log.Info("backend auto: using iptables", "reason", "no --cgroup-path for eBPF")
+		} else if b, err := f.ebpf(reg, log, false); err == nil {
+			log.Info("backend auto: using ebpf")
+			return b, backendEBPF, nil
+		} else {
+			log.Warn("backend auto: eBPF unavailable, using iptables", "reason", err)
+		}
+		b, err := f.iptables(reg, log)
+		return b, backendIptables, err
+	}
+	return nil, "", fmt.Errorf("backend %q: want iptables, ebpf or auto", f.name)
+}
+
+// forDump returns the backend to read from without changing anything:
+// the named one, or with auto the eBPF one when maps are pinned under
+// --bpffs-path, else iptables.
+func (f *backendFlags) forDump(log *slog.Logger) (rawBackend, string, error) {
+	name := f.name
+	if name == backendAuto {
+		name = backendIptables
+		pins, err := os.ReadDir(f.bpffsPath)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, "", fmt.Errorf("detect backend: %w", err)
+		}
+		if len(pins) > 0 {
+			name = backendEBPF
+		}
+	}
+	switch name {
+	case backendIptables:
+		b, err := f.iptables(nil, log)
+		return b, name, err
+	case backendEBPF:
+		b, err := f.ebpf(nil, log, true)
+		return b, name, err
+	}
+	return nil, "", fmt.Errorf("backend %q: want iptables, ebpf or auto", f.name)
+}
+
+// closeBackend releases what a backend holds open without removing what it
+// programmed (the eBPF backend's file descriptors; pins stay).
+func closeBackend(b dataplane.Backend) error {
+	if c, ok := b.(interface{ Close() error }); ok {
+		return c.Close()
+	}
+	return nil
+}

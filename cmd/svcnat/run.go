@@ -1,0 +1,207 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/svcnat/svcnat/pkg/agent"
+	"github.com/svcnat/svcnat/pkg/conntrack"
+	"github.com/svcnat/svcnat/pkg/model"
+	"github.com/svcnat/svcnat/pkg/nodeaddr"
+	"github.com/svcnat/svcnat/pkg/watch"
+)
+
+// nodeFlags say which node svcnat serves and how the cluster is laid out;
+// `run` and `dump --check` share them, so both build the same model.
+type nodeFlags struct {
+	kubeconfig        string
+	nodeName          string
+	clusterCIDRs      []string
+	nodePortAddresses []string
+}
+
+func (f *nodeFlags) register(fs *pflag.FlagSet) {
+	host, _ := os.Hostname()
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means in-cluster configuration")
+	fs.StringVar(&f.nodeName, "node-name", strings.ToLower(host), "this node's name (endpoints with this nodeName are local)")
+	fs.StringSliceVar(&f.clusterCIDRs, "cluster-cidr", nil, "pod CIDRs, comma-separated; traffic to ClusterIPs from outside them is masqueraded")
+	fs.StringSliceVar(&f.nodePortAddresses, "nodeport-addresses", nil, "CIDRs whose node addresses NodePorts open on, comma-separated; empty means every address")
+}
+
+// config returns the model configuration these flags describe, without the
+// node's addresses and zone.
+func (f *nodeFlags) config() (*model.Config, error) {
+	cidrs, err := parsePrefixes("cluster-cidr", f.clusterCIDRs)
+	if err != nil {
+		return nil, err
+	}
+	np, err := parsePrefixes("nodeport-addresses", f.nodePortAddresses)
+	if err != nil {
+		return nil, err
+	}
+	if f.nodeName == "" {
+		return nil, errors.New("no --node-name and no hostname")
+	}
+	return &model.Config{NodeName: f.nodeName, ClusterCIDRs: cidrs, NodePortAddresses: np}, nil
+}
+
+func parsePrefixes(flag string, in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range in {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return nil, fmt.Errorf("--%s: %w", flag, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+type runFlags struct {
+	node               nodeFlags
+	backend            backendFlags
+	minSyncPeriod      time.Duration
+	syncPeriod         time.Duration
+	metricsBindAddress string
+	healthzBindAddress string
+}
+
+func newRunCommand() *cobra.Command {
+	f := &runFlags{}
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the node agent: program this node's Services until SIGTERM",
+		Long: "Run the node agent. On SIGTERM or SIGINT it stops without removing what it " +
+			"programmed, so traffic keeps flowing until the next start adopts it.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return run(ctx, f, slog.Default())
+		},
+	}
+	fs := cmd.Flags()
+	f.node.register(fs)
+	f.backend.register(fs, backendIptables)
+	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", time.Second, "least time between two syncs; changes within it are programmed together")
+	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles (they also repair outside changes to svcnat's hooks)")
+	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
+	fs.StringVar(&f.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of the /healthz and /livez endpoints; empty disables them")
+	return cmd
+}
+
+func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
+	cfg, err := f.node.config()
+	if err != nil {
+		return err
+	}
+	client, err := watch.Client(f.node.kubeconfig, "svcnat/"+version)
+	if err != nil {
+		return err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	backend, backendName, err := f.backend.forRun(reg, log.With("backend", f.backend.name))
+	if err != nil {
+		return fmt.Errorf("create %s backend: %w", f.backend.name, err)
+	}
+	defer func() {
+		if err := closeBackend(backend); err != nil {
+			log.Error("close backend", "err", err)
+		}
+	}()
+	if err := backend.Init(ctx); err != nil {
+		return fmt.Errorf("init %s backend: %w", backendName, err)
+	}
+
+	w, err := watch.New(client, cfg.NodeName, 0, log)
+	if err != nil {
+		return err
+	}
+	var addrs *nodeaddr.Watcher
+	a := agent.New(backend, w, agent.Options{
+		NodeName:          cfg.NodeName,
+		NodePortAddresses: cfg.NodePortAddresses,
+		ClusterCIDRs:      cfg.ClusterCIDRs,
+		NodeAddresses:     func() []netip.Addr { return addrs.Current() },
+		MinSyncInterval:   f.minSyncPeriod,
+		SyncPeriod:        f.syncPeriod,
+		BackendName:       backendName,
+		Conntrack:         conntrack.NewCleaner(log),
+		Metrics:           agent.NewMetrics(reg),
+		Logger:            log,
+	})
+	if addrs, err = nodeaddr.Watch(ctx, log, a.AllChanged); err != nil {
+		return err
+	}
+
+	servers, err := serve(log, map[string]http.Handler{
+		f.metricsBindAddress: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}),
+		f.healthzBindAddress: a.Health().Handler(),
+	})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		for _, s := range servers {
+			_ = s.Shutdown(shutdownCtx)
+		}
+	}()
+
+	log.Info("svcnat starting", "version", version, "node", cfg.NodeName, "backend", backendName,
+		"clusterCIDRs", cfg.ClusterCIDRs, "nodePortAddresses", cfg.NodePortAddresses)
+	w.Start(ctx, a)
+	if err := a.Run(ctx); err != nil {
+		return err
+	}
+	log.Info("svcnat stopping; programmed rules stay in place")
+	return nil
+}
+
+// serve listens on every non-empty address and serves its handler. A port
+// that cannot be bound is an error at start, not a silent gap.
+func serve(log *slog.Logger, handlers map[string]http.Handler) ([]*http.Server, error) {
+	var servers []*http.Server
+	for addr, h := range handlers {
+		if addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			for _, s := range servers {
+				_ = s.Close()
+			}
+			return nil, fmt.Errorf("listen on %s: %w", addr, err)
+		}
+		s := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+		servers = append(servers, s)
+		go func() {
+			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server", "address", addr, "err", err)
+			}
+		}()
+	}
+	return servers, nil
+}

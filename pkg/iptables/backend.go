@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -71,7 +72,15 @@ type familyTables struct {
 	last *Ruleset
 	// cache makes rendering after a small change cost little.
 	cache renderCache
+	// deepChecked is when the kernel's svcnat chains were last compared
+	// with last in full.
+	deepChecked time.Time
 }
+
+// deepCheckInterval is how often a partial Sync compares every svcnat chain
+// in the kernel with what it wrote, with nf_tables; legacy iptables reads
+// whole tables even for a single check, so it always checks in full.
+const deepCheckInterval = 5 * time.Minute
 
 // jump is a rule svcnat adds to a built-in chain.
 type jump struct {
@@ -246,10 +255,14 @@ func (ft *familyTables) ensureJumps() error {
 	return nil
 }
 
-// intact reports whether the kernel still holds the jump rules and root
-// chains as svcnat last wrote them; a cheap check for outside interference
-// (a flushed chain, a deleted jump rule).
-func (ft *familyTables) intact() bool {
+// intact reports whether the kernel still holds the jump rules and
+// svcnat's chains as svcnat last wrote them, to notice outside interference
+// (a flushed chain, a deleted jump rule). The quick check looks at the jump
+// rules and root chains; the deep one at every chain.
+func (ft *familyTables) intact(ctx context.Context, deep bool) bool {
+	if deep {
+		return ft.intactInFull(ctx)
+	}
 	for _, j := range jumps {
 		if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
 			return false
@@ -267,6 +280,34 @@ func (ft *familyTables) intact() bool {
 		}
 		if !slices.Equal(rules, want) {
 			return false
+		}
+	}
+	return true
+}
+
+// intactInFull compares every svcnat chain and jump rule in the kernel with
+// what svcnat last wrote, reading each table once with iptables-save.
+func (ft *familyTables) intactInFull(ctx context.Context) bool {
+	for _, table := range []string{tableFilter, tableNAT} {
+		text, err := ft.saveTable(ctx, table)
+		if err != nil {
+			return false
+		}
+		rs, err := ParseSave(ft.family, text)
+		if err != nil || !maps.EqualFunc(rs.Tables[table], ft.last.Tables[table], slices.Equal) {
+			return false
+		}
+		for _, j := range jumps {
+			if j.table != table {
+				continue
+			}
+			words := make([]string, len(j.spec))
+			for i, w := range j.spec {
+				words[i] = quote(w)
+			}
+			if !strings.Contains(text, "\n-A "+j.chain+" "+strings.Join(words, " ")+"\n") {
+				return false
+			}
 		}
 	}
 	return true
@@ -299,7 +340,11 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
 	want := render(s, ft.family, b.opts.MasqueradeBit, &ft.cache)
 	full := ft.last == nil
-	if !full && !ft.intact() {
+	deep := b.mode == ModeLegacy || time.Since(ft.deepChecked) > deepCheckInterval
+	if !full && deep {
+		ft.deepChecked = time.Now()
+	}
+	if !full && !ft.intact(ctx, deep) {
 		b.log.Warn("svcnat iptables rules changed outside svcnat; rewriting all", "family", ft.family)
 		full = true
 	}

@@ -146,39 +146,43 @@ func TestOutsideInterference(t *testing.T) {
 		{"DeleteJump", []string{"-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
 		{"DeleteFilterJump", []string{"-t", "filter", "-D", "FORWARD", "-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
 		{"DeletePostroutingRule", []string{"-t", "nat", "-D", chainPostrouting, "1"}},
+		{"FlushLeaf", []string{"-t", "nat", "-F", addrLeaf(netip.MustParseAddr("10.96.0.10"))}},
+		{"FlushEndpoints", []string{"-t", "nat", "-F", prefixCluster + chainHash("default/web:http")}},
 	} {
-		t.Run(c.name, func(t *testing.T) {
-			if !netnstest.InNetns(t) {
-				return
-			}
-			b := initBackend(t, ModeAuto)
-			ctx := t.Context()
-			s := allCase()
-			if err := b.Sync(ctx, s); err != nil {
-				t.Fatal(err)
-			}
-			netnstest.Run(t, "", "iptables-"+b.Mode(), c.args...)
-			if err := b.Sync(ctx, s); err != nil {
-				t.Fatal(err)
-			}
-			if !b.lastWrite.full {
-				t.Errorf("sync after %v was not a full rewrite", c.args)
-			}
-			for _, ft := range b.families {
-				got, err := ft.read(ctx)
-				if err != nil {
+		for _, mode := range []string{ModeNFT, ModeLegacy} {
+			t.Run(c.name+"/"+mode, func(t *testing.T) {
+				if !netnstest.InNetns(t) {
+					return
+				}
+				b := initBackend(t, mode)
+				ctx := t.Context()
+				s := allCase()
+				if err := b.Sync(ctx, s); err != nil {
 					t.Fatal(err)
 				}
-				if want := Render(s, ft.family, DefaultMasqueradeBit); got.Text() != want.Text() {
-					t.Errorf("%s rules not restored:\n%s", ft.family, got.Text())
+				netnstest.Run(t, "", "iptables-"+b.Mode(), c.args...)
+				if err := b.Sync(ctx, s); err != nil {
+					t.Fatal(err)
 				}
-				for _, j := range jumps {
-					if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
-						t.Errorf("%s jump in %s/%s not restored (%v)", ft.family, j.table, j.chain, err)
+				if !b.lastWrite.full {
+					t.Errorf("sync after %v was not a full rewrite", c.args)
+				}
+				for _, ft := range b.families {
+					got, err := ft.read(ctx)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if want := Render(s, ft.family, DefaultMasqueradeBit); got.Text() != want.Text() {
+						t.Errorf("%s rules not restored:\n%s", ft.family, got.Text())
+					}
+					for _, j := range jumps {
+						if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
+							t.Errorf("%s jump in %s/%s not restored (%v)", ft.family, j.table, j.chain, err)
+						}
 					}
 				}
-			}
-		})
+			})
+		}
 	}
 }
 

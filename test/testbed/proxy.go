@@ -76,15 +76,17 @@ func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) e
 	if kind.IsSvcnat() && c.Binaries.Svcnat == "" {
 		return fmt.Errorf("start %s: no svcnat binary", kind)
 	}
+	pins := ""
 	if kind == SvcnatEBPF {
-		if _, err := run("", "sh", "-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"); err != nil {
-			return fmt.Errorf("mount bpffs: %w", err)
+		var err error
+		if pins, err = c.bpffs(); err != nil {
+			return fmt.Errorf("start %s: %w", kind, err)
 		}
 	}
 	for _, n := range c.Nodes {
 		p := &Proxy{Kind: kind, Node: n, c: c}
 		if kind == SvcnatEBPF {
-			p.PinDir = filepath.Join("/sys/fs/bpf", n.Netns)
+			p.PinDir = filepath.Join(pins, n.Netns)
 		}
 		n.Proxy = p
 		c.onClose(p.remove)
@@ -105,7 +107,7 @@ func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) e
 func (p *Proxy) backendArgs() []string {
 	switch p.Kind {
 	case SvcnatEBPF:
-		return []string{"--backend=ebpf", "--cgroup-path=" + p.Node.Cgroup, "--bpffs-path=" + p.PinDir}
+		return []string{"--backend=ebpf", "--cgroup-path=" + p.Node.Cgroup, "--bpffs-path=" + p.PinDir, "--bpf-interfaces=eth0"}
 	default:
 		return []string{"--backend=iptables"}
 	}

@@ -70,10 +70,14 @@ func setupTopology(t *testing.T) *topology {
 func serve(t *testing.T, ns, name string, proto model.Protocol, port int) {
 	t.Helper()
 	listen := fmt.Sprintf("TCP-LISTEN:%d,fork,reuseaddr", port)
+	reply := "echo " + name + " $SOCAT_PEERADDR"
 	if proto == model.UDP {
 		listen = fmt.Sprintf("UDP-RECVFROM:%d,fork", port)
+		// Read the datagram first: writing it to an exited shell would
+		// end the server's child before it answers.
+		reply = "read -r x; " + reply
 	}
-	cmd := exec.Command("ip", "netns", "exec", ns, "socat", listen, "SYSTEM:echo "+name+" $SOCAT_PEERADDR")
+	cmd := exec.Command("ip", "netns", "exec", ns, "socat", listen, "SYSTEM:"+reply)
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start socat in %s: %v", ns, err)
 	}

@@ -408,6 +408,12 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	if err := b.rec.sync(s); err != nil {
 		return fmt.Errorf("sync ebpf backend: %w", err)
 	}
+	if len(b.opts.Interfaces) > 0 && len(b.rec.removed) > 0 {
+		// Best effort too: a flow left behind ends by itself.
+		if err := flushFlows(b.objs.SvcnatNat, b.rec.removed); err != nil {
+			b.log.Warn("forget flows to removed endpoints", "error", err)
+		}
+	}
 	if b.destroyer != nil && len(b.rec.removedUDP) > 0 {
 		// Best effort: the maps are right; a socket left behind only
 		// delays its client until it reconnects by itself.
@@ -424,6 +430,45 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
 		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
+	}
+	return nil
+}
+
+// flushFlows deletes the tc flow entries (both directions) of flows to
+// the given endpoints, so that the next packet of such a flow is a new
+// flow to a live endpoint (which resets a TCP flow) instead of going on to
+// an endpoint that is gone.
+func flushFlows(nat *ebpf.Map, endpoints []svcnatBackend) error {
+	gone := map[[18]byte]bool{}
+	at := func(addr [16]byte, port uint16) [18]byte {
+		var k [18]byte
+		copy(k[:], addr[:])
+		k[16], k[17] = byte(port), byte(port>>8)
+		return k
+	}
+	for _, e := range endpoints {
+		gone[at(e.Addr, e.Port)] = true
+	}
+	var (
+		k     svcnatNatKey
+		v     svcnatNatValue
+		stale []svcnatNatKey
+	)
+	it := nat.Iterate()
+	for it.Next(&k, &v) {
+		// The endpoint is the destination of what forward and SNAT
+		// entries produce, and the source of reply and un-SNAT keys.
+		if gone[at(v.Daddr, v.Dport)] || gone[at(k.Saddr, k.Sport)] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read map %s: %w", svcnatMapSvcnatNat, err)
+	}
+	for _, k := range stale {
+		if err := nat.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete map %s entry: %w", svcnatMapSvcnatNat, err)
+		}
 	}
 	return nil
 }

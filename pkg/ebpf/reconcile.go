@@ -176,9 +176,10 @@ type reconciler struct {
 	written *table
 	frags   map[model.ServicePortName]*fragment
 	refs    map[uint32]int
-	// removedUDP are the endpoints the last sync removed from the maps that
-	// a UDP ServicePort used: connected sockets may still point at them.
-	removedUDP []svcnatBackend
+	// removed are the endpoints the last sync removed from the maps: flows
+	// may still point at them; removedUDP those a UDP ServicePort used:
+	// connected sockets may still point at them.
+	removed, removedUDP []svcnatBackend
 }
 
 // sync makes the maps hold s. It writes nothing when s does not fit. On a
@@ -186,7 +187,7 @@ type reconciler struct {
 // a mix the datapath can use (every slot below a count exists); the next
 // sync repairs them.
 func (r *reconciler) sync(s *model.State) error {
-	r.removedUDP = nil
+	r.removed, r.removedUDP = nil, nil
 	if r.written == nil {
 		return r.syncAll(s)
 	}
@@ -333,6 +334,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	}
 	for _, bid := range orphans {
 		r.ids.backends.forget(bid)
+		r.removed = append(r.removed, old.backends[bid])
 		if usedByUDP[bid] {
 			r.removedUDP = append(r.removedUDP, old.backends[bid])
 		}

@@ -333,7 +333,9 @@ func TestTCPrograms(t *testing.T) {
 	noLocal := withFrontend(sp("no-local", model.IPv4, model.TCP, "10.96.0.7", 80, endpoint("10.244.2.5", 8080)), model.NodePort, "192.0.2.1:30098")
 	noLocal.ExternalTrafficLocal = true
 	v6 := withFrontend(sp("v6", model.IPv6, model.TCP, "fd00:96::1", 80, endpoint("fd00:244:2::5", 8080)), model.NodePort, "[2001:db8::1]:30080")
-	if err := b.Sync(t.Context(), stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, empty6, noLocal, v6)); err != nil {
+	moving := withFrontend(sp("moving", model.IPv4, model.UDP, "10.96.0.8", 53, local("10.244.1.2", 53)), model.ExternalIP, "203.0.113.40:53")
+	all := stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, empty6, noLocal, v6, moving)
+	if err := b.Sync(t.Context(), all); err != nil {
 		t.Fatal(err)
 	}
 	client := ap("198.51.100.7:40000")
@@ -447,6 +449,23 @@ func TestTCPrograms(t *testing.T) {
 		}
 		if ret, back := h.run(egress, unsnat); ret != tcOK || back != (tuple{src: in.dst, dst: c6, proto: protoTCP}) {
 			t.Fatalf("reply on egress: %d %s", ret, back)
+		}
+	})
+	t.Run("flows to a removed endpoint are forgotten", func(t *testing.T) {
+		in := tuple{src: client, dst: ap("203.0.113.40:53"), proto: protoUDP, payloadBytes: 4}
+		if _, out := h.run(ingress, in); out.dst != ap("10.244.1.2:53") {
+			t.Fatalf("first packet went to %s", out.dst)
+		}
+		moving.ClusterEndpoints = []model.Endpoint{local("10.244.1.3", 53)}
+		if err := b.Sync(t.Context(), all); err != nil {
+			t.Fatal(err)
+		}
+		if _, out := h.run(ingress, in); out.dst != ap("10.244.1.3:53") {
+			t.Fatalf("after the endpoint was replaced, the flow's next packet went to %s", out.dst)
+		}
+		reply := tuple{src: ap("10.244.1.2:53"), dst: client, proto: protoUDP}
+		if _, out := h.run(egress, reply); out.src != reply.src {
+			t.Errorf("a late reply from the removed endpoint was still translated, to %s", out.src)
 		}
 	})
 	t.Run("other traffic passes untouched", func(t *testing.T) {

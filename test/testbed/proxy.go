@@ -54,9 +54,12 @@ type Proxy struct {
 	Node *Node
 	// PinDir is the bpffs directory of an eBPF proxy.
 	PinDir string
-	c      *Cluster
-	proc   *Process
-	runs   int
+	// cgroupPath is the node's cgroup as an eBPF proxy sees it (see
+	// ebpfMounts).
+	cgroupPath string
+	c          *Cluster
+	proc       *Process
+	runs       int
 }
 
 // StartProxies starts a proxy of the given kind on every node and waits
@@ -76,10 +79,10 @@ func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) e
 	if kind.IsSvcnat() && c.Binaries.Svcnat == "" {
 		return fmt.Errorf("start %s: no svcnat binary", kind)
 	}
-	pins := ""
+	pins, cgroups := "", ""
 	if kind == SvcnatEBPF {
 		var err error
-		if pins, err = c.bpffs(); err != nil {
+		if pins, cgroups, err = c.ebpfMounts(); err != nil {
 			return fmt.Errorf("start %s: %w", kind, err)
 		}
 	}
@@ -87,6 +90,7 @@ func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) e
 		p := &Proxy{Kind: kind, Node: n, c: c}
 		if kind == SvcnatEBPF {
 			p.PinDir = filepath.Join(pins, n.Netns)
+			p.cgroupPath = filepath.Join(cgroups, filepath.Base(n.Cgroup))
 		}
 		n.Proxy = p
 		c.onClose(p.remove)
@@ -107,7 +111,7 @@ func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) e
 func (p *Proxy) backendArgs() []string {
 	switch p.Kind {
 	case SvcnatEBPF:
-		return []string{"--backend=ebpf", "--cgroup-path=" + p.Node.Cgroup, "--bpffs-path=" + p.PinDir, "--bpf-interfaces=eth0"}
+		return []string{"--backend=ebpf", "--cgroup-path=" + p.cgroupPath, "--bpffs-path=" + p.PinDir, "--bpf-interfaces=eth0"}
 	default:
 		return []string{"--backend=iptables"}
 	}

@@ -5,6 +5,7 @@ package testbed
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 )
 
 // PID returns the process id of the running proxy, or 0 when none runs.
@@ -52,4 +53,30 @@ nft flush ruleset
 conntrack -F 2>/dev/null || true`
 	_, err := run(netns, "sh", "-c", script)
 	return err
+}
+
+// ebpfMounts returns a bpf filesystem for this run's pins and a view of the
+// cgroup v2 hierarchy, both mounted under the run directory the first time.
+// /sys/fs/bpf and /sys/fs/cgroup will not do: `ip netns exec` mounts a fresh
+// /sys for the process it starts, which hides both from the agent, while the
+// run directory stays visible. Node cgroups are direct children of the
+// hierarchy's root, so a node's cgroup is <cgroups>/<base name>. The mounts
+// are removed on Close, after the proxies.
+func (c *Cluster) ebpfMounts() (pins, cgroups string, err error) {
+	pins, cgroups = filepath.Join(c.Dir, "bpffs"), filepath.Join(c.Dir, "cgroup2")
+	for _, m := range []struct{ dir, fstype string }{{pins, "bpf"}, {cgroups, "cgroup2"}} {
+		if _, err := run("", "mountpoint", "-q", m.dir); err == nil {
+			continue
+		}
+		if _, err := run("", "sh", "-c", "mkdir -p "+m.dir+" && mount -t "+m.fstype+" none "+m.dir); err != nil {
+			return "", "", fmt.Errorf("mount %s: %w", m.fstype, err)
+		}
+		c.onClose(func() error {
+			if _, err := run("", "umount", m.dir); err != nil {
+				return fmt.Errorf("unmount %s: %w", m.dir, err)
+			}
+			return nil
+		})
+	}
+	return pins, cgroups, nil
 }

@@ -223,9 +223,14 @@ func (b *Backend) Init(ctx context.Context) error {
 		l.Close()
 	}
 	b.links = nil
+	cgroup, err := cgroupID(b.opts.CgroupPath)
+	if err != nil {
+		return fmt.Errorf("init ebpf backend: %w", err)
+	}
+	onCgroup := func(info link.Info) bool { return info.Cgroup() != nil && info.Cgroup().CgroupId == cgroup }
 	for _, h := range hooks {
 		pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
-		l, err := attachPinned(pin, progs[h.prog], func() (link.Link, error) {
+		l, err := attachPinned(pin, progs[h.prog], onCgroup, func() (link.Link, error) {
 			l, err := link.AttachCgroup(link.CgroupOptions{Path: b.opts.CgroupPath, Attach: h.attach, Program: progs[h.prog]})
 			if err != nil {
 				return nil, fmt.Errorf("attach %s to cgroup %s: %w", h.prog, b.opts.CgroupPath, err)
@@ -249,18 +254,25 @@ func (b *Backend) Init(ctx context.Context) error {
 	return nil
 }
 
-// attachPinned adopts the link pinned at pin, pointing it at prog, or
-// makes a new link with attach and pins it.
-func attachPinned(pin string, prog *ebpf.Program, attach func() (link.Link, error)) (link.Link, error) {
+// attachPinned adopts the link pinned at pin, pointing it at prog, when
+// onTarget says it is attached where it should be; otherwise (nothing
+// pinned, or pinned for another cgroup or interface, or defunct) it
+// detaches what is pinned, makes a new link with attach and pins it.
+func attachPinned(pin string, prog *ebpf.Program, onTarget func(link.Info) bool, attach func() (link.Link, error)) (link.Link, error) {
 	l, err := link.LoadPinnedLink(pin, nil)
-	if err == nil {
-		if err := l.Update(prog); err != nil {
-			l.Close()
-			return nil, fmt.Errorf("update pinned link %s: %w", pin, err)
+	switch {
+	case err == nil:
+		if info, ierr := l.Info(); ierr == nil && onTarget(*info) {
+			if err := l.Update(prog); err != nil {
+				l.Close()
+				return nil, fmt.Errorf("update pinned link %s: %w", pin, err)
+			}
+			return l, nil
 		}
-		return l, nil
-	}
-	if !errors.Is(err, fs.ErrNotExist) {
+		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
+			return nil, fmt.Errorf("detach pinned link %s, attached elsewhere: %w", pin, err)
+		}
+	case !errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
 	}
 	if l, err = attach(); err != nil {
@@ -271,6 +283,16 @@ func attachPinned(pin string, prog *ebpf.Program, attach func() (link.Link, erro
 		return nil, fmt.Errorf("pin link %s: %w", pin, err)
 	}
 	return l, nil
+}
+
+// cgroupID is the id the kernel gives the cgroup v2 directory path: its
+// inode number.
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
+	}
+	return st.Ino, nil
 }
 
 // attachInterface attaches the tc programs to an interface (TCX) and
@@ -306,7 +328,8 @@ func (b *Backend) attachInterface(name string) error {
 		{"egress", b.objs.SvcnatTcEgress, ebpf.AttachTCXEgress},
 	} {
 		pin := filepath.Join(b.opts.BPFFSPath, "links", "tc-"+name+"-"+dir.what)
-		l, err := attachPinned(pin, dir.prog, func() (link.Link, error) {
+		onInterface := func(info link.Info) bool { return info.TCX() != nil && int(info.TCX().Ifindex) == iface.Index }
+		l, err := attachPinned(pin, dir.prog, onInterface, func() (link.Link, error) {
 			l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: dir.prog, Attach: dir.attach})
 			if err != nil {
 				return nil, fmt.Errorf("attach tc %s program (kernel feature TCX, Linux 6.6): %w", dir.what, err)

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -348,5 +350,52 @@ func TestUDPSocketsToRemovedEndpoints(t *testing.T) {
 	}
 	if got, err := dialRead(t, "udp", "10.96.0.53:53"); err != nil || got != "10.244.1.3:53" {
 		t.Fatalf("a new socket: %q, %v", got, err)
+	}
+}
+
+// TestCgroupChange: a restart with another --cgroup-path moves the hooks
+// there instead of updating the links pinned for the old cgroup.
+func TestCgroupChange(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	p := newPod(t, "10.244.1.2/24")
+	p.serveTCP(t, "10.244.1.2:8080")
+	s := stateOf(sp("web", model.IPv4, model.TCP, "10.96.0.10", 80, endpoint("10.244.1.2", 8080)))
+	first := env.backend(t)
+	if err := first.Sync(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	other := env.cgroup + "-other"
+	if err := os.Mkdir(other, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(other) })
+	second, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: other})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := second.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { second.Cleanup(t.Context()) })
+
+	env.enterCgroup(t)
+	if _, err := net.DialTimeout("tcp", "10.96.0.10:80", time.Second); err == nil {
+		t.Error("the old cgroup still has the hooks")
+	}
+	moveSelf := func(dir string) {
+		if err := os.WriteFile(dir+"/cgroup.procs", []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	moveSelf(other)
+	defer moveSelf(env.cgroup)
+	if got, err := dialRead(t, "tcp", "10.96.0.10:80"); err != nil || got != "10.244.1.2:8080" {
+		t.Fatalf("in the new cgroup: %q, %v", got, err)
 	}
 }

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os/exec"
 
 	"github.com/spf13/cobra"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
+	"github.com/svcnat/svcnat/pkg/iptables"
 )
 
 func newCleanupCommand() *cobra.Command {
@@ -18,12 +20,27 @@ func newCleanupCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := slog.Default()
-			ipt, err := f.iptables(nil, log)
-			if err != nil {
-				return fmt.Errorf("clean up iptables backend: %w", err)
-			}
 			var errs []error
-			backends := []dataplane.Backend{ipt}
+			var backends []dataplane.Backend
+			// Both iptables variants: svcnat's rules may sit in the one the
+			// host does not use by default.
+			modes := []string{iptables.ModeNFT, iptables.ModeLegacy}
+			if f.iptablesMode != iptables.ModeAuto {
+				modes = []string{f.iptablesMode}
+			}
+			for _, mode := range modes {
+				if _, err := exec.LookPath("iptables-" + mode); err != nil {
+					log.Info("iptables variant not installed, nothing to clean up there", "mode", mode)
+					continue
+				}
+				mf := *f
+				mf.iptablesMode = mode
+				ipt, err := mf.iptables(nil, log)
+				if err != nil {
+					return fmt.Errorf("clean up iptables backend (%s): %w", mode, err)
+				}
+				backends = append(backends, ipt)
+			}
 			if bpf, err := f.ebpf(nil, log, true); err != nil {
 				// Without eBPF support nothing of svcnat's can be there.
 				log.Info("eBPF backend unavailable, nothing to clean up there", "reason", err)

@@ -37,7 +37,7 @@ type packet struct {
 type outcome struct {
 	prob    float64
 	dnat    netip.AddrPort // invalid when not DNATed
-	verdict string         // "accept", "drop", "reject"
+	verdict string         // "accept", "accepted" (by a rule), "drop", "reject"
 	masq    bool
 }
 
@@ -187,10 +187,16 @@ func (tr *tracer) trace(p packet) []outcome {
 				outs = append(outs, outcome{prob: f.prob, dnat: f.dnat, verdict: f.verdict})
 				continue
 			}
+			// "accepted": a filter rule accepted it (not just no rule
+			// dropped it).
+			verdict := "accept"
+			if f.verdict == "accept" {
+				verdict = "accepted"
+			}
 			f.verdict, f.done = "", false
 			post := tr.run(tableNAT, chainPostrouting, q, []walk{f}, 0)
 			for _, pw := range post {
-				outs = append(outs, outcome{prob: pw.prob, dnat: pw.dnat, verdict: "accept", masq: pw.masq})
+				outs = append(outs, outcome{prob: pw.prob, dnat: pw.dnat, verdict: verdict, masq: pw.masq})
 			}
 		}
 	}
@@ -358,9 +364,9 @@ func TestTraceLoadBalancerSourceRangesLocal(t *testing.T) {
 		to("10.244.1.20:8443", 0.5, false), to("10.244.2.20:8443", 0.5, false))
 }
 
-// untouchedAccepted is a packet no nat rule changed and svcnat's filter
-// accepted explicitly; the tracer reports it like untouched.
-var untouchedAccepted = untouched
+// untouchedAccepted is a packet no nat rule changed and a filter rule
+// accepted.
+var untouchedAccepted = outcome{prob: 1, verdict: "accepted"}
 
 func TestTraceExternalIPAndAffinity(t *testing.T) {
 	s := caseState(t, "Affinity")

@@ -255,24 +255,28 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 }
 
 // waitProbes waits until a connection through every probe Service reaches
-// its pod. It reports false when the deadline passed first.
+// its pod. It reports false when the deadline passed first, and fails as
+// soon as the proxy exits.
 func (b *bench) waitProbes(ctx context.Context, deadline time.Time) (bool, error) {
 	proxy := b.c.Nodes[0].Proxy
 	for _, p := range b.probes {
-		left := time.Until(deadline)
-		if left <= 0 {
-			return false, nil
-		}
-		if _, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: p.pod.Name, Timeout: left, Interval: 5 * time.Millisecond}); err != nil {
+		for {
+			left := time.Until(deadline)
+			if left <= 0 {
+				return false, nil
+			}
+			resp, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: p.pod.Name, Timeout: min(left, 5*time.Second), Interval: 5 * time.Millisecond})
+			if err == nil {
+				break
+			}
 			switch {
 			case ctx.Err() != nil:
 				return false, ctx.Err()
 			case !proxy.Running():
 				return false, fmt.Errorf("%s exited during initial programming; log:\n%s", proxy.Kind, proxy.Tail(20))
-			case time.Now().Before(deadline):
+			case resp.Attempts == 0:
 				return false, fmt.Errorf("initial programming, probe %s: %w", p.name, err)
 			}
-			return false, nil
 		}
 	}
 	return true, nil

@@ -102,36 +102,47 @@ type rule struct {
 	jumpsToChain bool
 }
 
-// tokenize splits a rule the way iptables-save quotes it.
+// tokenize splits a rule the way iptables-save quotes it: words separated
+// by spaces; a word in double quotes may hold spaces and backslash escapes.
 func tokenize(s string) ([]string, error) {
-	var out []string
-	var cur strings.Builder
-	inQuote, inToken := false, false
-	for i := 0; i < len(s); i++ {
-		c := s[i]
+	out := make([]string, 0, 24)
+	for i := 0; i < len(s); {
 		switch {
-		case c == '\\' && inQuote && i+1 < len(s):
+		case s[i] == ' ':
 			i++
-			cur.WriteByte(s[i])
-		case c == '"':
-			inQuote = !inQuote
-			inToken = true
-		case c == ' ' && !inQuote:
-			if inToken {
-				out = append(out, cur.String())
-				cur.Reset()
-				inToken = false
+		case s[i] == '"':
+			end := i + 1
+			escaped := false
+			for ; end < len(s) && s[end] != '"'; end++ {
+				if s[end] == '\\' {
+					escaped = true
+					end++
+				}
 			}
+			if end >= len(s) {
+				return nil, errors.New("unterminated quote")
+			}
+			word := s[i+1 : end]
+			if escaped {
+				var b strings.Builder
+				for k := 0; k < len(word); k++ {
+					if word[k] == '\\' && k+1 < len(word) {
+						k++
+					}
+					b.WriteByte(word[k])
+				}
+				word = b.String()
+			}
+			out = append(out, word)
+			i = end + 1
 		default:
-			cur.WriteByte(c)
-			inToken = true
+			end := strings.IndexAny(s[i:], " \"")
+			if end < 0 {
+				end = len(s) - i
+			}
+			out = append(out, s[i:i+end])
+			i += end
 		}
-	}
-	if inQuote {
-		return nil, errors.New("unterminated quote")
-	}
-	if inToken {
-		out = append(out, cur.String())
 	}
 	return out, nil
 }

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -155,4 +156,24 @@ func TestRenderCache(t *testing.T) {
 	check(all, "All, changed in place")
 	all.ClusterCIDRs = all.ClusterCIDRs[:1]
 	check(all, "All, one cluster CIDR less")
+}
+
+func TestTokenize(t *testing.T) {
+	for in, want := range map[string][]string{
+		`-A X -m comment --comment "a/b:c ClusterIP" -j Y`: {"-A", "X", "-m", "comment", "--comment", "a/b:c ClusterIP", "-j", "Y"},
+		`--comment "say \"hi\" \\ there"`:                   {"--comment", `say "hi" \ there`},
+		`  a  b `:                                           {"a", "b"},
+		`--comment ""`:                                      {"--comment", ""},
+		`--comment "x"y`:                                    {"--comment", "x", "y"},
+	} {
+		got, err := tokenize(in)
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("tokenize(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{`"open`, `a "b\"`} {
+		if _, err := tokenize(in); err == nil {
+			t.Errorf("tokenize(%q) accepted an unterminated quote", in)
+		}
+	}
 }

@@ -161,10 +161,10 @@ func TestRenderCache(t *testing.T) {
 func TestTokenize(t *testing.T) {
 	for in, want := range map[string][]string{
 		`-A X -m comment --comment "a/b:c ClusterIP" -j Y`: {"-A", "X", "-m", "comment", "--comment", "a/b:c ClusterIP", "-j", "Y"},
-		`--comment "say \"hi\" \\ there"`:                   {"--comment", `say "hi" \ there`},
-		`  a  b `:                                           {"a", "b"},
-		`--comment ""`:                                      {"--comment", ""},
-		`--comment "x"y`:                                    {"--comment", "x", "y"},
+		`--comment "say \"hi\" \\ there"`:                  {"--comment", `say "hi" \ there`},
+		`  a  b `:                                          {"a", "b"},
+		`--comment ""`:                                     {"--comment", ""},
+		`--comment "x"y`:                                   {"--comment", "x", "y"},
 	} {
 		got, err := tokenize(in)
 		if err != nil || !slices.Equal(got, want) {

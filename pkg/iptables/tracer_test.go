@@ -452,3 +452,18 @@ func TestTraceIPv6(t *testing.T) {
 		t.Errorf("IPv6 reject with %q", reject.rejectWith)
 	}
 }
+
+// TestTraceLocalPolicyFromNodeWithoutClusterCIDRs: traffic from the node to
+// an ETP Local frontend is masqueraded even when no cluster CIDR would mark
+// it as coming from off the cluster.
+func TestTraceLocalPolicyFromNodeWithoutClusterCIDRs(t *testing.T) {
+	s := caseState(t, "LocalPolicies")
+	s.ClusterCIDRs = nil
+	tr := newTracer(t, s, model.IPv4, node)
+	expectOutcomes(t, tr, pkt(fromNode, node, node, 30054, model.TCP),
+		to("10.244.1.40:53", 0.5, true), to("10.244.2.40:53", 0.5, true))
+	// Without cluster CIDRs there is no pod short-circuit: pods are
+	// external traffic like any other, sent to local endpoints unmasqueraded.
+	expectOutcomes(t, tr, pkt(fromPod, remote, node, 30054, model.TCP), to("10.244.1.40:53", 1, false))
+	expectOutcomes(t, tr, pkt(fromNode, node, "10.96.0.11", 53, model.TCP), to("10.244.1.40:53", 1, false))
+}

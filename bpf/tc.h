@@ -9,10 +9,14 @@
  *            DNATed, and the flow's entries are recorded. A reply from a
  *            remote endpoint to the masquerade address gets the client as
  *            its destination.
- *   egress:  a flow to a remote endpoint is SNATed to the address of the
+ *   egress:  a flow that needs masquerading is SNATed to the address of the
  *            interface it arrived on (so the reply comes back here); a reply
  *            from an endpoint leaving toward the client gets the frontend as
  *            its source again.
+ *
+ * The agent attaches both to the node's interfaces (Options.Interfaces) and
+ * to the interfaces toward local endpoints, where a masqueraded flow to a
+ * local endpoint is SNATed (egress) and its reply un-SNATed (ingress).
  *
  * TCP and UDP over IPv4 and IPv6 without extension headers; anything else
  * passes untouched.
@@ -297,7 +301,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	struct nat_value fv = {}, rv = {};
 	struct svc_value *sv;
 	struct backend b;
-	int external, v;
+	int external, v, masquerade;
+	__u8 set;
 
 	__builtin_memcpy(sk.addr, p->key.daddr, 16);
 	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
@@ -312,7 +317,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	}
 	external = !in_cluster(p->key.saddr);
 	__builtin_memcpy(ak.client, p->key.saddr, 16);
-	v = lb_select(sv, lb_set(sv, external), &ak, &b);
+	set = lb_set(sv, external);
+	v = lb_select(sv, set, &ak, &b);
 	if (v == LB_REJECT)
 		return reject(skb, p);
 	if (v != LB_FORWARD)
@@ -339,13 +345,21 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
 	rv.sport = p->key.dport;
 	rv.dport = p->key.sport;
 
-	if (!(b.flags & SVCNAT_BACKEND_LOCAL)) {
-		/*
-		 * The endpoint is elsewhere: masquerade, so that its reply comes
-		 * back through this node. Sources are rewritten on egress and
-		 * destinations on ingress only: a packet arriving with one of
-		 * the node's own addresses as source is dropped as martian.
-		 */
+	/*
+	 * Masquerade external traffic unless a Local policy sent it to a local
+	 * endpoint, internal traffic from outside the cluster CIDRs, and any
+	 * flow to another node (so that the reply comes back through this
+	 * one). Sources are rewritten on egress and destinations on ingress
+	 * only: a packet arriving with one of the node's own addresses as
+	 * source is dropped as martian. For a local endpoint that is the
+	 * egress and ingress of the interface toward the pod, where the agent
+	 * attaches these programs too.
+	 */
+	if (sv->kind == SVCNAT_KIND_CLUSTER_IP)
+		masquerade = external;
+	else
+		masquerade = set != SVCNAT_SET_LOCAL;
+	if (masquerade || !(b.flags & SVCNAT_BACKEND_LOCAL)) {
 		struct snat_key nk = { .ifindex = skb->ifindex, .family = p->v6 ? 6 : 4 };
 		struct nat_key out = fwd, back = rev;
 		struct nat_value outv = fv, backv = {};

@@ -21,6 +21,7 @@ import (
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
@@ -39,6 +40,10 @@ type Options struct {
 	// Interfaces are the node's interfaces that traffic from outside the
 	// node arrives on; each gets the tc programs (TCX) for per-packet
 	// translation, and masquerades with its first address of each family.
+	//
+	// The programs also go on the interfaces toward local endpoints (found
+	// by route lookup as endpoints appear), where flows to local endpoints
+	// are masqueraded.
 	Interfaces []string
 	// Map sizes; zero means the default. MaxServices sizes the frontend,
 	// Service info and source range maps (--bpf-map-max-services);
@@ -72,6 +77,11 @@ type Backend struct {
 	entries *prometheus.GaugeVec
 	// destroyer is nil when the kernel cannot destroy sockets.
 	destroyer *socketDestroyer
+	// endpointLinks caches the interface index toward each local
+	// endpoint (0 when unknown); podLinks are the interfaces toward local
+	// endpoints that have the tc programs.
+	endpointLinks map[netip.Addr]int
+	podLinks      map[int]bool
 }
 
 var _ dataplane.Backend = (*Backend)(nil)
@@ -295,13 +305,20 @@ func cgroupID(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-// attachInterface attaches the tc programs to an interface (TCX) and
+// attachInterface attaches the tc programs to a node interface (TCX) and
 // records the addresses it masquerades with.
 func (b *Backend) attachInterface(name string) error {
 	iface, err := net.InterfaceByName(name)
 	if err != nil {
 		return err
 	}
+	return b.attachTC(iface, "tc-")
+}
+
+// attachTC attaches the tc programs to iface, pinning the links under
+// prefix+name, and records the addresses it masquerades with.
+func (b *Backend) attachTC(iface *net.Interface, prefix string) error {
+	name := iface.Name
 	addrs, err := iface.Addrs()
 	if err != nil {
 		return fmt.Errorf("list addresses: %w", err)
@@ -327,7 +344,7 @@ func (b *Backend) attachInterface(name string) error {
 		{"ingress", b.objs.SvcnatTcIngress, ebpf.AttachTCXIngress},
 		{"egress", b.objs.SvcnatTcEgress, ebpf.AttachTCXEgress},
 	} {
-		pin := filepath.Join(b.opts.BPFFSPath, "links", "tc-"+name+"-"+dir.what)
+		pin := filepath.Join(b.opts.BPFFSPath, "links", prefix+name+"-"+dir.what)
 		onInterface := func(info link.Info) bool { return info.TCX() != nil && int(info.TCX().Ifindex) == iface.Index }
 		l, err := attachPinned(pin, dir.prog, onInterface, func() (link.Link, error) {
 			l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: dir.prog, Attach: dir.attach})
@@ -344,8 +361,60 @@ func (b *Backend) attachInterface(name string) error {
 	return nil
 }
 
+// attachPodInterfaces attaches the tc programs to the interfaces toward
+// local endpoints that do not have them yet.
+func (b *Backend) attachPodInterfaces() error {
+	if b.endpointLinks == nil {
+		b.endpointLinks, b.podLinks = map[netip.Addr]int{}, map[int]bool{}
+	}
+	uplinks := map[string]bool{}
+	for _, name := range b.opts.Interfaces {
+		uplinks[name] = true
+	}
+	live := map[netip.Addr]bool{}
+	for _, be := range b.rec.written.backends {
+		if be.Flags&backendLocal == 0 {
+			continue
+		}
+		ip := netip.AddrFrom16(be.Addr).Unmap()
+		live[ip] = true
+		if _, seen := b.endpointLinks[ip]; seen {
+			continue
+		}
+		b.endpointLinks[ip] = 0
+		routes, err := netlink.RouteGet(ip.AsSlice())
+		if err != nil || len(routes) == 0 {
+			b.log.Debug("no route to local endpoint", "endpoint", ip, "error", err)
+			continue
+		}
+		idx := routes[0].LinkIndex
+		b.endpointLinks[ip] = idx
+		if b.podLinks[idx] {
+			continue
+		}
+		iface, err := net.InterfaceByIndex(idx)
+		if err != nil {
+			return fmt.Errorf("interface toward local endpoint %s: %w", ip, err)
+		}
+		if iface.Flags&net.FlagLoopback == 0 && !uplinks[iface.Name] {
+			if err := b.attachTC(iface, "pod-"); err != nil {
+				return fmt.Errorf("interface %s toward local endpoint %s: %w", iface.Name, ip, err)
+			}
+			b.log.Info("attached tc programs toward local endpoints", "interface", iface.Name)
+		}
+		b.podLinks[idx] = true
+	}
+	for ip := range b.endpointLinks {
+		if !live[ip] {
+			delete(b.endpointLinks, ip)
+		}
+	}
+	return nil
+}
+
 // detachOtherInterfaces removes the tc links an earlier run pinned for
-// interfaces no longer in Options.Interfaces.
+// interfaces no longer in Options.Interfaces, and those toward local
+// endpoints whose interface is gone.
 func (b *Backend) detachOtherInterfaces() error {
 	keep := map[string]bool{}
 	for _, name := range b.opts.Interfaces {
@@ -357,13 +426,22 @@ func (b *Backend) detachOtherInterfaces() error {
 		return fmt.Errorf("list pinned links: %w", err)
 	}
 	for _, p := range pins {
-		if !strings.HasPrefix(p.Name(), "tc-") || keep[p.Name()] {
+		pod := strings.HasPrefix(p.Name(), "pod-")
+		if !pod && (!strings.HasPrefix(p.Name(), "tc-") || keep[p.Name()]) {
 			continue
 		}
 		pin := filepath.Join(dir, p.Name())
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {
 			return fmt.Errorf("load pinned link %s: %w", pin, err)
+		}
+		if pod {
+			// Kept while its interface exists; the next Sync updates it to
+			// this run's program.
+			if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex != 0 {
+				l.Close()
+				continue
+			}
 		}
 		err = errors.Join(l.Unpin(), l.Close())
 		if err != nil {
@@ -430,6 +508,11 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	start := time.Now()
 	if err := b.rec.sync(s); err != nil {
 		return fmt.Errorf("sync ebpf backend: %w", err)
+	}
+	if len(b.opts.Interfaces) > 0 {
+		if err := b.attachPodInterfaces(); err != nil {
+			return fmt.Errorf("sync ebpf backend: %w", err)
+		}
 	}
 	if len(b.opts.Interfaces) > 0 && len(b.rec.removed) > 0 {
 		// Best effort too: a flow left behind ends by itself.

@@ -206,6 +206,29 @@ func (p *pod) serveTCP(t *testing.T, addr string) {
 	}()
 }
 
+// servePeer listens on addr in the pod and answers every connection with
+// the address it came from, then closes it.
+func (p *pod) servePeer(t *testing.T, addr string) {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	inNamespace(t, p.ns, func() { ln, err = net.Listen("tcp", addr) })
+	if err != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, p.ns, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte(c.RemoteAddr().String()))
+			c.Close()
+		}
+	}()
+}
+
 // serveUDP answers every datagram on addr in the pod with addr itself.
 func (p *pod) serveUDP(t *testing.T, addr string) {
 	t.Helper()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +27,7 @@ func TestExternalTraffic(t *testing.T) {
 	env := newTestEnv(t)
 	p := newPod(t, "10.244.1.2/24")
 	p.serveTCP(t, "10.244.1.2:8080")
+	p.servePeer(t, "10.244.1.2:9090")
 
 	// The uplink: a bridge-less LAN of two namespaces on veths, a client
 	// and a remote host, both routed through the node.
@@ -65,7 +67,11 @@ func TestExternalTraffic(t *testing.T) {
 	toRemote := nodePort("remote", 30082, endpoint("203.0.113.9", 8080))
 	empty := nodePort("empty", 30083, endpoint("203.0.113.9", 8080))
 	empty.ClusterEndpoints = nil
-	if err := b.Sync(t.Context(), stateOf(toLocal, toRemote, empty)); err != nil {
+	peerCluster := nodePort("peer-cluster", 30084, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 9090, Local: true})
+	peerLocal := nodePort("peer-local", 30085, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 9090, Local: true})
+	peerLocal.ExternalTrafficLocal = true
+	peerLocal.LocalEndpoints = peerLocal.ClusterEndpoints
+	if err := b.Sync(t.Context(), stateOf(toLocal, toRemote, empty, peerCluster, peerLocal)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -88,6 +94,28 @@ func TestExternalTraffic(t *testing.T) {
 			if err != nil || string(got) != tc.want {
 				t.Fatalf("connection %d to %s from outside: got %q, %v; want %s", i, tc.frontend, got, err, tc.want)
 			}
+		}
+	}
+
+	// externalTrafficPolicy Cluster masquerades, also to a local endpoint;
+	// Local keeps the client's address.
+	for _, tc := range []struct{ frontend, wantPeer string }{
+		{"198.51.100.1:30084", "198.51.100.1:"},
+		{"198.51.100.1:30085", "198.51.100.7:"},
+	} {
+		var got []byte
+		var err error
+		inNamespace(t, client, func() {
+			var c net.Conn
+			if c, err = net.DialTimeout("tcp", tc.frontend, 3*time.Second); err != nil {
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			got, err = io.ReadAll(c)
+		})
+		if err != nil || !strings.HasPrefix(string(got), tc.wantPeer) {
+			t.Errorf("connection to %s: the endpoint saw %q (%v), want %s*", tc.frontend, got, err, tc.wantPeer)
 		}
 	}
 

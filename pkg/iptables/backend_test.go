@@ -307,3 +307,23 @@ func TestFailedSyncRewritesAll(t *testing.T) {
 		t.Error(d)
 	}
 }
+
+// TestDetectMode: auto picks the variant holding the host's rules.
+func TestDetectMode(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	ctx := t.Context()
+	if got := detectMode(ctx); got != ModeNFT {
+		t.Errorf("empty tables: mode %s, want nft", got)
+	}
+	netnstest.Run(t, "", "iptables-legacy", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
+	netnstest.Run(t, "", "iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "23", "-j", "RETURN")
+	if got := detectMode(ctx); got != ModeLegacy {
+		t.Errorf("rules in legacy tables only: mode %s, want legacy", got)
+	}
+	b := initBackend(t, ModeAuto)
+	if b.Mode() != ModeLegacy {
+		t.Errorf("backend mode %s, want legacy", b.Mode())
+	}
+}

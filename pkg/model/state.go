@@ -121,9 +121,12 @@ func (n ServicePortName) Compare(o ServicePortName) int {
 //   - External traffic to LoadBalancer frontends from a source outside a
 //     non-empty SourceRanges is dropped.
 //   - Masquerade: internal traffic from outside the State's ClusterCIDRs (when
-//     any are set); external traffic unless ExternalTrafficLocal sends it to
-//     local endpoints; external traffic from this node itself; and hairpin
-//     traffic (a source reaching itself through the Service).
+//     any are set); external traffic when ExternalTrafficLocal is false;
+//     external traffic from this node itself; and hairpin traffic (a source
+//     reaching itself through the Service). Not masqueraded: external traffic
+//     from outside sent to local endpoints (its source is preserved), and,
+//     with ExternalTrafficLocal, traffic from the ClusterCIDRs short-circuited
+//     to ClusterEndpoints (as kube-proxy does).
 //   - With a non-zero AffinityTimeout, a client IP keeps its endpoint for that
 //     long after its last new connection (sessionAffinity: ClientIP).
 //

@@ -255,7 +255,7 @@ func (p *Proxy) Svcnat(ctx context.Context, args ...string) (string, error) {
 // Dump runs `svcnat dump` with the flags that match the running agent,
 // plus extra (for example "--check").
 func (p *Proxy) Dump(ctx context.Context, extra ...string) (string, error) {
-	args := append([]string{"dump", "--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + p.Node.Name,
+	args := append([]string{"dump", "--log-level=warn", "--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + p.Node.Name,
 		"--cluster-cidr=" + ClusterCIDR.String()}, p.backendArgs()...)
 	return p.Svcnat(ctx, append(args, extra...)...)
 }

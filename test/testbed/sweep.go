@@ -100,12 +100,69 @@ func sweepRun(prefix string) error {
 			}
 		}
 	}
-	if dir, err := os.ReadFile(path); err == nil && strings.HasPrefix(string(dir), os.TempDir()) {
-		errs = append(errs, os.RemoveAll(string(dir)))
+	dir, err := os.ReadFile(path)
+	if err == nil && len(dir) > 0 {
+		if err := removeRunDir(string(dir)); err != nil {
+			// Keep the lock file so the next run tries again.
+			return fmt.Errorf("sweep dead test bed %s: %w", prefix, errors.Join(append(errs, err)...))
+		}
 	}
 	errs = append(errs, os.Remove(path))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("sweep dead test bed %s: %w", prefix, err)
 	}
 	return nil
+}
+
+// removeRunDir removes a run directory. Filesystems mounted below it (the
+// bpffs and cgroup2 views of eBPF proxies) are detached first, and nothing
+// is removed while one stays mounted: a recursive removal must never walk
+// into a cgroup hierarchy, where it would delete the machine's empty cgroups.
+func removeRunDir(dir string) error {
+	if dir == "" || dir == "/" || !strings.HasPrefix(dir, os.TempDir()) {
+		return fmt.Errorf("remove run directory %q: not under %s", dir, os.TempDir())
+	}
+	mounts, err := mountsUnder(dir)
+	if err != nil {
+		return err
+	}
+	// Deepest first.
+	for i := len(mounts) - 1; i >= 0; i-- {
+		if err := syscall.Unmount(mounts[i], syscall.MNT_DETACH); err != nil {
+			return fmt.Errorf("remove run directory: unmount %s: %w", mounts[i], err)
+		}
+	}
+	if mounts, err = mountsUnder(dir); err != nil {
+		return err
+	}
+	if len(mounts) > 0 {
+		return fmt.Errorf("remove run directory %s: still mounted: %v", dir, mounts)
+	}
+	return os.RemoveAll(dir)
+}
+
+// mountsUnder lists the mount points at or below dir, in mount order.
+func mountsUnder(dir string) ([]string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("read mount table: %w", err)
+	}
+	var out []string
+	for line := range strings.SplitSeq(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := unescapeMount(f[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			out = append(out, mp)
+		}
+	}
+	return out, nil
+}
+
+// unescapeMount undoes the octal escapes of /proc/self/mountinfo.
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
 }

@@ -156,7 +156,7 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("start test bed: make run directory: %w", err)
 	}
-	c.onClose(func() error { return os.RemoveAll(c.Dir) })
+	c.onClose(func() error { return removeRunDir(c.Dir) })
 	if err := c.lockRun(); err != nil {
 		_ = c.Close()
 		return nil, fmt.Errorf("start test bed: %w", err)

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"strings"
 	"time"
@@ -712,14 +713,43 @@ func (b *Backend) Close() error {
 	return errors.Join(errs...)
 }
 
-// kernelMap is a BPF map as a bpfMap.
+// kernelMap is a BPF map as a bpfMap: batch operations where the map type
+// has them, one entry at a time otherwise (LPM tries).
 type kernelMap struct{ m *ebpf.Map }
 
-func (k kernelMap) Put(key, value any) error { return k.m.Put(key, value) }
-
-func (k kernelMap) Delete(key any) error {
-	if err := k.m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+func (k kernelMap) Put(keys, values any) error {
+	_, err := k.m.BatchUpdate(keys, values, nil)
+	if !errors.Is(err, ebpf.ErrNotSupported) {
 		return err
+	}
+	ks, vs := reflect.ValueOf(keys), reflect.ValueOf(values)
+	for i := range ks.Len() {
+		if err := k.m.Put(ks.Index(i).Interface(), vs.Index(i).Interface()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (k kernelMap) Delete(keys any) error {
+	ks := reflect.ValueOf(keys)
+	for done := 0; done < ks.Len(); {
+		n, err := k.m.BatchDelete(ks.Slice(done, ks.Len()).Interface(), nil)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			done += n + 1 // the batch stopped at a missing key: skip it
+		case errors.Is(err, ebpf.ErrNotSupported):
+			for i := done; i < ks.Len(); i++ {
+				if err := k.m.Delete(ks.Index(i).Interface()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+					return err
+				}
+			}
+			return nil
+		default:
+			return err
+		}
 	}
 	return nil
 }

@@ -12,10 +12,12 @@ import (
 // satisfy it through kernelMap; tests use an in-memory fake that fails on
 // demand.
 type bpfMap interface {
-	// Put creates or replaces the entry for key.
-	Put(key, value any) error
-	// Delete removes the entry for key; a missing key is not an error.
-	Delete(key any) error
+	// Put creates or replaces the entries for keys (a slice) with values
+	// (a slice as long), in order, and stops at the first failure.
+	Put(keys, values any) error
+	// Delete removes the entries for keys (a slice); missing keys are not
+	// an error.
+	Delete(keys any) error
 	// Iterate walks the entries.
 	Iterate() entryIterator
 }
@@ -140,25 +142,37 @@ func apply(ms *mapSet, cur, want *table) error {
 }
 
 func putChanged[K, V comparable](sm sizedMap, cur, want map[K]V) error {
+	var (
+		keys   []K
+		values []V
+	)
 	for k, v := range want {
 		if old, ok := cur[k]; ok && old == v {
 			continue
 		}
-		if err := sm.m.Put(k, v); err != nil {
-			return fmt.Errorf("write map %s entry %+v: %w", sm.name, k, err)
-		}
+		keys, values = append(keys, k), append(values, v)
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	if err := sm.m.Put(keys, values); err != nil {
+		return fmt.Errorf("write %d entries to map %s: %w", len(keys), sm.name, err)
 	}
 	return nil
 }
 
 func deleteGone[K, V comparable](sm sizedMap, cur, want map[K]V) error {
+	var keys []K
 	for k := range cur {
-		if _, ok := want[k]; ok {
-			continue
+		if _, ok := want[k]; !ok {
+			keys = append(keys, k)
 		}
-		if err := sm.m.Delete(k); err != nil {
-			return fmt.Errorf("delete map %s entry %+v: %w", sm.name, k, err)
-		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	if err := sm.m.Delete(keys); err != nil {
+		return fmt.Errorf("delete %d entries from map %s: %w", len(keys), sm.name, err)
 	}
 	return nil
 }

@@ -27,27 +27,36 @@ type fakeMap struct {
 	after    func()
 }
 
-func (f *fakeMap) Put(key, value any) error {
-	if f.fail != nil && f.fail() {
-		return errInjected
-	}
-	if _, ok := f.entries[key]; !ok && len(f.entries) >= f.capacity {
-		return errors.New("map full")
-	}
-	f.entries[key] = value
-	if f.after != nil {
-		f.after()
+// Put writes the entries one by one, as the kernel's batch update does, and
+// stops at the first failure.
+func (f *fakeMap) Put(keys, values any) error {
+	ks, vs := reflect.ValueOf(keys), reflect.ValueOf(values)
+	for i := range ks.Len() {
+		if f.fail != nil && f.fail() {
+			return errInjected
+		}
+		key := ks.Index(i).Interface()
+		if _, ok := f.entries[key]; !ok && len(f.entries) >= f.capacity {
+			return errors.New("map full")
+		}
+		f.entries[key] = vs.Index(i).Interface()
+		if f.after != nil {
+			f.after()
+		}
 	}
 	return nil
 }
 
-func (f *fakeMap) Delete(key any) error {
-	if f.fail != nil && f.fail() {
-		return errInjected
-	}
-	delete(f.entries, key)
-	if f.after != nil {
-		f.after()
+func (f *fakeMap) Delete(keys any) error {
+	ks := reflect.ValueOf(keys)
+	for i := range ks.Len() {
+		if f.fail != nil && f.fail() {
+			return errInjected
+		}
+		delete(f.entries, ks.Index(i).Interface())
+		if f.after != nil {
+			f.after()
+		}
 	}
 	return nil
 }

@@ -15,6 +15,14 @@
 // Sync was given. The datapath writes three LRU maps itself: session
 // affinity, the sockets' reverse translation, and the tc flow table.
 //
+// # Programs
+//
+// The cgroup socket hooks go on Options.CgroupPath; the tc programs (TCX)
+// on Options.Interfaces and, as local endpoints appear, on the interfaces
+// toward them. After a sync that removes endpoints, the backend forgets the
+// tc flows to them and destroys the connected UDP sockets the hooks pointed
+// at them (a socket iterator, when the kernel has bpf_sock_destroy).
+//
 // # Writing
 //
 // The reconciler re-encodes only the ServicePorts that changed since the

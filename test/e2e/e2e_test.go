@@ -117,15 +117,18 @@ func runSuite(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
 				}
 			}
 			start := time.Now()
-			defer func() { t.Logf("%s took %v", sc.name, time.Since(start).Round(time.Millisecond)) }()
+			// Deferred: a failure ends the subtest through runtime.Goexit.
+			defer func() {
+				t.Logf("%s took %v", sc.name, time.Since(start).Round(time.Millisecond))
+				if t.Failed() {
+					for _, n := range c.Nodes {
+						t.Logf("%s log on %s (last lines):\n%s", kind, n.Name, n.Proxy.Tail(25))
+					}
+				}
+			}()
 			sc.run(t, e)
 			if !t.Failed() {
 				e.checkDump(t)
-			}
-			if t.Failed() {
-				for _, n := range c.Nodes {
-					t.Logf("%s log on %s (last lines):\n%s", kind, n.Name, n.Proxy.Tail(25))
-				}
 			}
 		})
 	}

@@ -164,16 +164,20 @@ func (w *workload) burst(ctx context.Context, count int) (time.Duration, error) 
 // for Services another proxy serves.
 const hiddenLabel = "service.kubernetes.io/service-proxy-name"
 
-// hide sets (or removes) hiddenLabel on every filler Service.
-func (w *workload) hide(ctx context.Context, on bool) error {
+// fillers returns the number of filler Services.
+func (w *workload) fillers() int {
 	w.mu.Lock()
-	n := len(w.slices)
-	w.mu.Unlock()
+	defer w.mu.Unlock()
+	return len(w.slices)
+}
+
+// hide sets (or removes) hiddenLabel on the filler Services [from, to).
+func (w *workload) hide(ctx context.Context, on bool, from, to int) error {
 	patch := []byte(`{"metadata":{"labels":{"` + hiddenLabel + `":null}}}`)
 	if on {
 		patch = []byte(`{"metadata":{"labels":{"` + hiddenLabel + `":"svcnat-bench-hidden"}}}`)
 	}
-	return parallel(ctx, w.workers, 0, n, func(i int) error {
+	return parallel(ctx, w.workers, from, to, func(i int) error {
 		if _, err := w.kube.CoreV1().Services(benchNamespace).Patch(ctx, fillerName(i), types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
 			return fmt.Errorf("label service %s: %w", fillerName(i), err)
 		}

@@ -183,6 +183,14 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 		capped:   map[testbed.ProxyKind]int{},
 		out:      cfg.out,
 	}
+	// A cold start already over the cap (in the results merged with) is not
+	// tried again at that size or above.
+	for _, res := range rep.Results {
+		k := testbed.ProxyKind(res.Proxy)
+		if res.InitCapped && res.CapSeconds >= cfg.cap.Seconds() && (b.capped[k] == 0 || res.Services < b.capped[k]) {
+			b.capped[k] = res.Services
+		}
+	}
 	for i := range cfg.probes {
 		p, err := b.w.createProbe(ctx, fmt.Sprintf("probe-%d", i), b.backends[i%2])
 		if err != nil {

@@ -340,10 +340,10 @@ func (r *Report) targets() string {
 			switch {
 			case res == nil:
 				parts = append(parts, fmt.Sprintf("%s not run", k))
-			case res.InitCapped:
-				parts = append(parts, fmt.Sprintf("%s not programmed within %.0f s", k, res.CapSeconds))
 			case res.Failed:
 				parts = append(parts, fmt.Sprintf("%s failed", k))
+			case res.InitCapped && !res.Warm:
+				parts = append(parts, fmt.Sprintf("%s not programmed within %.0f s", k, res.CapSeconds))
 			}
 		}
 		return strings.Join(parts, "; ")

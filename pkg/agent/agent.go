@@ -208,7 +208,7 @@ func (a *Agent) poke() {
 // state. It returns nil when ctx ends, leaving what is programmed in place.
 func (a *Agent) Run(ctx context.Context) error {
 	a.log.Info("waiting for informer caches")
-	if !a.src.WaitForCacheSync(ctx) {
+	if !a.waitForCaches(ctx) {
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -245,6 +245,28 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 // syncAndSchedule runs one sync and sets when the next one is due.
+// cachesWaitLog is how often the agent says it still waits for the caches
+// (client-go reports why, a failing list, only at debug level).
+const cachesWaitLog = 15 * time.Second
+
+// waitForCaches waits for the informer caches, logging while it waits.
+func (a *Agent) waitForCaches(ctx context.Context) bool {
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			select {
+			case <-done:
+				return
+			case <-a.clock.After(cachesWaitLog):
+				a.log.Warn("still waiting for informer caches; is the apiserver reachable? (-v debug shows why)",
+					"waited", a.clock.Since(a.started).Round(time.Second))
+			}
+		}
+	}()
+	return a.src.WaitForCacheSync(ctx)
+}
+
 func (a *Agent) syncAndSchedule(ctx context.Context) {
 	a.health.queued() // a periodic sync is due work too
 	start := a.clock.Now()

@@ -69,7 +69,11 @@ func (w *Watcher) Current() []netip.Addr {
 func (w *Watcher) subscribe(ctx context.Context) (chan netlink.AddrUpdate, error) {
 	ch := make(chan netlink.AddrUpdate, 64)
 	err := netlink.AddrSubscribeWithOptions(ch, ctx.Done(), netlink.AddrSubscribeOptions{
-		ErrorCallback: func(err error) { w.log.Error("address subscription", "err", err) },
+		ErrorCallback: func(err error) {
+			if ctx.Err() == nil { // closing the subscription on shutdown fails its last read
+				w.log.Error("address subscription", "err", err)
+			}
+		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("subscribe to address changes: %w", err)

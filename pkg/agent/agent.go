@@ -244,7 +244,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 }
 
-// syncAndSchedule runs one sync and sets when the next one is due.
 // cachesWaitLog is how often the agent says it still waits for the caches
 // (client-go reports why, a failing list, only at debug level).
 const cachesWaitLog = 15 * time.Second
@@ -267,6 +266,7 @@ func (a *Agent) waitForCaches(ctx context.Context) bool {
 	return a.src.WaitForCacheSync(ctx)
 }
 
+// syncAndSchedule runs one sync and sets when the next one is due.
 func (a *Agent) syncAndSchedule(ctx context.Context) {
 	a.health.queued() // a periodic sync is due work too
 	start := a.clock.Now()

@@ -151,7 +151,9 @@ type harness struct {
 
 var t0 = time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)
 
-func newHarness(t *testing.T, synced bool) *harness {
+// newHarness starts an agent whose caches are not synced yet: tests set up
+// their objects, then call cachesSynced, so the first sync sees them all.
+func newHarness(t *testing.T) *harness {
 	t.Helper()
 	h := &harness{
 		t:     t,
@@ -160,9 +162,6 @@ func newHarness(t *testing.T, synced bool) *harness {
 		be:    &fakeBackend{synced: make(chan *model.State, 100)},
 		m:     NewMetrics(prometheus.NewRegistry()),
 		done:  make(chan error, 1),
-	}
-	if synced {
-		close(h.src.synced)
 	}
 	h.a = New(h.be, h.src, Options{
 		NodeName:        "node1",
@@ -190,6 +189,9 @@ func newHarness(t *testing.T, synced bool) *harness {
 	})
 	return h
 }
+
+// cachesSynced lets the agent's first sync run.
+func (h *harness) cachesSynced() { close(h.src.synced) }
 
 // waitSync returns the next state the backend was asked to program.
 func (h *harness) waitSync() *model.State {
@@ -270,12 +272,12 @@ func names(s *model.State) []string {
 }
 
 func TestNoSyncBeforeCachesSynced(t *testing.T) {
-	h := newHarness(t, false)
+	h := newHarness(t)
 	k := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
 	h.a.ServiceChanged(k)
 	h.advanceTo(time.Minute)
 	h.noSync()
-	close(h.src.synced)
+	h.cachesSynced()
 	s := h.waitSync()
 	if got, want := names(s), []string{"ns/web=1"}; !slices.Equal(got, want) {
 		t.Errorf("first sync programmed %v, want %v", got, want)
@@ -283,8 +285,9 @@ func TestNoSyncBeforeCachesSynced(t *testing.T) {
 }
 
 func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
-	h := newHarness(t, true)
+	h := newHarness(t)
 	web := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.cachesSynced()
 	if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
 		t.Fatalf("first sync programmed %v", got)
 	}
@@ -350,9 +353,10 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 }
 
 func TestRetriesWithBackoff(t *testing.T) {
-	h := newHarness(t, true)
+	h := newHarness(t)
 	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
 	h.be.failNext(4)
+	h.cachesSynced()
 	h.waitSync() // t=0, fails
 	// Retries after 1s, 2s, 4s (doubling), then succeeds.
 	at := time.Duration(0)
@@ -379,11 +383,12 @@ func TestRetriesWithBackoff(t *testing.T) {
 }
 
 func TestInvalidObjectsDoNotBlockOthers(t *testing.T) {
-	h := newHarness(t, true)
+	h := newHarness(t)
 	bad := service("bad", "10.96.0.11")
 	bad.Spec.Ports[0].Protocol = "ICMP"
 	h.src.put(bad)
 	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.cachesSynced()
 	if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
 		t.Errorf("programmed %v, want only the valid Service", got)
 	}
@@ -393,10 +398,11 @@ func TestInvalidObjectsDoNotBlockOthers(t *testing.T) {
 }
 
 func TestProgrammingLatency(t *testing.T) {
-	h := newHarness(t, true)
+	h := newHarness(t)
 	old := endpointSlice("web", "web-1", "10.244.0.5")
 	old.Annotations = map[string]string{triggerAnnotation: t0.Add(-time.Hour).Format(time.RFC3339Nano)}
 	k := h.src.put(service("web", "10.96.0.10"), old)
+	h.cachesSynced()
 	h.waitSync()
 	h.waitArmed(30 * time.Second)
 	if c := histogramCount(t, h.m.programmingLatency); c != 0 {
@@ -442,7 +448,7 @@ func histogramCount(t *testing.T, h prometheus.Histogram) uint64 {
 }
 
 func TestHealth(t *testing.T) {
-	h := newHarness(t, false)
+	h := newHarness(t)
 	srv := httptest.NewServer(h.a.Health().Handler())
 	defer srv.Close()
 
@@ -465,7 +471,7 @@ func TestHealth(t *testing.T) {
 	if code, body := get(t, srv.URL+"/livez"); code != http.StatusServiceUnavailable || !strings.Contains(body, `"healthy":false`) {
 		t.Errorf("/livez with a change waiting 61s = %d %s", code, body)
 	}
-	close(h.src.synced)
+	h.cachesSynced()
 	h.waitSync()
 	h.waitArmed(91 * time.Second)
 	code, body := get(t, srv.URL+"/healthz")

@@ -55,6 +55,7 @@ type config struct {
 	plots   bool
 	merge   bool
 	warm    bool
+	render  bool
 }
 
 // shortConfig is the CI variant: small, one proxy, no plots.
@@ -80,6 +81,13 @@ func main() {
 		os.Exit(2)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	if cfg.render {
+		if err := renderOnly(cfg); err != nil {
+			log.Error("render report", "err", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if _, err := run(context.Background(), cfg, log); err != nil {
 		log.Error("benchmark failed", "err", err)
 		os.Exit(1)
@@ -100,6 +108,7 @@ func parseFlags(args []string) (config, error) {
 	workers := fs.Int("workers", 32, "parallel apiserver writers")
 	merge := fs.Bool("merge", false, "keep results of other proxies and sizes already in -out/results.json")
 	noPlots := fs.Bool("no-plots", false, "skip the PNG plots")
+	render := fs.Bool("render", false, "only rewrite results.md and the plots from -out/results.json")
 	warm := fs.Bool("warm", true, "when a proxy's cold start is over -cap, measure the rest warm (Services added while it runs); larger sizes then skip its cold start")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
@@ -110,7 +119,7 @@ func parseFlags(args []string) (config, error) {
 		return cfg, nil
 	}
 	cfg := config{out: *out, cap: *capD, changes: *changes, pairs: *pairs, burst: *burst, idle: *idle,
-		workers: *workers, probes: 3, plots: !*noPlots, merge: *merge, warm: *warm}
+		workers: *workers, probes: 3, plots: !*noPlots, merge: *merge, warm: *warm, render: *render}
 	for f := range strings.SplitSeq(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > 60000 {

@@ -46,17 +46,22 @@ func profile(ctx context.Context, proxy *testbed.Proxy, dir, name, kind string, 
 	if resp.StatusCode != http.StatusOK {
 		return "", fmt.Errorf("fetch %s profile of %s: %s", kind, proxy.Kind, resp.Status)
 	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return "", fmt.Errorf("fetch %s profile of %s: %w", kind, proxy.Kind, err)
+	}
+	if !isProfile(body) {
+		return "", nil // a server that answers every path (metrics), not pprof
+	}
 	rel := filepath.Join("pprof", name)
 	if err := os.MkdirAll(filepath.Join(dir, "pprof"), 0o755); err != nil {
 		return "", fmt.Errorf("save profile: %w", err)
 	}
-	f, err := os.Create(filepath.Join(dir, rel))
-	if err != nil {
-		return "", fmt.Errorf("save profile: %w", err)
-	}
-	defer f.Close()
-	if _, err := io.Copy(f, resp.Body); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, rel), body, 0o644); err != nil {
 		return "", fmt.Errorf("save %s profile of %s: %w", kind, proxy.Kind, err)
 	}
-	return rel, f.Close()
+	return rel, nil
 }
+
+// isProfile reports whether b looks like a pprof profile (gzipped protobuf).
+func isProfile(b []byte) bool { return len(b) > 2 && b[0] == 0x1f && b[1] == 0x8b }

@@ -105,6 +105,26 @@ func (r *Report) loadPrevious(dir string) error {
 	return nil
 }
 
+// renderOnly rewrites results.md and the plots from results.json, keeping
+// only profiles that are on disk and are pprof files.
+func renderOnly(cfg config) error {
+	var r Report
+	b, err := os.ReadFile(filepath.Join(cfg.out, "results.json"))
+	if err != nil {
+		return fmt.Errorf("read results: %w", err)
+	}
+	if err := json.Unmarshal(b, &r); err != nil {
+		return fmt.Errorf("decode results: %w", err)
+	}
+	for i := range r.Results {
+		r.Results[i].Profiles = slices.DeleteFunc(r.Results[i].Profiles, func(p string) bool {
+			b, err := os.ReadFile(filepath.Join(cfg.out, p))
+			return err != nil || !isProfile(b)
+		})
+	}
+	return r.write(cfg.out, cfg.plots)
+}
+
 // add records res, replacing an earlier result for the same proxy and size.
 func (r *Report) add(res Result) {
 	r.Results = slices.DeleteFunc(r.Results, func(o Result) bool {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -83,6 +84,7 @@ type runFlags struct {
 	syncPeriod         time.Duration
 	metricsBindAddress string
 	healthzBindAddress string
+	profiling          bool
 }
 
 func newRunCommand() *cobra.Command {
@@ -105,6 +107,7 @@ func newRunCommand() *cobra.Command {
 	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", time.Second, "least time between two syncs; changes within it are programmed together")
 	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles (they also repair outside changes to svcnat's hooks)")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
+	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
 	fs.StringVar(&f.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of the /healthz and /livez endpoints; empty disables them")
 	return cmd
 }
@@ -155,8 +158,17 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 		return err
 	}
 
+	metrics := http.NewServeMux()
+	metrics.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	if f.profiling {
+		metrics.HandleFunc("/debug/pprof/", pprof.Index)
+		metrics.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		metrics.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		metrics.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		metrics.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	servers, err := serve(log, map[string]http.Handler{
-		f.metricsBindAddress: promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}),
+		f.metricsBindAddress: metrics,
 		f.healthzBindAddress: a.Health().Handler(),
 	})
 	if err != nil {

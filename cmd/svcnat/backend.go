@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
@@ -33,13 +34,16 @@ type backendFlags struct {
 	name          string
 	iptablesMode  string
 	masqueradeBit int
-	bpffsPath     string
-	cgroupPath    string
-	interfaces    []string
-	maxServices   int
-	maxBackends   int
-	maxAffinity   int
-	maxNAT        int
+	// deepCheckPeriod is set by run from --sync-period (half of it, so
+	// that every periodic reconcile compares every chain); zero elsewhere.
+	deepCheckPeriod time.Duration
+	bpffsPath       string
+	cgroupPath      string
+	interfaces      []string
+	maxServices     int
+	maxBackends     int
+	maxAffinity     int
+	maxNAT          int
 }
 
 func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
@@ -56,18 +60,15 @@ func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
 }
 
 func (f *backendFlags) iptables(reg prometheus.Registerer, log *slog.Logger) (*iptables.Backend, error) {
-	return iptables.New(iptables.Options{Mode: f.iptablesMode, MasqueradeBit: f.masqueradeBit, Registerer: reg, Logger: log})
+	return iptables.New(iptables.Options{Mode: f.iptablesMode, MasqueradeBit: f.masqueradeBit,
+		DeepCheckPeriod: f.deepCheckPeriod, Registerer: reg, Logger: log})
 }
 
 // ebpf creates the eBPF backend. Dump, Raw and Cleanup never attach to a
-// cgroup, so readOnly uses need no --cgroup-path.
-func (f *backendFlags) ebpf(reg prometheus.Registerer, log *slog.Logger, readOnly bool) (*ebpf.Backend, error) {
-	cgroup := f.cgroupPath
-	if cgroup == "" && readOnly {
-		cgroup = "/nonexistent/unused-by-dump-and-cleanup"
-	}
+// cgroup, so they work without --cgroup-path; Init requires it.
+func (f *backendFlags) ebpf(reg prometheus.Registerer, log *slog.Logger) (*ebpf.Backend, error) {
 	return ebpf.New(ebpf.Options{
-		BPFFSPath: f.bpffsPath, CgroupPath: cgroup, Interfaces: f.interfaces,
+		BPFFSPath: f.bpffsPath, CgroupPath: f.cgroupPath, Interfaces: f.interfaces,
 		MaxServices: f.maxServices, MaxBackends: f.maxBackends, MaxAffinity: f.maxAffinity, MaxNAT: f.maxNAT,
 		Registerer: reg, Logger: log,
 	})
@@ -82,12 +83,12 @@ func (f *backendFlags) forRun(reg prometheus.Registerer, log *slog.Logger) (rawB
 		b, err := f.iptables(reg, log)
 		return b, backendIptables, err
 	case backendEBPF:
-		b, err := f.ebpf(reg, log, false)
+		b, err := f.ebpf(reg, log)
 		return b, backendEBPF, err
 	case backendAuto:
 		if f.cgroupPath == "" {
 			log.Info("backend auto: using iptables", "reason", "no --cgroup-path for eBPF")
-		} else if b, err := f.ebpf(reg, log, false); err == nil {
+		} else if b, err := f.ebpf(reg, log); err == nil {
 			log.Info("backend auto: using ebpf")
 			return b, backendEBPF, nil
 		} else {
@@ -119,7 +120,7 @@ func (f *backendFlags) forDump(log *slog.Logger) (rawBackend, string, error) {
 		b, err := f.iptables(nil, log)
 		return b, name, err
 	case backendEBPF:
-		b, err := f.ebpf(nil, log, true)
+		b, err := f.ebpf(nil, log)
 		return b, name, err
 	}
 	return nil, "", fmt.Errorf("backend %q: want iptables, ebpf or auto", f.name)

@@ -41,7 +41,7 @@ func newCleanupCommand() *cobra.Command {
 				}
 				backends = append(backends, ipt)
 			}
-			if bpf, err := f.ebpf(nil, log, true); err != nil {
+			if bpf, err := f.ebpf(nil, log); err != nil {
 				// Without eBPF support nothing of svcnat's can be there.
 				log.Info("eBPF backend unavailable, nothing to clean up there", "reason", err)
 			} else {

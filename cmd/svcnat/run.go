@@ -105,7 +105,7 @@ func newRunCommand() *cobra.Command {
 	f.node.register(fs)
 	f.backend.register(fs, backendIptables)
 	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", time.Second, "least time between two syncs; changes within it are programmed together")
-	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles (they also repair outside changes to svcnat's hooks)")
+	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles; with iptables each also compares every svcnat chain in the kernel with what svcnat wrote and repairs outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
 	fs.StringVar(&f.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of the /healthz and /livez endpoints; empty disables them")
@@ -124,6 +124,7 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	f.backend.deepCheckPeriod = f.syncPeriod / 2
 	backend, backendName, err := f.backend.forRun(reg, log.With("backend", f.backend.name))
 	if err != nil {
 		return fmt.Errorf("create %s backend: %w", f.backend.name, err)

@@ -35,8 +35,9 @@ type Options struct {
 	// must be a mounted bpffs. Default /sys/fs/bpf/svcnat.
 	BPFFSPath string
 	// CgroupPath is the cgroup v2 whose processes (and its descendants')
-	// get connect-time translation. Required: the node's cgroup v2 root in
-	// production, a child cgroup in tests.
+	// get connect-time translation. Init requires it (the node's cgroup v2
+	// root in production, a child cgroup in tests); Dump, Raw and Cleanup do
+	// not use it.
 	CgroupPath string
 	// Interfaces are the node's interfaces that traffic from outside the
 	// node arrives on; each gets the tc programs (TCX) for per-packet
@@ -110,9 +111,6 @@ var hooks = []hook{
 func New(opts Options) (*Backend, error) {
 	if opts.BPFFSPath == "" {
 		opts.BPFFSPath = DefaultBPFFSPath
-	}
-	if opts.CgroupPath == "" {
-		return nil, errors.New("create ebpf backend: no cgroup path")
 	}
 	opts.MaxServices = cmpOr(opts.MaxServices, DefaultMaxServices)
 	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
@@ -234,6 +232,9 @@ func (b *Backend) Init(ctx context.Context) error {
 		l.Close()
 	}
 	b.links = nil
+	if b.opts.CgroupPath == "" {
+		return errors.New("init ebpf backend: no cgroup path to attach the socket hooks to (--cgroup-path)")
+	}
 	cgroup, err := cgroupID(b.opts.CgroupPath)
 	if err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)

@@ -41,6 +41,12 @@ type Options struct {
 	MasqueradeBit int
 	// Registerer receives the backend's metrics; nil registers none.
 	Registerer prometheus.Registerer
+	// DeepCheckPeriod is how often, with nf_tables, a Sync compares every
+	// svcnat chain in the kernel with what it wrote, to repair a chain
+	// flushed or edited by hand; zero means every Sync. Legacy iptables
+	// reads whole tables even for the quick check, so it always compares in
+	// full. The quick check (jump rules, root chains) runs on every Sync.
+	DeepCheckPeriod time.Duration
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -76,11 +82,6 @@ type familyTables struct {
 	// with last in full.
 	deepChecked time.Time
 }
-
-// deepCheckInterval is how often a partial Sync compares every svcnat chain
-// in the kernel with what it wrote, with nf_tables; legacy iptables reads
-// whole tables even for a single check, so it always checks in full.
-const deepCheckInterval = 5 * time.Minute
 
 // jump is a rule svcnat adds to a built-in chain.
 type jump struct {
@@ -340,7 +341,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
 	want := render(s, ft.family, b.opts.MasqueradeBit, &ft.cache)
 	full := ft.last == nil
-	deep := b.mode == ModeLegacy || time.Since(ft.deepChecked) > deepCheckInterval
+	deep := b.mode == ModeLegacy || time.Since(ft.deepChecked) >= b.opts.DeepCheckPeriod
 	if !full && deep {
 		ft.deepChecked = time.Now()
 	}

@@ -2,20 +2,24 @@
 # Targets that program the kernel or start the test bed need root; they work
 # only inside network namespaces they create (see shared/TESTBED.md).
 
-GO      ?= go
+# sudo's secure_path usually lacks Go's directory; fall back to where it is installed.
+GO      ?= $(shell command -v go || echo /usr/local/go/bin/go)
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 # Which proxies the end-to-end suite runs against (comma list of
 # svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
 E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables
 
-.PHONY: help build setup generate check-generated lint unit e2e test demo bench image clean
+.PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 build: ## build bin/svcnat
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/svcnat ./cmd/svcnat
+
+echoserver: ## build bin/echoserver, the test bed's stand-in for pods
+	$(GO) build -o bin/echoserver ./test/echoserver
 
 setup: ## install Debian packages, mount bpffs, build kube-apiserver/kube-proxy (root)
 	scripts/setup.sh
@@ -38,14 +42,14 @@ unit: ## unit tests, and privileged tests in their own namespaces when root
 	# so that svcnat's go.mod never depends on k8s.io/kubernetes).
 	cd pkg/model/kporacle && $(GO) test -count=1 ./...
 
-e2e: build ## end-to-end suite against a real kube-apiserver (root)
-	SVCNAT_E2E_PROXIES=$(E2E_PROXIES) SVCNAT_BIN=$(CURDIR)/bin/svcnat \
+e2e: build echoserver ## end-to-end suite against a real kube-apiserver (root)
+	SVCNAT_E2E_PROXIES=$(E2E_PROXIES) SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
 		$(GO) test -count=1 -timeout 75m -v ./test/e2e/...
 
 test: lint check-generated unit e2e ## everything CI runs
 
-demo: setup build ## start the test bed and the voting-app example (root)
-	$(GO) run ./test/testbed/cmd/demo --svcnat $(CURDIR)/bin/svcnat $(DEMO_FLAGS)
+demo: setup build echoserver ## run the voting-app example on the test bed (root); DEMO_FLAGS=--once to tear down at once
+	$(GO) run ./test/testbed/cmd/demo --svcnat bin/svcnat --echoserver bin/echoserver $(DEMO_FLAGS)
 
 bench: build ## benchmarks: render/apply at 10k Services, eBPF lookup, memory
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/...

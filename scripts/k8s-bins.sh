@@ -4,6 +4,7 @@
 # SVCNAT_K8S_BIN_DIR. Reuses what is already there. About 10 minutes cold on
 # 2 cores, seconds with a warm Go build cache.
 set -euo pipefail
+export PATH=$PATH:/usr/local/go/bin  # sudo's secure_path lacks it
 cd "$(dirname "$0")/../test/tools"
 version=$(go list -m -f '{{.Version}}' k8s.io/kubernetes)
 dir=${SVCNAT_K8S_BIN_DIR:-$HOME/.cache/svcnat/k8s-$version}

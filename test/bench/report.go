@@ -102,6 +102,9 @@ func (r *Report) loadPrevious(dir string) error {
 		return fmt.Errorf("decode previous results: %w", err)
 	}
 	r.Results = prev.Results
+	if r.Machine.Svcnat == "" { // this run measures no svcnat: keep the version measured before
+		r.Machine.Svcnat = prev.Machine.Svcnat
+	}
 	return nil
 }
 
@@ -202,6 +205,14 @@ func (r *Report) markdown(plots []string) []byte {
 		{"Go", m.Go}, {"iptables", m.Iptables}, {"kube-proxy", m.KubeProxy}, {"svcnat", m.Svcnat},
 	} {
 		fmt.Fprintf(&b, "| %s | %s |\n", kv[0], mdEscape(kv[1]))
+	}
+	if len(r.Results) > 0 {
+		dates := make([]string, 0, len(r.Results))
+		for _, res := range r.Results {
+			dates = append(dates, res.Date)
+		}
+		slices.Sort(dates)
+		fmt.Fprintf(&b, "\nMeasured between %s and %s (UTC; rows from more than one run when the benchmark was run with -merge).\n", dates[0], dates[len(dates)-1])
 	}
 	b.WriteString(method)
 	for _, n := range r.sizes() {

@@ -438,7 +438,7 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 
 // triggerAnnotation is set by the EndpointSlice controller to when the
 // change that produced the slice happened.
-const triggerAnnotation = "endpoints.kubernetes.io/last-change-trigger-time"
+const triggerAnnotation = corev1.EndpointsLastChangeTriggerTime
 
 // noteTriggers remembers the change trigger times of slices that changed
 // since the agent started, to observe the network programming latency when

@@ -58,8 +58,8 @@ type Watcher struct {
 // nodeName. resync is the informers' resync period (0 for none). Nothing is
 // listed or watched until Start.
 func New(client kubernetes.Interface, nodeName string, resync time.Duration, log *slog.Logger) (*Watcher, error) {
-	factory := informers.NewSharedInformerFactory(client, resync)
-	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, resync,
+	factory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim))
+	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector(metav1.ObjectNameField, nodeName).String()
 		}))
@@ -102,6 +102,32 @@ func New(client kubernetes.Interface, nodeName string, resync time.Duration, log
 		}
 	}
 	return w, nil
+}
+
+// trim drops from an object, before it is cached, what svcnat never reads:
+// managed fields, annotations (kubectl's last-applied-configuration alone can
+// double an object) except an EndpointSlice's change trigger time, and a
+// Node's status (its image list is often the largest part of a cluster's
+// Nodes). It modifies obj, which the informer owns; other types, such as
+// tombstones, pass unchanged.
+func trim(obj any) (any, error) {
+	switch o := obj.(type) {
+	case *discoveryv1.EndpointSlice:
+		o.ManagedFields = nil
+		trigger, ok := o.Annotations[corev1.EndpointsLastChangeTriggerTime]
+		o.Annotations = nil
+		if ok {
+			o.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: trigger}
+		}
+	case *corev1.Service:
+		o.ManagedFields = nil
+		o.Annotations = nil
+	case *corev1.Node:
+		o.ManagedFields = nil
+		o.Annotations = nil
+		o.Status = corev1.NodeStatus{}
+	}
+	return obj, nil
 }
 
 // Start starts the informers, which tell sink about every change until ctx

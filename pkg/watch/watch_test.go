@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 	"testing"
@@ -274,4 +275,49 @@ func names(s []*discoveryv1.EndpointSlice) []string {
 		out = append(out, x.Name)
 	}
 	return out
+}
+
+// TestCachedObjectsTrimmed checks that the informer caches keep what svcnat
+// reads and drop managed fields, annotations (but the slice's change trigger
+// time) and the Node's status.
+func TestCachedObjectsTrimmed(t *testing.T) {
+	managed := []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
+	svc := service("default", "web", nil)
+	svc.ManagedFields = managed
+	svc.Annotations = map[string]string{corev1.LastAppliedConfigAnnotation: "{}"}
+	es := slice("default", "web-1", "web")
+	es.ManagedFields = managed
+	es.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: "2026-11-26T01:02:03Z", "other": "x"}
+	node := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "node1", Labels: map[string]string{ZoneLabel: "z1"}, ManagedFields: managed,
+			Annotations: map[string]string{"node.alpha.kubernetes.io/ttl": "0"}},
+		Status: corev1.NodeStatus{Images: []corev1.ContainerImage{{Names: []string{"registry/big:1"}, SizeBytes: 1 << 30}}},
+	}
+	_, w, _ := start(t, svc, es, node)
+
+	gotSvc, err := w.Service(key("default", "web"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gotSvc.ManagedFields != nil || gotSvc.Annotations != nil || gotSvc.Spec.ClusterIP != "10.96.0.10" {
+		t.Errorf("cached Service = managedFields %v, annotations %v, clusterIP %q; want both dropped, spec kept",
+			gotSvc.ManagedFields, gotSvc.Annotations, gotSvc.Spec.ClusterIP)
+	}
+	gotSlices, err := w.EndpointSlices(key("default", "web"))
+	if err != nil || len(gotSlices) != 1 {
+		t.Fatalf("EndpointSlices = %v, %v; want the one slice", names(gotSlices), err)
+	}
+	want := map[string]string{corev1.EndpointsLastChangeTriggerTime: "2026-11-26T01:02:03Z"}
+	if s := gotSlices[0]; s.ManagedFields != nil || !maps.Equal(s.Annotations, want) || len(s.Endpoints) != 1 {
+		t.Errorf("cached slice = managedFields %v, annotations %v, %d endpoints; want annotations %v, endpoints kept",
+			s.ManagedFields, s.Annotations, len(s.Endpoints), want)
+	}
+	n := w.Node()
+	if n == nil {
+		t.Fatal("Node not cached")
+	}
+	if n.ManagedFields != nil || n.Annotations != nil || len(n.Status.Images) != 0 || n.Labels[ZoneLabel] != "z1" {
+		t.Errorf("cached Node = managedFields %v, annotations %v, %d images, labels %v; want only labels kept",
+			n.ManagedFields, n.Annotations, len(n.Status.Images), n.Labels)
+	}
 }

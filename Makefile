@@ -10,7 +10,7 @@ LDFLAGS := -X main.version=$(VERSION)
 # svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
 E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables
 
-.PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench image clean
+.PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench bench-short bench-go image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -49,13 +49,25 @@ e2e: build echoserver ## end-to-end suite against a real kube-apiserver (root)
 test: lint check-generated unit e2e ## everything CI runs
 
 demo: setup build echoserver ## run the voting-app example on the test bed (root); DEMO_FLAGS=--once to tear down at once
-	$(GO) run ./test/testbed/cmd/demo --svcnat bin/svcnat --echoserver bin/echoserver $(DEMO_FLAGS)
+	$(GO) build -o bin/demo ./test/testbed/cmd/demo
+	bin/demo --svcnat bin/svcnat --echoserver bin/echoserver $(DEMO_FLAGS)
 
-bench: build ## benchmarks: render/apply at 10k Services, eBPF lookup, memory
+# The side-by-side benchmark of issue 5 (about an hour): svcnat's backends and
+# upstream kube-proxy at 1k, 5k and 10k Services, report and plots in docs/bench.
+BENCH_FLAGS ?= -sizes 1000,5000,10000 -cap 5m
+bench: setup build echoserver ## svcnat vs kube-proxy side by side on the test bed (root)
+	SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
+		$(GO) run ./test/bench -out docs/bench $(BENCH_FLAGS)
+
+bench-short: build echoserver ## the benchmark harness at 100 Services, svcnat-iptables only (root; about a minute)
+	SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
+		$(GO) test -count=1 -run TestShort -v ./test/bench
+
+bench-go: ## Go benchmarks: render, sync and one-Service change at 10k Services, model build, eBPF maps
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/...
 
 image: ## build the agent image (needs a Docker engine)
-	docker build -t svcnat:$(VERSION) .
+	docker build -t svcnat:$(VERSION) -t svcnat:latest .
 
 clean: ## remove build output
 	rm -rf bin

@@ -135,7 +135,9 @@ func (p *Proxy) args() []string {
 		return append([]string{p.c.Binaries.Svcnat, "run",
 			"--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + n.Name,
 			"--cluster-cidr=" + ClusterCIDR.String(),
-			"--metrics-bind-address=127.0.0.1:10249",
+			// pprof beside the metrics, in the node namespace only, so the
+			// benchmark can save profiles.
+			"--profiling", "--metrics-bind-address=127.0.0.1:10249",
 			fmt.Sprintf("--healthz-bind-address=0.0.0.0:%d", HealthzPort),
 		}, p.backendArgs()...)
 	}

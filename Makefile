@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 # Which proxies the end-to-end suite runs against (comma list of
 # svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
-E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables
+E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables
 
 .PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench bench-short bench-go image clean
 

@@ -254,7 +254,7 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 	}
 	id := n.services.get(sp.Name)
 	f := &fragment{
-		sp:           cloneServicePort(sp),
+		sp:           sp.Clone(),
 		id:           id,
 		info:         info,
 		services:     make(map[svcnatSvcKey]svcnatSvcValue, len(sp.Frontends)),
@@ -301,15 +301,6 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 		f.services[svcnatSvcKey{Addr: addr16(fe.IP), Port: htons(fe.Port), Proto: proto}] = v
 	}
 	return f, nil
-}
-
-func cloneServicePort(sp *model.ServicePort) *model.ServicePort {
-	c := *sp
-	c.Frontends = slices.Clone(sp.Frontends)
-	c.ClusterEndpoints = slices.Clone(sp.ClusterEndpoints)
-	c.LocalEndpoints = slices.Clone(sp.LocalEndpoints)
-	c.SourceRanges = slices.Clone(sp.SourceRanges)
-	return &c
 }
 
 func encodeInfo(sp *model.ServicePort, proto uint8) (svcnatSvcInfo, error) {

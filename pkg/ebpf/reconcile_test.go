@@ -260,7 +260,7 @@ func mutate(r *rand.Rand, s *model.State, fresh *model.State) {
 		if len(sps) == 0 {
 			break
 		}
-		sp := cloneServicePort(sps[r.IntN(len(sps))])
+		sp := sps[r.IntN(len(sps))].Clone()
 		switch r.IntN(6) {
 		case 0:
 			if len(sp.ClusterEndpoints) > 0 {
@@ -280,7 +280,7 @@ func mutate(r *rand.Rand, s *model.State, fresh *model.State) {
 			// same family and protocol.
 			for _, other := range sps {
 				if other.Name != sp.Name && other.Name.Family == sp.Name.Family && other.Protocol == sp.Protocol && len(sp.Frontends) > 1 {
-					o := cloneServicePort(other)
+					o := other.Clone()
 					o.Frontends = append(o.Frontends, sp.Frontends[len(sp.Frontends)-1])
 					slices.SortFunc(o.Frontends, func(a, b model.Frontend) int {
 						return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))

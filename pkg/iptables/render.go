@@ -164,15 +164,6 @@ type cachedFragment struct {
 	frag *fragment
 }
 
-func snapshot(sp *model.ServicePort) *model.ServicePort {
-	c := *sp
-	c.Frontends = slices.Clone(sp.Frontends)
-	c.ClusterEndpoints = slices.Clone(sp.ClusterEndpoints)
-	c.LocalEndpoints = slices.Clone(sp.LocalEndpoints)
-	c.SourceRanges = slices.Clone(sp.SourceRanges)
-	return &c
-}
-
 // render is Render, reusing and refreshing cache when it is not nil.
 func render(s *model.State, family model.Family, masqBit int, cache *renderCache) *Ruleset {
 	r := &renderer{
@@ -207,7 +198,7 @@ func render(s *model.State, family model.Family, masqBit int, cache *renderCache
 		if cached.frag == nil {
 			cached.frag = r.servicePort(sp)
 			if cache != nil {
-				cached.sp = snapshot(sp)
+				cached.sp = sp.Clone()
 			}
 		}
 		if cache != nil {

@@ -430,3 +430,27 @@ func BenchmarkBuildServiceLarge(b *testing.B) {
 		}
 	}
 }
+
+// TestCloneIsDeep checks that changing a clone's slices leaves the original
+// alone, which the backends' caches of what they wrote rely on.
+func TestCloneIsDeep(t *testing.T) {
+	orig := &ServicePort{
+		Name:             ServicePortName{Namespace: "ns", Name: "svc", Family: IPv4},
+		Frontends:        []Frontend{{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.1"), Port: 80}},
+		ClusterEndpoints: []Endpoint{{IP: netip.MustParseAddr("10.244.0.5"), Port: 8080}},
+		LocalEndpoints:   []Endpoint{{IP: netip.MustParseAddr("10.244.0.5"), Port: 8080, Local: true}},
+		SourceRanges:     []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
+	}
+	c := orig.Clone()
+	if !c.Equal(orig) {
+		t.Fatalf("clone differs from original: %+v", c)
+	}
+	c.Frontends[0].Port = 81
+	c.ClusterEndpoints[0].Port = 1
+	c.LocalEndpoints[0].Port = 1
+	c.SourceRanges[0] = netip.MustParsePrefix("198.51.100.0/24")
+	if orig.Frontends[0].Port != 80 || orig.ClusterEndpoints[0].Port != 8080 || orig.LocalEndpoints[0].Port != 8080 ||
+		orig.SourceRanges[0] != netip.MustParsePrefix("192.0.2.0/24") {
+		t.Fatalf("changing the clone changed the original: %+v", orig)
+	}
+}

@@ -194,6 +194,16 @@ func (sp *ServicePort) NoEndpoints() NoEndpointsAction {
 	return Drop
 }
 
+// Clone returns a deep copy of sp: changing one never changes the other.
+func (sp *ServicePort) Clone() *ServicePort {
+	c := *sp
+	c.Frontends = slices.Clone(sp.Frontends)
+	c.ClusterEndpoints = slices.Clone(sp.ClusterEndpoints)
+	c.LocalEndpoints = slices.Clone(sp.LocalEndpoints)
+	c.SourceRanges = slices.Clone(sp.SourceRanges)
+	return &c
+}
+
 // Equal reports whether two ServicePorts program the same dataplane.
 func (sp *ServicePort) Equal(o *ServicePort) bool {
 	return sp.Name == o.Name && sp.Protocol == o.Protocol &&

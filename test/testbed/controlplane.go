@@ -193,29 +193,7 @@ func (c *Cluster) waitReady(ctx context.Context) error {
 	client.Transport.(*http.Transport).TLSClientConfig = insecureTLS()
 	ctx, cancel := context.WithTimeout(ctx, 90*time.Second)
 	defer cancel()
-	var last string
-	for {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, c.apiServerURL()+"/readyz", nil)
-		req.Header.Set("Authorization", "Bearer "+c.token)
-		resp, err := client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
-		}
-		if c.apiserver.Exited() {
-			return fmt.Errorf("wait for kube-apiserver: it exited; log:\n%s", c.apiserver.Tail(20))
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("wait for kube-apiserver /readyz: %w (last: %s); log:\n%s", ctx.Err(), last, c.apiserver.Tail(20))
-		case <-time.After(300 * time.Millisecond):
-		}
-	}
+	return waitHTTPOK(ctx, client, c.apiServerURL()+"/readyz", c.token, c.apiserver, "kube-apiserver /readyz", 300*time.Millisecond)
 }
 
 func writeRSAKey(path string) error {

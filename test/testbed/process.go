@@ -4,7 +4,9 @@ package testbed
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"strings"
@@ -127,4 +129,37 @@ func run(netns string, args ...string) (string, error) {
 		return string(out), fmt.Errorf("%s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
 	}
 	return string(out), nil
+}
+
+// waitHTTPOK polls GET url (with a bearer token unless empty) every interval
+// until it answers 200 (nil), proc exits, or ctx ends; the error says what
+// was awaited, the last answer and the end of proc's log.
+func waitHTTPOK(ctx context.Context, client *http.Client, url, token string, proc *Process, what string, every time.Duration) error {
+	last := "no answer"
+	for {
+		if proc.Exited() {
+			return fmt.Errorf("wait for %s: the process exited; log:\n%s", what, proc.Tail(30))
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return fmt.Errorf("wait for %s: %w", what, err)
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		if resp, err := client.Do(req); err != nil {
+			last = err.Error()
+		} else {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			last = resp.Status
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for %s: %w (last answer: %s); log:\n%s", what, ctx.Err(), last, proc.Tail(30))
+		case <-time.After(every):
+		}
+	}
 }

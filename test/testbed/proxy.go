@@ -5,7 +5,6 @@ package testbed
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -171,30 +170,9 @@ func (p *Proxy) launch() error {
 func (p *Proxy) WaitHealthy(ctx context.Context, limit time.Duration) error {
 	client := HTTPClientIn(p.Node.Netns, time.Second)
 	url := fmt.Sprintf("http://127.0.0.1:%d/healthz", HealthzPort)
-	deadline := time.Now().Add(limit)
-	last := ""
-	for time.Now().Before(deadline) {
-		if p.proc.Exited() {
-			return fmt.Errorf("wait for %s on %s: it exited; log:\n%s", p.Kind, p.Node.Name, p.proc.Tail(30))
-		}
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		resp, err := client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			last = resp.Status
-		} else {
-			last = err.Error()
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("wait for %s on %s to be healthy: %s; log:\n%s", p.Kind, p.Node.Name, last, p.proc.Tail(30))
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	return waitHTTPOK(ctx, client, url, "", p.proc, fmt.Sprintf("%s on %s to be healthy", p.Kind, p.Node.Name), 200*time.Millisecond)
 }
 
 // Kill kills the proxy with SIGKILL, leaving what it programmed in place.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -208,6 +209,14 @@ func (c *Cluster) StartEcho(p *Pod, ports PodPorts) error {
 	}
 	p.echo = proc
 	c.onClose(func() error { proc.Stop(stopGrace); return nil })
+	// The server logs "serving" once every listener is bound: wait for it,
+	// so that no probe meets a port that is not open yet.
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(proc.Tail(5), "msg=serving"); {
+		if proc.Exited() || time.Now().After(deadline) {
+			return fmt.Errorf("start echo server in %s: not serving; log:\n%s", p.Name, proc.Tail(20))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	return nil
 }
 

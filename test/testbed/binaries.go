@@ -22,7 +22,7 @@ type Binaries struct {
 	EchoServer string
 	// Svcnat is the agent; needed only to run svcnat proxies.
 	Svcnat string
-	// K8sDir holds kube-apiserver and kube-proxy.
+	// K8sDir holds kube-apiserver, kube-proxy and kubectl.
 	K8sDir string
 	// Etcd is the etcd server binary.
 	Etcd string
@@ -71,17 +71,17 @@ func sourceRoot() (string, error) {
 	return root, nil
 }
 
-// BuildK8s builds kube-apiserver and kube-proxy into dir from the tools
+// BuildK8s builds kube-apiserver, kube-proxy and kubectl into dir from the tools
 // module test/tools (about 10 minutes on 2 cores with a cold cache).
 func BuildK8s(dir string) error {
 	root, err := sourceRoot()
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("go", "build", "-o", dir+"/", "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-proxy")
+	cmd := exec.Command("go", "build", "-o", dir+"/", "k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-proxy", "k8s.io/kubernetes/cmd/kubectl")
 	cmd.Dir = filepath.Join(root, "test", "tools")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("build kube-apiserver and kube-proxy into %s: %w: %s", dir, err, out)
+		return fmt.Errorf("build kube-apiserver, kube-proxy and kubectl into %s: %w: %s", dir, err, out)
 	}
 	return nil
 }
@@ -89,7 +89,7 @@ func BuildK8s(dir string) error {
 // LocateBinaries finds or builds what the test bed needs, for tests run
 // from the source tree: the echo server (and svcnat, when withSvcnat) are
 // taken from $SVCNAT_ECHOSERVER_BIN and $SVCNAT_BIN or built into buildDir;
-// kube-apiserver and kube-proxy come from DefaultK8sDir and are built there
+// kube-apiserver, kube-proxy and kubectl come from DefaultK8sDir and are built there
 // when missing; etcd is looked up in $PATH.
 func LocateBinaries(buildDir string, withSvcnat bool) (Binaries, error) {
 	b := Binaries{K8sDir: DefaultK8sDir()}
@@ -97,7 +97,7 @@ func LocateBinaries(buildDir string, withSvcnat bool) (Binaries, error) {
 	if b.Etcd, err = exec.LookPath("etcd"); err != nil {
 		return b, fmt.Errorf("find etcd (Debian package etcd-server): %w", err)
 	}
-	if _, err := os.Stat(filepath.Join(b.K8sDir, "kube-proxy")); err != nil {
+	if _, err := os.Stat(filepath.Join(b.K8sDir, "kubectl")); err != nil {
 		if err := BuildK8s(b.K8sDir); err != nil {
 			return b, err
 		}

@@ -4,6 +4,9 @@ package dataplane
 
 import (
 	"context"
+	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/svcnat/svcnat/pkg/model"
 )
@@ -20,6 +23,10 @@ type Backend interface {
 	// last successful Sync, and rewrites everything after a failure.
 	// Idempotent and safe to retry. On error, what was programmed before is
 	// either kept or replaced whole per ServicePort, never half-written.
+	//
+	// A ServicePort the backend cannot program (a full map, say) fails
+	// alone: Sync programs every other one and returns PortErrors naming
+	// the failed ones. Any other error means the sync as a whole failed.
 	Sync(ctx context.Context, s *model.State) error
 	// Dump reads back from the kernel what is programmed, without relying on
 	// the backend's memory, so that another process can call it.
@@ -27,4 +34,24 @@ type Backend interface {
 	// Cleanup removes everything svcnat installed and nothing else.
 	// Removing what is already gone is not an error.
 	Cleanup(ctx context.Context) error
+}
+
+// PortErrors is what Sync returns when some ServicePorts could not be
+// programmed and every other one was: the reason for each failed one. A
+// failed ServicePort holds nothing in the kernel (its traffic is not
+// translated), so that Dump and dump --check show it missing.
+type PortErrors map[model.ServicePortName]error
+
+// Error lists the failed ServicePorts in name order.
+func (e PortErrors) Error() string {
+	names := make([]model.ServicePortName, 0, len(e))
+	for n := range e {
+		names = append(names, n)
+	}
+	slices.SortFunc(names, model.ServicePortName.Compare)
+	parts := make([]string, len(names))
+	for i, n := range names {
+		parts[i] = fmt.Sprintf("%s: %v", n, e[n])
+	}
+	return fmt.Sprintf("%d service ports not programmed: %s", len(e), strings.Join(parts, "; "))
 }

@@ -66,8 +66,15 @@ bench-short: build echoserver ## the benchmark harness at 100 Services, svcnat-i
 bench-go: ## Go benchmarks: render, sync and one-Service change at 10k Services, model build, eBPF maps
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/...
 
-image: ## build the agent image (needs a Docker engine)
-	docker build -t svcnat:$(VERSION) -t svcnat:latest .
+# The agent image without a registry or Docker: a root made from this
+# machine's Debian iptables packages plus a static bin/svcnat, written as a
+# docker-archive (load it with `ctr -n k8s.io images import` or `docker load`).
+# The Dockerfile builds the same layout where a Docker engine is at hand.
+image: ## build bin/svcnat-image.tar (svcnat:latest and svcnat:VERSION), no registry or Docker needed
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/image/svcnat ./cmd/svcnat
+	scripts/image-root.sh bin/image/root
+	$(GO) run ./test/imagebuild/cmd/imagebuild -o bin/svcnat-image.tar -tag svcnat:latest -tag svcnat:$(VERSION) \
+		-root bin/image/root -add /usr/local/bin/svcnat=bin/image/svcnat -entrypoint /usr/local/bin/svcnat -cmd run
 
 clean: ## remove build output
 	rm -rf bin

@@ -155,7 +155,7 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 	saKey := filepath.Join(c.Dir, "sa.key")
 	first := c.apiserver == nil
 	var err error
-	c.apiserver, err = start(procSpec{name: "kube-apiserver", netns: n.Netns, log: c.logPath("kube-apiserver"), args: []string{
+	c.apiserver, err = start(procSpec{name: "kube-apiserver", netns: n.Netns, log: c.logPath("kube-apiserver"), args: append([]string{
 		filepath.Join(c.Binaries.K8sDir, "kube-apiserver"),
 		"--etcd-servers=http://127.0.0.1:2379",
 		"--service-cluster-ip-range=" + ServiceCIDR.String(),
@@ -171,7 +171,7 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 		"--endpoint-reconciler-type=none",
 		// As kubeadm and kind set it: node agents such as svcnat run privileged.
 		"--allow-privileged=true",
-	}})
+	}, c.apiserverFlags...)})
 	if err != nil {
 		return err
 	}

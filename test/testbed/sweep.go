@@ -86,6 +86,18 @@ func sweepRun(prefix string) error {
 			}
 		}
 	}
+	// The cluster mode's cgroups in every hierarchy, with the containers,
+	// shims and daemons in them (those do not die with the test process).
+	patterns, err := cgroupDirs(prefix + "-*")
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, pattern := range patterns {
+		matches, _ := filepath.Glob(pattern)
+		for _, m := range matches {
+			errs = append(errs, killCgroupTree(m))
+		}
+	}
 	roots := []string{"/sys/fs/bpf"}
 	if r, err := cgroupRoot(); err == nil {
 		roots = append(roots, r)

@@ -63,6 +63,13 @@ type Options struct {
 	// handles signals itself and calls Close.
 	HandleSignals bool
 	Logger        *slog.Logger
+	// Kubelets selects the cluster mode (cluster.go): kube-controller-manager,
+	// kube-scheduler, and containerd and kubelet on every node, with no pod
+	// namespaces (PodsPerNode and PodPorts are ignored).
+	Kubelets bool
+	// Images are docker-archive tars imported on every node in cluster mode
+	// (BuildImages makes the ones every node needs).
+	Images []string
 }
 
 // PodPorts are the ports a pod's echo server listens on.
@@ -91,6 +98,7 @@ type Cluster struct {
 	Log        *slog.Logger
 
 	etcd, apiserver *Process
+	apiserverFlags  []string // added to the defaults
 	token           string
 	mu              sync.Mutex
 	cleanups        []func() error
@@ -112,6 +120,8 @@ type Node struct {
 	Pods   []*Pod
 	// Proxy is the proxy running on this node, if any.
 	Proxy *Proxy
+	// Kubelet runs the node's containerd and kubelet in cluster mode.
+	Kubelet *Kubelet
 }
 
 // Pod is one pod namespace running the echo server.
@@ -132,7 +142,9 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if o.Nodes == 0 {
 		o.Nodes = 2
 	}
-	if o.PodsPerNode == 0 {
+	if o.Kubelets {
+		o.PodsPerNode, o.PodPorts = 0, PodPorts{}
+	} else if o.PodsPerNode == 0 {
 		o.PodsPerNode = 3
 	}
 	if o.Nodes > 9 || o.PodsPerNode > 26 {
@@ -173,11 +185,17 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	if err := c.buildNetwork(o); err != nil {
 		return nil, err
 	}
+	if o.Kubelets {
+		c.apiserverFlags = clusterAPIServerFlags
+	}
 	if err := c.startControlPlane(ctx); err != nil {
 		return nil, err
 	}
 	if err := c.registerNodes(ctx); err != nil {
 		return nil, err
+	}
+	if o.Kubelets {
+		return c, c.startKubelets(ctx, o.Images)
 	}
 	if o.PodPorts.empty() {
 		return c, nil

@@ -38,7 +38,19 @@ func startNodes(t *testing.T, b testbed.Binaries, images ...string) *testbed.Clu
 	if err != nil {
 		t.Fatal(err)
 	}
-	return startCluster(t, t.Context(), b, testbed.Options{Kubelets: true, Images: append(base, images...)})
+	c := startCluster(t, t.Context(), b, testbed.Options{Kubelets: true, Images: append(base, images...)})
+	// Runs before the cluster's removal.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		out, _ := kubectl(context.Background(), c, "get", "events", "-A", "--sort-by=.lastTimestamp")
+		t.Logf("events:\n%s", out)
+		for _, n := range c.Nodes {
+			t.Logf("%s, last lines of %s", n.Name, n.Kubelet.Tail(30))
+		}
+	})
+	return c
 }
 
 // TestNodes checks the cluster mode itself: the scheduler places a Pod on

@@ -1,0 +1,254 @@
+//go:build linux
+
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/svcnat/svcnat/test/testbed"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+)
+
+// TestDaemonSet deploys svcnat as users do, `kubectl apply -f deploy/`, on
+// the cluster mode's real nodes, for each svcnat backend in
+// SVCNAT_E2E_PROXIES: the DaemonSet's pods run on every node, privileged in
+// the node's network namespace, read the API as the ServiceAccount of
+// deploy/rbac.yaml, and pass their probes; a Service then carries a pod's
+// connections to pods on both nodes; and a rolling update of the DaemonSet
+// (a new image tag) runs while a client pod opens new connections through
+// the Service, none of which may fail.
+func TestDaemonSet(t *testing.T) {
+	kinds, err := testbed.ParseProxyKinds(cmpOr(os.Getenv("SVCNAT_E2E_PROXIES"), string(testbed.SvcnatIptables)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := binaries(t)
+	for _, kind := range kinds {
+		if !kind.IsSvcnat() {
+			continue
+		}
+		t.Run(string(kind), func(t *testing.T) {
+			if b.Svcnat == "" {
+				if b.Svcnat, err = testbed.BuildSvcnat(t.TempDir()); err != nil {
+					t.Skipf("svcnat binary missing: %v", err)
+				}
+			}
+			testDaemonSet(t, b, kind)
+		})
+	}
+}
+
+func testDaemonSet(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
+	ctx := t.Context()
+	began := time.Now()
+	img, err := testbed.BuildSvcnatImage(t.TempDir(), b.Svcnat, testbed.SvcnatImage, "svcnat:v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startNodes(t, b, img)
+	t.Logf("cluster with kubelets up in %v", time.Since(began).Round(time.Millisecond))
+
+	// deploy/ as shipped, with the two edits its comments ask for: the
+	// apiserver's address, and the eBPF backend's flags. The cgroup is the
+	// node's own (the test bed's kubelet cgroupRoot), never the machine's.
+	dir := t.TempDir()
+	for _, f := range []string{"rbac.yaml", "apiserver-config.yaml", "daemonset.yaml"} {
+		src, err := os.ReadFile(filepath.Join("..", "..", "deploy", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := string(src)
+		switch f {
+		case "apiserver-config.yaml":
+			s = mustReplace(t, f, s, "KUBERNETES_SERVICE_HOST: svcnat-control-plane", "KUBERNETES_SERVICE_HOST: "+c.Nodes[0].IP.String())
+		case "daemonset.yaml":
+			if kind == testbed.SvcnatEBPF {
+				cgroup := filepath.Join(filepath.Dir(c.Nodes[0].Cgroup), c.Prefix+"-$(NODE_NAME)")
+				s = mustReplace(t, f, s, "            - --backend=iptables\n",
+					"            - --backend=ebpf\n            - --cgroup-path="+cgroup+"\n            - --bpf-interfaces=eth0\n")
+			}
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := kubectl(ctx, c, "apply", "-f", filepath.Join(dir, "rbac.yaml"), "-f", filepath.Join(dir, "apiserver-config.yaml"), "-f", filepath.Join(dir, "daemonset.yaml"))
+	if err != nil {
+		t.Fatalf("kubectl apply -f deploy/: %v\n%s", err, out)
+	}
+	t.Logf("kubectl apply:\n%s", out)
+	waitDaemonSet(t, c, 1)
+	t.Logf("DaemonSet ready on every node after %v", time.Since(began).Round(time.Millisecond))
+	pods := svcnatPods(t, c)
+	for _, p := range pods {
+		ctr := p.Spec.Containers[0]
+		if !p.Spec.HostNetwork || ctr.SecurityContext == nil || ctr.SecurityContext.Privileged == nil || !*ctr.SecurityContext.Privileged ||
+			p.Spec.ServiceAccountName != "svcnat" || p.Status.PodIP != p.Status.HostIP {
+			t.Errorf("pod %s on %s: hostNetwork %v, privileged %v, service account %q, pod IP %s, host IP %s; want host network, privileged, svcnat, the node's IP",
+				p.Name, p.Spec.NodeName, p.Spec.HostNetwork, ctr.SecurityContext, p.Spec.ServiceAccountName, p.Status.PodIP, p.Status.HostIP)
+		}
+	}
+
+	// Backends on both nodes, a Service, a client on node1.
+	for _, n := range c.Nodes {
+		if _, err := c.Kube.CoreV1().Pods("default").Create(ctx, webPod("web-"+n.Name, n.Name), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	svc, err := c.Kube.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "web"},
+			Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes {
+		waitPodRunning(t, c, "default", "web-"+n.Name, 90*time.Second)
+	}
+	url := svc.Spec.ClusterIP + " 80"
+	// Through the Service from a pod: both backends answer.
+	client := clientPod("probe", c.Nodes[0].Name, fmt.Sprintf(httpGet+`; i=0; while [ $i -lt 40 ]; do get %s; i=$((i+1)); done`, url))
+	answers := runClientPod(t, c, client, 2*time.Minute)
+	for _, n := range c.Nodes {
+		if !strings.Contains(answers, "web-"+n.Name) {
+			t.Errorf("40 requests to %s from a pod on %s: no answer from web-%s; got:\n%s", url, c.Nodes[0].Name, n.Name, answers)
+		}
+	}
+
+	// A rolling update to another image tag while a client opens new
+	// connections through the Service, one every 50 ms for 75 s.
+	stream := clientPod("stream", c.Nodes[0].Name, fmt.Sprintf(httpGet+`; ok=0; fail=0; end=$(($(date +%%s)+75))
+while [ $(date +%%s) -lt $end ]; do
+	case $(get %s) in web-*) ok=$((ok+1)) ;; *) fail=$((fail+1)); echo "failed at $(date +%%T)" ;; esac
+	sleep 0.05
+done
+echo "ok=$ok fail=$fail"`, url))
+	if _, err := c.Kube.CoreV1().Pods("default").Create(ctx, stream, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitPodRunning(t, c, "default", "stream", time.Minute)
+	time.Sleep(5 * time.Second)
+	if out, err := kubectl(ctx, c, "-n", "kube-system", "set", "image", "daemonset/svcnat", "svcnat=svcnat:v2"); err != nil {
+		t.Fatalf("kubectl set image: %v\n%s", err, out)
+	}
+	rollout := time.Now()
+	waitDaemonSet(t, c, 2)
+	t.Logf("rolling update done in %v", time.Since(rollout).Round(time.Millisecond))
+	for _, p := range svcnatPods(t, c) {
+		if img := p.Spec.Containers[0].Image; img != "svcnat:v2" {
+			t.Errorf("pod %s runs %s after the update, want svcnat:v2", p.Name, img)
+		}
+	}
+	logs := waitClientPod(t, c, "stream", 2*time.Minute)
+	m := regexp.MustCompile(`ok=(\d+) fail=(\d+)`).FindStringSubmatch(logs)
+	if m == nil {
+		t.Fatalf("stream client: no summary in its log:\n%s", logs)
+	}
+	ok, _ := strconv.Atoi(m[1])
+	fail, _ := strconv.Atoi(m[2])
+	t.Logf("during the rolling update: %d connections, %d failed", ok+fail, fail)
+	if fail > 0 || ok < 100 {
+		t.Errorf("rolling update: %d of %d new connections through the Service failed (want none, and at least 100 made):\n%s", fail, ok+fail, logs)
+	}
+	for _, p := range svcnatPods(t, c) {
+		if r := p.Status.ContainerStatuses[0].RestartCount; r > 0 {
+			t.Errorf("svcnat pod %s restarted %d times (liveness)", p.Name, r)
+		}
+	}
+}
+
+func mustReplace(t *testing.T, file, s, old, new string) string {
+	t.Helper()
+	if !strings.Contains(s, old) {
+		t.Fatalf("deploy/%s no longer contains %q", file, old)
+	}
+	return strings.Replace(s, old, new, 1)
+}
+
+// waitDaemonSet waits until svcnat's DaemonSet has generation gen observed,
+// updated, available and ready on every node.
+func waitDaemonSet(t *testing.T, c *testbed.Cluster, gen int64) {
+	t.Helper()
+	eventually(t, fmt.Sprintf("DaemonSet svcnat generation %d ready on every node", gen), 3*time.Minute, func() error {
+		ds, err := c.Kube.AppsV1().DaemonSets("kube-system").Get(t.Context(), "svcnat", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		st := ds.Status
+		want := int32(len(c.Nodes))
+		if ds.Generation < gen || st.ObservedGeneration < ds.Generation || st.DesiredNumberScheduled != want ||
+			st.UpdatedNumberScheduled != want || st.NumberReady != want || st.NumberAvailable != want {
+			var why []string
+			for _, p := range svcnatPods(t, c) {
+				why = append(why, fmt.Sprintf("%s on %s: %s %s", p.Name, p.Spec.NodeName, p.Status.Phase, podWaiting(&p)))
+			}
+			return fmt.Errorf("generation %d (observed %d): desired %d, updated %d, ready %d, available %d; %s",
+				ds.Generation, st.ObservedGeneration, st.DesiredNumberScheduled, st.UpdatedNumberScheduled, st.NumberReady, st.NumberAvailable, strings.Join(why, "; "))
+		}
+		return nil
+	})
+}
+
+func svcnatPods(t *testing.T, c *testbed.Cluster) []corev1.Pod {
+	t.Helper()
+	l, err := c.Kube.CoreV1().Pods("kube-system").List(t.Context(), metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=svcnat"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.Items
+}
+
+// clientPod is a busybox Pod on node that runs script once.
+func clientPod(name, node, script string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PodSpec{
+			NodeSelector:                  map[string]string{"kubernetes.io/hostname": node},
+			RestartPolicy:                 corev1.RestartPolicyNever,
+			TerminationGracePeriodSeconds: new(int64),
+			Containers: []corev1.Container{{
+				Name: "client", Image: testbed.BusyboxImage, ImagePullPolicy: corev1.PullNever,
+				Command: []string{"sh", "-c", script},
+			}},
+		},
+	}
+}
+
+// runClientPod creates the pod, waits until it ends and returns its log.
+func runClientPod(t *testing.T, c *testbed.Cluster, p *corev1.Pod, limit time.Duration) string {
+	t.Helper()
+	if _, err := c.Kube.CoreV1().Pods("default").Create(t.Context(), p, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return waitClientPod(t, c, p.Name, limit)
+}
+
+// waitClientPod waits until the pod in default ends and returns its log.
+func waitClientPod(t *testing.T, c *testbed.Cluster, name string, limit time.Duration) string {
+	t.Helper()
+	eventually(t, "pod "+name+" done", limit, func() error {
+		p, err := c.Kube.CoreV1().Pods("default").Get(t.Context(), name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+			return fmt.Errorf("phase %s: %s", p.Status.Phase, podWaiting(p))
+		}
+		return nil
+	})
+	b, err := c.Kube.CoreV1().Pods("default").GetLogs(name, &corev1.PodLogOptions{}).DoRaw(t.Context())
+	if err != nil {
+		t.Fatalf("logs of pod %s: %v", name, err)
+	}
+	return string(b)
+}

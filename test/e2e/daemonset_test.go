@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -114,6 +115,25 @@ func testDaemonSet(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
 	}
 	for _, n := range c.Nodes {
 		waitPodRunning(t, c, "default", "web-"+n.Name, 90*time.Second)
+	}
+	// Each agent runs the backend asked for; an eBPF agent attaches to its
+	// node's cgroup, which holds the node's pods.
+	backend := strings.TrimPrefix(string(kind), "svcnat-")
+	for _, p := range svcnatPods(t, c) {
+		logs := podLog(t, c, "kube-system", p.Name)
+		if !strings.Contains(logs, "backend="+backend) {
+			t.Errorf("svcnat pod %s on %s: no backend=%s in its log:\n%s", p.Name, p.Spec.NodeName, backend, logs)
+		}
+		if kind != testbed.SvcnatEBPF {
+			continue
+		}
+		n := c.Node(p.Spec.NodeName)
+		if !strings.Contains(logs, "cgroup="+n.Cgroup) {
+			t.Errorf("svcnat pod %s: not attached to %s:\n%s", p.Name, n.Cgroup, logs)
+		}
+		if procs := cgroupProcs(t, n.Cgroup); procs == 0 {
+			t.Errorf("no process in %s and below: the node's pods are not in the cgroup svcnat attaches to", n.Cgroup)
+		}
 	}
 	url := svc.Spec.ClusterIP + " 80"
 	// Through the Service from a pod: both backends answer.
@@ -246,9 +266,32 @@ func waitClientPod(t *testing.T, c *testbed.Cluster, name string, limit time.Dur
 		}
 		return nil
 	})
-	b, err := c.Kube.CoreV1().Pods("default").GetLogs(name, &corev1.PodLogOptions{}).DoRaw(t.Context())
+	return podLog(t, c, "default", name)
+}
+
+func podLog(t *testing.T, c *testbed.Cluster, namespace, name string) string {
+	t.Helper()
+	b, err := c.Kube.CoreV1().Pods(namespace).GetLogs(name, &corev1.PodLogOptions{}).DoRaw(t.Context())
 	if err != nil {
-		t.Fatalf("logs of pod %s: %v", name, err)
+		t.Fatalf("logs of pod %s/%s: %v", namespace, name, err)
 	}
 	return string(b)
+}
+
+// cgroupProcs counts the processes in a cgroup and below.
+func cgroupProcs(t *testing.T, dir string) int {
+	t.Helper()
+	n := 0
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+		n += len(strings.Fields(string(b)))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("count processes in %s: %v", dir, err)
+	}
+	return n
 }

@@ -520,3 +520,13 @@ func (c *Cluster) clusterPending(ctx context.Context) (string, error) {
 	}
 	return "", nil
 }
+
+// Node returns the node with the given name, or nil.
+func (c *Cluster) Node(name string) *Node {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	return nil
+}

@@ -21,7 +21,7 @@ build: ## build bin/svcnat
 echoserver: ## build bin/echoserver, the test bed's stand-in for pods
 	$(GO) build -o bin/echoserver ./test/echoserver
 
-setup: ## install Debian packages, mount bpffs, build kube-apiserver/kube-proxy (root)
+setup: ## install Debian packages, mount bpffs, build the Kubernetes binaries of the test bed (root)
 	scripts/setup.sh
 
 generate: ## regenerate the eBPF objects and bindings (needs clang-16)

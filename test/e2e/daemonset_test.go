@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -58,33 +59,10 @@ func testDaemonSet(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
 	c := startNodes(t, b, img)
 	t.Logf("cluster with kubelets up in %v", time.Since(began).Round(time.Millisecond))
 
-	// deploy/ as shipped, with the two edits its comments ask for: the
-	// apiserver's address, and the eBPF backend's flags. The cgroup is the
-	// node's own (the test bed's kubelet cgroupRoot), never the machine's.
-	dir := t.TempDir()
-	for _, f := range []string{"rbac.yaml", "apiserver-config.yaml", "daemonset.yaml"} {
-		src, err := os.ReadFile(filepath.Join("..", "..", "deploy", f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		s := string(src)
-		switch f {
-		case "apiserver-config.yaml":
-			s = mustReplace(t, f, s, "KUBERNETES_SERVICE_HOST: svcnat-control-plane", "KUBERNETES_SERVICE_HOST: "+c.Nodes[0].IP.String())
-		case "daemonset.yaml":
-			if kind == testbed.SvcnatEBPF {
-				cgroup := filepath.Join(filepath.Dir(c.Nodes[0].Cgroup), c.Prefix+"-$(NODE_NAME)")
-				s = mustReplace(t, f, s, "            - --backend=iptables\n",
-					"            - --backend=ebpf\n            - --cgroup-path="+cgroup+"\n            - --bpf-interfaces=eth0\n")
-			}
-		}
-		if err := os.WriteFile(filepath.Join(dir, f), []byte(s), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	out, err := kubectl(ctx, c, "apply", "-f", filepath.Join(dir, "rbac.yaml"), "-f", filepath.Join(dir, "apiserver-config.yaml"), "-f", filepath.Join(dir, "daemonset.yaml"))
+	// deploy/ as shipped, with the two edits its comments ask for.
+	out, err := c.DeploySvcnat(ctx, kind)
 	if err != nil {
-		t.Fatalf("kubectl apply -f deploy/: %v\n%s", err, out)
+		t.Fatal(err)
 	}
 	t.Logf("kubectl apply:\n%s", out)
 	waitDaemonSet(t, c, 1)
@@ -158,7 +136,7 @@ echo "ok=$ok fail=$fail"`, url))
 	}
 	waitPodRunning(t, c, "default", "stream", time.Minute)
 	time.Sleep(5 * time.Second)
-	if out, err := kubectl(ctx, c, "-n", "kube-system", "set", "image", "daemonset/svcnat", "svcnat=svcnat:v2"); err != nil {
+	if out, err := c.Kubectl(ctx, "-n", "kube-system", "set", "image", "daemonset/svcnat", "svcnat=svcnat:v2"); err != nil {
 		t.Fatalf("kubectl set image: %v\n%s", err, out)
 	}
 	rollout := time.Now()
@@ -187,35 +165,20 @@ echo "ok=$ok fail=$fail"`, url))
 	}
 }
 
-func mustReplace(t *testing.T, file, s, old, new string) string {
-	t.Helper()
-	if !strings.Contains(s, old) {
-		t.Fatalf("deploy/%s no longer contains %q", file, old)
-	}
-	return strings.Replace(s, old, new, 1)
-}
-
 // waitDaemonSet waits until svcnat's DaemonSet has generation gen observed,
 // updated, available and ready on every node.
 func waitDaemonSet(t *testing.T, c *testbed.Cluster, gen int64) {
 	t.Helper()
 	eventually(t, fmt.Sprintf("DaemonSet svcnat generation %d ready on every node", gen), 3*time.Minute, func() error {
-		ds, err := c.Kube.AppsV1().DaemonSets("kube-system").Get(t.Context(), "svcnat", metav1.GetOptions{})
-		if err != nil {
+		pending, err := c.DaemonSetPending(t.Context(), gen)
+		if err != nil || pending == "" {
 			return err
 		}
-		st := ds.Status
-		want := int32(len(c.Nodes))
-		if ds.Generation < gen || st.ObservedGeneration < ds.Generation || st.DesiredNumberScheduled != want ||
-			st.UpdatedNumberScheduled != want || st.NumberReady != want || st.NumberAvailable != want {
-			var why []string
-			for _, p := range svcnatPods(t, c) {
-				why = append(why, fmt.Sprintf("%s on %s: %s %s", p.Name, p.Spec.NodeName, p.Status.Phase, podWaiting(&p)))
-			}
-			return fmt.Errorf("generation %d (observed %d): desired %d, updated %d, ready %d, available %d; %s",
-				ds.Generation, st.ObservedGeneration, st.DesiredNumberScheduled, st.UpdatedNumberScheduled, st.NumberReady, st.NumberAvailable, strings.Join(why, "; "))
+		why := []string{pending}
+		for _, p := range svcnatPods(t, c) {
+			why = append(why, fmt.Sprintf("%s on %s: %s %s", p.Name, p.Spec.NodeName, p.Status.Phase, podWaiting(&p)))
 		}
-		return nil
+		return errors.New(strings.Join(why, "; "))
 	})
 }
 

@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -44,7 +43,7 @@ func startNodes(t *testing.T, b testbed.Binaries, images ...string) *testbed.Clu
 		if !t.Failed() {
 			return
 		}
-		out, _ := kubectl(context.Background(), c, "get", "events", "-A", "--sort-by=.lastTimestamp")
+		out, _ := c.Kubectl(context.Background(), "get", "events", "-A", "--sort-by=.lastTimestamp")
 		t.Logf("events:\n%s", out)
 		for _, n := range c.Nodes {
 			t.Logf("%s, last lines of %s", n.Name, n.Kubelet.Tail(30))
@@ -86,7 +85,7 @@ func TestNodes(t *testing.T) {
 	if got := strings.TrimSpace(string(body)); got != "web-node2" {
 		t.Errorf("node1 -> pod on node2: answer %q, want web-node2", got)
 	}
-	out, err := kubectl(ctx, c, "exec", "web-node1", "--", "sh", "-c", httpGet+"; get "+ips["node2"]+" 8080")
+	out, err := c.Kubectl(ctx, "exec", "web-node1", "--", "sh", "-c", httpGet+"; get "+ips["node2"]+" 8080")
 	if err != nil || strings.TrimSpace(out) != "web-node2" {
 		t.Errorf("kubectl exec web-node1 -- get pod on node2: %v: %q, want web-node2", err, out)
 	}
@@ -162,16 +161,6 @@ func podWaiting(p *corev1.Pod) string {
 		}
 	}
 	return strings.Join(out, "; ")
-}
-
-// kubectl runs the test bed's kubectl against the cluster from node1's
-// namespace.
-func kubectl(ctx context.Context, c *testbed.Cluster, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	full := append([]string{"netns", "exec", c.Nodes[0].Netns, filepath.Join(c.Binaries.K8sDir, "kubectl"), "--kubeconfig", c.Kubeconfig}, args...)
-	out, err := exec.CommandContext(ctx, "ip", full...).CombinedOutput()
-	return string(out), err
 }
 
 func mustAddr(t *testing.T, s string) netip.Addr {

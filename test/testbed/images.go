@@ -92,3 +92,18 @@ func BuildSvcnatImage(dir, svcnat string, tags ...string) (string, error) {
 		Entrypoint: []string{"/usr/local/bin/svcnat"}, Cmd: []string{"run"},
 	})
 }
+
+// BuildAgnhostImage writes upstream's test image (AgnhostImage): the
+// agnhost binary (a static build of k8s.io/kubernetes/test/images/agnhost)
+// as its entrypoint, with busybox's applets for the shell commands tests
+// run in it. It returns the tar file.
+func BuildAgnhostImage(dir, agnhost string) (string, error) {
+	s, err := busyboxSpec(AgnhostImage)
+	if err != nil {
+		return "", err
+	}
+	s.Files["/agnhost"] = agnhost
+	s.Entrypoint, s.Cmd = []string{"/agnhost"}, nil
+	tar := filepath.Join(dir, "agnhost.tar")
+	return tar, imagebuild.WriteFile(tar, s)
+}

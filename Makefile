@@ -10,7 +10,7 @@ LDFLAGS := -X main.version=$(VERSION)
 # svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
 E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables
 
-.PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench bench-short bench-go image clean
+.PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench bench-short bench-go image conformance clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,12 @@ test: lint check-generated unit e2e ## everything CI runs
 demo: setup build echoserver ## run the voting-app example on the test bed (root); DEMO_FLAGS=--once to tear down at once
 	$(GO) build -o bin/demo ./test/testbed/cmd/demo
 	bin/demo --svcnat bin/svcnat --echoserver bin/echoserver $(DEMO_FLAGS)
+
+# Upstream's own e2e tests against the test bed's real nodes, once per proxy.
+CONFORMANCE_FLAGS ?=
+conformance: build echoserver ## upstream's Services [Conformance] e2e tests with svcnat (both backends) and kube-proxy; writes docs/conformance.md (root)
+	scripts/k8s-bins.sh e2e
+	$(GO) run ./test/conformance -svcnat bin/svcnat -echoserver bin/echoserver -out docs/conformance.md $(CONFORMANCE_FLAGS)
 
 # The side-by-side benchmark of issue 5 (about an hour): svcnat's backends and
 # upstream kube-proxy at 1k, 5k and 10k Services, report and plots in docs/bench.

@@ -15,7 +15,14 @@ missing=()
 for c in "${cmds[@]}"; do
 	[[ -x $dir/$c ]] || missing+=("k8s.io/kubernetes/cmd/$c")
 done
-((${#missing[@]})) || exit 0
-echo "k8s-bins: building ${missing[*]##*/} $version into $dir"
-mkdir -p "$dir"
-go build -o "$dir/" "${missing[@]}"
+if ((${#missing[@]})); then
+	echo "k8s-bins: building ${missing[*]##*/} $version into $dir"
+	mkdir -p "$dir"
+	go build -o "$dir/" "${missing[@]}"
+fi
+# With the argument "e2e": upstream's e2e.test and its test image's agnhost
+# (static: the image has no libc), for `make conformance`.
+if [[ ${1:-} == e2e ]]; then
+	[[ -x $dir/agnhost ]] || CGO_ENABLED=0 go build -o "$dir/agnhost" k8s.io/kubernetes/test/images/agnhost
+	[[ -x $dir/e2e.test ]] || GOFLAGS=-mod=mod go test -c -o "$dir/e2e.test" k8s.io/kubernetes/test/e2e
+fi

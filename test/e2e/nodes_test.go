@@ -89,6 +89,18 @@ func TestNodes(t *testing.T) {
 	if err != nil || strings.TrimSpace(out) != "web-node2" {
 		t.Errorf("kubectl exec web-node1 -- get pod on node2: %v: %q, want web-node2", err, out)
 	}
+	// The cluster DNS: a pod resolves a Service's name to its ClusterIP.
+	svc, err := c.Kube.CoreV1().Services("default").Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web"},
+		Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": "web"}, Ports: []corev1.ServicePort{{Port: 80}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err = c.Kubectl(ctx, "exec", "web-node2", "--", "nslookup", "web.default.svc.cluster.local")
+	if err != nil || !strings.Contains(out, svc.Spec.ClusterIP) {
+		t.Errorf("nslookup web.default.svc.cluster.local in web-node2: %v: %q, want %s", err, out, svc.Spec.ClusterIP)
+	}
 	cgroups, err := filepath.Glob("/sys/fs/cgroup/*/" + c.Prefix + "-node1")
 	if err != nil || len(cgroups) < 2 {
 		t.Fatalf("node1's cgroups: %v %v, want one per hierarchy", cgroups, err)

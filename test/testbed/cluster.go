@@ -90,6 +90,9 @@ func (c *Cluster) startKubelets(ctx context.Context, images []string) error {
 	if err := c.startControllers(); err != nil {
 		return err
 	}
+	if err := c.serveDNS(); err != nil {
+		return fmt.Errorf("start cluster DNS: %w", err)
+	}
 	for _, n := range c.Nodes {
 		k := &Kubelet{Node: n, c: c, Dir: filepath.Join(c.Dir, "kubelet-"+n.Name), CgroupRoot: "/" + filepath.Base(n.Cgroup)}
 		n.Kubelet = k
@@ -395,13 +398,14 @@ failCgroupV1: false
 failSwapOn: false
 protectKernelDefaults: true
 resolvConf: ""
-clusterDomain: cluster.local
+clusterDomain: %s
+clusterDNS: [%s]
 serializeImagePulls: false
 # Images are imported, never pulled: never collect them.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 1Mi, nodefs.available: 1%%, imagefs.available: 1%%, nodefs.inodesFree: 1%%}
-`, k.Node.IP, k.Socket, filepath.Join(k.Dir, "pod-logs"), k.CgroupRoot),
+`, k.Node.IP, k.Socket, filepath.Join(k.Dir, "pod-logs"), k.CgroupRoot, ClusterDomain, k.c.Nodes[0].IP),
 	}
 	for path, content := range files {
 		mode := os.FileMode(0o644)

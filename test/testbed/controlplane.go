@@ -40,42 +40,50 @@ const APIServerPort = 6443
 // with the thread that forked it.
 func DialerIn(nsName string) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		type result struct {
-			c   net.Conn
-			err error
-		}
-		ch := make(chan result, 1)
-		go func() {
-			runtime.LockOSThread()
-			orig, err := netns.Get()
-			if err != nil {
-				runtime.UnlockOSThread()
-				ch <- result{err: fmt.Errorf("open current network namespace: %w", err)}
-				return
-			}
-			defer orig.Close()
-			h, err := netns.GetFromName(nsName)
-			if err != nil {
-				runtime.UnlockOSThread()
-				ch <- result{err: fmt.Errorf("open network namespace %s: %w", nsName, err)}
-				return
-			}
-			defer h.Close()
-			if err := netns.Set(h); err != nil {
-				runtime.UnlockOSThread()
-				ch <- result{err: fmt.Errorf("enter network namespace %s: %w", nsName, err)}
-				return
-			}
+		var c net.Conn
+		var dialErr error
+		if err := inNetns(nsName, func() {
 			var d net.Dialer
-			c, err := d.DialContext(ctx, network, addr)
-			if netns.Set(orig) == nil {
-				runtime.UnlockOSThread()
-			}
-			ch <- result{c, err}
-		}()
-		r := <-ch
-		return r.c, r.err
+			c, dialErr = d.DialContext(ctx, network, addr)
+		}); err != nil {
+			return nil, err
+		}
+		return c, dialErr
 	}
+}
+
+// inNetns runs f on a locked OS thread switched into the named network
+// namespace (see DialerIn); sockets f creates stay in that namespace.
+func inNetns(nsName string, f func()) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open current network namespace: %w", err)
+			return
+		}
+		defer orig.Close()
+		h, err := netns.GetFromName(nsName)
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open network namespace %s: %w", nsName, err)
+			return
+		}
+		defer h.Close()
+		if err := netns.Set(h); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter network namespace %s: %w", nsName, err)
+			return
+		}
+		f()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- nil
+	}()
+	return <-errc
 }
 
 // HTTPClientIn returns an HTTP client whose connections start inside the

@@ -74,17 +74,13 @@ func busyboxSpec(tag string) (imagebuild.Spec, error) {
 const SvcnatImage = "svcnat:latest"
 
 // BuildSvcnatImage writes svcnat's image as `make image` does (a root from
-// this machine's Debian iptables packages by scripts/image-root.sh, the
-// agent at /usr/local/bin/svcnat) into dir, under the given tags, and
-// returns the tar file.
+// this machine's Debian iptables packages, the agent at
+// /usr/local/bin/svcnat) into dir, under the given tags, and returns the tar
+// file.
 func BuildSvcnatImage(dir, svcnat string, tags ...string) (string, error) {
-	src, err := sourceRoot()
+	root, err := debianRoot(filepath.Join(dir, "svcnat-root"), "iptables")
 	if err != nil {
 		return "", err
-	}
-	root := filepath.Join(dir, "svcnat-root")
-	if out, err := exec.Command(filepath.Join(src, "scripts", "image-root.sh"), root).CombinedOutput(); err != nil {
-		return "", fmt.Errorf("make svcnat's image root: %w: %s", err, out)
 	}
 	tar := filepath.Join(dir, "svcnat-image.tar")
 	return tar, imagebuild.WriteFile(tar, imagebuild.Spec{
@@ -93,17 +89,41 @@ func BuildSvcnatImage(dir, svcnat string, tags ...string) (string, error) {
 	})
 }
 
-// BuildAgnhostImage writes upstream's test image (AgnhostImage): the
-// agnhost binary (a static build of k8s.io/kubernetes/test/images/agnhost)
-// as its entrypoint, with busybox's applets for the shell commands tests
-// run in it. It returns the tar file.
+// BuildAgnhostImage writes upstream's test image (AgnhostImage) into dir
+// and returns the tar file: the agnhost binary (a static build of
+// k8s.io/kubernetes/test/images/agnhost) as its entrypoint, curl and
+// OpenBSD netcat from this machine's Debian packages, as upstream's image
+// has them for the commands tests run in it, and busybox's other applets.
 func BuildAgnhostImage(dir, agnhost string) (string, error) {
+	root, err := debianRoot(filepath.Join(dir, "agnhost-root"), "curl", "netcat-openbsd")
+	if err != nil {
+		return "", err
+	}
 	s, err := busyboxSpec(AgnhostImage)
 	if err != nil {
 		return "", err
 	}
+	for link := range s.Links {
+		if _, err := os.Lstat(filepath.Join(root, link)); err == nil {
+			delete(s.Links, link) // the Debian program, not busybox's
+		}
+	}
+	s.Root = root
 	s.Files["/agnhost"] = agnhost
 	s.Entrypoint, s.Cmd = []string{"/agnhost"}, nil
 	tar := filepath.Join(dir, "agnhost.tar")
 	return tar, imagebuild.WriteFile(tar, s)
+}
+
+// debianRoot makes an image root in dir from the installed Debian packages
+// (scripts/image-root.sh) and returns dir.
+func debianRoot(dir string, packages ...string) (string, error) {
+	src, err := sourceRoot()
+	if err != nil {
+		return "", err
+	}
+	if out, err := exec.Command(filepath.Join(src, "scripts", "image-root.sh"), append([]string{dir}, packages...)...).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("make an image root of %v: %w: %s", packages, err, out)
+	}
+	return dir, nil
 }

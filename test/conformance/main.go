@@ -147,7 +147,7 @@ func runProxy(ctx context.Context, log *slog.Logger, b testbed.Binaries, images 
 		"--ginkgo.focus="+focus, "--ginkgo.skip="+skip, "--ginkgo.junit-report="+junit,
 		"--ginkgo.no-color", "--ginkgo.timeout="+timeout.String(), "--dump-logs-on-failure=false",
 		"--report-dir="+filepath.Join(work, string(kind)))
-	logFile, err := os.Create(filepath.Join(c.Dir, "e2e.log"))
+	logFile, err := os.Create(filepath.Join(os.TempDir(), "conformance-"+string(kind)+".log"))
 	if err != nil {
 		return nil, err
 	}

@@ -146,8 +146,10 @@ func writeLayer(w io.Writer, s Spec) error {
 			if err != nil || rel == "." {
 				return err
 			}
-			if d.IsDir() {
-				dirs[rel] = true
+			// A link to a directory stands for it (bin -> usr/bin on
+			// merged-/usr roots): no directory entry may replace it.
+			if d.IsDir() || d.Type()&fs.ModeSymlink != 0 {
+				dirs[filepath.ToSlash(rel)] = true
 			}
 			return addPath(tw, filepath.ToSlash(rel), p)
 		})

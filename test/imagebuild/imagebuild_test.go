@@ -33,7 +33,7 @@ func TestWrite(t *testing.T) {
 	}
 	var buf bytes.Buffer
 	err := Write(&buf, Spec{Tags: []string{"x:1", "x:2"}, Root: root,
-		Files: map[string]string{"/usr/local/bin/agent": bin}, Links: map[string]string{"/usr/bin/sh": "busybox"},
+		Files: map[string]string{"/usr/local/bin/agent": bin, "/bin/agent2": bin}, Links: map[string]string{"/usr/bin/sh": "busybox"},
 		Entrypoint: []string{"/usr/local/bin/agent"}, Cmd: []string{"run"}})
 	if err != nil {
 		t.Fatal(err)
@@ -66,12 +66,16 @@ func TestWrite(t *testing.T) {
 			t.Errorf("layer entry %s: %+v, want type %c", name, e.hdr, want)
 		}
 	}
+	// A file under the root's link bin -> usr/bin goes through the link.
+	if e, ok := entries["bin/"]; ok {
+		t.Errorf("layer has a directory bin/ (%+v) that replaces the link bin -> usr/bin", e.hdr)
+	}
 	if e := entries["usr/local/bin/agent"]; e.hdr.Mode&0o111 == 0 || e.hdr.Uid != 0 || string(e.body) != "#!/bin/true\n" {
 		t.Errorf("agent entry: mode %o uid %d body %q", e.hdr.Mode, e.hdr.Uid, e.body)
 	}
 	var again bytes.Buffer
 	if err := Write(&again, Spec{Tags: []string{"x:1", "x:2"}, Root: root,
-		Files: map[string]string{"/usr/local/bin/agent": bin}, Links: map[string]string{"/usr/bin/sh": "busybox"},
+		Files: map[string]string{"/usr/local/bin/agent": bin, "/bin/agent2": bin}, Links: map[string]string{"/usr/bin/sh": "busybox"},
 		Entrypoint: []string{"/usr/local/bin/agent"}, Cmd: []string{"run"}}); err != nil {
 		t.Fatal(err)
 	}

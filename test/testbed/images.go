@@ -91,11 +91,13 @@ func BuildSvcnatImage(dir, svcnat string, tags ...string) (string, error) {
 
 // BuildAgnhostImage writes upstream's test image (AgnhostImage) into dir
 // and returns the tar file: the agnhost binary (a static build of
-// k8s.io/kubernetes/test/images/agnhost) as its entrypoint, curl and
+// k8s.io/kubernetes/test/images/agnhost) as its entrypoint, dash, curl and
 // OpenBSD netcat from this machine's Debian packages, as upstream's image
 // has them for the commands tests run in it, and busybox's other applets.
 func BuildAgnhostImage(dir, agnhost string) (string, error) {
-	root, err := debianRoot(filepath.Join(dir, "agnhost-root"), "curl", "netcat-openbsd")
+	// dash as /bin/sh: Debian's busybox shell runs its own applets before
+	// the programs in $PATH, so curl and nc would be busybox's.
+	root, err := debianRoot(filepath.Join(dir, "agnhost-root"), "dash", "curl", "netcat-openbsd")
 	if err != nil {
 		return "", err
 	}

@@ -49,10 +49,11 @@ type Options struct {
 	Interfaces []string
 	// Map sizes; zero means the default. MaxServices sizes the frontend,
 	// Service info and source range maps (--bpf-map-max-services);
-	// MaxBackends the endpoint and slot maps (--bpf-map-max-backends);
-	// MaxAffinity the session affinity map (--bpf-map-max-affinity);
-	// MaxNAT the socket reverse translation map and the tc flow map
-	// (--bpf-map-max-nat).
+	// MaxBackends the endpoint, slot and membership maps
+	// (--bpf-map-max-backends); MaxAffinity the session affinity map
+	// (--bpf-map-max-affinity); MaxNAT the tc flow map (--bpf-map-max-nat).
+	// What the socket hooks remember per socket is freed with the socket
+	// and needs no size.
 	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
 	// Registerer, when set, receives the backend's metrics.
 	Registerer prometheus.Registerer
@@ -216,7 +217,7 @@ func (b *Backend) Init(ctx context.Context) error {
 		b.rec = &reconciler{maps: b.mapSet(objs)}
 	}
 	if b.destroyer == nil {
-		d, err := newSocketDestroyer(b.opts.BPFFSPath, b.opts.MaxNAT)
+		d, err := newSocketDestroyer(b.opts.BPFFSPath)
 		if err != nil {
 			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
 		}
@@ -480,8 +481,8 @@ func (b *Backend) sizes() map[string]int {
 		svcnatMapSvcnatSourceRanges: b.opts.MaxServices,
 		svcnatMapSvcnatSlots:        b.opts.MaxBackends,
 		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
+		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
 		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
-		svcnatMapSvcnatSockRevnat:   b.opts.MaxNAT,
 		svcnatMapSvcnatNat:          b.opts.MaxNAT,
 	}
 }
@@ -494,6 +495,7 @@ func (b *Backend) mapSet(objs *svcnatObjects) *mapSet {
 		services:     sized(svcnatMapSvcnatServices, "--bpf-map-max-services", objs.SvcnatServices),
 		info:         sized(svcnatMapSvcnatSvcInfo, "--bpf-map-max-services", objs.SvcnatSvcInfo),
 		slots:        sized(svcnatMapSvcnatSlots, "--bpf-map-max-backends", objs.SvcnatSlots),
+		members:      sized(svcnatMapSvcnatMembers, "--bpf-map-max-backends", objs.SvcnatMembers),
 		backends:     sized(svcnatMapSvcnatBackends, "--bpf-map-max-backends", objs.SvcnatBackends),
 		sourceRanges: sized(svcnatMapSvcnatSourceRanges, "--bpf-map-max-services", objs.SvcnatSourceRanges),
 		clusterCIDRs: sized(svcnatMapSvcnatClusterCidrs, "", objs.SvcnatClusterCidrs),
@@ -536,6 +538,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSvcInfo).Set(float64(len(t.info)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
+		b.entries.WithLabelValues(svcnatMapSvcnatMembers).Set(float64(len(t.members)))
 		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
 	}
@@ -585,7 +588,7 @@ func flushFlows(nat *ebpf.Map, endpoints []svcnatBackend) error {
 // directory, for a process that did not load them. It returns nil maps
 // when nothing is pinned.
 func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
-	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots,
+	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots, svcnatMapSvcnatMembers,
 		svcnatMapSvcnatBackends, svcnatMapSvcnatSourceRanges, svcnatMapSvcnatClusterCidrs}
 	opened := map[string]*ebpf.Map{}
 	closeAll := func() {
@@ -607,7 +610,7 @@ func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
 	}
 	objs := &svcnatObjects{svcnatMaps: svcnatMaps{
 		SvcnatServices: opened[svcnatMapSvcnatServices], SvcnatSvcInfo: opened[svcnatMapSvcnatSvcInfo],
-		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatBackends: opened[svcnatMapSvcnatBackends],
+		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatMembers: opened[svcnatMapSvcnatMembers], SvcnatBackends: opened[svcnatMapSvcnatBackends],
 		SvcnatSourceRanges: opened[svcnatMapSvcnatSourceRanges], SvcnatClusterCidrs: opened[svcnatMapSvcnatClusterCidrs],
 	}}
 	return b.mapSet(objs), closeAll, nil
@@ -769,6 +772,9 @@ func formatTable(t *table) string {
 	}
 	for k, v := range t.slots {
 		lines = append(lines, fmt.Sprintf("%s id=%d set=%d slot=%d -> backend=%d", svcnatMapSvcnatSlots, k.Id, k.Set, k.Slot, v))
+	}
+	for k := range t.members {
+		lines = append(lines, fmt.Sprintf("%s id=%d set=%d backend=%d", svcnatMapSvcnatMembers, k.Id, k.Set, k.BackendId))
 	}
 	for id, v := range t.backends {
 		lines = append(lines, fmt.Sprintf("%s id=%d -> %s port=%d flags=%#x", svcnatMapSvcnatBackends, id, addrString(v.Addr), ntohs(v.Port), v.Flags))

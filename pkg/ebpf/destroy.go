@@ -24,14 +24,13 @@ type socketDestroyer struct {
 }
 
 // newSocketDestroyer loads the UDP socket iterator against the pinned
-// reverse translation map. It needs kernel BTF and bpf_sock_destroy
+// per-socket storage of the hooks. It needs kernel BTF and bpf_sock_destroy
 // (Linux 6.5); the error says what failed.
-func newSocketDestroyer(pinPath string, maxNAT int) (*socketDestroyer, error) {
+func newSocketDestroyer(pinPath string) (*socketDestroyer, error) {
 	spec, err := loadDestroy()
 	if err != nil {
 		return nil, err
 	}
-	spec.Maps[destroyMapSvcnatSockRevnat].MaxEntries = uint32(maxNAT)
 	d := &socketDestroyer{}
 	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinPath}}); err != nil {
 		return nil, fmt.Errorf("load UDP socket iterator (needs kernel BTF and the bpf_sock_destroy kfunc): %w", err)

@@ -302,26 +302,35 @@ func admit(ms *mapSet, cur, want *table, frags map[model.ServicePortName]*fragme
 	out := newTable()
 	out.clusterCIDRs = want.clusterCIDRs
 	names := slices.SortedFunc(maps.Keys(frags), model.ServicePortName.Compare)
+	// peak[i] is how many entries map i holds at the peak of the write:
+	// cur and what was admitted.
+	sized := []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges}
+	peak := []int{len(cur.services), len(cur.info), len(cur.slots), len(cur.members), len(cur.backends), len(cur.sourceRanges)}
 	full := false
 	for _, name := range names {
 		f := frags[name]
+		grow := []int{
+			fresh(f.services, cur.services, out.services),
+			fresh(map[uint32]svcnatSvcInfo{f.id: f.info}, cur.info, out.info),
+			fresh(f.slots, cur.slots, out.slots),
+			fresh(f.members, cur.members, out.members),
+			fresh(f.backends, cur.backends, out.backends),
+			fresh(f.sourceRanges, cur.sourceRanges, out.sourceRanges),
+		}
 		var errs []string
-		fits := func(sm sizedMap, peak int) {
-			if peak > sm.capacity {
-				errs = append(errs, capacityError(sm, peak).Error())
+		for i, sm := range sized {
+			if peak[i]+grow[i] > sm.capacity {
+				errs = append(errs, capacityError(sm, peak[i]+grow[i]).Error())
 			}
 		}
-		fits(ms.services, unionLen(cur.services, out.services)+fresh(f.services, cur.services, out.services))
-		fits(ms.info, unionLen(cur.info, out.info)+fresh(map[uint32]svcnatSvcInfo{f.id: f.info}, cur.info, out.info))
-		fits(ms.slots, unionLen(cur.slots, out.slots)+fresh(f.slots, cur.slots, out.slots))
-		fits(ms.members, unionLen(cur.members, out.members)+fresh(f.members, cur.members, out.members))
-		fits(ms.backends, unionLen(cur.backends, out.backends)+fresh(f.backends, cur.backends, out.backends))
-		fits(ms.sourceRanges, unionLen(cur.sourceRanges, out.sourceRanges)+fresh(f.sourceRanges, cur.sourceRanges, out.sourceRanges))
 		if len(errs) > 0 {
 			failed[name] = fmt.Errorf("does not fit the maps: %s", strings.Join(errs, "; "))
 			delete(frags, name)
 			full = true
 			continue
+		}
+		for i := range peak {
+			peak[i] += grow[i]
 		}
 		addFragment(out, f)
 	}

@@ -93,13 +93,26 @@ func testAffinityStable(t *testing.T, e *env) {
 	e.slice(t, tcpSlice("stable", "stable-1", e.ready(initial...)...))
 	control := e.simpleService(t, "stable-control", corev1.ServiceTypeClusterIP, "node1-a")
 	addr := clusterIP(t, svc, 80)
-	from := e.pod("node1-c").Origin()
-	e.reachesOnlyOne(t, from, addr, initial)
-	pinned := e.probe(t, from, testbed.ProbeSpec{Proto: "tcp", Addr: addr})[0].Pod
-
-	next := []string{lowest, pinned}
+	// Four clients (affinity is per client), each pinned to one endpoint.
+	origins := []testbed.Origin{e.pod("node1-c").Origin(), e.pod("node2-c").Origin(), e.c.Nodes[0].Origin(), e.c.Nodes[1].Origin()}
+	pinned := map[string]string{}
+	next := []string{lowest}
+	for _, from := range origins {
+		e.reachesOnlyOne(t, from, addr, initial)
+		pinned[from.Name] = e.probe(t, from, testbed.ProbeSpec{Proto: "tcp", Addr: addr})[0].Pod
+		if !slices.Contains(next, pinned[from.Name]) {
+			next = append(next, pinned[from.Name])
+		}
+	}
+	// One endpoint no client is pinned to leaves (if there is one), and
+	// one that sorts before all joins.
+	removed := false
 	for _, p := range initial {
-		if p != pinned && len(next) < 3 {
+		if !slices.Contains(next, p) && !removed {
+			removed = true
+			continue
+		}
+		if !slices.Contains(next, p) {
 			next = append(next, p)
 		}
 	}
@@ -107,13 +120,16 @@ func testAffinityStable(t *testing.T, e *env) {
 	// The control Service changes after; once it shows, so has the other.
 	e.setEndpoints(t, "stable-control-1", e.ready("node2-a")...)
 	e.reachesOnly(t, e.pod("node2-c").Origin(), "tcp", clusterIP(t, control, 80), "node2-a")
-	seen, err := e.answers(t, from, testbed.ProbeSpec{Proto: "tcp", Addr: addr, N: 30}, next...)
-	if err != nil {
-		t.Fatal(err)
+	for _, from := range origins {
+		seen, err := e.answers(t, from, testbed.ProbeSpec{Proto: "tcp", Addr: addr, N: 30}, next...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(seen) != 1 || seen[pinned[from.Name]] != 30 {
+			t.Errorf("from %s, after endpoints %v became %v, 30 connections reached %v, want all on %s", from.Name, initial, next, seen, pinned[from.Name])
+		}
 	}
-	if len(seen) != 1 || seen[pinned] != 30 {
-		t.Fatalf("after endpoints %v became %v, 30 connections reached %v, want all on %s", initial, next, seen, pinned)
-	}
+	t.Logf("clients pinned to %v kept their endpoints while endpoints %v became %v", pinned, initial, next)
 }
 
 // testMapDrift: a frontend entry deleted by hand from node2's pinned
@@ -151,7 +167,7 @@ func testMapDrift(t *testing.T, e *env) {
 // map pinned in pinDir, as an operator or a stray tool might.
 func deleteFrontend(t *testing.T, pinDir string, addr netip.AddrPort) {
 	t.Helper()
-	pins, _ := filepath.Glob(filepath.Join(pinDir, "svcnat_services-*"))
+	pins, _ := filepath.Glob(filepath.Join(pinDir, "svcnat_services*"))
 	if len(pins) != 1 {
 		t.Fatalf("pinned svcnat_services maps in %s: %v, want one", pinDir, pins)
 	}

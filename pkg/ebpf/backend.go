@@ -816,7 +816,64 @@ func (k kernelMap) Delete(keys any) error {
 	return nil
 }
 
-func (k kernelMap) Iterate() entryIterator { return k.m.Iterate() }
+func (k kernelMap) Iterate() entryIterator { return &batchIterator{m: k.m} }
+
+// batchSize is how many entries one batch lookup reads.
+const batchSize = 4096
+
+// batchIterator walks a map with batch lookups, one system call per
+// batchSize entries (the periodic sync reads every desired-state map);
+// maps without batch operations (LPM tries) fall back to the map's
+// iterator, two calls per entry.
+type batchIterator struct {
+	m            *ebpf.Map
+	cursor       ebpf.MapBatchCursor
+	keys, values reflect.Value
+	n, i         int
+	started      bool
+	done         bool
+	err          error
+	fallback     *ebpf.MapIterator
+}
+
+func (it *batchIterator) Next(key, value any) bool {
+	if it.fallback != nil {
+		return it.fallback.Next(key, value)
+	}
+	for it.i >= it.n {
+		if it.done || it.err != nil {
+			return false
+		}
+		if !it.keys.IsValid() {
+			it.keys = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(key).Elem()), batchSize, batchSize)
+			it.values = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(value).Elem()), batchSize, batchSize)
+		}
+		n, err := it.m.BatchLookup(&it.cursor, it.keys.Interface(), it.values.Interface(), nil)
+		it.n, it.i = n, 0
+		switch {
+		case errors.Is(err, ebpf.ErrNotSupported) && !it.started:
+			it.fallback = it.m.Iterate()
+			return it.fallback.Next(key, value)
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			it.done = true
+		case err != nil:
+			it.err = err
+			return false
+		}
+		it.started = true
+	}
+	reflect.ValueOf(key).Elem().Set(it.keys.Index(it.i))
+	reflect.ValueOf(value).Elem().Set(it.values.Index(it.i))
+	it.i++
+	return true
+}
+
+func (it *batchIterator) Err() error {
+	if it.fallback != nil {
+		return it.fallback.Err()
+	}
+	return it.err
+}
 
 func formatTable(t *table) string {
 	var lines []string

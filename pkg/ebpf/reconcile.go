@@ -220,15 +220,30 @@ type reconciler struct {
 func (r *reconciler) sync(s *model.State) error {
 	r.removed, r.removedUDP = nil, nil
 	if r.written != nil {
-		if err := r.syncChanges(s); !errors.Is(err, errSyncAll) {
+		switch err := r.syncChanges(s); {
+		case errors.Is(err, errUnchanged):
+			// Comparing what the kernel holds with what was written is
+			// cheaper than encoding everything again.
+			cur, err := readTable(r.maps)
+			if err != nil {
+				return err
+			}
+			if cur.equal(r.written) {
+				return nil
+			}
+		case !errors.Is(err, errSyncAll):
 			return err
 		}
 	}
 	return r.syncAll(s)
 }
 
-// errSyncAll is syncChanges' way to say that only a full sync can do it.
-var errSyncAll = errors.New("needs a full sync")
+// errSyncAll is syncChanges' way to say that only a full sync can do it;
+// errUnchanged that s changes nothing since the last sync.
+var (
+	errSyncAll   = errors.New("needs a full sync")
+	errUnchanged = errors.New("nothing changed")
+)
 
 // syncAll compares everything with what the kernel holds.
 func (r *reconciler) syncAll(s *model.State) error {
@@ -438,7 +453,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		old.clusterCIDRs, next.clusterCIDRs = r.written.clusterCIDRs, cidrs
 	}
 	if len(frags) == 0 && len(removed) == 0 && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
-		return errSyncAll // nothing changed: the periodic reconcile
+		return errUnchanged
 	}
 	if checkCapacity(r.maps, r.written, next) != nil {
 		return errSyncAll

@@ -405,3 +405,31 @@ func TestReconcilerIncremental(t *testing.T) {
 		}
 	}
 }
+
+// TestReconcilerRepairsDrift: a sync that changes nothing (the periodic
+// one) reads the maps back and rewrites entries deleted or changed by hand.
+func TestReconcilerRepairsDrift(t *testing.T) {
+	ms := fakeMaps(1<<20, nil)
+	rec := &reconciler{maps: ms}
+	s := randomState(rand.New(rand.NewPCG(7, 7)), 20)
+	if err := rec.sync(s); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := readTable(ms)
+	services, slots := ms.services.m.(*fakeMap), ms.slots.m.(*fakeMap)
+	for k := range services.entries {
+		delete(services.entries, k)
+		break
+	}
+	for k, v := range slots.entries {
+		slots.entries[k] = v.(uint32) + 1000
+		break
+	}
+	if err := rec.sync(s); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := readTable(ms)
+	if !got.equal(want) {
+		t.Fatal("a sync without changes left a deleted frontend and a changed slot as they were")
+	}
+}

@@ -130,4 +130,3 @@ func TestResolveConflictsSameKindLowerNameWins(t *testing.T) {
 		t.Errorf("ns/b frontends %v, want its ClusterIP only", bfe)
 	}
 }
-

@@ -108,4 +108,3 @@ func (e *env) setIngress(t *testing.T, name string, ingress []corev1.LoadBalance
 		t.Fatalf("set load balancer status of %s: %v", name, err)
 	}
 }
-

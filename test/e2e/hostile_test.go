@@ -90,7 +90,7 @@ func testHostileObjects(t *testing.T, e *env) {
 		if err != nil {
 			t.Fatalf("svcnat dump --check on %s: %v\n%s", n.Name, err, out)
 		}
-		if want := fmt.Sprintf("ExternalIP %s is also the ClusterIP of service port %s/hostile-victim", victimAddr, ns); !strings.Contains(out, want) {
+		if want := fmt.Sprintf("ExternalIP %s/TCP is also the ClusterIP of service port %s/hostile-victim", victimAddr, ns); !strings.Contains(out, want) {
 			t.Errorf("dump --check on %s does not report the conflict (%q):\n%s", n.Name, want, out)
 		}
 	}

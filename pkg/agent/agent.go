@@ -467,11 +467,10 @@ func (a *Agent) noteTriggers(key types.NamespacedName, slices []*discoveryv1.End
 	}
 }
 
-// invalidKind names the kind of object a model.BuildService error is about,
-// from the object the error names first.
+// invalidKind names the kind of object a model.BuildService error is about.
 func invalidKind(err error) string {
-	if strings.HasPrefix(err.Error(), "endpointslice ") {
-		return "EndpointSlice"
+	if ie, ok := errors.AsType[*model.InvalidError](err); ok {
+		return ie.Kind
 	}
-	return "Service"
+	return model.KindService
 }

@@ -152,7 +152,7 @@ func TestAgentOnlySets(t *testing.T) {
 	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: "203.0.113.7"}}
 	es := slice("default", "web", "web-a",
 		endpoint{ip: "10.244.1.1", node: "node1", notReady: true, terminating: true}, // local, draining
-		endpoint{ip: "10.244.2.1", node: "node2"},                                   // remote, ready
+		endpoint{ip: "10.244.2.1", node: "node2"},                                    // remote, ready
 		endpoint{ip: "10.244.2.2", node: "node2", notReady: true, terminating: true}, // remote, draining
 		endpoint{ip: "10.244.2.3", node: "node2", notReady: true},                    // serving false below
 	)

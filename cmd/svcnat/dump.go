@@ -189,6 +189,7 @@ func check(ctx context.Context, client kubernetes.Interface, b dataplane.Backend
 	}
 	if snap.Node != nil {
 		cfg.NodeZone = snap.Node.Labels[corev1.LabelTopologyZone]
+		cfg.PrimaryAddresses = model.PrimaryAddresses(snap.Node)
 	}
 	want, errs := model.Build(cfg, snap.Services, snap.EndpointSlices)
 	for _, err := range errs {

@@ -54,7 +54,10 @@ type ConntrackCleaner interface {
 type Options struct {
 	NodeName          string
 	NodePortAddresses []netip.Prefix
-	ClusterCIDRs      []netip.Prefix
+	// NodePortPrimary adds the primary addresses of the node's Node object
+	// to NodePortAddresses (--nodeport-addresses=primary).
+	NodePortPrimary bool
+	ClusterCIDRs    []netip.Prefix
 	// NodeAddresses returns this node's current addresses, for NodePort
 	// frontends; nil means none.
 	NodeAddresses func() []netip.Addr
@@ -394,6 +397,7 @@ func (a *Agent) modelConfig() *model.Config {
 	cfg := &model.Config{
 		NodeName:          a.opts.NodeName,
 		NodePortAddresses: a.opts.NodePortAddresses,
+		NodePortPrimary:   a.opts.NodePortPrimary,
 		ClusterCIDRs:      a.opts.ClusterCIDRs,
 	}
 	if a.opts.NodeAddresses != nil {
@@ -401,6 +405,7 @@ func (a *Agent) modelConfig() *model.Config {
 	}
 	if n := a.src.Node(); n != nil {
 		cfg.NodeZone = n.Labels[corev1.LabelTopologyZone]
+		cfg.PrimaryAddresses = model.PrimaryAddresses(n)
 	}
 	return cfg
 }

@@ -117,6 +117,7 @@ func (f staleFilter) changedSince(last staleFilter) staleFilter {
 	}
 	return out
 }
+
 // MatchConntrackFlow reports whether flow is a UDP flow to a frontend whose
 // reply does not come from one of the frontend's endpoints.
 func (f staleFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {

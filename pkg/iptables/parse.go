@@ -429,7 +429,6 @@ func StateOf(rulesets ...*Ruleset) (*model.State, error) {
 type decoder struct {
 	family model.Family
 	ports  map[model.ServicePortName]*model.ServicePort
-	locals map[netip.Addr]bool
 }
 
 func (d *decoder) servicePort(n model.ServicePortName, proto string) (*model.ServicePort, error) {
@@ -453,7 +452,7 @@ func decode(s *model.State, rs *Ruleset) error {
 	if err != nil {
 		return err
 	}
-	d := &decoder{family: rs.Family, ports: map[model.ServicePortName]*model.ServicePort{}, locals: map[netip.Addr]bool{}}
+	d := &decoder{family: rs.Family, ports: map[model.ServicePortName]*model.ServicePort{}}
 	nat := parsed[tableNAT]
 	for _, r := range nat[chainOffCluster] {
 		if r.target == "RETURN" {
@@ -462,16 +461,6 @@ func decode(s *model.State, rs *Ruleset) error {
 				return fmt.Errorf("%s chain %s: source %v is not a CIDR", rs.Family, chainOffCluster, r.src.addr)
 			}
 			s.ClusterCIDRs = append(s.ClusterCIDRs, p)
-		}
-	}
-	for chain, rules := range nat {
-		if !strings.HasPrefix(chain, prefixHairpin) {
-			continue
-		}
-		for _, r := range rules {
-			if r.comment == commentHairpin && r.src.set() {
-				d.locals[r.src.addr] = true
-			}
 		}
 	}
 	for _, table := range []string{tableNAT, tableFilter} {
@@ -497,11 +486,6 @@ func decode(s *model.State, rs *Ruleset) error {
 		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
 			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
 		})
-		for _, eps := range [][]model.Endpoint{sp.ClusterEndpoints, sp.LocalEndpoints} {
-			for i := range eps {
-				eps[i].Local = d.locals[eps[i].IP]
-			}
-		}
 		if _, dup := s.ServicePorts[sp.Name]; dup {
 			return fmt.Errorf("service port %s appears twice", sp.Name)
 		}
@@ -516,7 +500,11 @@ func (d *decoder) frontend(r *rule) error {
 	if err != nil {
 		return err
 	}
-	sp, err := d.servicePort(fr.name, r.proto)
+	proto := r.proto
+	if fr.health {
+		proto = ""
+	}
+	sp, err := d.servicePort(fr.name, proto)
 	if err != nil {
 		return err
 	}
@@ -524,6 +512,7 @@ func (d *decoder) frontend(r *rule) error {
 		return fmt.Errorf("%s: frontend rule without one destination port", fr.name)
 	}
 	if fr.health {
+		// Always a TCP rule, whatever the ServicePort's protocol.
 		sp.HealthCheckNodePort = r.dportLo
 		return nil
 	}
@@ -560,7 +549,11 @@ func (d *decoder) endpoint(r *rule, local bool) error {
 	if r.target != "DNAT" || r.rcheck {
 		return nil
 	}
-	n, err := parseServicePortName(r.comment, d.family)
+	spc, flag, _ := strings.Cut(r.comment, " ")
+	if flag != "" && flag != flagLocal {
+		return fmt.Errorf("endpoint comment %q: unknown word %q", r.comment, flag)
+	}
+	n, err := parseServicePortName(spc, d.family)
 	if err != nil {
 		return err
 	}
@@ -571,7 +564,7 @@ func (d *decoder) endpoint(r *rule, local bool) error {
 	if !r.toDest.IsValid() {
 		return fmt.Errorf("%s: DNAT without --to-destination", n)
 	}
-	e := model.Endpoint{IP: r.toDest.Addr(), Port: r.toDest.Port()}
+	e := model.Endpoint{IP: r.toDest.Addr(), Port: r.toDest.Port(), Local: flag == flagLocal}
 	if local {
 		sp.LocalEndpoints = append(sp.LocalEndpoints, e)
 	} else {

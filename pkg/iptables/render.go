@@ -446,7 +446,15 @@ func (r *renderer) servicePort(sp *model.ServicePort) *fragment {
 // first pass sends clients seen within the timeout back to their endpoint;
 // then endpoint i of n is chosen with probability 1/(n-i).
 func (r *renderer) endpoints(fr *fragment, chain string, sp *model.ServicePort, eps []model.Endpoint) {
-	head := fmt.Sprintf("-p %s %s", proto(sp.Protocol), comment(spnComment(sp.Name)))
+	// The comment says which endpoints run on this node: locality is a
+	// property of the ServicePort's endpoint, not of the address alone.
+	head := func(e model.Endpoint) string {
+		c := spnComment(sp.Name)
+		if e.Local {
+			c += " " + flagLocal
+		}
+		return fmt.Sprintf("-p %s %s", proto(sp.Protocol), comment(c))
+	}
 	mask := "255.255.255.255"
 	if r.family == model.IPv6 {
 		mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
@@ -457,11 +465,11 @@ func (r *renderer) endpoints(fr *fragment, chain string, sp *model.ServicePort, 
 	if sp.AffinityTimeout > 0 {
 		for _, e := range eps {
 			fr.add(chain, fmt.Sprintf("%s -m recent --rcheck --seconds %d --reap %s -m recent --set %s -j DNAT --to-destination %s",
-				head, affinitySeconds(sp), recent(e), recent(e), e))
+				head(e), affinitySeconds(sp), recent(e), recent(e), e))
 		}
 	}
 	for i, e := range eps {
-		rule := head
+		rule := head(e)
 		if n := len(eps) - i; n > 1 {
 			rule += " -m statistic --mode random --probability " + probability(n)
 		}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"os"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -59,6 +60,8 @@ type Backend struct {
 	mode     string // resolved: ModeNFT or ModeLegacy
 	families []*familyTables
 	rules    *prometheus.GaugeVec
+	// renderOptions are set when the backend first looks at the host.
+	renderOptions renderOptions
 
 	// lastWrite counts the chains the last Sync wrote and deleted, for tests.
 	lastWrite struct {
@@ -94,6 +97,8 @@ var jumps = []jump{
 	{tableNAT, "OUTPUT", []string{"-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
 	{tableNAT, "POSTROUTING", []string{"-m", "comment", "--comment", "svcnat masquerade", "-j", chainPostrouting}},
 	{tableFilter, "INPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+	// Inserted before the next one, so it ends up below it.
+	{tableFilter, "FORWARD", []string{"-m", "comment", "--comment", "svcnat forward", "-j", chainForward}},
 	{tableFilter, "FORWARD", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
 	{tableFilter, "OUTPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
 }
@@ -101,7 +106,7 @@ var jumps = []jump{
 // rootChains are checked on every Sync to notice rules changed behind
 // svcnat's back.
 var rootChains = []struct{ table, chain string }{
-	{tableNAT, chainServices}, {tableNAT, chainPostrouting}, {tableFilter, chainFilter},
+	{tableNAT, chainServices}, {tableNAT, chainPostrouting}, {tableFilter, chainFilter}, {tableFilter, chainForward},
 }
 
 // New validates opts and returns a Backend. It does not touch the kernel;
@@ -207,8 +212,19 @@ func (b *Backend) resolve(ctx context.Context) error {
 		fams = append(fams, &familyTables{family: f, save: paths[base+"-save"], restore: paths[base+"-restore"], ipt: ipt})
 	}
 	b.mode, b.families = mode, fams
+	b.renderOptions = renderOptions{masqBit: b.opts.MasqueradeBit, keepInvalid: tcpBeLiberal()}
+	if b.renderOptions.keepInvalid {
+		b.log.Info("nf_conntrack_tcp_be_liberal is set: not dropping forwarded packets in conntrack state INVALID")
+	}
 	b.log.Info("iptables backend", "mode", mode, "families", b.opts.Families)
 	return nil
+}
+
+// tcpBeLiberal reports whether this network namespace's conntrack accepts
+// out-of-window TCP segments (then only out-of-window RSTs are INVALID).
+func tcpBeLiberal() bool {
+	v, err := os.ReadFile("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+	return err == nil && strings.TrimSpace(string(v)) == "1"
 }
 
 // Init finds the iptables binaries and makes sure svcnat's root chains and
@@ -339,7 +355,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 }
 
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
-	want := render(s, ft.family, b.opts.MasqueradeBit, &ft.cache)
+	want := render(s, ft.family, b.renderOptions, &ft.cache)
 	full := ft.last == nil
 	deep := b.mode == ModeLegacy || time.Since(ft.deepChecked) >= b.opts.DeepCheckPeriod
 	if !full && deep {

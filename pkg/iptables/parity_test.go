@@ -3,6 +3,10 @@
 package iptables
 
 import (
+	"os/exec"
+	"strings"
+	"time"
+
 	"net/netip"
 	"testing"
 
@@ -68,6 +72,75 @@ func TestDumpParityInKernel(t *testing.T) {
 			}
 			for _, d := range conformance.Diff(s, got) {
 				t.Error(d)
+			}
+		})
+	}
+}
+
+// TestForwardPolicyDrop: on a node whose FORWARD policy is DROP (what
+// Docker sets), NodePort traffic to an endpoint behind the node still
+// flows, as with kube-proxy's KUBE-FORWARD; and a forwarded packet that
+// conntrack finds INVALID (here: a flow whose entry was deleted, with
+// nf_conntrack_tcp_loose=0) is dropped by svcnat's rule instead of passed
+// on un-NATed (review finding 4).
+func TestForwardPolicyDrop(t *testing.T) {
+	for _, mode := range []string{ModeNFT, ModeLegacy} {
+		t.Run(mode, func(t *testing.T) {
+			if !netnstest.InNetns(t) {
+				return
+			}
+			topo := setupTopology(t)
+			pod1 := topo.pods["10.244.1.2"]
+			serve(t, pod1, "pod1", model.TCP, 8080)
+			ipt := "iptables-" + mode
+			netnstest.Run(t, "", ipt, "-P", "FORWARD", "DROP")
+			b := initBackend(t, mode)
+			if err := b.Sync(t.Context(), trafficState()); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(200 * time.Millisecond) // socat listening
+			for i := range 5 {
+				out, err := query(topo.client, model.TCP, trafficNode+":30080")
+				if err != nil || out != "pod1 "+trafficGW {
+					t.Fatalf("connection %d: client -> node port 30080 with FORWARD policy DROP: %q, %v; want pod1", i, out, err)
+				}
+			}
+
+			netnstest.Run(t, "", ipt, "-P", "FORWARD", "ACCEPT")
+			netnstest.Run(t, "", "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0")
+			hold := exec.Command("ip", "netns", "exec", pod1, "socat", "TCP-LISTEN:9000,reuseaddr", "OPEN:/dev/null")
+			if err := hold.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = hold.Process.Kill(); _ = hold.Wait() })
+			time.Sleep(200 * time.Millisecond)
+			client := exec.Command("ip", "netns", "exec", topo.client, "socat", "-T", "5", "-", "TCP:10.244.1.2:9000")
+			in, err := client.StdinPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := client.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = client.Process.Kill(); _ = client.Wait() })
+			if _, err := in.Write([]byte("before\n")); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond)
+			netnstest.Run(t, "", "conntrack", "-D", "-p", "tcp", "--dport", "9000")
+			if _, err := in.Write([]byte("after\n")); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond)
+			counters := netnstest.Run(t, "", ipt+"-save", "-c", "-t", "filter")
+			dropped := false
+			for _, line := range strings.Split(counters, "\n") {
+				if strings.Contains(line, "-A "+chainForward+" -m conntrack --ctstate INVALID") {
+					dropped = !strings.HasPrefix(line, "[0:")
+				}
+			}
+			if !dropped {
+				t.Errorf("no INVALID packet dropped by %s:\n%s", chainForward, counters)
 			}
 		})
 	}

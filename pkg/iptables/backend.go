@@ -4,6 +4,7 @@ package iptables
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 
 	goipt "github.com/coreos/go-iptables/iptables"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/svcnat/svcnat/pkg/model"
 )
@@ -345,6 +347,10 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	for _, ft := range b.families {
 		if err := b.syncFamily(ctx, ft, s); err != nil {
 			ft.last = nil
+			if le, ok := errors.AsType[*LockError](err); ok {
+				b.log.Warn("waited for the xtables lock in vain; the sync fails and is retried",
+					"family", ft.family, "waited", LockWait, "holder", cmp.Or(le.Holder, "unknown"))
+			}
 			errs = append(errs, err)
 		}
 	}
@@ -437,14 +443,69 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 
 var failedLine = regexp.MustCompile(`line (\d+) failed`)
 
-// restoreText feeds payload to iptables-restore --noflush.
+// LockWait is how long iptables-restore waits for the xtables lock (legacy
+// iptables; nf_tables needs none) before it gives up, as kube-proxy's -w 5:
+// a sync then fails and is retried with back-off instead of hanging.
+const LockWait = 5 * time.Second
+
+// LockError is returned when another process held the xtables lock for
+// all of LockWait.
+type LockError struct {
+	Family model.Family
+	// Holder names the process holding the lock ("pid 123 (iptables)"),
+	// empty when it could not be found.
+	Holder string
+}
+
+func (e *LockError) Error() string {
+	holder := "another process"
+	if e.Holder != "" {
+		holder = e.Holder
+	}
+	return fmt.Sprintf("apply %s rules: %s held the xtables lock for more than %v", e.Family, holder, LockWait)
+}
+
+// lockHolder names the process holding a lock on the xtables lock file,
+// from /proc/locks; empty when there is none or it cannot tell.
+func lockHolder() string {
+	path := cmp.Or(os.Getenv("XTABLES_LOCKFILE"), "/run/xtables.lock")
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return ""
+	}
+	locks, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		return ""
+	}
+	for line := range strings.Lines(string(locks)) {
+		// "1: FLOCK  ADVISORY  WRITE 13511 fe:00:9977910 0 EOF"
+		f := strings.Fields(line)
+		if len(f) < 6 || f[len(f)-3] == "" {
+			continue
+		}
+		dev := strings.Split(f[len(f)-3], ":")
+		if len(dev) != 3 || dev[2] != strconv.FormatUint(st.Ino, 10) {
+			continue
+		}
+		pid := f[len(f)-4]
+		comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+		return fmt.Sprintf("pid %s (%s)", pid, strings.TrimSpace(string(comm)))
+	}
+	return ""
+}
+
+// restoreText feeds payload to iptables-restore --noflush, waiting at most
+// LockWait for the xtables lock.
 func (ft *familyTables) restoreText(ctx context.Context, payload string) error {
-	cmd := exec.CommandContext(ctx, ft.restore, "--noflush", "--wait")
+	cmd := exec.CommandContext(ctx, ft.restore, "--noflush", fmt.Sprintf("--wait=%d", int(LockWait.Seconds())))
 	cmd.Stdin = strings.NewReader(payload)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
 		msg := strings.TrimSpace(stderr.String())
+		if strings.Contains(msg, "holding the xtables lock") {
+			return &LockError{Family: ft.family, Holder: lockHolder()}
+		}
 		if m := failedLine.FindStringSubmatch(msg); m != nil {
 			if n, _ := strconv.Atoi(m[1]); n > 0 {
 				if lines := strings.Split(payload, "\n"); n <= len(lines) {

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -34,7 +35,10 @@ const (
 
 // Options configure a Backend.
 type Options struct {
-	// Families to program; nil means IPv4 and IPv6.
+	// Families to program; nil means each of IPv4 and IPv6 that the host
+	// supports (kube-proxy's check: the iptables binaries of the family
+	// work, and for IPv6 the kernel has it enabled), with a warning for a
+	// family left out. A family named here that does not work is an error.
 	Families []model.Family
 	// Mode is the iptables variant: "nft", "legacy", or "auto" (or empty)
 	// to use the one the host's rules are in.
@@ -114,9 +118,6 @@ var rootChains = []struct{ table, chain string }{
 // New validates opts and returns a Backend. It does not touch the kernel;
 // Init, Sync, Dump and Cleanup find the iptables binaries on first use.
 func New(opts Options) (*Backend, error) {
-	if opts.Families == nil {
-		opts.Families = []model.Family{model.IPv4, model.IPv6}
-	}
 	if opts.Mode == "" {
 		opts.Mode = ModeAuto
 	}
@@ -193,33 +194,79 @@ func (b *Backend) resolve(ctx context.Context) error {
 		mode = detectMode(ctx)
 	}
 	var fams []*familyTables
-	for _, f := range b.opts.Families {
-		base := binaryBase(f) + "-" + mode
-		paths := map[string]string{}
-		for _, name := range []string{base, base + "-save", base + "-restore"} {
-			p, err := exec.LookPath(name)
-			if err != nil {
-				return fmt.Errorf("find %s (iptables %s mode, %s): %w", name, mode, f, err)
-			}
-			paths[name] = p
-		}
-		proto := goipt.ProtocolIPv4
-		if f == model.IPv6 {
-			proto = goipt.ProtocolIPv6
-		}
-		ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Path(paths[base]), goipt.Timeout(10))
+	families := b.opts.Families
+	if families == nil {
+		families = []model.Family{model.IPv4, model.IPv6}
+	}
+	var errs []error
+	for _, f := range families {
+		ft, err := newFamilyTables(f, mode)
 		if err != nil {
-			return fmt.Errorf("use %s: %w", paths[base], err)
+			errs = append(errs, err)
+			continue
 		}
-		fams = append(fams, &familyTables{family: f, save: paths[base+"-save"], restore: paths[base+"-restore"], ipt: ipt})
+		fams = append(fams, ft)
+	}
+	switch {
+	case len(fams) == 0:
+		return errors.Join(errs...)
+	case len(errs) > 0 && b.opts.Families != nil:
+		return errors.Join(errs...)
+	case len(errs) > 0:
+		b.log.Warn("running single-stack: an address family is not usable", "family", fams[0].family, "err", errors.Join(errs...))
 	}
 	b.mode, b.families = mode, fams
 	b.renderOptions = renderOptions{masqBit: b.opts.MasqueradeBit, keepInvalid: tcpBeLiberal()}
 	if b.renderOptions.keepInvalid {
 		b.log.Info("nf_conntrack_tcp_be_liberal is set: not dropping forwarded packets in conntrack state INVALID")
 	}
-	b.log.Info("iptables backend", "mode", mode, "families", b.opts.Families)
+	b.log.Info("iptables backend", "mode", mode, "families", b.Families())
 	return nil
+}
+
+// newFamilyTables finds the binaries of one family and checks that they
+// work (and, for IPv6, that the kernel has it enabled), as kube-proxy does
+// before it picks single- or dual-stack.
+func newFamilyTables(f model.Family, mode string) (*familyTables, error) {
+	if f == model.IPv6 {
+		if _, err := os.Stat("/proc/net/if_inet6"); err != nil {
+			return nil, fmt.Errorf("use %s: no kernel support (no /proc/net/if_inet6)", f)
+		}
+		if v, err := os.ReadFile("/proc/sys/net/ipv6/conf/all/disable_ipv6"); err == nil && strings.TrimSpace(string(v)) == "1" {
+			return nil, fmt.Errorf("use %s: disabled in the kernel (net.ipv6.conf.all.disable_ipv6=1)", f)
+		}
+	}
+	base := binaryBase(f) + "-" + mode
+	paths := map[string]string{}
+	for _, name := range []string{base, base + "-save", base + "-restore"} {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			return nil, fmt.Errorf("find %s (iptables %s mode, %s): %w", name, mode, f, err)
+		}
+		paths[name] = p
+	}
+	proto := goipt.ProtocolIPv4
+	if f == model.IPv6 {
+		proto = goipt.ProtocolIPv6
+	}
+	ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Path(paths[base]), goipt.Timeout(10))
+	if err != nil {
+		return nil, fmt.Errorf("use %s: %w", paths[base], err)
+	}
+	if _, err := ipt.ChainExists(tableNAT, "POSTROUTING"); err != nil {
+		return nil, fmt.Errorf("use %s: nat table not usable: %w", paths[base], err)
+	}
+	return &familyTables{family: f, save: paths[base+"-save"], restore: paths[base+"-restore"], ipt: ipt}, nil
+}
+
+// Families returns the address families the backend programs; nil before
+// it first looked at the host.
+func (b *Backend) Families() []model.Family {
+	var out []model.Family
+	for _, ft := range b.families {
+		out = append(out, ft.family)
+	}
+	return out
 }
 
 // tcpBeLiberal reports whether this network namespace's conntrack accepts
@@ -344,8 +391,10 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	start := time.Now()
 	b.lastWrite.full, b.lastWrite.written, b.lastWrite.deleted = false, 0, 0
 	var errs []error
+	failed := map[model.Family]error{}
 	for _, ft := range b.families {
 		if err := b.syncFamily(ctx, ft, s); err != nil {
+			failed[ft.family] = err
 			ft.last = nil
 			if le, ok := errors.AsType[*LockError](err); ok {
 				b.log.Warn("waited for the xtables lock in vain; the sync fails and is retried",
@@ -357,7 +406,24 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	b.log.Info("iptables sync", "servicePorts", len(s.ServicePorts), "full", b.lastWrite.full,
 		"chainsWritten", b.lastWrite.written, "chainsDeleted", b.lastWrite.deleted,
 		"duration", time.Since(start), "error", errors.Join(errs...))
-	return errors.Join(errs...)
+	if len(failed) == 0 || len(failed) == len(b.families) {
+		return errors.Join(errs...)
+	}
+	// One family failed, the other is programmed: the failed family's
+	// ServicePorts fail alone, so the other family's count as synced (a
+	// failing family never keeps the other unhealthy). They keep what was
+	// programmed before; the next Sync rewrites that family in full.
+	perPort := dataplane.PortErrors{}
+	for name := range s.ServicePorts {
+		if err, ok := failed[name.Family]; ok {
+			perPort[name] = err
+		}
+	}
+	if len(perPort) == 0 {
+		b.log.Error("iptables sync of an address family without service ports failed", "err", errors.Join(errs...))
+		return nil
+	}
+	return perPort
 }
 
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
@@ -571,11 +637,77 @@ func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 		}
 		rss = append(rss, rs)
 	}
-	s, err := StateOf(rss...)
-	if err != nil {
-		return nil, fmt.Errorf("decode svcnat iptables rules: %w", err)
+	s, problems := decodeState(rss...)
+	for _, p := range problems {
+		b.log.Warn("svcnat iptables rule left out of the dump", "problem", p)
 	}
 	return s, nil
+}
+
+// Verify reports what is wrong with svcnat's rules in the kernel beyond
+// what Dump's decoded state shows: every chain that differs from what
+// svcnat writes for the state the kernel holds (a flushed root or dispatch
+// chain, a deleted rule, a foreign rule inside an svcnat chain), rules it
+// cannot decode, and missing jump rules from the built-in chains. Nil
+// means the kernel holds exactly what svcnat would write for Dump's state.
+// It reads the kernel only; any process can call it.
+func (b *Backend) Verify(ctx context.Context) ([]string, error) {
+	if err := b.resolve(ctx); err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, ft := range b.families {
+		rs, err := ft.read(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s, problems := decodeState(rs)
+		out = append(out, problems...)
+		want := render(s, ft.family, b.renderOptions, nil)
+		for _, table := range []string{tableFilter, tableNAT} {
+			got, wantChains := rs.Tables[table], want.Tables[table]
+			for _, c := range sortedKeys(wantChains) {
+				if _, ok := got[c]; !ok {
+					out = append(out, fmt.Sprintf("%s %s chain %s: missing", ft.family, table, c))
+				} else if d := chainDiff(got[c], wantChains[c]); d != "" {
+					out = append(out, fmt.Sprintf("%s %s chain %s: %s", ft.family, table, c, d))
+				}
+			}
+			for _, c := range sortedKeys(got) {
+				if _, ok := wantChains[c]; !ok {
+					out = append(out, fmt.Sprintf("%s %s chain %s: not one svcnat writes for what the kernel holds (%d rules)", ft.family, table, c, len(got[c])))
+				}
+			}
+		}
+		for _, j := range jumps {
+			if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
+				out = append(out, fmt.Sprintf("%s %s chain %s: jump to %s missing", ft.family, j.table, j.chain, j.spec[len(j.spec)-1]))
+			}
+		}
+	}
+	return out, nil
+}
+
+// chainDiff describes how a chain's rules differ from the wanted ones;
+// empty when they do not.
+func chainDiff(got, want []string) string {
+	if slices.Equal(got, want) {
+		return ""
+	}
+	i := 0
+	for i < len(got) && i < len(want) && got[i] == want[i] {
+		i++
+	}
+	first := fmt.Sprintf("rule %d", i+1)
+	switch {
+	case i < len(got) && i < len(want):
+		first += fmt.Sprintf(" is %q, want %q", got[i], want[i])
+	case i < len(got):
+		first += fmt.Sprintf(" %q is extra", got[i])
+	default:
+		first += fmt.Sprintf(" %q is missing", want[i])
+	}
+	return fmt.Sprintf("%d rules, want %d; first difference: %s", len(got), len(want), first)
 }
 
 // Raw returns svcnat's rules as the kernel holds them, in iptables-save

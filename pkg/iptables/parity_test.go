@@ -3,13 +3,17 @@
 package iptables
 
 import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/netip"
 	"os/exec"
+	"slices"
 	"strings"
+	"testing"
 	"time"
 
-	"net/netip"
-	"testing"
-
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/dataplane/conformance"
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
 	"github.com/svcnat/svcnat/pkg/model"
@@ -141,6 +145,161 @@ func TestForwardPolicyDrop(t *testing.T) {
 			}
 			if !dropped {
 				t.Errorf("no INVALID packet dropped by %s:\n%s", chainForward, counters)
+			}
+		})
+	}
+}
+
+// TestSingleStack: with IPv6 disabled in the node's kernel the backend
+// runs IPv4-only with a warning, as kube-proxy does, instead of failing or
+// programming a family the node does not use (review finding 5).
+func TestSingleStack(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	netnstest.Run(t, "", "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+	var logs strings.Builder
+	b, err := New(Options{Mode: ModeNFT, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Init(t.Context()); err != nil {
+		t.Fatalf("init with IPv6 disabled: %v", err)
+	}
+	t.Cleanup(func() { _ = b.Cleanup(context.Background()) })
+	if got := b.Families(); !slices.Equal(got, []model.Family{model.IPv4}) {
+		t.Errorf("families %v, want IPv4 only", got)
+	}
+	if !strings.Contains(logs.String(), "level=WARN msg=\"running single-stack") || !strings.Contains(logs.String(), "disable_ipv6=1") {
+		t.Errorf("no warning saying why IPv6 is left out:\n%s", logs.String())
+	}
+	s := allCase()
+	if err := b.Sync(t.Context(), s); err != nil {
+		t.Fatalf("sync of a dual-stack state: %v", err)
+	}
+	got, err := b.Dump(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range s.ServicePorts {
+		if _, ok := got.ServicePorts[name]; ok != (name.Family == model.IPv4) {
+			t.Errorf("%s programmed: %v", name, ok)
+		}
+	}
+	strict, err := New(Options{Mode: ModeNFT, Families: []model.Family{model.IPv4, model.IPv6}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := strict.Init(t.Context()); err == nil || !strings.Contains(err.Error(), "IPv6") {
+		t.Errorf("init asked for IPv6 on a node without it: %v, want an error naming IPv6", err)
+	}
+}
+
+// TestFamilyFailsAlone: when one family's restore fails, the other
+// family's ServicePorts are programmed and the failure is PortErrors naming
+// only the failed family's, so the agent stays healthy for the rest.
+func TestFamilyFailsAlone(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	b := initBackend(t, ModeNFT)
+	for _, ft := range b.families {
+		if ft.family == model.IPv6 {
+			restore := ft.restore
+			ft.restore = "/bin/false"
+			t.Cleanup(func() { ft.restore = restore })
+		}
+	}
+	s := allCase()
+	err := b.Sync(t.Context(), s)
+	pe, ok := errors.AsType[dataplane.PortErrors](err)
+	if !ok {
+		t.Fatalf("sync with a failing IPv6 restore: %v, want PortErrors", err)
+	}
+	v6 := 0
+	for name := range s.ServicePorts {
+		if name.Family == model.IPv6 {
+			v6++
+			if pe[name] == nil {
+				t.Errorf("%s not named failed", name)
+			}
+		}
+	}
+	if len(pe) != v6 {
+		t.Errorf("%d ServicePorts failed, want the %d IPv6 ones: %v", len(pe), v6, pe)
+	}
+	rs, err := b.families[0].read(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := Render(s, model.IPv4, DefaultMasqueradeBit); rs.Text() != want.Text() {
+		t.Errorf("IPv4 not programmed:\n%s", rs.Text())
+	}
+}
+
+// TestVerifyFindsStructuralDrift: every kind of breakage the decoded state
+// cannot show is reported by Verify (what `svcnat dump --check` prints),
+// and a foreign rule inside an svcnat chain is reported, not a failure of
+// Dump (review finding 8).
+func TestVerifyFindsStructuralDrift(t *testing.T) {
+	for _, mode := range []string{ModeNFT, ModeLegacy} {
+		t.Run(mode, func(t *testing.T) {
+			if !netnstest.InNetns(t) {
+				return
+			}
+			b := initBackend(t, mode)
+			s := allCase()
+			ctx := t.Context()
+			if err := b.Sync(ctx, s); err != nil {
+				t.Fatal(err)
+			}
+			if problems, err := b.Verify(ctx); err != nil || len(problems) > 0 {
+				t.Fatalf("in sync: %v %q, want nothing", err, problems)
+			}
+			ipt := "iptables-" + mode
+			chainOf := func(table, prefix string) string {
+				for _, c := range sortedKeys(b.families[0].last.Tables[table]) {
+					if strings.HasPrefix(c, prefix) {
+						return c
+					}
+				}
+				t.Fatalf("no chain %s* in the %s table", prefix, table)
+				return ""
+			}
+			svc, ext := chainOf(tableNAT, prefixCluster), chainOf(tableNAT, prefixExternal)
+			for _, tc := range []struct {
+				name  string
+				edit  []string
+				chain string // named in the report
+			}{
+				{"flushed services", []string{"-t", "nat", "-F", chainServices}, chainServices},
+				{"flushed node ports", []string{"-t", "nat", "-F", chainNodePorts}, chainNodePorts},
+				{"flushed filter", []string{"-t", "filter", "-F", chainFilter}, chainFilter},
+				{"flushed forward", []string{"-t", "filter", "-F", chainForward}, chainForward},
+				{"flushed postrouting", []string{"-t", "nat", "-F", chainPostrouting}, chainPostrouting},
+				{"flushed mark-masq", []string{"-t", "nat", "-F", chainMarkMasq}, chainMarkMasq},
+				{"flushed ext chain", []string{"-t", "nat", "-F", ext}, ext},
+				{"deleted jump", []string{"-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "svcnat services", "-j", chainServices}, "PREROUTING"},
+				{"RETURN prepended", []string{"-t", "nat", "-I", svc, "-j", "RETURN"}, svc},
+				{"foreign rule", []string{"-t", "nat", "-I", svc, "-m", "length", "--length", "1:100", "-j", "RETURN"}, svc},
+			} {
+				netnstest.Run(t, "", ipt, tc.edit...)
+				problems, err := b.Verify(ctx)
+				if err != nil {
+					t.Fatalf("%s: verify: %v", tc.name, err)
+				}
+				if !slices.ContainsFunc(problems, func(p string) bool { return strings.Contains(p, "chain "+tc.chain+":") }) {
+					t.Errorf("%s: not reported: %q", tc.name, problems)
+				}
+				if _, err := b.Dump(ctx); err != nil {
+					t.Errorf("%s: dump failed: %v", tc.name, err)
+				}
+				if err := b.Sync(ctx, s); err != nil {
+					t.Fatal(err)
+				}
+				if problems, _ := b.Verify(ctx); len(problems) > 0 {
+					t.Fatalf("%s: after the repairing sync: %q", tc.name, problems)
+				}
 			}
 		})
 	}

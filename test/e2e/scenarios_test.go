@@ -36,6 +36,7 @@ var scenarios = []scenario{
 	{name: "Hairpin", run: testHairpin},
 	{name: "UDPEndpointDeleted", run: testUDPStale},
 	{name: "ServiceProxyNameIgnored", run: testServiceProxyName},
+	{name: "ForwardPolicyDrop", run: testForwardPolicyDrop, skip: forwardDropSkip},
 	{name: "AgentKilledWhileStreaming", run: testAgentRestart},
 	{name: "APIServerDown30s", run: testAPIServerDown},
 	{name: "DumpCheckDetectsDeletedRule", run: testDumpDrift, skip: dumpDriftSkip},

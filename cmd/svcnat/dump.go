@@ -219,7 +219,7 @@ func check(ctx context.Context, client kubernetes.Interface, b dataplane.Backend
 	}
 	want, errs := model.Build(cfg, snap.Services, snap.EndpointSlices)
 	for _, err := range errs {
-		fmt.Fprintf(out, "skipped (invalid, as the agent skips it): %v\n", err)
+		fmt.Fprintf(out, "skipped, as the agent skips it: %v\n", err)
 	}
 	got, err := b.Dump(ctx)
 	if err != nil {

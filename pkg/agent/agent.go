@@ -109,6 +109,9 @@ type Agent struct {
 	// Owned by the loop goroutine.
 	ports    map[types.NamespacedName][]*model.ServicePort
 	triggers map[types.NamespacedName]map[string]time.Time
+	// ignored holds, per Service, what its last rebuild left alone on
+	// purpose, so that each is logged and counted once.
+	ignored map[types.NamespacedName]map[string]bool
 	pending  []time.Time // trigger times not yet programmed
 	failures int
 }
@@ -148,6 +151,7 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 		wake:     make(chan struct{}, 1),
 		ports:    map[types.NamespacedName][]*model.ServicePort{},
 		triggers: map[types.NamespacedName]map[string]time.Time{},
+		ignored:  map[types.NamespacedName]map[string]bool{},
 	}
 	// Build canonicalises the cluster CIDRs the way the State holds them.
 	if s, _ := model.Build(&model.Config{ClusterCIDRs: opts.ClusterCIDRs}, nil, nil); s != nil {
@@ -420,6 +424,7 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 	if svc == nil {
 		delete(a.ports, key)
 		delete(a.triggers, key)
+		delete(a.ignored, key)
 		return nil
 	}
 	slices, err := a.src.EndpointSlices(key)
@@ -427,10 +432,24 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 		return err
 	}
 	sps, errs := model.BuildService(cfg, svc, slices)
+	ignored := map[string]bool{}
 	for _, err := range errs {
+		if ig, ok := errors.AsType[*model.IgnoredError](err); ok {
+			ignored[err.Error()] = true
+			if !a.ignored[key][err.Error()] {
+				a.metrics.ignoredObjects.WithLabelValues(ig.Kind).Inc()
+				a.log.Info("object ignored", "service", key, "kind", ig.Kind, "object", ig.Namespace+"/"+ig.Name, "reason", ig.Reason)
+			}
+			continue
+		}
 		kind := invalidKind(err)
 		a.metrics.invalidObjects.WithLabelValues(kind).Inc()
 		a.log.Warn("invalid object skipped", "service", key, "kind", kind, "err", err)
+	}
+	if len(ignored) == 0 {
+		delete(a.ignored, key)
+	} else {
+		a.ignored[key] = ignored
 	}
 	if len(sps) == 0 {
 		delete(a.ports, key)

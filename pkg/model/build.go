@@ -167,6 +167,7 @@ func BuildService(cfg *Config, svc *corev1.Service, endpointSlices []*discoveryv
 
 	b.parseSlices(endpointSlices)
 	b.parseService()
+	b.noteUnusedSlices(families)
 
 	var out []*ServicePort
 	seen := make(map[string]bool, len(svc.Spec.Ports))
@@ -234,6 +235,7 @@ type slicePort struct {
 
 // parsedSlice is the usable content of one EndpointSlice.
 type parsedSlice struct {
+	name      string
 	family    Family
 	ports     []slicePort
 	endpoints []sliceEndpoint
@@ -281,6 +283,47 @@ func (e *InvalidError) Error() string {
 }
 
 func (e *InvalidError) Unwrap() error { return e.Err }
+
+// IgnoredError is what Build and BuildService return for a valid piece of
+// input svcnat leaves alone on purpose, as kube-proxy does (an FQDN
+// EndpointSlice, a hostname-only load balancer ingress, ...): not an error
+// in the object, but the reason a Service may have fewer frontends or
+// endpoints than its user expects.
+type IgnoredError struct {
+	Kind            string // KindService or KindEndpointSlice
+	Namespace, Name string
+	Reason          string
+}
+
+// Error is "<kind in lower case> namespace/name: ignored: reason".
+func (e *IgnoredError) Error() string {
+	return fmt.Sprintf("%s %s/%s: ignored: %s", strings.ToLower(e.Kind), e.Namespace, e.Name, e.Reason)
+}
+
+func (b *serviceBuilder) ignore(kind, name, format string, args ...any) {
+	b.errs = append(b.errs, &IgnoredError{Kind: kind, Namespace: b.svc.Namespace, Name: name, Reason: fmt.Sprintf(format, args...)})
+}
+
+// noteUnusedSlices notes the slices (and slice ports) no ServicePort uses:
+// slices of a family the Service has no cluster IP of, and ports that
+// match no port of the Service by name and protocol.
+func (b *serviceBuilder) noteUnusedSlices(families []familyIP) {
+	for _, ps := range b.slices {
+		if !slices.ContainsFunc(families, func(f familyIP) bool { return f.family == ps.family }) {
+			b.ignore(KindEndpointSlice, ps.name, "addressType %s: the service has no %s cluster IP", ps.family, ps.family)
+			continue
+		}
+		for _, p := range ps.ports {
+			if !slices.ContainsFunc(b.svc.Spec.Ports, func(sp corev1.ServicePort) bool {
+				// An invalid Service port is reported already.
+				proto, err := parseProtocol(sp.Protocol)
+				return sp.Name == p.name && (err != nil || proto == p.protocol)
+			}) {
+				b.ignore(KindEndpointSlice, ps.name, "port %q (%s): the service has no port of that name and protocol", p.name, p.protocol)
+			}
+		}
+	}
+}
 
 func (b *serviceBuilder) errorf(format string, args ...any) {
 	b.errs = append(b.errs, &InvalidError{Kind: KindService, Namespace: b.svc.Namespace, Name: b.svc.Name,
@@ -352,9 +395,14 @@ func (b *serviceBuilder) parseService() {
 	}
 	b.loadBalancerOK = true
 	for i, ing := range b.svc.Status.LoadBalancer.Ingress {
-		if ing.IP == "" || (ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy) {
-			// Hostname-only ingress, or a proxying load balancer that
-			// delivers to the node itself, not to the VIP.
+		if ing.IP == "" {
+			b.ignore(KindService, b.svc.Name, "status.loadBalancer.ingress[%d]: hostname only, no IP to serve", i)
+			continue
+		}
+		if ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy {
+			// A proxying load balancer delivers to the node itself, not
+			// to the VIP.
+			b.ignore(KindService, b.svc.Name, "status.loadBalancer.ingress[%d] %s: ipMode Proxy, the load balancer delivers to the node", i, ing.IP)
 			continue
 		}
 		ip, err := parseAddr(ing.IP)
@@ -424,13 +472,14 @@ func (b *serviceBuilder) parseSlices(in []*discoveryv1.EndpointSlice) {
 }
 
 func (b *serviceBuilder) parseSlice(es *discoveryv1.EndpointSlice) (parsedSlice, bool) {
-	var ps parsedSlice
+	ps := parsedSlice{name: es.Name}
 	switch es.AddressType {
 	case discoveryv1.AddressTypeIPv4:
 		ps.family = IPv4
 	case discoveryv1.AddressTypeIPv6:
 		ps.family = IPv6
 	case discoveryv1.AddressTypeFQDN:
+		b.ignore(KindEndpointSlice, es.Name, "addressType FQDN: only IP endpoints are proxied (as kube-proxy)")
 		return ps, false
 	default:
 		b.errs = append(b.errs, sliceErrorf(es, "addressType %q: unknown", es.AddressType))

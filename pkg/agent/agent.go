@@ -111,7 +111,7 @@ type Agent struct {
 	triggers map[types.NamespacedName]map[string]time.Time
 	// ignored holds, per Service, what its last rebuild left alone on
 	// purpose, so that each is logged and counted once.
-	ignored map[types.NamespacedName]map[string]bool
+	ignored  map[types.NamespacedName]map[string]bool
 	pending  []time.Time // trigger times not yet programmed
 	failures int
 }

@@ -21,3 +21,11 @@ func TestNodePortAddressesPrimary(t *testing.T) {
 		t.Error("a bad --nodeport-addresses value was accepted")
 	}
 }
+
+// --masquerade-bit 0 is refused rather than silently becoming 13.
+func TestMasqueradeBitZeroRefused(t *testing.T) {
+	f := backendFlags{name: backendIptables, masqueradeBit: 0}
+	if _, err := f.iptables(nil, nil); err == nil {
+		t.Error("--masquerade-bit 0 accepted")
+	}
+}

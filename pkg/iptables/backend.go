@@ -43,8 +43,9 @@ type Options struct {
 	// Mode is the iptables variant: "nft", "legacy", or "auto" (or empty)
 	// to use the one the host's rules are in.
 	Mode string
-	// MasqueradeBit is the packet mark bit (0-31) that asks for
-	// masquerading; 0 means DefaultMasqueradeBit.
+	// MasqueradeBit is the packet mark bit (1-31) that asks for
+	// masquerading; 0 means DefaultMasqueradeBit (so bit 0 cannot be
+	// chosen).
 	MasqueradeBit int
 	// Registerer receives the backend's metrics; nil registers none.
 	Registerer prometheus.Registerer

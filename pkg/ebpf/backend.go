@@ -165,7 +165,7 @@ func cmpOr(v, def int) int {
 // probe names the first kernel feature the backend needs that is missing;
 // tc says whether the tc programs are needed too.
 func probe(tc bool) error {
-	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie} {
+	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.SkStorage} {
 		if err := features.HaveMapType(mt); err != nil {
 			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
 		}
@@ -173,7 +173,7 @@ func probe(tc bool) error {
 	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
 		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.CGroupSockAddr, err)
 	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnGetSocketCookie, asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32} {
+	for _, fn := range []asm.BuiltinFunc{asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32, asm.FnSkStorageGet} {
 		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
 			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
 		}

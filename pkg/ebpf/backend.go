@@ -234,12 +234,14 @@ func (b *Backend) Init(ctx context.Context) error {
 		for name, size := range b.sizes() {
 			spec.Maps[name].MaxEntries = uint32(size)
 		}
-		pins, err := openPins(b.opts.BPFFSPath, spec)
+		pins := newMapPins(b.opts.BPFFSPath)
+		repl, err := pins.open(spec)
 		if err != nil {
+			pins.Close()
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
 		objs := &svcnatObjects{}
-		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: pins.maps}); err != nil {
+		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 			pins.Close()
 			return fmt.Errorf("init ebpf backend: load programs: %w", err)
 		}
@@ -247,7 +249,7 @@ func (b *Backend) Init(ctx context.Context) error {
 		b.rec = &reconciler{maps: b.mapSet(objs)}
 	}
 	if b.destroyer == nil {
-		d, err := newSocketDestroyer(b.objs.SvcnatSock)
+		d, err := newSocketDestroyer(b.pins)
 		if err != nil {
 			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
 		}

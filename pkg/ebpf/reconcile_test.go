@@ -433,3 +433,58 @@ func TestReconcilerRepairsDrift(t *testing.T) {
 		t.Fatal("a sync without changes left a deleted frontend and a changed slot as they were")
 	}
 }
+
+// TestReconcilerFailedStayIncremental: while a ServicePort does not fit,
+// changes to the others are still written incrementally (no full read of
+// the maps), and the failure is reported every time; once capacity frees
+// up, it is programmed.
+func TestReconcilerFailedStayIncremental(t *testing.T) {
+	ms := fakeMaps(40, nil)
+	rec := &reconciler{maps: ms}
+	s := randomState(rand.New(rand.NewPCG(6, 6)), 60)
+	var failed dataplane.PortErrors
+	if err := rec.sync(s); !errors.As(err, &failed) {
+		t.Fatalf("first sync: %v, want PortErrors", err)
+	}
+	reads := 0
+	ms2 := *ms
+	for _, p := range []*sizedMap{&ms2.services, &ms2.info, &ms2.slots, &ms2.members, &ms2.backends, &ms2.sourceRanges, &ms2.clusterCIDRs} {
+		p.m = countingMap{p.m.(*fakeMap), &reads}
+	}
+	rec.maps = &ms2
+	// Change one programmed ServicePort: a policy flip.
+	for _, sp := range s.Sorted() {
+		if failed[sp.Name] == nil {
+			sp.InternalTrafficLocal = !sp.InternalTrafficLocal
+			break
+		}
+	}
+	var again dataplane.PortErrors
+	if err := rec.sync(s); !errors.As(err, &again) || len(again) != len(failed) {
+		t.Fatalf("incremental sync: %v, want the same %d PortErrors", err, len(failed))
+	}
+	if reads != 0 {
+		t.Errorf("an incremental sync beside a failed ServicePort read the maps %d times", reads)
+	}
+	// Remove every programmed ServicePort: the failed ones fit now.
+	for name := range s.ServicePorts {
+		if failed[name] == nil {
+			delete(s.ServicePorts, name)
+		}
+	}
+	err := rec.sync(s)
+	if errors.As(err, &again) && len(again) >= len(failed) {
+		t.Fatalf("after the others were removed, still %d failed: %v", len(again), err)
+	}
+}
+
+// countingMap counts iterations of a fake map.
+type countingMap struct {
+	*fakeMap
+	reads *int
+}
+
+func (c countingMap) Iterate() entryIterator {
+	*c.reads++
+	return c.fakeMap.Iterate()
+}

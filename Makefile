@@ -22,7 +22,7 @@ echoserver: ## build bin/echoserver, the test bed's stand-in for pods
 	$(GO) build -o bin/echoserver ./test/echoserver
 
 votingapp: ## build the voting app's programs (examples/voting-app, its own module) into bin/voting-app
-	cd examples/voting-app && CGO_ENABLED=0 $(GO) build -o $(CURDIR)/bin/voting-app/ ./vote ./worker ./result ./browser
+	cd examples/voting-app && $(GO) build -o $(CURDIR)/bin/voting-app/ ./vote ./worker ./result ./browser
 
 setup: ## install Debian packages, mount bpffs, build kube-apiserver/kube-proxy (root)
 	scripts/setup.sh

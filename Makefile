@@ -22,7 +22,7 @@ echoserver: ## build bin/echoserver, the test bed's stand-in for pods
 	$(GO) build -o bin/echoserver ./test/echoserver
 
 votingapp: ## build the voting app's programs (examples/voting-app, its own module) into bin/voting-app
-	cd examples/voting-app && CGO_ENABLED=0 $(GO) build -o $(CURDIR)/bin/voting-app/ ./vote ./worker ./result ./browser
+	cd examples/voting-app && $(GO) build -o $(CURDIR)/bin/voting-app/ ./vote ./worker ./result ./browser
 
 setup: ## install Debian packages, mount bpffs, build kube-apiserver/kube-proxy (root)
 	scripts/setup.sh
@@ -38,7 +38,7 @@ lint: ## gofmt, go vet, staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "not gofmt-clean:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
-	cd examples/voting-app && $(GO) vet ./...
+	cd examples/voting-app && $(GO) vet ./... && $$($(GO) -C $(CURDIR) tool -n staticcheck) ./...
 
 unit: ## unit tests, and privileged tests in their own namespaces when root
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)

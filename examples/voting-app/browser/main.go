@@ -59,11 +59,18 @@ func main() {
 
 func check(ctx context.Context, chromium, voteURL, resultURL, choice string, want int, out string) (Report, error) {
 	var r Report
-	profile, err := os.MkdirTemp("", "voting-browser-")
+	// Everything Chromium writes goes below one directory, removed at the
+	// end: its profile, and via HOME, XDG_* and TMPDIR its crash reports and
+	// singleton socket, which it would otherwise leave in ~/.config and /tmp.
+	home, err := os.MkdirTemp("", "voting-browser-")
 	if err != nil {
-		return r, fmt.Errorf("make chromium profile directory: %w", err)
+		return r, fmt.Errorf("make chromium home directory: %w", err)
 	}
-	defer os.RemoveAll(profile)
+	defer os.RemoveAll(home)
+	tmp, profile := filepath.Join(home, "tmp"), filepath.Join(home, "profile")
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		return r, fmt.Errorf("make chromium temporary directory: %w", err)
+	}
 	actx, cancel := chromedp.NewExecAllocator(ctx,
 		chromedp.ExecPath(chromium),
 		chromedp.Flag("headless", true),
@@ -75,6 +82,8 @@ func check(ctx context.Context, chromium, voteURL, resultURL, choice string, wan
 		chromedp.Flag("disable-component-update", true),
 		chromedp.Flag("disable-sync", true),
 		chromedp.UserDataDir(profile),
+		chromedp.Env("HOME="+home, "TMPDIR="+tmp, "XDG_CONFIG_HOME="+filepath.Join(home, "config"),
+			"XDG_CACHE_HOME="+filepath.Join(home, "cache")),
 		chromedp.WindowSize(900, 640),
 	)
 	defer cancel()

@@ -120,7 +120,6 @@ func Build(dir string) error {
 	}
 	cmd := exec.Command("go", args...)
 	cmd.Dir = filepath.Join(root, "examples", "voting-app")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build voting app programs into %s: %w: %s", dir, err, out)
 	}

@@ -140,14 +140,17 @@ func newIDs() *ids {
 
 // adoptIDs continues the numbering found in t, as written by an earlier
 // run. Every number any entry uses is taken, also one a failed write left
-// without Service info or slot, so that no number is reused while an entry
-// still holds it.
+// without Service info or slot, or whose Service info does not decode, so
+// that no number is reused while an entry still holds it.
 func adoptIDs(t *table) (*ids, error) {
 	n := newIDs()
 	for id, info := range t.info {
 		name, _, err := decodeInfo(info)
 		if err != nil {
-			return nil, fmt.Errorf("adopt service port %d: %w", id, err)
+			// Garbage (written by hand?): its number stays unused, and
+			// the sync deletes the entry as nothing wants it.
+			n.services.next = max(n.services.next, id+1)
+			continue
 		}
 		n.services.set(name, id)
 	}

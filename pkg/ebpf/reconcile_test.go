@@ -488,3 +488,21 @@ func (c countingMap) Iterate() entryIterator {
 	*c.reads++
 	return c.fakeMap.Iterate()
 }
+
+// TestReconcilerStartsOverGarbage: an agent starting over a Service info
+// entry that does not decode (written by hand) programs the state and
+// deletes the entry, instead of failing every sync.
+func TestReconcilerStartsOverGarbage(t *testing.T) {
+	ms := fakeMaps(1<<20, nil)
+	ms.info.m.(*fakeMap).entries[uint32(7)] = svcnatSvcInfo{Family: 9}
+	s := randomState(rand.New(rand.NewPCG(8, 8)), 5)
+	if err := (&reconciler{maps: ms}).sync(s); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := readTable(ms)
+	dumped, err := decode(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	statesEqual(t, s, dumped)
+}

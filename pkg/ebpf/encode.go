@@ -452,10 +452,6 @@ func decode(t *table) (*model.State, error) {
 		values[v.Id] = common
 	}
 
-	members := map[uint32][]svcnatMemberKey{}
-	for k := range t.members {
-		members[k.Id] = append(members[k.Id], k)
-	}
 	for id, sp := range byID {
 		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
 			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
@@ -470,7 +466,7 @@ func decode(t *table) (*model.State, error) {
 			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
 		}
 		sp.ClusterEndpoints, sp.LocalEndpoints = cluster, local
-		if err := checkMembers(t, id, members[id], map[uint8]int{setCluster: len(cluster), setLocal: len(local)}); err != nil {
+		if err := checkMembers(t, id, map[uint8]int{setCluster: len(cluster), setLocal: len(local)}); err != nil {
 			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
 		}
 		sp.InternalTrafficLocal = v.Flags&flagInternalLocal != 0
@@ -495,25 +491,18 @@ func decode(t *table) (*model.State, error) {
 	return s, nil
 }
 
-// checkMembers fails unless the memberships of ServicePort id (members) are exactly
-// the backends in its first counts[set] slots of each set: a missing one
-// loses affinity and stickiness, an extra one lets them reach an endpoint
-// that is not in the set.
-func checkMembers(t *table, id uint32, members []svcnatMemberKey, counts map[uint8]int) error {
-	want := map[svcnatMemberKey]bool{}
+// checkMembers fails unless every backend in the first counts[set] slots
+// of each set of ServicePort id has its membership entry: without it
+// affinity and stickiness are lost. (An extra membership is not checked:
+// writes put memberships before slots and delete them after, so one shows
+// for a moment during every change; the periodic sync repairs drift.)
+func checkMembers(t *table, id uint32, counts map[uint8]int) error {
 	for set, n := range counts {
 		for i := range n {
-			want[svcnatMemberKey{Id: id, BackendId: t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}], Set: set}] = true
-		}
-	}
-	for k := range want {
-		if _, ok := t.members[k]; !ok {
-			return fmt.Errorf("backend %d in set %d has no membership entry", k.BackendId, k.Set)
-		}
-	}
-	for _, k := range members {
-		if !want[k] {
-			return fmt.Errorf("membership of backend %d in set %d names no slot", k.BackendId, k.Set)
+			k := svcnatMemberKey{Id: id, BackendId: t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}], Set: set}
+			if _, ok := t.members[k]; !ok {
+				return fmt.Errorf("backend %d in slot %d of set %d has no membership entry", k.BackendId, i, set)
+			}
 		}
 	}
 	return nil

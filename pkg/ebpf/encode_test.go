@@ -216,8 +216,8 @@ func TestPortByteOrder(t *testing.T) {
 	}
 }
 
-// TestDecodeChecksMembers: a membership missing or extra (changed by hand)
-// makes decode fail naming the ServicePort, so dump --check reports it.
+// TestDecodeChecksMembers: a membership missing (deleted by hand) makes
+// decode fail naming the ServicePort, so dump --check reports it.
 func TestDecodeChecksMembers(t *testing.T) {
 	s := stateWithEndpoints()
 	tab, _, failed := encode(s, newIDs())
@@ -232,11 +232,6 @@ func TestDecodeChecksMembers(t *testing.T) {
 	delete(tab.members, some)
 	if _, err := decode(tab); err == nil || !strings.Contains(err.Error(), "no membership") {
 		t.Errorf("decode without a membership: %v", err)
-	}
-	tab.members[some] = 1
-	tab.members[svcnatMemberKey{Id: some.Id, BackendId: 9999, Set: some.Set}] = 1
-	if _, err := decode(tab); err == nil || !strings.Contains(err.Error(), "names no slot") {
-		t.Errorf("decode with an extra membership: %v", err)
 	}
 }
 

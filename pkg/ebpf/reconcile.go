@@ -117,8 +117,8 @@ func unionLen[K comparable, V any](a, b map[K]V) int {
 // the datapath a half-written Service:
 //
 //  1. new and changed backends, Service info and source ranges;
-//  2. slots and memberships, so that every slot below a new, larger count
-//     exists;
+//  2. memberships, then slots, so that every slot below a new, larger
+//     count exists and names a member;
 //  3. frontends with their counts: one atomic value per frontend;
 //  4. frontends that are gone;
 //  5. slots at or above a new, smaller count, and other unused entries;
@@ -133,8 +133,8 @@ func apply(ms *mapSet, cur, want *table) error {
 		func() error { return putChanged(ms.backends, cur.backends, want.backends) },
 		func() error { return putChanged(ms.info, cur.info, want.info) },
 		func() error { return putChanged(ms.sourceRanges, cur.sourceRanges, want.sourceRanges) },
-		func() error { return putChanged(ms.slots, cur.slots, want.slots) },
 		func() error { return putChanged(ms.members, cur.members, want.members) },
+		func() error { return putChanged(ms.slots, cur.slots, want.slots) },
 		func() error { return putChanged(ms.services, cur.services, want.services) },
 		func() error { return deleteGone(ms.services, cur.services, want.services) },
 		func() error { return deleteGone(ms.slots, cur.slots, want.slots) },

@@ -104,7 +104,7 @@ func fakeMaps(capacity int, fail func() bool) *mapSet {
 
 // datapathConsistent checks what the BPF programs rely on, at any instant:
 // every frontend's count covers slots that exist and name backends that
-// exist.
+// exist and are members.
 func datapathConsistent(ms *mapSet) error {
 	t, err := readTable(ms)
 	if err != nil {
@@ -119,6 +119,9 @@ func datapathConsistent(ms *mapSet) error {
 				}
 				if _, ok := t.backends[bid]; !ok {
 					return fmt.Errorf("frontend %s:%d: slot %d names missing backend %d", addrString(k.Addr), ntohs(k.Port), i, bid)
+				}
+				if _, ok := t.members[svcnatMemberKey{Id: v.Id, BackendId: bid, Set: uint8(set)}]; !ok {
+					return fmt.Errorf("frontend %s:%d: backend %d in slot %d is not a member", addrString(k.Addr), ntohs(k.Port), bid, i)
 				}
 			}
 		}

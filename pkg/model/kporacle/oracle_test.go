@@ -3,8 +3,8 @@ package kporacle
 import (
 	"errors"
 	"fmt"
-	"net"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"

@@ -127,6 +127,6 @@ func TestXtablesLockHeld(t *testing.T) {
 		t.Errorf("health turned unhealthy after %v, want within %v of the lock", sawUnhealthy, 2*syncPeriod+iptables.LockWait)
 	}
 	if st, err := b.Dump(t.Context()); err != nil || len(st.ServicePorts) != 1 {
-		t.Errorf("after the lock was released: dump %v, %v; want the Service programmed", st, err)
+		t.Errorf("after the lock was released: dump %v, %v; want the Service programmed; log:\n%s", st, err, out)
 	}
 }

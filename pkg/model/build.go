@@ -66,7 +66,8 @@ func Ignored(obj metav1.Object) bool {
 // kubernetes.io/service-name label; slices of no given Service are unused.
 //
 // Invalid input is skipped, and each skipped piece yields an error naming the
-// object and field; everything else is built. The result is canonical: equal
+// object and field; everything else is built. Frontends two Services claim
+// are resolved by ResolveConflicts, whose errors come last. The result is canonical: equal
 // input (in any order) gives an equal State.
 func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (*State, []error) {
 	if cfg == nil {
@@ -116,6 +117,7 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 			state.ServicePorts[sp.Name] = sp
 		}
 	}
+	errs = append(errs, ResolveConflicts(state)...)
 	return state, errs
 }
 
@@ -679,13 +681,9 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	slices.SortFunc(sp.Frontends, Frontend.Compare)
 	sp.Frontends = slices.Compact(sp.Frontends)
 
-	external := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind.External() })
-	hasLoadBalancer := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind == LoadBalancer })
 	sp.InternalTrafficLocal = b.internalLocal
-	sp.ExternalTrafficLocal = b.externalLocal && external
-	if hasLoadBalancer {
-		sp.SourceRanges = b.withNode(familyRanges(b.sourceRanges, fam.family), sp.Frontends)
-	}
+	sp.ExternalTrafficLocal = b.externalLocal
+	sp.SourceRanges = b.withNode(familyRanges(b.sourceRanges, fam.family), sp.Frontends)
 	if b.externalLocal {
 		sp.HealthCheckNodePort = b.healthCheck
 	}
@@ -700,7 +698,7 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 		}
 	}
 	topo := topologyOf(cands)
-	cluster := usable(cands, func(c candidate) bool {
+	sp.ClusterEndpoints = usable(cands, func(c candidate) bool {
 		switch topo {
 		case sameNode:
 			return c.forNodeHint
@@ -709,17 +707,10 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 		}
 		return true
 	})
-	usesCluster := !sp.InternalTrafficLocal || external
-	usesLocal := sp.InternalTrafficLocal || sp.ExternalTrafficLocal
-	if usesLocal {
+	if b.internalLocal || b.externalLocal {
 		sp.LocalEndpoints = usable(cands, func(c candidate) bool { return c.local })
 	}
-	// With only internalTrafficPolicy Local in effect, no frontend uses the
-	// cluster endpoints; they are kept only when there is no local one, so
-	// that NoEndpoints drops (endpoints exist elsewhere) instead of rejecting.
-	if usesCluster || len(sp.LocalEndpoints) == 0 {
-		sp.ClusterEndpoints = cluster
-	}
+	sp.prune()
 	return sp
 }
 

@@ -33,14 +33,7 @@ func TestFailingFamilyKeepsOtherHealthy(t *testing.T) {
 	}
 	t.Setenv("PATH", shim+string(os.PathListSeparator)+os.Getenv("PATH"))
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	b, err := iptables.New(iptables.Options{Mode: iptables.ModeNFT, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Cleanup(t.Context()) })
+	b := realIptables(t, iptables.ModeNFT, log)
 
 	src := newFakeSources()
 	close(src.synced)

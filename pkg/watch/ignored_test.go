@@ -1,16 +1,12 @@
 package watch
 
 import (
-	"context"
-	"io"
-	"log/slog"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/svcnat/svcnat/pkg/model"
 )
@@ -31,15 +27,9 @@ func (r *ignoredRecorder) Ignored(ig *model.IgnoredError) {
 // A slice without the service-name label is reported once when it appears
 // and once when a slice loses the label, not on every update.
 func TestUnlabelledSliceReportedOnce(t *testing.T) {
-	client := fake.NewClientset()
 	rec := &ignoredRecorder{}
-	w, err := New(client, "node1", 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	w.Start(ctx, rec)
+	client, _ := startWith(t, rec)
+	ctx := t.Context()
 	es := client.DiscoveryV1().EndpointSlices("a")
 	if _, err := es.Create(ctx, slice("a", "nolabel", ""), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

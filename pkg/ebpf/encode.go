@@ -140,14 +140,17 @@ func newIDs() *ids {
 
 // adoptIDs continues the numbering found in t, as written by an earlier
 // run. Every number any entry uses is taken, also one a failed write left
-// without Service info or slot, so that no number is reused while an entry
-// still holds it.
+// without Service info or slot, or whose Service info does not decode, so
+// that no number is reused while an entry still holds it.
 func adoptIDs(t *table) (*ids, error) {
 	n := newIDs()
 	for id, info := range t.info {
 		name, _, err := decodeInfo(info)
 		if err != nil {
-			return nil, fmt.Errorf("adopt service port %d: %w", id, err)
+			// Garbage (written by hand?): its number stays unused, and
+			// the sync deletes the entry as nothing wants it.
+			n.services.next = max(n.services.next, id+1)
+			continue
 		}
 		n.services.set(name, id)
 	}
@@ -449,6 +452,10 @@ func decode(t *table) (*model.State, error) {
 		values[v.Id] = common
 	}
 
+	members := map[uint32][]svcnatMemberKey{}
+	for k := range t.members {
+		members[k.Id] = append(members[k.Id], k)
+	}
 	for id, sp := range byID {
 		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
 			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
@@ -463,6 +470,9 @@ func decode(t *table) (*model.State, error) {
 			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
 		}
 		sp.ClusterEndpoints, sp.LocalEndpoints = cluster, local
+		if err := checkMembers(t, id, members[id], map[uint8]int{setCluster: len(cluster), setLocal: len(local)}); err != nil {
+			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
+		}
 		sp.InternalTrafficLocal = v.Flags&flagInternalLocal != 0
 		sp.ExternalTrafficLocal = v.Flags&flagExternalLocal != 0
 		sp.AffinityTimeout = time.Duration(v.AffinityTimeout) * time.Second
@@ -483,6 +493,30 @@ func decode(t *table) (*model.State, error) {
 		slices.SortFunc(sp.SourceRanges, comparePrefix)
 	}
 	return s, nil
+}
+
+// checkMembers fails unless the memberships of ServicePort id (members) are exactly
+// the backends in its first counts[set] slots of each set: a missing one
+// loses affinity and stickiness, an extra one lets them reach an endpoint
+// that is not in the set.
+func checkMembers(t *table, id uint32, members []svcnatMemberKey, counts map[uint8]int) error {
+	want := map[svcnatMemberKey]bool{}
+	for set, n := range counts {
+		for i := range n {
+			want[svcnatMemberKey{Id: id, BackendId: t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}], Set: set}] = true
+		}
+	}
+	for k := range want {
+		if _, ok := t.members[k]; !ok {
+			return fmt.Errorf("backend %d in set %d has no membership entry", k.BackendId, k.Set)
+		}
+	}
+	for _, k := range members {
+		if !want[k] {
+			return fmt.Errorf("membership of backend %d in set %d names no slot", k.BackendId, k.Set)
+		}
+	}
+	return nil
 }
 
 // decodeSet reads the endpoints in slots [0, count) of one set. Without a

@@ -10,11 +10,14 @@ type Metrics struct {
 	programmingLatency prometheus.Histogram
 	syncErrors         prometheus.Counter
 	invalidObjects     *prometheus.CounterVec
+	ignoredObjects     *prometheus.CounterVec
 	lastSync           prometheus.Gauge
 	services           prometheus.Gauge
 	servicePorts       prometheus.Gauge
 	endpoints          prometheus.Gauge
 	backendInfo        *prometheus.GaugeVec
+	frontendConflicts  prometheus.Gauge
+	servicePortsFailed prometheus.Gauge
 }
 
 // NewMetrics creates the agent's metrics and registers them with reg
@@ -40,6 +43,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "svcnat_invalid_objects_total",
 			Help: "Invalid parts of Kubernetes objects skipped while building Services, by object kind.",
 		}, []string{"kind"}),
+		ignoredObjects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "svcnat_ignored_objects_total",
+			Help: "Valid parts of Kubernetes objects svcnat leaves alone on purpose (FQDN slices, slices of another family, slice ports no Service port matches, hostname-only or ipMode Proxy ingress), counted once per object and reason, by object kind.",
+		}, []string{"kind"}),
 		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "svcnat_last_sync_timestamp_seconds",
 			Help: "When the last successful sync finished, in seconds since the epoch.",
@@ -60,10 +67,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "svcnat_backend_info",
 			Help: "The dataplane backend in use (value 1).",
 		}, []string{"backend"}),
+		frontendConflicts: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "svcnat_frontend_conflicts",
+			Help: "Frontends claimed by two Service ports whose losing claim is not programmed " +
+				"(named in the log and by svcnat dump --check).",
+		}),
+		servicePortsFailed: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "svcnat_service_ports_failed",
+			Help: "Service ports the backend could not program in the last sync, every other one being programmed " +
+				"(named in the log and by svcnat dump --check).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.syncDuration, m.programmingLatency, m.syncErrors, m.invalidObjects,
-			m.lastSync, m.services, m.servicePorts, m.endpoints, m.backendInfo)
+		reg.MustRegister(m.syncDuration, m.programmingLatency, m.syncErrors, m.invalidObjects, m.ignoredObjects,
+			m.lastSync, m.services, m.servicePorts, m.endpoints, m.backendInfo, m.frontendConflicts, m.servicePortsFailed)
 	}
 	return m
 }

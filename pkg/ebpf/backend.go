@@ -49,10 +49,11 @@ type Options struct {
 	Interfaces []string
 	// Map sizes; zero means the default. MaxServices sizes the frontend,
 	// Service info and source range maps (--bpf-map-max-services);
-	// MaxBackends the endpoint and slot maps (--bpf-map-max-backends);
-	// MaxAffinity the session affinity map (--bpf-map-max-affinity);
-	// MaxNAT the socket reverse translation map and the tc flow map
-	// (--bpf-map-max-nat).
+	// MaxBackends the endpoint, slot and membership maps
+	// (--bpf-map-max-backends); MaxAffinity the session affinity map
+	// (--bpf-map-max-affinity); MaxNAT the tc flow map (--bpf-map-max-nat).
+	// What the socket hooks remember per socket is freed with the socket
+	// and needs no size.
 	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
 	// Registerer, when set, receives the backend's metrics.
 	Registerer prometheus.Registerer
@@ -67,6 +68,11 @@ const (
 	DefaultMaxBackends = 262144
 	DefaultMaxAffinity = 65536
 	DefaultMaxNAT      = 262144
+	// MinLRUEntries is the least size of the maps the datapath fills
+	// itself (LRU hashes): the kernel hands their free entries to CPUs in
+	// batches of 128, so a smaller map evicts live entries at once (Cilium
+	// has the same floor for its tables).
+	MinLRUEntries = 1024
 )
 
 // Backend is the eBPF dataplane. It implements dataplane.Backend.
@@ -75,6 +81,7 @@ type Backend struct {
 	log     *slog.Logger
 	objs    *svcnatObjects
 	links   []link.Link
+	pins    *mapPins
 	rec     *reconciler
 	entries *prometheus.GaugeVec
 	// destroyer is nil when the kernel cannot destroy sockets.
@@ -116,6 +123,19 @@ func New(opts Options) (*Backend, error) {
 	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
 	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
 	opts.MaxNAT = cmpOr(opts.MaxNAT, DefaultMaxNAT)
+	for _, f := range []struct {
+		flag     string
+		v, least int
+	}{
+		{"--bpf-map-max-services", opts.MaxServices, 1},
+		{"--bpf-map-max-backends", opts.MaxBackends, 1},
+		{"--bpf-map-max-affinity", opts.MaxAffinity, MinLRUEntries},
+		{"--bpf-map-max-nat", opts.MaxNAT, MinLRUEntries},
+	} {
+		if f.v < f.least || f.v > 1<<28 {
+			return nil, fmt.Errorf("create ebpf backend: %s=%d: want %d to %d", f.flag, f.v, f.least, 1<<28)
+		}
+	}
 	if err := probe(len(opts.Interfaces) > 0); err != nil {
 		return nil, fmt.Errorf("create ebpf backend: %w", err)
 	}
@@ -145,7 +165,7 @@ func cmpOr(v, def int) int {
 // probe names the first kernel feature the backend needs that is missing;
 // tc says whether the tc programs are needed too.
 func probe(tc bool) error {
-	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie} {
+	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.SkStorage} {
 		if err := features.HaveMapType(mt); err != nil {
 			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
 		}
@@ -153,7 +173,7 @@ func probe(tc bool) error {
 	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
 		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.CGroupSockAddr, err)
 	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnGetSocketCookie, asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32} {
+	for _, fn := range []asm.BuiltinFunc{asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32, asm.FnSkStorageGet} {
 		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
 			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
 		}
@@ -189,7 +209,17 @@ func checkBPFFS(dir string) error {
 // the socket hooks to the cgroup, replacing the programs of links pinned by
 // an earlier run in place, so translation never stops. What the maps hold is
 // kept. Idempotent.
+//
+// Pinned maps of another layout or size (an upgrade, a changed
+// --bpf-map-max-* flag) are not adopted: Init makes new ones (copying what
+// the datapath wrote itself where the layout is the same), and when the
+// desired state must be refilled, the first Sync fills the new maps before
+// the programs are replaced; until then the earlier run's programs and maps
+// go on translating.
 func (b *Backend) Init(ctx context.Context) error {
+	if b.opts.CgroupPath == "" {
+		return errors.New("init ebpf backend: no cgroup path to attach the socket hooks to (--cgroup-path)")
+	}
 	if err := checkBPFFS(b.opts.BPFFSPath); err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)
 	}
@@ -204,24 +234,39 @@ func (b *Backend) Init(ctx context.Context) error {
 		for name, size := range b.sizes() {
 			spec.Maps[name].MaxEntries = uint32(size)
 		}
-		objs := &svcnatObjects{}
-		err = spec.LoadAndAssign(objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: b.opts.BPFFSPath}})
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return fmt.Errorf("init ebpf backend: pinned maps in %s differ from the flags (a map size changed?); run svcnat cleanup first: %w", b.opts.BPFFSPath, err)
-		}
+		pins := newMapPins(b.opts.BPFFSPath)
+		repl, err := pins.open(spec)
 		if err != nil {
+			pins.Close()
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+		objs := &svcnatObjects{}
+		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+			pins.Close()
 			return fmt.Errorf("init ebpf backend: load programs: %w", err)
 		}
-		b.objs = objs
+		b.objs, b.pins = objs, pins
 		b.rec = &reconciler{maps: b.mapSet(objs)}
 	}
 	if b.destroyer == nil {
-		d, err := newSocketDestroyer(b.opts.BPFFSPath, b.opts.MaxNAT)
+		d, err := newSocketDestroyer(b.pins)
 		if err != nil {
 			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
 		}
 		b.destroyer = d
 	}
+	if b.pins.refill {
+		// The programs an earlier run attached keep translating with its
+		// maps until the first sync has filled the new ones.
+		b.log.Info("pinned maps have another layout or size: the programs are replaced after the first sync", "bpffs", b.opts.BPFFSPath)
+		return nil
+	}
+	return b.attach()
+}
+
+// attach attaches the socket hooks and tc programs, updating the links an
+// earlier run pinned in place, and then pins the maps made at Init.
+func (b *Backend) attach() error {
 	progs := map[string]*ebpf.Program{
 		svcnatProgSvcnatConnect4: b.objs.SvcnatConnect4, svcnatProgSvcnatConnect6: b.objs.SvcnatConnect6,
 		svcnatProgSvcnatSendmsg4: b.objs.SvcnatSendmsg4, svcnatProgSvcnatSendmsg6: b.objs.SvcnatSendmsg6,
@@ -232,9 +277,6 @@ func (b *Backend) Init(ctx context.Context) error {
 		l.Close()
 	}
 	b.links = nil
-	if b.opts.CgroupPath == "" {
-		return errors.New("init ebpf backend: no cgroup path to attach the socket hooks to (--cgroup-path)")
-	}
 	cgroup, err := cgroupID(b.opts.CgroupPath)
 	if err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)
@@ -260,6 +302,9 @@ func (b *Backend) Init(ctx context.Context) error {
 		}
 	}
 	if err := b.detachOtherInterfaces(); err != nil {
+		return fmt.Errorf("init ebpf backend: %w", err)
+	}
+	if err := b.pins.pinNew(); err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)
 	}
 	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
@@ -480,8 +525,8 @@ func (b *Backend) sizes() map[string]int {
 		svcnatMapSvcnatSourceRanges: b.opts.MaxServices,
 		svcnatMapSvcnatSlots:        b.opts.MaxBackends,
 		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
+		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
 		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
-		svcnatMapSvcnatSockRevnat:   b.opts.MaxNAT,
 		svcnatMapSvcnatNat:          b.opts.MaxNAT,
 	}
 }
@@ -494,6 +539,7 @@ func (b *Backend) mapSet(objs *svcnatObjects) *mapSet {
 		services:     sized(svcnatMapSvcnatServices, "--bpf-map-max-services", objs.SvcnatServices),
 		info:         sized(svcnatMapSvcnatSvcInfo, "--bpf-map-max-services", objs.SvcnatSvcInfo),
 		slots:        sized(svcnatMapSvcnatSlots, "--bpf-map-max-backends", objs.SvcnatSlots),
+		members:      sized(svcnatMapSvcnatMembers, "--bpf-map-max-backends", objs.SvcnatMembers),
 		backends:     sized(svcnatMapSvcnatBackends, "--bpf-map-max-backends", objs.SvcnatBackends),
 		sourceRanges: sized(svcnatMapSvcnatSourceRanges, "--bpf-map-max-services", objs.SvcnatSourceRanges),
 		clusterCIDRs: sized(svcnatMapSvcnatClusterCidrs, "", objs.SvcnatClusterCidrs),
@@ -508,8 +554,15 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		return errors.New("sync ebpf backend: Init has not run")
 	}
 	start := time.Now()
-	if err := b.rec.sync(s); err != nil {
+	err := b.rec.sync(s)
+	var failed dataplane.PortErrors
+	if err != nil && !errors.As(err, &failed) {
 		return fmt.Errorf("sync ebpf backend: %w", err)
+	}
+	if b.pins.refill {
+		if err := b.attach(); err != nil {
+			return fmt.Errorf("sync ebpf backend: %w", err)
+		}
 	}
 	if len(b.opts.Interfaces) > 0 {
 		if err := b.attachPodInterfaces(); err != nil {
@@ -536,8 +589,12 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSvcInfo).Set(float64(len(t.info)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
+		b.entries.WithLabelValues(svcnatMapSvcnatMembers).Set(float64(len(t.members)))
 		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("sync ebpf backend: %w", failed)
 	}
 	return nil
 }
@@ -585,7 +642,7 @@ func flushFlows(nat *ebpf.Map, endpoints []svcnatBackend) error {
 // directory, for a process that did not load them. It returns nil maps
 // when nothing is pinned.
 func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
-	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots,
+	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots, svcnatMapSvcnatMembers,
 		svcnatMapSvcnatBackends, svcnatMapSvcnatSourceRanges, svcnatMapSvcnatClusterCidrs}
 	opened := map[string]*ebpf.Map{}
 	closeAll := func() {
@@ -593,8 +650,12 @@ func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
 			m.Close()
 		}
 	}
+	spec, err := loadSvcnat()
+	if err != nil {
+		return nil, nil, err
+	}
 	for _, name := range names {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, pinName(name, spec.Maps[name])), &ebpf.LoadPinOptions{ReadOnly: true})
 		if errors.Is(err, fs.ErrNotExist) {
 			closeAll()
 			return nil, func() {}, nil
@@ -607,7 +668,7 @@ func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
 	}
 	objs := &svcnatObjects{svcnatMaps: svcnatMaps{
 		SvcnatServices: opened[svcnatMapSvcnatServices], SvcnatSvcInfo: opened[svcnatMapSvcnatSvcInfo],
-		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatBackends: opened[svcnatMapSvcnatBackends],
+		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatMembers: opened[svcnatMapSvcnatMembers], SvcnatBackends: opened[svcnatMapSvcnatBackends],
 		SvcnatSourceRanges: opened[svcnatMapSvcnatSourceRanges], SvcnatClusterCidrs: opened[svcnatMapSvcnatClusterCidrs],
 	}}
 	return b.mapSet(objs), closeAll, nil
@@ -680,7 +741,8 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	}
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
-		b.objs, b.rec = nil, nil
+		b.pins.Close()
+		b.objs, b.rec, b.pins = nil, nil, nil
 	}
 	if b.destroyer != nil {
 		errs = append(errs, b.destroyer.Close())
@@ -705,7 +767,8 @@ func (b *Backend) Close() error {
 	b.links = nil
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
-		b.objs, b.rec = nil, nil
+		b.pins.Close()
+		b.objs, b.rec, b.pins = nil, nil, nil
 	}
 	if b.destroyer != nil {
 		errs = append(errs, b.destroyer.Close())
@@ -755,7 +818,64 @@ func (k kernelMap) Delete(keys any) error {
 	return nil
 }
 
-func (k kernelMap) Iterate() entryIterator { return k.m.Iterate() }
+func (k kernelMap) Iterate() entryIterator { return &batchIterator{m: k.m} }
+
+// batchSize is how many entries one batch lookup reads.
+const batchSize = 4096
+
+// batchIterator walks a map with batch lookups, one system call per
+// batchSize entries (the periodic sync reads every desired-state map);
+// maps without batch operations (LPM tries) fall back to the map's
+// iterator, two calls per entry.
+type batchIterator struct {
+	m            *ebpf.Map
+	cursor       ebpf.MapBatchCursor
+	keys, values reflect.Value
+	n, i         int
+	started      bool
+	done         bool
+	err          error
+	fallback     *ebpf.MapIterator
+}
+
+func (it *batchIterator) Next(key, value any) bool {
+	if it.fallback != nil {
+		return it.fallback.Next(key, value)
+	}
+	for it.i >= it.n {
+		if it.done || it.err != nil {
+			return false
+		}
+		if !it.keys.IsValid() {
+			it.keys = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(key).Elem()), batchSize, batchSize)
+			it.values = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(value).Elem()), batchSize, batchSize)
+		}
+		n, err := it.m.BatchLookup(&it.cursor, it.keys.Interface(), it.values.Interface(), nil)
+		it.n, it.i = n, 0
+		switch {
+		case errors.Is(err, ebpf.ErrNotSupported) && !it.started:
+			it.fallback = it.m.Iterate()
+			return it.fallback.Next(key, value)
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			it.done = true
+		case err != nil:
+			it.err = err
+			return false
+		}
+		it.started = true
+	}
+	reflect.ValueOf(key).Elem().Set(it.keys.Index(it.i))
+	reflect.ValueOf(value).Elem().Set(it.values.Index(it.i))
+	it.i++
+	return true
+}
+
+func (it *batchIterator) Err() error {
+	if it.fallback != nil {
+		return it.fallback.Err()
+	}
+	return it.err
+}
 
 func formatTable(t *table) string {
 	var lines []string
@@ -769,6 +889,9 @@ func formatTable(t *table) string {
 	}
 	for k, v := range t.slots {
 		lines = append(lines, fmt.Sprintf("%s id=%d set=%d slot=%d -> backend=%d", svcnatMapSvcnatSlots, k.Id, k.Set, k.Slot, v))
+	}
+	for k := range t.members {
+		lines = append(lines, fmt.Sprintf("%s id=%d set=%d backend=%d", svcnatMapSvcnatMembers, k.Id, k.Set, k.BackendId))
 	}
 	for id, v := range t.backends {
 		lines = append(lines, fmt.Sprintf("%s id=%d -> %s port=%d flags=%#x", svcnatMapSvcnatBackends, id, addrString(v.Addr), ntohs(v.Port), v.Flags))

@@ -25,9 +25,8 @@ type svcnatAffinityValue struct {
 	_         structs.HostLayout
 	LastUsed  uint64
 	BackendId uint32
-	Slot      uint16
 	Set       uint8
-	Pad       uint8
+	Pad       [3]uint8
 }
 
 type svcnatBackend struct {
@@ -66,6 +65,14 @@ type svcnatIn6Addr struct {
 	}
 }
 
+type svcnatMemberKey struct {
+	_         structs.HostLayout
+	Id        uint32
+	BackendId uint32
+	Set       uint8
+	Pad       [3]uint8
+}
+
 type svcnatNatKey struct {
 	_     structs.HostLayout
 	Saddr [16]uint8
@@ -86,22 +93,6 @@ type svcnatNatValue struct {
 	Pad   uint32
 }
 
-type svcnatRevnatKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [16]uint8
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type svcnatRevnatValue struct {
-	_    structs.HostLayout
-	Addr [16]uint8
-	Port uint16
-	Pad  uint16
-}
-
 type svcnatSlotKey struct {
 	_    structs.HostLayout
 	Id   uint32
@@ -117,6 +108,22 @@ type svcnatSnatKey struct {
 	Pad     [3]uint8
 }
 
+type svcnatSockState struct {
+	_     structs.HostLayout
+	Peers [4]struct {
+		_            structs.HostLayout
+		Frontend     [16]uint8
+		Backend      [16]uint8
+		FrontendPort uint16
+		BackendPort  uint16
+		Id           uint32
+		BackendId    uint32
+		Pad          uint32
+	}
+	Next uint32
+	Pad  uint32
+}
+
 type svcnatSourceRangeKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -128,7 +135,7 @@ type svcnatSvcInfo struct {
 	_                   structs.HostLayout
 	Namespace           [64]int8
 	Name                [64]int8
-	PortName            [16]int8
+	PortName            [64]int8
 	Family              uint8
 	Proto               uint8
 	HealthCheckNodePort uint16
@@ -161,12 +168,13 @@ const (
 	svcnatMapSvcnatAffinity      = "svcnat_affinity"
 	svcnatMapSvcnatBackends      = "svcnat_backends"
 	svcnatMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
+	svcnatMapSvcnatMembers       = "svcnat_members"
 	svcnatMapSvcnatNat           = "svcnat_nat"
 	svcnatMapSvcnatRejectBuf     = "svcnat_reject_buf"
 	svcnatMapSvcnatServices      = "svcnat_services"
 	svcnatMapSvcnatSlots         = "svcnat_slots"
 	svcnatMapSvcnatSnatAddrs     = "svcnat_snat_addrs"
-	svcnatMapSvcnatSockRevnat    = "svcnat_sock_revnat"
+	svcnatMapSvcnatSock          = "svcnat_sock"
 	svcnatMapSvcnatSourceRanges  = "svcnat_source_ranges"
 	svcnatMapSvcnatSvcInfo       = "svcnat_svc_info"
 	svcnatProgSvcnatConnect4     = "svcnat_connect4"
@@ -242,12 +250,13 @@ type svcnatMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
 	SvcnatNat          *ebpf.MapSpec `ebpf:"svcnat_nat"`
 	SvcnatRejectBuf    *ebpf.MapSpec `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
 	SvcnatSnatAddrs    *ebpf.MapSpec `ebpf:"svcnat_snat_addrs"`
-	SvcnatSockRevnat   *ebpf.MapSpec `ebpf:"svcnat_sock_revnat"`
+	SvcnatSock         *ebpf.MapSpec `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.MapSpec `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.MapSpec `ebpf:"svcnat_svc_info"`
 }
@@ -281,12 +290,13 @@ type svcnatMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
 	SvcnatNat          *ebpf.Map `ebpf:"svcnat_nat"`
 	SvcnatRejectBuf    *ebpf.Map `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
 	SvcnatSnatAddrs    *ebpf.Map `ebpf:"svcnat_snat_addrs"`
-	SvcnatSockRevnat   *ebpf.Map `ebpf:"svcnat_sock_revnat"`
+	SvcnatSock         *ebpf.Map `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.Map `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.Map `ebpf:"svcnat_svc_info"`
 }
@@ -296,12 +306,13 @@ func (m *svcnatMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
+		m.SvcnatMembers,
 		m.SvcnatNat,
 		m.SvcnatRejectBuf,
 		m.SvcnatServices,
 		m.SvcnatSlots,
 		m.SvcnatSnatAddrs,
-		m.SvcnatSockRevnat,
+		m.SvcnatSock,
 		m.SvcnatSourceRanges,
 		m.SvcnatSvcInfo,
 	)

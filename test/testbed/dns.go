@@ -77,7 +77,7 @@ func (c *Cluster) answerDNS(query []byte) ([]byte, error) {
 	if err := b.Question(q); err != nil {
 		return nil, err
 	}
-	if found && q.Type == dnsmessage.TypeA && q.Class == dnsmessage.ClassINET {
+	if ip.IsValid() && q.Type == dnsmessage.TypeA && q.Class == dnsmessage.ClassINET {
 		if err := b.StartAnswers(); err != nil {
 			return nil, err
 		}
@@ -89,8 +89,9 @@ func (c *Cluster) answerDNS(query []byte) ([]byte, error) {
 }
 
 // lookupService maps <service>.<namespace>.svc.cluster.local. to the
-// Service's IPv4 ClusterIP; found is true for an existing Service (an AAAA
-// query for it then gets an empty answer rather than NXDOMAIN).
+// Service's IPv4 ClusterIP; found is true for an existing Service, also one
+// without a ClusterIP (headless, ExternalName): its queries get an empty
+// answer rather than NXDOMAIN.
 func (c *Cluster) lookupService(name string) (ip netip.Addr, found bool) {
 	rest, ok := strings.CutSuffix(strings.ToLower(name), ".svc."+ClusterDomain+".")
 	if !ok {

@@ -153,6 +153,8 @@ func runProxy(ctx context.Context, log *slog.Logger, b testbed.Binaries, images 
 	}
 	defer logFile.Close()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Dies with this process, like the test bed's own processes.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	log.Info("running e2e.test", "proxy", kind, "log", logFile.Name())
 	// e2e.test exits non-zero when a test fails; the report says which.
 	runErr := cmd.Run()

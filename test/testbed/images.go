@@ -90,7 +90,7 @@ func BuildSvcnatImage(dir, svcnat string, tags ...string) (string, error) {
 }
 
 // BuildAgnhostImage writes upstream's test image (AgnhostImage) into dir
-// and returns the tar file: the agnhost binary (a static build of
+// and returns the tar file: the agnhost binary (built from
 // k8s.io/kubernetes/test/images/agnhost) as its entrypoint, dash, curl and
 // OpenBSD netcat from this machine's Debian packages, as upstream's image
 // has them for the commands tests run in it, and busybox's other applets.

@@ -12,6 +12,5 @@
 #include <bpf/bpf_helpers.h>
 
 #include "sock.h"
-#include "tc.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -44,48 +44,6 @@ type svcnatCidrKey struct {
 	Addr      [16]uint8
 }
 
-type svcnatIcmpScratch struct {
-	_       structs.HostLayout
-	Reply   [96]uint8
-	Mac     [12]uint8
-	Swapped [12]uint8
-	Pseudo  struct {
-		_     structs.HostLayout
-		Saddr [16]uint8
-		Daddr [16]uint8
-		Len   uint32
-		Next  uint32
-	}
-}
-
-type svcnatIn6Addr struct {
-	_    structs.HostLayout
-	In6U struct {
-		_       structs.HostLayout
-		U6Addr8 [16]uint8
-	}
-}
-
-type svcnatNatKey struct {
-	_     structs.HostLayout
-	Saddr [16]uint8
-	Daddr [16]uint8
-	Sport uint16
-	Dport uint16
-	Proto uint8
-	Dir   uint8
-	Pad   uint16
-}
-
-type svcnatNatValue struct {
-	_     structs.HostLayout
-	Saddr [16]uint8
-	Daddr [16]uint8
-	Sport uint16
-	Dport uint16
-	Pad   uint32
-}
-
 type svcnatRevnatKey struct {
 	_      structs.HostLayout
 	Cookie uint64
@@ -108,13 +66,6 @@ type svcnatSlotKey struct {
 	Slot uint16
 	Set  uint8
 	Pad  uint8
-}
-
-type svcnatSnatKey struct {
-	_       structs.HostLayout
-	Ifindex uint32
-	Family  uint8
-	Pad     [3]uint8
 }
 
 type svcnatSourceRangeKey struct {
@@ -161,11 +112,8 @@ const (
 	svcnatMapSvcnatAffinity      = "svcnat_affinity"
 	svcnatMapSvcnatBackends      = "svcnat_backends"
 	svcnatMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
-	svcnatMapSvcnatNat           = "svcnat_nat"
-	svcnatMapSvcnatRejectBuf     = "svcnat_reject_buf"
 	svcnatMapSvcnatServices      = "svcnat_services"
 	svcnatMapSvcnatSlots         = "svcnat_slots"
-	svcnatMapSvcnatSnatAddrs     = "svcnat_snat_addrs"
 	svcnatMapSvcnatSockRevnat    = "svcnat_sock_revnat"
 	svcnatMapSvcnatSourceRanges  = "svcnat_source_ranges"
 	svcnatMapSvcnatSvcInfo       = "svcnat_svc_info"
@@ -177,8 +125,6 @@ const (
 	svcnatProgSvcnatRecvmsg6     = "svcnat_recvmsg6"
 	svcnatProgSvcnatSendmsg4     = "svcnat_sendmsg4"
 	svcnatProgSvcnatSendmsg6     = "svcnat_sendmsg6"
-	svcnatProgSvcnatTcEgress     = "svcnat_tc_egress"
-	svcnatProgSvcnatTcIngress    = "svcnat_tc_ingress"
 )
 
 // loadSvcnat returns the embedded CollectionSpec for svcnat.
@@ -231,8 +177,6 @@ type svcnatProgramSpecs struct {
 	SvcnatRecvmsg6     *ebpf.ProgramSpec `ebpf:"svcnat_recvmsg6"`
 	SvcnatSendmsg4     *ebpf.ProgramSpec `ebpf:"svcnat_sendmsg4"`
 	SvcnatSendmsg6     *ebpf.ProgramSpec `ebpf:"svcnat_sendmsg6"`
-	SvcnatTcEgress     *ebpf.ProgramSpec `ebpf:"svcnat_tc_egress"`
-	SvcnatTcIngress    *ebpf.ProgramSpec `ebpf:"svcnat_tc_ingress"`
 }
 
 // svcnatMapSpecs contains maps before they are loaded into the kernel.
@@ -242,11 +186,8 @@ type svcnatMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
-	SvcnatNat          *ebpf.MapSpec `ebpf:"svcnat_nat"`
-	SvcnatRejectBuf    *ebpf.MapSpec `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
-	SvcnatSnatAddrs    *ebpf.MapSpec `ebpf:"svcnat_snat_addrs"`
 	SvcnatSockRevnat   *ebpf.MapSpec `ebpf:"svcnat_sock_revnat"`
 	SvcnatSourceRanges *ebpf.MapSpec `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.MapSpec `ebpf:"svcnat_svc_info"`
@@ -281,11 +222,8 @@ type svcnatMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
-	SvcnatNat          *ebpf.Map `ebpf:"svcnat_nat"`
-	SvcnatRejectBuf    *ebpf.Map `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
-	SvcnatSnatAddrs    *ebpf.Map `ebpf:"svcnat_snat_addrs"`
 	SvcnatSockRevnat   *ebpf.Map `ebpf:"svcnat_sock_revnat"`
 	SvcnatSourceRanges *ebpf.Map `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.Map `ebpf:"svcnat_svc_info"`
@@ -296,11 +234,8 @@ func (m *svcnatMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
-		m.SvcnatNat,
-		m.SvcnatRejectBuf,
 		m.SvcnatServices,
 		m.SvcnatSlots,
-		m.SvcnatSnatAddrs,
 		m.SvcnatSockRevnat,
 		m.SvcnatSourceRanges,
 		m.SvcnatSvcInfo,
@@ -325,8 +260,6 @@ type svcnatPrograms struct {
 	SvcnatRecvmsg6     *ebpf.Program `ebpf:"svcnat_recvmsg6"`
 	SvcnatSendmsg4     *ebpf.Program `ebpf:"svcnat_sendmsg4"`
 	SvcnatSendmsg6     *ebpf.Program `ebpf:"svcnat_sendmsg6"`
-	SvcnatTcEgress     *ebpf.Program `ebpf:"svcnat_tc_egress"`
-	SvcnatTcIngress    *ebpf.Program `ebpf:"svcnat_tc_ingress"`
 }
 
 func (p *svcnatPrograms) Close() error {
@@ -339,8 +272,6 @@ func (p *svcnatPrograms) Close() error {
 		p.SvcnatRecvmsg6,
 		p.SvcnatSendmsg4,
 		p.SvcnatSendmsg6,
-		p.SvcnatTcEgress,
-		p.SvcnatTcIngress,
 	)
 }
 

@@ -12,16 +12,19 @@
 // ServicePort's name and the fields Dump needs), svcnat_source_ranges and
 // svcnat_cluster_cidrs (LPM tries). encode and decode turn a model.State into
 // these entries and back; the round trip is exact, so Dump gives back what
-// Sync was given. The datapath writes three LRU maps itself: session
-// affinity, the sockets' reverse translation, and the tc flow table.
+// Sync was given. The datapath writes two LRU maps itself: session
+// affinity and the sockets' reverse translation. The flows of the tc path
+// live in the kernel's conntrack (see attach.go).
 //
 // # Programs
 //
-// The cgroup socket hooks go on Options.CgroupPath; the tc programs (TCX)
-// on Options.Interfaces and, as local endpoints appear, on the interfaces
-// toward them. After a sync that removes endpoints, the backend forgets the
-// tc flows to them and destroys the connected UDP sockets the hooks pointed
-// at them (a socket iterator, when the kernel has bpf_sock_destroy).
+// The cgroup socket hooks go on Options.CgroupPath; the tc ingress program
+// (TCX, a separate object that needs the conntrack kfuncs) on
+// Options.Interfaces, with the nftables table that makes nf_nat run. After
+// every sync the backend deletes the conntrack entries of svcnat's flows
+// that the state no longer allows, and after a sync that removes endpoints
+// it destroys the connected UDP sockets the hooks pointed at them (a socket
+// iterator, when the kernel has bpf_sock_destroy).
 //
 // # Writing
 //
@@ -47,7 +50,8 @@
 // translation never stops; its first Sync compares with what the kernel
 // holds and writes only the difference. Dump and Raw open the pins
 // read-only and need no Init, so `svcnat dump` works from another process.
-// Cleanup detaches every pinned link and removes the directory.
+// Cleanup detaches every pinned link, removes the directory and deletes
+// the nftables table.
 //
 // Init mounts nothing: the parent of Options.BPFFSPath must already be a
 // bpffs, or Init fails saying so.

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -763,5 +764,92 @@ func TestFlood(t *testing.T) {
 		stats[tcTcStatTC_STAT_NAT_FAILED], stats[tcTcStatTC_STAT_CT_FULL], entries, broken, newErr)
 	if seen := stats[tcTcStatTC_STAT_NEW_FLOW] + stats[tcTcStatTC_STAT_NAT_FAILED]; seen < uint64(sent)*95/100 {
 		t.Errorf("only %d of %d flood SYNs reached the tc program as new flows", seen, sent)
+	}
+}
+
+// TestL3Device: on a device without an Ethernet header (a tun device, as
+// WireGuard or IPIP would be) the L3 variant of the program is attached,
+// and a UDP flow through a NodePort on it is translated both ways
+// (review finding 22).
+func TestL3Device(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	forwarding(t, "")
+	p := newPod(t, "10.244.1.2/24")
+	p.serveUDPEcho(t, "10.244.1.2:5300")
+	tun, err := os.OpenFile("/dev/net/tun", os.O_RDWR, 0)
+	if err != nil {
+		t.Skipf("no tun device: %v", err)
+	}
+	t.Cleanup(func() { tun.Close() })
+	ifr, err := unix.NewIfreq("l3tun0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI)
+	if err := unix.IoctlIfreq(int(tun.Fd()), unix.TUNSETIFF, ifr); err != nil {
+		t.Fatalf("create tun device: %v", err)
+	}
+	netnstest.Run(t, "", "ip", "addr", "add", "172.30.0.1/24", "dev", "l3tun0")
+	netnstest.Run(t, "", "ip", "link", "set", "l3tun0", "up")
+	s := sp("l3", model.IPv4, model.UDP, "10.96.0.30", 53, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 5300, Local: true})
+	s.Frontends = append(s.Frontends, model.Frontend{Kind: model.NodePort, IP: mustAddr("172.30.0.1"), Port: 30053})
+	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"l3tun0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Cleanup(t.Context()) })
+	if err := b.Sync(t.Context(), stateOf(s)); err != nil {
+		t.Fatal(err)
+	}
+	iface, err := net.InterfaceByName("l3tun0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := link.QueryPrograms(link.QueryOptions{Target: iface.Index, Attach: ebpf.AttachTCXIngress})
+	if err != nil || len(res.Programs) != 1 {
+		t.Fatalf("programs on l3tun0: %v %v", res, err)
+	}
+	if info, _ := b.tc.SvcnatTcIngressL3.Info(); info != nil {
+		if id, _ := info.ID(); res.Programs[0].ID != id {
+			t.Errorf("l3tun0 got program %d, not the L3 variant %d", res.Programs[0].ID, id)
+		}
+	}
+	// A datagram from 172.30.0.7 arrives on the tun device: the IPv4
+	// packet is what the tun fd takes (no link-layer header).
+	in := tuple{src: ap("172.30.0.7:40000"), dst: ap("172.30.0.1:30053"), proto: protoUDP, payloadBytes: 16}
+	if _, err := tun.Write(packet(in)[14:]); err != nil {
+		t.Fatalf("write to tun: %v", err)
+	}
+	replies := make(chan []byte, 1)
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, err := tun.Read(buf)
+			if err != nil {
+				return
+			}
+			if n >= 28 && buf[0]>>4 == 4 && buf[9] == protoUDP {
+				replies <- append([]byte(nil), buf[:n]...)
+				return
+			}
+		}
+	}()
+	select {
+	case r := <-replies:
+		src, _ := netip.AddrFromSlice(r[12:16])
+		dst, _ := netip.AddrFromSlice(r[16:20])
+		from := netip.AddrPortFrom(src, uint16(r[20])<<8|uint16(r[21]))
+		to := netip.AddrPortFrom(dst, uint16(r[22])<<8|uint16(r[23]))
+		if from != in.dst || to != in.src {
+			t.Errorf("reply %s -> %s, want %s -> %s", from, to, in.dst, in.src)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("no reply through the NodePort on the L3 device")
 	}
 }

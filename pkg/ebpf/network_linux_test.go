@@ -129,10 +129,15 @@ func newRealNetwork(t *testing.T) *realNetwork {
 	return n
 }
 
-// startNode starts the backend with the program on up1 only.
-func startNode(t *testing.T, env *testEnv, sps ...*model.ServicePort) *Backend {
+// startNode starts the backend on env with o (by default the program on
+// up1 only), cleaned up when the test ends, and syncs sps.
+func startNode(t *testing.T, env *testEnv, o Options, sps ...*model.ServicePort) *Backend {
 	t.Helper()
-	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up1"}})
+	o.BPFFSPath, o.CgroupPath = env.bpffs, env.cgroup
+	if o.Interfaces == nil {
+		o.Interfaces = []string{"up1"}
+	}
+	b, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,7 +198,7 @@ func TestOverlayAndSecondUplink(t *testing.T) {
 	n.remotePod.servePeer(t, "[fd00:244:2::5]:8080")
 	n.host.servePeer(t, "203.0.113.9:8080")
 	n.host.servePeer(t, "[2001:db8:2::9]:8080")
-	startNode(t, env,
+	startNode(t, env, Options{},
 		nodePortTo("overlay", model.IPv4, model.TCP, 30081, endpoint("10.244.2.5", 8080)),
 		nodePortTo("overlay", model.IPv6, model.TCP, 30081, endpoint("fd00:244:2::5", 8080)),
 		nodePortTo("uplink2", model.IPv4, model.TCP, 30082, endpoint("203.0.113.9", 8080)),
@@ -237,7 +242,7 @@ func TestPathMTU(t *testing.T) {
 		s.LocalEndpoints = s.ClusterEndpoints
 		return s
 	}
-	startNode(t, env,
+	startNode(t, env, Options{},
 		viaLocal(nodePortTo("local", model.IPv4, model.TCP, 30090, local("10.244.1.2", 9000))),
 		viaLocal(nodePortTo("local", model.IPv6, model.TCP, 30090, local("fd00:244:1::2", 9000))),
 		nodePortTo("masq", model.IPv4, model.TCP, 30091, local("10.244.1.2", 9001)),
@@ -322,26 +327,16 @@ func TestFragments(t *testing.T) {
 	n.remotePod.serveUDPEcho(t, "10.244.2.5:5300")
 	n.remotePod.serveUDPEcho(t, "[fd00:244:2::5]:5300")
 	local := func(ip string) model.Endpoint { return model.Endpoint{IP: mustAddr(ip), Port: 5300, Local: true} }
-	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up1", "up3"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Cleanup(t.Context()) })
 	withNode := func(s *model.ServicePort, node string) *model.ServicePort {
 		s.Frontends = append(s.Frontends, model.Frontend{Kind: model.NodePort, IP: mustAddr(node), Port: s.Frontends[1].Port})
 		return s
 	}
-	if err := b.Sync(t.Context(), stateOf(
+	startNode(t, env, Options{Interfaces: []string{"up1", "up3"}},
 		withNode(nodePortTo("local", model.IPv4, model.UDP, 30053, local("10.244.1.2")), "198.51.101.1"),
 		withNode(nodePortTo("local", model.IPv6, model.UDP, 30053, local("fd00:244:1::2")), "2001:db8:d::1"),
 		withNode(nodePortTo("remote", model.IPv4, model.UDP, 30054, endpoint("10.244.2.5", 5300)), "198.51.101.1"),
 		withNode(nodePortTo("remote", model.IPv6, model.UDP, 30054, endpoint("fd00:244:2::5", 5300)), "2001:db8:d::1"),
-	)); err != nil {
-		t.Fatal(err)
-	}
+	)
 	query := bytes.Repeat([]byte("q"), 3000)
 	for _, frontend := range []string{"198.51.101.1:30053", "[2001:db8:d::1]:30053", "198.51.101.1:30054", "[2001:db8:d::1]:30054"} {
 		var got []byte
@@ -414,7 +409,7 @@ func TestTCXNeighbour(t *testing.T) {
 	env := newTestEnv(t)
 	n := newRealNetwork(t)
 	n.localPod.servePeer(t, "10.244.1.2:8080")
-	startNode(t, env, nodePortTo("np", model.IPv4, model.TCP, 30081, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 8080, Local: true}))
+	startNode(t, env, Options{}, nodePortTo("np", model.IPv4, model.TCP, 30081, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 8080, Local: true}))
 	up1, err := net.InterfaceByName("up1")
 	if err != nil {
 		t.Fatal(err)
@@ -507,7 +502,7 @@ func TestMasqueradedPorts(t *testing.T) {
 	// flows hairpin out of the interface they came in on.
 	router := &pod{ns: n.router}
 	router.serveUDPPeer(t, "192.0.2.254:5300")
-	b := startNode(t, env, nodePortTo("masq", model.IPv4, model.UDP, 30055, endpoint("192.0.2.254", 5300)))
+	b := startNode(t, env, Options{}, nodePortTo("masq", model.IPv4, model.UDP, 30055, endpoint("192.0.2.254", 5300)))
 	netnstest.Run(t, "", "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40099")
 	const clients, ports = 100, 100
 	for i := range clients {
@@ -669,17 +664,7 @@ func TestFlood(t *testing.T) {
 	n := newRealNetwork(t)
 	n.localPod.serveTCPEcho(t, "10.244.1.2:7000")
 	local := []model.Endpoint{{IP: mustAddr("10.244.1.2"), Port: 7000, Local: true}}
-	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up1"}, MaxNAT: 4096})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Cleanup(t.Context()) })
-	if err := b.Sync(t.Context(), stateOf(nodePortTo("echo", model.IPv4, model.TCP, 30070, local...))); err != nil {
-		t.Fatal(err)
-	}
+	b := startNode(t, env, Options{MaxNAT: 4096}, nodePortTo("echo", model.IPv4, model.TCP, 30070, local...))
 	var established []net.Conn
 	inNamespace(t, n.client, func() {
 		for range 20 {
@@ -796,17 +781,7 @@ func TestL3Device(t *testing.T) {
 	netnstest.Run(t, "", "ip", "link", "set", "l3tun0", "up")
 	s := sp("l3", model.IPv4, model.UDP, "10.96.0.30", 53, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 5300, Local: true})
 	s.Frontends = append(s.Frontends, model.Frontend{Kind: model.NodePort, IP: mustAddr("172.30.0.1"), Port: 30053})
-	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"l3tun0"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Cleanup(t.Context()) })
-	if err := b.Sync(t.Context(), stateOf(s)); err != nil {
-		t.Fatal(err)
-	}
+	b := startNode(t, env, Options{Interfaces: []string{"l3tun0"}}, s)
 	iface, err := net.InterfaceByName("l3tun0")
 	if err != nil {
 		t.Fatal(err)

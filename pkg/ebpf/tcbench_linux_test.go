@@ -51,22 +51,10 @@ func TestNodePortCost(t *testing.T) {
 		}
 	}()
 	client := netnstest.NewNamespace(t, "sn-c")
-	netnstest.Run(t, "", "ip", "link", "add", "up1", "type", "veth", "peer", "name", "cl1", "netns", client)
-	netnstest.Run(t, "", "ip", "addr", "add", "198.51.100.1/24", "dev", "up1")
-	netnstest.Run(t, "", "ip", "link", "set", "up1", "up")
-	netnstest.Run(t, client, "ip", "addr", "add", "198.51.100.7/24", "dev", "cl1")
-	netnstest.Run(t, client, "ip", "link", "set", "cl1", "up")
+	vethPair(t, "", "up1", []string{"198.51.100.1/24"}, client, "cl1", []string{"198.51.100.7/24"})
 	netnstest.Run(t, client, "ip", "route", "add", "default", "via", "198.51.100.1")
-	netnstest.Run(t, "", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+	forwarding(t, "")
 
-	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up1"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Cleanup(t.Context()) })
 	nodePort := func(name string, ip string, port, target uint16, local bool) *model.ServicePort {
 		s := sp(name, model.IPv4, model.TCP, ip, port, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: target, Local: true})
 		s.Frontends = append(s.Frontends, model.Frontend{Kind: model.NodePort, IP: mustAddr("198.51.100.1"), Port: port})
@@ -76,12 +64,10 @@ func TestNodePortCost(t *testing.T) {
 		}
 		return s
 	}
-	if err := b.Sync(t.Context(), stateOf(
+	startNode(t, env, Options{},
 		nodePort("local", "10.96.0.1", 30081, 8080, true), nodePort("masq", "10.96.0.2", 30082, 8080, false),
 		nodePort("bulk-local", "10.96.0.3", 30091, 9000, true), nodePort("bulk-masq", "10.96.0.4", 30092, 9000, false),
-	)); err != nil {
-		t.Fatal(err)
-	}
+	)
 
 	ways := []struct{ name, short, bulk string }{
 		{"straight to the pod", "10.244.1.2:8080", "10.244.1.2:9000"},

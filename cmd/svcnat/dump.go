@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -192,6 +193,10 @@ func check(ctx context.Context, client kubernetes.Interface, b dataplane.Backend
 	}
 	want, errs := model.Build(cfg, snap.Services, snap.EndpointSlices)
 	for _, err := range errs {
+		if ce := (*model.ConflictError)(nil); errors.As(err, &ce) {
+			fmt.Fprintf(out, "conflict (the agent programs the winner only): %v\n", err)
+			continue
+		}
 		fmt.Fprintf(out, "skipped (invalid, as the agent skips it): %v\n", err)
 	}
 	got, err := b.Dump(ctx)

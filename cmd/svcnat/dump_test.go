@@ -180,6 +180,32 @@ func TestCheck(t *testing.T) {
 		}
 	})
 
+	t.Run("conflict", func(t *testing.T) {
+		// An externalIP on dns's ClusterIP and port: the kernel holds only
+		// dns's claim, as the agent programs it; check names the conflict
+		// and finds no drift.
+		thief := &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "evil", Name: "thief"},
+			Spec: corev1.ServiceSpec{
+				Type: corev1.ServiceTypeClusterIP, ClusterIP: "10.96.0.66", ClusterIPs: []string{"10.96.0.66"},
+				ExternalIPs: []string{"10.96.0.53"},
+				Ports:       []corev1.ServicePort{{Name: "dns", Protocol: proto, Port: 53}},
+			},
+		}
+		client := fake.NewClientset(objs[0], thief, slice, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}})
+		kernel, errs := model.Build(cfg(), []*corev1.Service{objs[0], thief}, []*discoveryv1.EndpointSlice{slice})
+		if len(errs) != 1 {
+			t.Fatalf("errors %v, want the conflict", errs)
+		}
+		var out bytes.Buffer
+		if err := check(context.Background(), client, &dumpBackend{kernel}, cfg(), &out); err != nil {
+			t.Errorf("check = %v, want nil; output:\n%s", err, &out)
+		}
+		if !strings.Contains(out.String(), "conflict (the agent programs the winner only): service port evil/thief:dns: ExternalIP 10.96.0.53:53/UDP is also the ClusterIP of service port kube-system/dns:dns") {
+			t.Errorf("output does not name the conflict:\n%s", &out)
+		}
+	})
+
 	t.Run("empty kernel", func(t *testing.T) {
 		var out bytes.Buffer
 		empty := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}

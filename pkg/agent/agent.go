@@ -108,6 +108,7 @@ type Agent struct {
 	triggers map[types.NamespacedName]map[string]time.Time
 	pending  []time.Time // trigger times not yet programmed
 	failures int
+	problems map[string]bool // conflicts and failed ServicePorts last reported
 }
 
 // New returns an Agent that programs backend from src. The backend must be
@@ -361,10 +362,13 @@ func (a *Agent) sync(ctx context.Context) error {
 			endpoints += len(sp.ClusterEndpoints)
 		}
 	}
-	if err := a.backend.Sync(ctx, state); err != nil {
+	conflicts := model.ResolveConflicts(state)
+	var failed dataplane.PortErrors
+	if err := a.backend.Sync(ctx, state); err != nil && !errors.As(err, &failed) {
 		a.metrics.syncErrors.Inc()
 		return fmt.Errorf("program %d service ports: %w", len(state.ServicePorts), err)
 	}
+	a.reportProblems(conflicts, failed)
 	now := a.clock.Now()
 	for _, t := range a.pending {
 		a.metrics.programmingLatency.Observe(now.Sub(t).Seconds())
@@ -386,6 +390,30 @@ func (a *Agent) sync(ctx context.Context) error {
 	a.log.Info("synced", "services", len(a.ports), "servicePorts", len(state.ServicePorts),
 		"endpoints", endpoints, "rebuilt", len(keys), "took", took)
 	return nil
+}
+
+// reportProblems logs each frontend conflict and each ServicePort the
+// backend could not program once, when it appears (not on every sync while
+// it lasts), and sets their gauges.
+func (a *Agent) reportProblems(conflicts []error, failed dataplane.PortErrors) {
+	a.metrics.frontendConflicts.Set(float64(len(conflicts)))
+	a.metrics.servicePortsFailed.Set(float64(len(failed)))
+	now := make(map[string]bool, len(conflicts)+len(failed))
+	for _, err := range conflicts {
+		msg := err.Error()
+		now[msg] = true
+		if !a.problems[msg] {
+			a.log.Warn("frontend conflict", "err", msg)
+		}
+	}
+	for name, err := range failed {
+		msg := name.String() + ": " + err.Error()
+		now[msg] = true
+		if !a.problems[msg] {
+			a.log.Error("service port not programmed; the others are", "servicePort", name.String(), "err", err)
+		}
+	}
+	a.problems = now
 }
 
 // modelConfig is the node's view the model builds from, read fresh for

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -24,6 +25,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	clocktesting "k8s.io/utils/clock/testing"
 
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -153,7 +155,7 @@ var t0 = time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)
 
 // newHarness starts an agent whose caches are not synced yet: tests set up
 // their objects, then call cachesSynced, so the first sync sees them all.
-func newHarness(t *testing.T) *harness {
+func newHarness(t *testing.T, tweaks ...func(*Options)) *harness {
 	t.Helper()
 	h := &harness{
 		t:     t,
@@ -163,7 +165,7 @@ func newHarness(t *testing.T) *harness {
 		m:     NewMetrics(prometheus.NewRegistry()),
 		done:  make(chan error, 1),
 	}
-	h.a = New(h.be, h.src, Options{
+	opts := Options{
 		NodeName:        "node1",
 		MinSyncInterval: time.Second,
 		SyncPeriod:      30 * time.Second,
@@ -173,7 +175,11 @@ func newHarness(t *testing.T) *harness {
 		Clock:           h.clock,
 		Metrics:         h.m,
 		Logger:          slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	}
+	for _, tweak := range tweaks {
+		tweak(&opts)
+	}
+	h.a = New(h.be, h.src, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { h.done <- h.a.Run(ctx) }()
 	t.Cleanup(func() {
@@ -516,4 +522,87 @@ func get(t *testing.T, url string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// TestConflictsAndFailedPortsDoNotBlockOthers: a frontend two Services claim
+// is resolved before programming, and a ServicePort the backend cannot
+// program fails alone: the sync counts as done, both are reported once
+// (log and gauges), and the periodic schedule goes on.
+func TestConflictsAndFailedPortsDoNotBlockOthers(t *testing.T) {
+	var logs syncBuffer
+	h := newHarness(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	thief := service("thief", "10.96.0.20")
+	thief.Spec.ExternalIPs = []string{"10.96.0.10"}
+	h.src.put(service("victim", "10.96.0.10"))
+	h.src.put(thief)
+	h.src.put(service("web", "10.96.0.30"))
+	webPort := model.ServicePortName{Namespace: "ns", Name: "web", Family: model.IPv4}
+	h.be.mu.Lock()
+	h.be.errs = []error{
+		fmt.Errorf("wrapped: %w", dataplane.PortErrors{webPort: errors.New("map full")}),
+		dataplane.PortErrors{webPort: errors.New("map full")},
+	}
+	h.be.mu.Unlock()
+	h.cachesSynced()
+	s := h.waitSync()
+	th := s.ServicePorts[model.ServicePortName{Namespace: "ns", Name: "thief", Family: model.IPv4}]
+	if th == nil || len(th.Frontends) != 1 || th.Frontends[0].Kind != model.ClusterIP {
+		t.Fatalf("thief programmed with %v, want its ClusterIP only", th)
+	}
+	// Not a failed sync: no retry with back-off, the next sync is periodic.
+	h.waitArmed(30 * time.Second)
+	if got := counterValue(t, h.m.syncErrors); got != 0 {
+		t.Errorf("svcnat_sync_errors_total = %v, want 0", got)
+	}
+	if got := gaugeValue(t, h.m.frontendConflicts); got != 1 {
+		t.Errorf("svcnat_frontend_conflicts = %v, want 1", got)
+	}
+	if got := gaugeValue(t, h.m.servicePortsFailed); got != 1 {
+		t.Errorf("svcnat_service_ports_failed = %v, want 1", got)
+	}
+	h.advanceTo(30 * time.Second)
+	h.waitSync()
+	h.waitArmed(60 * time.Second)
+	out := logs.String()
+	if n := strings.Count(out, "frontend conflict"); n != 1 {
+		t.Errorf("conflict logged %d times over two syncs, want once:\n%s", n, out)
+	}
+	if n := strings.Count(out, "service port not programmed"); n != 1 || !strings.Contains(out, "ns/web") {
+		t.Errorf("failed port logged %d times, want once naming ns/web:\n%s", n, out)
+	}
+	// The third sync succeeds for all: the gauge clears.
+	h.advanceTo(60 * time.Second)
+	h.waitSync()
+	h.waitArmed(90 * time.Second)
+	if got := gaugeValue(t, h.m.servicePortsFailed); got != 0 {
+		t.Errorf("svcnat_service_ports_failed = %v after a clean sync, want 0", got)
+	}
+}
+
+func gaugeValue(t *testing.T, g prometheus.Gauge) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := g.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetGauge().GetValue()
+}
+
+// syncBuffer is a bytes.Buffer safe for the loop goroutine to write while
+// the test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

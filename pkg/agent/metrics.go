@@ -15,6 +15,8 @@ type Metrics struct {
 	servicePorts       prometheus.Gauge
 	endpoints          prometheus.Gauge
 	backendInfo        *prometheus.GaugeVec
+	frontendConflicts  prometheus.Gauge
+	servicePortsFailed prometheus.Gauge
 }
 
 // NewMetrics creates the agent's metrics and registers them with reg
@@ -60,10 +62,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "svcnat_backend_info",
 			Help: "The dataplane backend in use (value 1).",
 		}, []string{"backend"}),
+		frontendConflicts: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "svcnat_frontend_conflicts",
+			Help: "Frontends claimed by two Service ports whose losing claim is not programmed " +
+				"(named in the log and by svcnat dump --check).",
+		}),
+		servicePortsFailed: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "svcnat_service_ports_failed",
+			Help: "Service ports the backend could not program in the last sync, every other one being programmed " +
+				"(named in the log and by svcnat dump --check).",
+		}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.syncDuration, m.programmingLatency, m.syncErrors, m.invalidObjects,
-			m.lastSync, m.services, m.servicePorts, m.endpoints, m.backendInfo)
+			m.lastSync, m.services, m.servicePorts, m.endpoints, m.backendInfo, m.frontendConflicts, m.servicePortsFailed)
 	}
 	return m
 }

@@ -57,7 +57,8 @@ func Ignored(obj metav1.Object) bool {
 // kubernetes.io/service-name label; slices of no given Service are unused.
 //
 // Invalid input is skipped, and each skipped piece yields an error naming the
-// object and field; everything else is built. The result is canonical: equal
+// object and field; everything else is built. Frontends two Services claim
+// are resolved by ResolveConflicts, whose errors come last. The result is canonical: equal
 // input (in any order) gives an equal State.
 func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (*State, []error) {
 	if cfg == nil {
@@ -106,6 +107,7 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 			state.ServicePorts[sp.Name] = sp
 		}
 	}
+	errs = append(errs, ResolveConflicts(state)...)
 	return state, errs
 }
 
@@ -598,20 +600,16 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	slices.SortFunc(sp.Frontends, Frontend.Compare)
 	sp.Frontends = slices.Compact(sp.Frontends)
 
-	external := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind.External() })
-	hasLoadBalancer := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind == LoadBalancer })
 	sp.InternalTrafficLocal = b.internalLocal
-	sp.ExternalTrafficLocal = b.externalLocal && external
-	if hasLoadBalancer {
-		sp.SourceRanges = familyRanges(b.sourceRanges, fam.family)
-	}
+	sp.ExternalTrafficLocal = b.externalLocal
+	sp.SourceRanges = familyRanges(b.sourceRanges, fam.family)
 	if b.externalLocal {
 		sp.HealthCheckNodePort = b.healthCheck
 	}
 
 	cands := b.endpointsFor(port, fam.family)
 	topo := topologyOf(cands)
-	cluster := usable(cands, func(c candidate) bool {
+	sp.ClusterEndpoints = usable(cands, func(c candidate) bool {
 		switch topo {
 		case sameNode:
 			return c.forNodeHint
@@ -620,17 +618,10 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 		}
 		return true
 	})
-	usesCluster := !sp.InternalTrafficLocal || external
-	usesLocal := sp.InternalTrafficLocal || sp.ExternalTrafficLocal
-	if usesLocal {
+	if b.internalLocal || b.externalLocal {
 		sp.LocalEndpoints = usable(cands, func(c candidate) bool { return c.local })
 	}
-	// With only internalTrafficPolicy Local in effect, no frontend uses the
-	// cluster endpoints; they are kept only when there is no local one, so
-	// that NoEndpoints drops (endpoints exist elsewhere) instead of rejecting.
-	if usesCluster || len(sp.LocalEndpoints) == 0 {
-		sp.ClusterEndpoints = cluster
-	}
+	sp.prune()
 	return sp
 }
 

@@ -194,6 +194,25 @@ func (sp *ServicePort) NoEndpoints() NoEndpointsAction {
 	return Drop
 }
 
+// prune empties the fields no frontend of sp uses, as the ServicePort doc
+// comment requires: SourceRanges without a LoadBalancer frontend,
+// ExternalTrafficLocal without an external frontend, LocalEndpoints without
+// a Local policy in effect, and ClusterEndpoints when only
+// internalTrafficPolicy Local is in effect and local endpoints exist.
+func (sp *ServicePort) prune() {
+	external := slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind.External() })
+	if !slices.ContainsFunc(sp.Frontends, func(f Frontend) bool { return f.Kind == LoadBalancer }) {
+		sp.SourceRanges = nil
+	}
+	sp.ExternalTrafficLocal = sp.ExternalTrafficLocal && external
+	if !sp.InternalTrafficLocal && !sp.ExternalTrafficLocal {
+		sp.LocalEndpoints = nil
+	}
+	if sp.InternalTrafficLocal && !external && len(sp.LocalEndpoints) > 0 {
+		sp.ClusterEndpoints = nil
+	}
+}
+
 // Clone returns a deep copy of sp: changing one never changes the other.
 func (sp *ServicePort) Clone() *ServicePort {
 	c := *sp

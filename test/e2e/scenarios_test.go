@@ -36,6 +36,7 @@ var scenarios = []scenario{
 	{name: "Hairpin", run: testHairpin},
 	{name: "UDPEndpointDeleted", run: testUDPStale},
 	{name: "ServiceProxyNameIgnored", run: testServiceProxyName},
+	{name: "HostileObjectsDoNotBlockOthers", run: testHostileObjects},
 	{name: "AgentKilledWhileStreaming", run: testAgentRestart},
 	{name: "APIServerDown30s", run: testAPIServerDown},
 	{name: "DumpCheckDetectsDeletedRule", run: testDumpDrift, skip: dumpDriftSkip},
@@ -156,14 +157,7 @@ func testLoadBalancer(t *testing.T, e *env) {
 // controller would.
 func (e *env) updateStatus(t *testing.T, name string, ip netip.Addr) {
 	t.Helper()
-	svc, err := e.c.Kube.CoreV1().Services(ns).Get(t.Context(), name, metav1.GetOptions{})
-	if err != nil {
-		t.Fatalf("get service %s: %v", name, err)
-	}
-	svc.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{{IP: ip.String()}}
-	if _, err := e.c.Kube.CoreV1().Services(ns).UpdateStatus(t.Context(), svc, metav1.UpdateOptions{}); err != nil {
-		t.Fatalf("set load balancer status of %s: %v", name, err)
-	}
+	e.setIngress(t, name, []corev1.LoadBalancerIngress{{IP: ip.String()}})
 }
 
 func testSpread(t *testing.T, e *env) {

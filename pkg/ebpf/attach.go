@@ -5,11 +5,15 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -257,9 +261,9 @@ type staleFlows struct {
 	clusterCIDRs []netip.Prefix
 }
 
-func newStaleFlows(s *model.State) *staleFlows {
-	f := &staleFlows{frontends: map[frontendKey]flowPolicy{}, clusterCIDRs: s.ClusterCIDRs}
-	for _, sp := range s.ServicePorts {
+func newStaleFlows(clusterCIDRs []netip.Prefix, sps map[model.ServicePortName]*model.ServicePort) *staleFlows {
+	f := &staleFlows{frontends: map[frontendKey]flowPolicy{}, clusterCIDRs: clusterCIDRs}
+	for _, sp := range sps {
 		proto := protocols[sp.Protocol]
 		for _, fe := range sp.Frontends {
 			f.frontends[frontendKey{fe.IP.Unmap(), fe.Port, proto}] = flowPolicy{sp: sp, kind: fe.Kind}
@@ -314,12 +318,10 @@ func containsAddr(prefixes []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-// sweepFlows deletes svcnat's conntrack entries that s no longer allows
-// (see staleFlows), so that the next packet of such a flow is a new flow:
-// a UDP flow goes to a live endpoint, a TCP flow is reset. It returns how
-// many it deleted.
-func sweepFlows(s *model.State) (uint, error) {
-	f := newStaleFlows(s)
+// sweepFlows deletes svcnat's conntrack entries that f matches, so that
+// the next packet of such a flow is a new flow: a UDP flow goes to a live
+// endpoint, a TCP flow is reset. It returns how many it deleted.
+func sweepFlows(f *staleFlows) (uint, error) {
 	var n uint
 	for _, family := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
 		d, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, family, f)
@@ -329,6 +331,82 @@ func sweepFlows(s *model.State) (uint, error) {
 		}
 	}
 	return n, nil
+}
+
+// flowSweeper runs sweepFlows in the background, one sweep at a time and
+// always against the latest state, so that walking a conntrack table of
+// many flows (about 1 s per 64,000 entries) never delays programming.
+// A sweep is wanted at the first request and whenever a ServicePort
+// changed or went since the last one.
+type flowSweeper struct {
+	log  *slog.Logger
+	last map[model.ServicePortName]*model.ServicePort // clones, as last requested
+
+	mu      sync.Mutex
+	pending *staleFlows
+	done    chan struct{} // closed when the running sweeps end; nil when idle
+}
+
+// request starts a sweep against s when it differs from the last request
+// (or there was none). It does not wait for it.
+func (w *flowSweeper) request(s *model.State) {
+	if w.last != nil && len(w.last) == len(s.ServicePorts) && w.unchanged(s) {
+		return
+	}
+	w.last = make(map[model.ServicePortName]*model.ServicePort, len(s.ServicePorts))
+	for name, sp := range s.ServicePorts {
+		w.last[name] = sp.Clone()
+	}
+	f := newStaleFlows(slices.Clone(s.ClusterCIDRs), w.last)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.pending = f
+	if w.done == nil {
+		w.done = make(chan struct{})
+		go w.run(w.done)
+	}
+}
+
+func (w *flowSweeper) unchanged(s *model.State) bool {
+	for name, sp := range s.ServicePorts {
+		if old, ok := w.last[name]; !ok || !old.Equal(sp) {
+			return false
+		}
+	}
+	return true
+}
+
+func (w *flowSweeper) run(done chan struct{}) {
+	for {
+		w.mu.Lock()
+		f := w.pending
+		w.pending = nil
+		if f == nil {
+			w.done = nil
+			w.mu.Unlock()
+			close(done)
+			return
+		}
+		w.mu.Unlock()
+		start := time.Now()
+		// Best effort: the maps are right, and a flow left behind ends by
+		// itself (conntrack timeouts).
+		if n, err := sweepFlows(f); err != nil {
+			w.log.Warn("forget flows the state no longer allows", "error", err)
+		} else if n > 0 {
+			w.log.Info("forgot flows the state no longer allows", "conntrackEntries", n, "duration", time.Since(start))
+		}
+	}
+}
+
+// wait returns when no sweep runs.
+func (w *flowSweeper) wait() {
+	w.mu.Lock()
+	done := w.done
+	w.mu.Unlock()
+	if done != nil {
+		<-done
+	}
 }
 
 // tcStatNames name the tc programs' counters (enum tc_stat) in the

@@ -81,6 +81,9 @@ type Backend struct {
 	tcStats atomic.Pointer[ebpf.Map]
 	// reported are the tc failure counters last logged.
 	reported struct{ full, nat uint64 }
+	// sweeper forgets the conntrack entries of flows the state no longer
+	// allows.
+	sweeper flowSweeper
 }
 
 var _ dataplane.Backend = (*Backend)(nil)
@@ -120,6 +123,7 @@ func New(opts Options) (*Backend, error) {
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
 	}
+	b.sweeper.log = b.log
 	if opts.Registerer != nil {
 		b.entries = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "svcnat_ebpf_map_entries",
@@ -352,13 +356,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		return fmt.Errorf("sync ebpf backend: %w", err)
 	}
 	if b.tc != nil {
-		// Best effort: the maps are right, and a flow left behind ends by
-		// itself (conntrack timeouts).
-		if n, err := sweepFlows(s); err != nil {
-			b.log.Warn("forget flows the state no longer allows", "error", err)
-		} else if n > 0 {
-			b.log.Info("forgot flows the state no longer allows", "conntrackEntries", n)
-		}
+		b.sweeper.request(s)
 		b.reportTCFailures()
 	}
 	if b.destroyer != nil && len(b.rec.removedUDP) > 0 {
@@ -503,8 +501,10 @@ func (b *Backend) Close() error {
 	return errors.Join(errs...)
 }
 
-// closeObjects closes the loaded programs and maps (pins stay).
+// closeObjects closes the loaded programs and maps (pins stay), after the
+// running flow sweep.
 func (b *Backend) closeObjects() error {
+	b.sweeper.wait()
 	var errs []error
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())

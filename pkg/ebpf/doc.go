@@ -21,8 +21,9 @@
 // The cgroup socket hooks go on Options.CgroupPath; the tc ingress program
 // (TCX, a separate object that needs the conntrack kfuncs) on
 // Options.Interfaces, with the nftables table that makes nf_nat run. After
-// every sync the backend deletes the conntrack entries of svcnat's flows
-// that the state no longer allows, and after a sync that removes endpoints
+// a sync that changed a ServicePort the backend deletes, in the background,
+// the conntrack entries of svcnat's flows that the state no longer allows,
+// and after a sync that removes endpoints
 // it destroys the connected UDP sockets the hooks pointed at them (a socket
 // iterator, when the kernel has bpf_sock_destroy).
 //

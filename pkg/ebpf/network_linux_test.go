@@ -664,7 +664,8 @@ func TestFlood(t *testing.T) {
 	n := newRealNetwork(t)
 	n.localPod.serveTCPEcho(t, "10.244.1.2:7000")
 	local := []model.Endpoint{{IP: mustAddr("10.244.1.2"), Port: 7000, Local: true}}
-	b := startNode(t, env, Options{MaxNAT: 4096}, nodePortTo("echo", model.IPv4, model.TCP, 30070, local...))
+	echoPort := nodePortTo("echo", model.IPv4, model.TCP, 30070, local...)
+	b := startNode(t, env, Options{MaxNAT: 4096}, echoPort)
 	var established []net.Conn
 	inNamespace(t, n.client, func() {
 		for range 20 {
@@ -734,6 +735,18 @@ func TestFlood(t *testing.T) {
 		}
 	}
 	entries := len(flows(t))
+	// What a change costs with the flood's entries in conntrack: the sync
+	// returns once the maps are written; the sweep for stale flows walks
+	// them all in the background.
+	echoPort.ClusterEndpoints = append(echoPort.ClusterEndpoints, endpoint("10.244.1.3", 7000))
+	syncStart := time.Now()
+	if err := b.Sync(t.Context(), stateOf(echoPort)); err != nil {
+		t.Fatal(err)
+	}
+	synced := time.Since(syncStart)
+	b.sweeper.wait()
+	t.Logf("a change with %d conntrack entries: sync %v, background sweep done after %v", entries,
+		synced.Round(time.Millisecond), time.Since(syncStart).Round(time.Millisecond))
 	stats, err := tcStats(b.tc.SvcnatTcStats)
 	if err != nil {
 		t.Fatal(err)

@@ -584,6 +584,7 @@ func TestTCPrograms(t *testing.T) {
 		if err := b.Sync(t.Context(), next); err != nil {
 			t.Fatal(err)
 		}
+		b.sweeper.wait()
 		if _, ok := flowOf(t, moved); ok {
 			t.Error("a flow to an externalIP given to another Service still goes to the old Service's endpoint")
 		}
@@ -615,6 +616,7 @@ func TestTCPrograms(t *testing.T) {
 		if err := b2.Sync(t.Context(), next); err != nil {
 			t.Fatal(err)
 		}
+		b2.sweeper.wait()
 		if _, ok := flowOf(t, spreadFlow); ok {
 			t.Errorf("after a restart, a flow to %s (removed while the agent was down) is still translated", f.replySrc)
 		}

@@ -32,12 +32,22 @@ func init() {
 	)
 }
 
-// inNetns runs fn on a thread in the network namespace named name.
+// inNetns runs fn on a thread in the network namespace named name, and
+// puts the thread back where it was. The thread must not die with the
+// goroutine: the test bed starts its processes with Pdeathsig, which the
+// kernel sends when the thread that forked them exits.
 func inNetns(t *testing.T, name string, fn func()) {
 	t.Helper()
 	done := make(chan error)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			done <- err
+			return
+		}
+		defer orig.Close()
 		h, err := netns.GetFromName(name)
 		if err == nil {
 			defer h.Close()
@@ -46,6 +56,9 @@ func inNetns(t *testing.T, name string, fn func()) {
 		if err == nil {
 			fn()
 		}
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		} // else the thread stays locked and ends with the goroutine
 		done <- err
 	}()
 	if err := <-done; err != nil {

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -839,5 +840,47 @@ func TestL3Device(t *testing.T) {
 		}
 	case <-time.After(3 * time.Second):
 		t.Fatal("no reply through the NodePort on the L3 device")
+	}
+}
+
+// TestReopenAfterTimeWait: a client that connects again from the same
+// source port while conntrack still holds the first connection in
+// TIME_WAIT reaches the Service again (the program expires the old entry
+// and starts a new flow, as conntrack itself would).
+func TestReopenAfterTimeWait(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	n := newRealNetwork(t)
+	n.localPod.servePeer(t, "10.244.1.2:8080")
+	b := startNode(t, env, Options{}, nodePortTo("np", model.IPv4, model.TCP, 30081, model.Endpoint{IP: mustAddr("10.244.1.2"), Port: 8080, Local: true}))
+	for i := range 3 {
+		var got []byte
+		var err error
+		inNamespace(t, n.client, func() {
+			d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP("198.51.100.7"), Port: 45000},
+				Control: func(_, _ string, c syscall.RawConn) error {
+					return c.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+				}}
+			var c net.Conn
+			if c, err = d.Dial("tcp", "192.0.2.1:30081"); err != nil {
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			got, err = io.ReadAll(c)
+		})
+		if err != nil || len(got) == 0 {
+			t.Fatalf("connection %d from 198.51.100.7:45000: %q %v", i, got, err)
+		}
+		time.Sleep(100 * time.Millisecond) // the close completes: conntrack in TIME_WAIT
+	}
+	stats, err := tcStats(b.tc.SvcnatTcStats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stats[tcTcStatTC_STAT_REOPENED] != 2 {
+		t.Errorf("reopened %d flows, want 2", stats[tcTcStatTC_STAT_REOPENED])
 	}
 }

@@ -88,6 +88,9 @@ func deleteNATTable() error {
 	}
 	defer c.CloseLasting()
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if errors.Is(err, unix.EPROTONOSUPPORT) {
+		return nil // no nf_tables: nothing of ours there
+	}
 	if err != nil {
 		return fmt.Errorf("list nftables tables: %w", err)
 	}

@@ -10,7 +10,7 @@ LDFLAGS := -X main.version=$(VERSION)
 # svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
 E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables
 
-.PHONY: help build echoserver setup generate check-generated lint unit e2e test demo bench bench-short bench-go image clean
+.PHONY: help build echoserver votingapp setup generate check-generated lint unit e2e test demo bench bench-short bench-go image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ build: ## build bin/svcnat
 
 echoserver: ## build bin/echoserver, the test bed's stand-in for pods
 	$(GO) build -o bin/echoserver ./test/echoserver
+
+votingapp: ## build the voting app's programs (examples/voting-app, its own module) into bin/voting-app
+	cd examples/voting-app && $(GO) build -o $(CURDIR)/bin/voting-app/ ./vote ./worker ./result ./browser
 
 setup: ## install Debian packages, mount bpffs, build kube-apiserver/kube-proxy (root)
 	scripts/setup.sh
@@ -35,22 +38,25 @@ lint: ## gofmt, go vet, staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "not gofmt-clean:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
+	cd examples/voting-app && $(GO) vet ./... && $$($(GO) -C $(CURDIR) tool -n staticcheck) ./...
 
 unit: ## unit tests, and privileged tests in their own namespaces when root
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)
 	# The model against kube-proxy's own endpoint selection (its own module,
 	# so that svcnat's go.mod never depends on k8s.io/kubernetes).
 	cd pkg/model/kporacle && $(GO) test -count=1 ./...
+	cd examples/voting-app && $(GO) test -count=1 ./...
 
-e2e: build echoserver ## end-to-end suite against a real kube-apiserver (root)
+e2e: build echoserver votingapp ## end-to-end suite against a real kube-apiserver (root)
 	SVCNAT_E2E_PROXIES=$(E2E_PROXIES) SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
+		SVCNAT_VOTINGAPP_BIN_DIR=$(CURDIR)/bin/voting-app \
 		$(GO) test -count=1 -timeout 75m -v ./test/e2e/...
 
 test: lint check-generated unit e2e ## everything CI runs
 
-demo: setup build echoserver ## run the voting-app example on the test bed (root); DEMO_FLAGS=--once to tear down at once
+demo: setup build echoserver votingapp ## run the voting app on the test bed (root); DEMO_FLAGS=--once to tear down at once
 	$(GO) build -o bin/demo ./test/testbed/cmd/demo
-	bin/demo --svcnat bin/svcnat --echoserver bin/echoserver $(DEMO_FLAGS)
+	bin/demo --svcnat bin/svcnat --echoserver bin/echoserver --app-bin-dir bin/voting-app $(DEMO_FLAGS)
 
 # The side-by-side benchmark of issue 5 (about an hour): svcnat's backends and
 # upstream kube-proxy at 1k, 5k and 10k Services, report and plots in docs/bench.

@@ -10,9 +10,9 @@
  *
  * The agent fills svcnat_destroy with the removed endpoints and runs the
  * iterator once in every network namespace that may hold such sockets. Only
- * sockets the hooks translated (an entry in svcnat_sock_revnat) are
- * destroyed, never a socket an application connected to the endpoint's
- * address itself.
+ * sockets the hooks translated to that endpoint (a peer in their svcnat_sock
+ * storage) are destroyed, never a socket an application connected to the
+ * endpoint's address itself.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -57,19 +57,20 @@ struct {
 } svcnat_destroy SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct revnat_key);
-	__type(value, struct revnat_value);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__type(key, int);
+	__type(value, struct sock_state);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} svcnat_sock_revnat SEC(".maps");
+} svcnat_sock SEC(".maps");
 
 SEC("iter/udp")
 int svcnat_destroy_udp(struct bpf_iter__udp *ctx)
 {
 	struct sock *sk = (struct sock *)ctx->udp_sk;
 	struct svc_key ek = { .proto = IPPROTO_UDP };
-	struct revnat_key rk = {};
+	struct sock_state *st;
+	int translated = 0;
 
 	if (!sk)
 		return 0;
@@ -89,10 +90,16 @@ int svcnat_destroy_udp(struct bpf_iter__udp *ctx)
 	ek.port = sk->__sk_common.skc_dport;
 	if (!bpf_map_lookup_elem(&svcnat_destroy, &ek))
 		return 0;
-	rk.cookie = bpf_get_socket_cookie(sk);
-	__builtin_memcpy(rk.addr, ek.addr, 16);
-	rk.port = ek.port;
-	if (!bpf_map_lookup_elem(&svcnat_sock_revnat, &rk))
+	st = bpf_sk_storage_get(&svcnat_sock, sk, 0, 0);
+	if (!st)
+		return 0;
+	for (int i = 0; i < SVCNAT_SOCK_PEERS; i++) {
+		struct sock_peer *p = &st->peers[i];
+
+		if (p->id && p->backend_port == ek.port && !__builtin_memcmp(p->backend, ek.addr, 16))
+			translated = 1;
+	}
+	if (!translated)
 		return 0;
 	bpf_sock_destroy((struct sock_common *)sk);
 	return 0;

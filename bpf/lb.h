@@ -30,61 +30,134 @@ static __always_inline __u8 lb_set(const struct svc_value *sv, int external_clie
 	return SVCNAT_SET_CLUSTER;
 }
 
+/* lb_count is the number of endpoints in set. */
+static __always_inline __u16 lb_count(const struct svc_value *sv, __u8 set)
+{
+	return set == SVCNAT_SET_LOCAL ? sv->local_count : sv->cluster_count;
+}
+
+/* lb_empty is the verdict for a set without endpoints. */
+static __always_inline enum lb_verdict lb_empty(const struct svc_value *sv)
+{
+	return sv->cluster_count == 0 ? LB_REJECT : LB_DROP;
+}
+
+/*
+ * lb_member returns endpoint backend_id when it is in set of Service port id
+ * (whatever its slot), NULL otherwise.
+ */
+static __always_inline struct backend *lb_member(__u32 id, __u8 set, __u32 backend_id)
+{
+	struct member_key mk = { .id = id, .backend_id = backend_id, .set = set };
+
+	if (!backend_id || !bpf_map_lookup_elem(&svcnat_members, &mk))
+		return 0;
+	return bpf_map_lookup_elem(&svcnat_backends, &backend_id);
+}
+
+/*
+ * lb_slot returns the endpoint in slot of set and its id, or NULL when a
+ * write in progress has just removed the slot or its backend (a reader that
+ * loaded the old count).
+ */
+static __always_inline struct backend *lb_slot(__u32 id, __u8 set, __u16 slot, __u32 *backend_id)
+{
+	struct slot_key sk = { .id = id, .slot = slot, .set = set };
+	__u32 *bid = bpf_map_lookup_elem(&svcnat_slots, &sk);
+
+	if (!bid)
+		return 0;
+	*backend_id = *bid;
+	return bpf_map_lookup_elem(&svcnat_backends, bid);
+}
+
+/*
+ * lb_affinity returns the endpoint client ak was sent to last when session
+ * affinity holds: within the timeout, and the endpoint still a member of set
+ * (an endpoint removed from the Service is never reached again; adding or
+ * removing others does not matter).
+ */
+static __always_inline struct backend *lb_affinity(const struct svc_value *sv, __u8 set,
+						   struct affinity_key *ak, __u64 now, __u32 *backend_id)
+{
+	struct affinity_value *av;
+	struct backend *b;
+
+	if (!sv->affinity_timeout)
+		return 0;
+	ak->id = sv->id;
+	av = bpf_map_lookup_elem(&svcnat_affinity, ak);
+	if (!av || av->set != set || now - av->last_used > (__u64)sv->affinity_timeout * NSEC_PER_SEC)
+		return 0;
+	b = lb_member(sv->id, set, av->backend_id);
+	if (b) {
+		av->last_used = now;
+		*backend_id = av->backend_id;
+	}
+	return b;
+}
+
+/* lb_pin records that client ak was sent to endpoint backend_id. */
+static __always_inline void lb_pin(const struct svc_value *sv, __u8 set, struct affinity_key *ak,
+				   __u64 now, __u32 backend_id)
+{
+	struct affinity_value nv = { .last_used = now, .backend_id = backend_id, .set = set };
+
+	if (!sv->affinity_timeout)
+		return;
+	ak->id = sv->id;
+	bpf_map_update_elem(&svcnat_affinity, ak, &nv, BPF_ANY);
+}
+
 /*
  * lb_select chooses an endpoint of set for the Service sv, uniformly at
  * random, or the one client used last when session affinity holds, and
- * copies it to out.
+ * copies it to out. Written out with one scratch key, not through the
+ * helpers above: the tc programs have no stack to spare.
  */
 static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u8 set,
 						 struct affinity_key *ak, struct backend *out)
 {
-	__u16 count = set == SVCNAT_SET_LOCAL ? sv->local_count : sv->cluster_count;
-	struct slot_key sk = { .id = sv->id, .set = set };
+	__u16 count = lb_count(sv, set);
+	union {
+		struct slot_key sk;
+		struct member_key mk;
+		struct affinity_value nv;
+	} k;
 	struct affinity_value *av;
 	struct backend *b;
 	__u32 *backend_id;
 	__u64 now;
 
 	if (count == 0)
-		return sv->cluster_count == 0 ? LB_REJECT : LB_DROP;
-
+		return lb_empty(sv);
 	now = bpf_ktime_get_ns();
 	if (sv->affinity_timeout) {
 		ak->id = sv->id;
 		av = bpf_map_lookup_elem(&svcnat_affinity, ak);
-		if (av && av->set == set && av->slot < count &&
+		if (av && av->set == set &&
 		    now - av->last_used <= (__u64)sv->affinity_timeout * NSEC_PER_SEC) {
-			sk.slot = av->slot;
-			backend_id = bpf_map_lookup_elem(&svcnat_slots, &sk);
-			/* The slot must still hold that endpoint: an endpoint
-			 * removed from the Service is never reached again. */
-			if (backend_id && *backend_id == av->backend_id) {
-				b = bpf_map_lookup_elem(&svcnat_backends, backend_id);
-				if (b) {
-					av->last_used = now;
-					*out = *b;
-					return LB_FORWARD;
-				}
+			k.mk = (struct member_key){ .id = sv->id, .backend_id = av->backend_id, .set = set };
+			b = bpf_map_lookup_elem(&svcnat_members, &k.mk) ?
+				    bpf_map_lookup_elem(&svcnat_backends, &av->backend_id) : 0;
+			if (b) {
+				av->last_used = now;
+				*out = *b;
+				return LB_FORWARD;
 			}
 		}
 	}
-
-	sk.slot = bpf_get_prandom_u32() % count;
-	backend_id = bpf_map_lookup_elem(&svcnat_slots, &sk);
+	k.sk = (struct slot_key){ .id = sv->id, .slot = bpf_get_prandom_u32() % count, .set = set };
+	backend_id = bpf_map_lookup_elem(&svcnat_slots, &k.sk);
 	if (!backend_id)
-		return LB_REJECT; /* never with ordered writes; refuse rather than guess */
+		return LB_REJECT; /* a write in progress; refuse rather than guess */
 	b = bpf_map_lookup_elem(&svcnat_backends, backend_id);
 	if (!b)
 		return LB_REJECT;
 	*out = *b;
 	if (sv->affinity_timeout) {
-		struct affinity_value nv = {
-			.last_used = now,
-			.backend_id = *backend_id,
-			.slot = sk.slot,
-			.set = set,
-		};
-		bpf_map_update_elem(&svcnat_affinity, ak, &nv, BPF_ANY);
+		k.nv = (struct affinity_value){ .last_used = now, .backend_id = *backend_id, .set = set };
+		bpf_map_update_elem(&svcnat_affinity, ak, &k.nv, BPF_ANY);
 	}
 	return LB_FORWARD;
 }

@@ -65,6 +65,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } svcnat_cluster_cidrs SEC(".maps");
 
+/* --- desired-state and socket maps (owner: ebpf-maps) --- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct member_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svcnat_members SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct affinity_key);
@@ -74,11 +85,13 @@ struct {
 } svcnat_affinity SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct revnat_key);
-	__type(value, struct revnat_value);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__type(key, int);
+	__type(value, struct sock_state);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} svcnat_sock_revnat SEC(".maps");
+} svcnat_sock SEC(".maps");
+
+/* --- end of desired-state and socket maps --- */
 
 #endif /* SVCNAT_MAPS_H */

@@ -24,36 +24,146 @@ static __always_inline void addr_from_ip4(__u8 addr[16], __u32 ip4)
 	__builtin_memcpy(&addr[12], &ip4, 4);
 }
 
-/*
- * xlate looks the frontend key up and, when it is a Service, rewrites the
- * address held in *ip (4 words for IPv6 contexts, the last word for IPv4) and
- * the port, and records the reverse translation for this socket.
- */
-static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
-				 struct backend *b)
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
 {
-	struct affinity_key ak = { .origin = SVCNAT_AFFINITY_NETNS };
-	struct svc_value *sv;
-	__u64 netns;
+	__u32 x[4], y[4];
 
-	sv = bpf_map_lookup_elem(&svcnat_services, key);
-	if (!sv)
-		return NOT_A_SERVICE;
-	netns = bpf_get_netns_cookie(ctx);
-	__builtin_memcpy(ak.client, &netns, sizeof(netns));
-	/* Sockets on the node (host and pods) are never external clients. */
-	return lb_select(sv, lb_set(sv, 0), &ak, b);
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-static __always_inline void remember(struct bpf_sock_addr *ctx, const struct svc_key *key,
-				     const struct backend *b)
+/* sock_peer_of returns the peer of st for frontend key, NULL if none. */
+static __always_inline struct sock_peer *sock_peer_of(struct sock_state *st, const struct svc_key *key)
 {
-	struct revnat_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = b->port };
-	struct revnat_value rv = { .port = key->port };
+	for (int i = 0; i < SVCNAT_SOCK_PEERS; i++) {
+		struct sock_peer *p = &st->peers[i];
 
-	__builtin_memcpy(rk.addr, b->addr, 16);
-	__builtin_memcpy(rv.addr, key->addr, 16);
-	bpf_map_update_elem(&svcnat_sock_revnat, &rk, &rv, BPF_ANY);
+		if (p->frontend_port == key->port && p->id && addr_eq(p->frontend, key->addr))
+			return p;
+	}
+	return 0;
+}
+
+/*
+ * sock_backend_taken says whether st already translates another frontend
+ * than key to endpoint b: replies from b would then be ambiguous.
+ */
+static __always_inline int sock_backend_taken(struct sock_state *st, const struct svc_key *key,
+					      const struct backend *b)
+{
+	for (int i = 0; i < SVCNAT_SOCK_PEERS; i++) {
+		struct sock_peer *p = &st->peers[i];
+
+		if (p->id && p->backend_port == b->port && addr_eq(p->backend, b->addr) &&
+		    !(p->frontend_port == key->port && addr_eq(p->frontend, key->addr)))
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * sock_pick chooses a random endpoint of set, preferring one that no other
+ * frontend of this socket uses; NULL when a write in progress removed the
+ * slot it read.
+ */
+static __always_inline struct backend *sock_pick(struct sock_state *st, const struct svc_key *key,
+						 const struct svc_value *sv, __u8 set, __u16 count,
+						 __u32 *backend_id)
+{
+	__u32 r = bpf_get_prandom_u32();
+	struct backend *first = 0, *b;
+	__u32 first_id = 0;
+
+	for (int i = 0; i <= SVCNAT_SOCK_PEERS && i < count; i++) {
+		b = lb_slot(sv->id, set, (r + i) % count, backend_id);
+		if (!b)
+			return 0;
+		if (!st || !sock_backend_taken(st, key, b))
+			return b;
+		if (!first) {
+			first = b;
+			first_id = *backend_id;
+		}
+	}
+	*backend_id = first_id;
+	return first;
+}
+
+/*
+ * xlate looks the frontend key up and, when it is a Service, chooses the
+ * endpoint: the one this socket used for key while it is still a member
+ * (an unconnected UDP socket sticks to its endpoint, as conntrack makes it
+ * under kube-proxy), else the one session affinity names, else a random
+ * one. It records the choice in the socket's storage for the reverse
+ * translation. A slot that a concurrent write removed makes it read the
+ * frontend again, once.
+ */
+static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
+				 struct backend *out)
+{
+	struct affinity_key ak = { .origin = SVCNAT_AFFINITY_NETNS };
+	struct sock_peer *peer = 0;
+	struct sock_state *st;
+	struct backend *b = 0;
+	struct svc_value sv, *p;
+	__u32 bid = 0;
+	__u16 count = 0;
+	__u64 now, netns;
+	__u8 set = 0;
+
+	p = bpf_map_lookup_elem(&svcnat_services, key);
+	if (!p)
+		return NOT_A_SERVICE;
+	sv = *p;
+	st = bpf_sk_storage_get(&svcnat_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st)
+		peer = sock_peer_of(st, key);
+	netns = bpf_get_netns_cookie(ctx);
+	__builtin_memcpy(ak.client, &netns, sizeof(netns));
+	now = bpf_ktime_get_ns();
+	for (int try = 0; try < 2; try++) {
+		/* Sockets on the node (host and pods) are never external clients. */
+		set = lb_set(&sv, 0);
+		count = lb_count(&sv, set);
+		if (count == 0)
+			return lb_empty(&sv);
+		if (peer && peer->id == sv.id) {
+			bid = peer->backend_id;
+			b = lb_member(sv.id, set, bid);
+		}
+		if (!b)
+			b = lb_affinity(&sv, set, &ak, now, &bid);
+		if (!b) {
+			b = sock_pick(st, key, &sv, set, count, &bid);
+			if (b)
+				lb_pin(&sv, set, &ak, now, bid);
+		}
+		if (b)
+			break;
+		p = bpf_map_lookup_elem(&svcnat_services, key);
+		if (!p)
+			return NOT_A_SERVICE;
+		sv = *p;
+	}
+	if (!b)
+		return LB_REJECT;
+	*out = *b;
+	if (!st || (peer && peer->id == sv.id && peer->backend_id == bid))
+		return LB_FORWARD;
+	if (!peer) {
+		__u32 i = st->next % SVCNAT_SOCK_PEERS;
+
+		st->next = i + 1;
+		peer = &st->peers[i];
+	}
+	__builtin_memcpy(peer->frontend, key->addr, 16);
+	peer->frontend_port = key->port;
+	__builtin_memcpy(peer->backend, b->addr, 16);
+	peer->backend_port = b->port;
+	peer->id = sv.id;
+	peer->backend_id = bid;
+	return LB_FORWARD;
 }
 
 static __always_inline int verdict(int v)
@@ -87,7 +197,6 @@ static __always_inline int xlate4(struct bpf_sock_addr *ctx)
 	__builtin_memcpy(&ip4, &b.addr[12], 4);
 	ctx->user_ip4 = ip4;
 	ctx->user_port = (__u32)b.port;
-	remember(ctx, &key, &b);
 	return SYS_PROCEED;
 }
 
@@ -115,49 +224,72 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[2] = w[2];
 	ctx->user_ip6[3] = w[3];
 	ctx->user_port = (__u32)b.port;
-	remember(ctx, &key, &b);
 	return SYS_PROCEED;
+}
+
+/*
+ * revnat finds the frontend this socket sent to that was translated to
+ * endpoint addr:port and is still that Service's frontend, and copies it
+ * to addr and port; it returns 0 when there is none.
+ */
+static __always_inline int revnat(struct bpf_sock_addr *ctx, __u8 addr[16], __u16 *port)
+{
+	struct svc_key key = { .proto = ctx->protocol };
+	struct sock_state *st;
+	struct svc_value *sv;
+
+	st = bpf_sk_storage_get(&svcnat_sock, ctx->sk, 0, 0);
+	if (!st)
+		return 0;
+	for (int i = 0; i < SVCNAT_SOCK_PEERS; i++) {
+		struct sock_peer *p = &st->peers[i];
+
+		if (!p->id || p->backend_port != *port || !addr_eq(p->backend, addr))
+			continue;
+		__builtin_memcpy(key.addr, p->frontend, 16);
+		key.port = p->frontend_port;
+		sv = bpf_map_lookup_elem(&svcnat_services, &key);
+		if (!sv || sv->id != p->id)
+			continue; /* the frontend is gone or names another Service now */
+		__builtin_memcpy(addr, key.addr, 16);
+		*port = key.port;
+		return 1;
+	}
+	return 0;
 }
 
 /* revnat4 shows the frontend instead of the endpoint a socket talks to. */
 static __always_inline int revnat4(struct bpf_sock_addr *ctx)
 {
-	struct revnat_key rk = { .cookie = bpf_get_socket_cookie(ctx) };
-	struct revnat_value *rv;
+	__u8 addr[16];
+	__u16 port = (__u16)ctx->user_port;
 	__u32 ip4;
 
-	addr_from_ip4(rk.addr, ctx->user_ip4);
-	rk.port = (__u16)ctx->user_port;
-	rv = bpf_map_lookup_elem(&svcnat_sock_revnat, &rk);
-	if (!rv)
+	addr_from_ip4(addr, ctx->user_ip4);
+	if (!revnat(ctx, addr, &port))
 		return SYS_PROCEED;
-	__builtin_memcpy(&ip4, &rv->addr[12], 4);
+	__builtin_memcpy(&ip4, &addr[12], 4);
 	ctx->user_ip4 = ip4;
-	ctx->user_port = (__u32)rv->port;
+	ctx->user_port = (__u32)port;
 	return SYS_PROCEED;
 }
 
 static __always_inline int revnat6(struct bpf_sock_addr *ctx)
 {
-	struct revnat_key rk = { .cookie = bpf_get_socket_cookie(ctx) };
-	struct revnat_value *rv;
+	__u16 port = (__u16)ctx->user_port;
 	__u32 w[4];
 
 	w[0] = ctx->user_ip6[0];
 	w[1] = ctx->user_ip6[1];
 	w[2] = ctx->user_ip6[2];
 	w[3] = ctx->user_ip6[3];
-	__builtin_memcpy(rk.addr, w, 16);
-	rk.port = (__u16)ctx->user_port;
-	rv = bpf_map_lookup_elem(&svcnat_sock_revnat, &rk);
-	if (!rv)
+	if (!revnat(ctx, (__u8 *)w, &port))
 		return SYS_PROCEED;
-	__builtin_memcpy(w, rv->addr, 16);
 	ctx->user_ip6[0] = w[0];
 	ctx->user_ip6[1] = w[1];
 	ctx->user_ip6[2] = w[2];
 	ctx->user_ip6[3] = w[3];
-	ctx->user_port = (__u32)rv->port;
+	ctx->user_port = (__u32)port;
 	return SYS_PROCEED;
 }
 

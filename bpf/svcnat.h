@@ -82,7 +82,7 @@ struct backend {
 struct svc_info {
 	char namespace[64]; /* DNS label, at most 63 bytes */
 	char name[64];      /* DNS label, at most 63 bytes */
-	char port_name[16]; /* IANA service name, at most 15 bytes */
+	char port_name[64]; /* DNS label, at most 63 bytes (the API's limit) */
 	__u8 family;        /* 4 or 6 */
 	__u8 proto;
 	__u16 health_check_node_port; /* host byte order */
@@ -102,6 +102,20 @@ struct cidr_key {
 	__u8 addr[16];
 };
 
+/* --- desired-state and socket maps (owner: ebpf-maps) --- */
+
+/*
+ * Membership of an endpoint in one endpoint set of a Service port (value 1):
+ * a remembered choice (session affinity, a UDP socket's endpoint) stays valid
+ * while its endpoint is a member, whatever slot it has now.
+ */
+struct member_key {
+	__u32 id;         /* ServicePort id */
+	__u32 backend_id;
+	__u8 set;         /* SVCNAT_SET_* */
+	__u8 pad[3];
+};
+
 /* Session affinity: which endpoint a client was last sent to. */
 struct affinity_key {
 	__u8 client[16]; /* netns cookie (first 8 bytes) or address */
@@ -113,28 +127,36 @@ struct affinity_key {
 struct affinity_value {
 	__u64 last_used; /* bpf_ktime_get_ns */
 	__u32 backend_id;
-	__u16 slot;
 	__u8 set;
-	__u8 pad;
+	__u8 pad[3];
 };
 
 /*
- * Reverse translation for a socket whose connect/sendmsg was rewritten:
- * recvmsg and getpeername show the Service address again.
+ * What the socket hooks remember per socket (svcnat_sock, socket-local
+ * storage, freed with the socket): the frontends it sent to and the
+ * endpoint each was translated to. An unconnected UDP socket keeps its
+ * endpoint per frontend while that endpoint is a member, and recvmsg and
+ * getpeername show the frontend again.
  */
-struct revnat_key {
-	__u64 cookie; /* socket cookie */
-	__u8 addr[16]; /* endpoint */
-	__u16 port;
-	__u16 pad;
-	__u32 pad2;
+#define SVCNAT_SOCK_PEERS 4
+
+struct sock_peer {
+	__u8 frontend[16];
+	__u8 backend[16];
+	__u16 frontend_port;
+	__u16 backend_port;
+	__u32 id;         /* the frontend's ServicePort id when translated */
+	__u32 backend_id;
+	__u32 pad;
 };
 
-struct revnat_value {
-	__u8 addr[16]; /* frontend */
-	__u16 port;
-	__u16 pad;
+struct sock_state {
+	struct sock_peer peers[SVCNAT_SOCK_PEERS];
+	__u32 next; /* the peer a new frontend replaces */
+	__u32 pad;
 };
+
+/* --- end of desired-state and socket maps --- */
 
 /* ---- tc path (tc.h), begin ---- */
 

@@ -180,6 +180,32 @@ func notes(sp *model.ServicePort) []string {
 	return n
 }
 
+// structure returns what a backend finds wrong beyond the state it
+// decodes (iptables: chains and jump rules that differ from what svcnat
+// writes), and leaves out of want the families it does not program (a
+// single-stack node).
+func structure(ctx context.Context, b dataplane.Backend, want *model.State) ([]string, error) {
+	if f, ok := b.(interface{ Families() []model.Family }); ok {
+		fams := f.Families()
+		for name := range want.ServicePorts {
+			if !slices.Contains(fams, name.Family) {
+				delete(want.ServicePorts, name)
+			}
+		}
+	}
+	v, ok := b.(interface {
+		Verify(context.Context) ([]string, error)
+	})
+	if !ok {
+		return nil, nil
+	}
+	problems, err := v.Verify(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("verify backend: %w", err)
+	}
+	return problems, nil
+}
+
 // check builds what this node should hold from the apiserver's objects, as
 // the agent does, reads what the kernel holds from b, and prints their
 // differences. It returns errDrift when there are any.
@@ -190,6 +216,7 @@ func check(ctx context.Context, client kubernetes.Interface, b dataplane.Backend
 	}
 	if snap.Node != nil {
 		cfg.NodeZone = snap.Node.Labels[corev1.LabelTopologyZone]
+		cfg.PrimaryAddresses = model.PrimaryAddresses(snap.Node)
 	}
 	want, errs := model.Build(cfg, snap.Services, snap.EndpointSlices)
 	for _, err := range errs {
@@ -197,13 +224,17 @@ func check(ctx context.Context, client kubernetes.Interface, b dataplane.Backend
 			fmt.Fprintf(out, "conflict (the agent programs the winner only): %v\n", err)
 			continue
 		}
-		fmt.Fprintf(out, "skipped (invalid, as the agent skips it): %v\n", err)
+		fmt.Fprintf(out, "skipped, as the agent skips it: %v\n", err)
 	}
 	got, err := b.Dump(ctx)
 	if err != nil {
 		return fmt.Errorf("dump backend: %w", err)
 	}
-	diffs := model.Diff(want, got)
+	diffs, err := structure(ctx, b, want)
+	if err != nil {
+		return err
+	}
+	diffs = append(model.Diff(want, got), diffs...)
 	if len(diffs) == 0 {
 		fmt.Fprintf(out, "in sync: %d service ports match the apiserver\n", len(want.ServicePorts))
 		return nil

@@ -42,7 +42,7 @@ func (f *nodeFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means in-cluster configuration")
 	fs.StringVar(&f.nodeName, "node-name", strings.ToLower(host), "this node's name (endpoints with this nodeName are local)")
 	fs.StringSliceVar(&f.clusterCIDRs, "cluster-cidr", nil, "pod CIDRs, comma-separated; traffic to ClusterIPs from outside them is masqueraded")
-	fs.StringSliceVar(&f.nodePortAddresses, "nodeport-addresses", nil, "CIDRs whose node addresses NodePorts open on, comma-separated; empty means every address")
+	fs.StringSliceVar(&f.nodePortAddresses, "nodeport-addresses", nil, "CIDRs whose node addresses NodePorts open on, comma-separated, or \"primary\" for the Node's primary addresses (as kube-proxy); a family with no CIDR listed opens on all its addresses")
 }
 
 // config returns the model configuration these flags describe, without the
@@ -52,14 +52,23 @@ func (f *nodeFlags) config() (*model.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	np, err := parsePrefixes("nodeport-addresses", f.nodePortAddresses)
+	var primary bool
+	var prefixes []string
+	for _, s := range f.nodePortAddresses {
+		if strings.TrimSpace(s) == "primary" {
+			primary = true
+		} else {
+			prefixes = append(prefixes, s)
+		}
+	}
+	np, err := parsePrefixes("nodeport-addresses", prefixes)
 	if err != nil {
 		return nil, err
 	}
 	if f.nodeName == "" {
 		return nil, errors.New("no --node-name and no hostname")
 	}
-	return &model.Config{NodeName: f.nodeName, ClusterCIDRs: cidrs, NodePortAddresses: np}, nil
+	return &model.Config{NodeName: f.nodeName, ClusterCIDRs: cidrs, NodePortAddresses: np, NodePortPrimary: primary}, nil
 }
 
 func parsePrefixes(flag string, in []string) ([]netip.Prefix, error) {
@@ -146,6 +155,7 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	a := agent.New(backend, w, agent.Options{
 		NodeName:          cfg.NodeName,
 		NodePortAddresses: cfg.NodePortAddresses,
+		NodePortPrimary:   cfg.NodePortPrimary,
 		ClusterCIDRs:      cfg.ClusterCIDRs,
 		NodeAddresses:     func() []netip.Addr { return addrs.Current() },
 		MinSyncInterval:   f.minSyncPeriod,

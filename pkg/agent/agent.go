@@ -54,7 +54,10 @@ type ConntrackCleaner interface {
 type Options struct {
 	NodeName          string
 	NodePortAddresses []netip.Prefix
-	ClusterCIDRs      []netip.Prefix
+	// NodePortPrimary adds the primary addresses of the node's Node object
+	// to NodePortAddresses (--nodeport-addresses=primary).
+	NodePortPrimary bool
+	ClusterCIDRs    []netip.Prefix
 	// NodeAddresses returns this node's current addresses, for NodePort
 	// frontends; nil means none.
 	NodeAddresses func() []netip.Addr
@@ -106,6 +109,9 @@ type Agent struct {
 	// Owned by the loop goroutine.
 	ports    map[types.NamespacedName][]*model.ServicePort
 	triggers map[types.NamespacedName]map[string]time.Time
+	// ignored holds, per Service, what its last rebuild left alone on
+	// purpose, so that each is logged and counted once.
+	ignored  map[types.NamespacedName]map[string]bool
 	pending  []time.Time // trigger times not yet programmed
 	failures int
 	problems map[string]bool // conflicts and failed ServicePorts last reported
@@ -146,6 +152,7 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 		wake:     make(chan struct{}, 1),
 		ports:    map[types.NamespacedName][]*model.ServicePort{},
 		triggers: map[types.NamespacedName]map[string]time.Time{},
+		ignored:  map[types.NamespacedName]map[string]bool{},
 	}
 	// Build canonicalises the cluster CIDRs the way the State holds them.
 	if s, _ := model.Build(&model.Config{ClusterCIDRs: opts.ClusterCIDRs}, nil, nil); s != nil {
@@ -422,6 +429,7 @@ func (a *Agent) modelConfig() *model.Config {
 	cfg := &model.Config{
 		NodeName:          a.opts.NodeName,
 		NodePortAddresses: a.opts.NodePortAddresses,
+		NodePortPrimary:   a.opts.NodePortPrimary,
 		ClusterCIDRs:      a.opts.ClusterCIDRs,
 	}
 	if a.opts.NodeAddresses != nil {
@@ -429,6 +437,7 @@ func (a *Agent) modelConfig() *model.Config {
 	}
 	if n := a.src.Node(); n != nil {
 		cfg.NodeZone = n.Labels[corev1.LabelTopologyZone]
+		cfg.PrimaryAddresses = model.PrimaryAddresses(n)
 	}
 	return cfg
 }
@@ -443,6 +452,7 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 	if svc == nil {
 		delete(a.ports, key)
 		delete(a.triggers, key)
+		delete(a.ignored, key)
 		return nil
 	}
 	slices, err := a.src.EndpointSlices(key)
@@ -450,10 +460,24 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 		return err
 	}
 	sps, errs := model.BuildService(cfg, svc, slices)
+	ignored := map[string]bool{}
 	for _, err := range errs {
+		if ig, ok := errors.AsType[*model.IgnoredError](err); ok {
+			ignored[err.Error()] = true
+			if !a.ignored[key][err.Error()] {
+				a.metrics.ignoredObjects.WithLabelValues(ig.Kind).Inc()
+				a.log.Info("object ignored", "service", key, "kind", ig.Kind, "object", ig.Namespace+"/"+ig.Name, "reason", ig.Reason)
+			}
+			continue
+		}
 		kind := invalidKind(err)
 		a.metrics.invalidObjects.WithLabelValues(kind).Inc()
 		a.log.Warn("invalid object skipped", "service", key, "kind", kind, "err", err)
+	}
+	if len(ignored) == 0 {
+		delete(a.ignored, key)
+	} else {
+		a.ignored[key] = ignored
 	}
 	if len(sps) == 0 {
 		delete(a.ports, key)
@@ -495,11 +519,10 @@ func (a *Agent) noteTriggers(key types.NamespacedName, slices []*discoveryv1.End
 	}
 }
 
-// invalidKind names the kind of object a model.BuildService error is about,
-// from the object the error names first.
+// invalidKind names the kind of object a model.BuildService error is about.
 func invalidKind(err error) string {
-	if strings.HasPrefix(err.Error(), "endpointslice ") {
-		return "EndpointSlice"
+	if ie, ok := errors.AsType[*model.InvalidError](err); ok {
+		return ie.Kind
 	}
-	return "Service"
+	return model.KindService
 }

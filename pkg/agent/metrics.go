@@ -10,6 +10,7 @@ type Metrics struct {
 	programmingLatency prometheus.Histogram
 	syncErrors         prometheus.Counter
 	invalidObjects     *prometheus.CounterVec
+	ignoredObjects     *prometheus.CounterVec
 	lastSync           prometheus.Gauge
 	services           prometheus.Gauge
 	servicePorts       prometheus.Gauge
@@ -41,6 +42,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		invalidObjects: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "svcnat_invalid_objects_total",
 			Help: "Invalid parts of Kubernetes objects skipped while building Services, by object kind.",
+		}, []string{"kind"}),
+		ignoredObjects: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "svcnat_ignored_objects_total",
+			Help: "Valid parts of Kubernetes objects svcnat leaves alone on purpose (FQDN slices, slices of another family, slice ports no Service port matches, hostname-only or ipMode Proxy ingress), counted once per object and reason, by object kind.",
 		}, []string{"kind"}),
 		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "svcnat_last_sync_timestamp_seconds",
@@ -74,7 +79,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.syncDuration, m.programmingLatency, m.syncErrors, m.invalidObjects,
+		reg.MustRegister(m.syncDuration, m.programmingLatency, m.syncErrors, m.invalidObjects, m.ignoredObjects,
 			m.lastSync, m.services, m.servicePorts, m.endpoints, m.backendInfo, m.frontendConflicts, m.servicePortsFailed)
 	}
 	return m

@@ -18,7 +18,8 @@ import (
 
 // ServiceHealth serves the healthCheckNodePorts of Services with
 // externalTrafficPolicy Local, as kube-proxy does: 200 when this node has
-// local endpoints for the Service (and the agent is healthy), 503 otherwise,
+// ready local endpoints for the Service (and the agent is healthy), 503
+// otherwise (also while the local endpoints only terminate),
 // so that load balancers send traffic only to nodes that can take it.
 type ServiceHealth struct {
 	host  string
@@ -65,7 +66,9 @@ func (sh *ServiceHealth) Sync(s *model.State) {
 		if local[key] == nil {
 			local[key] = map[string]struct{}{}
 		}
-		for _, ep := range sp.LocalEndpoints {
+		// Ready ones only: a node whose local endpoints all terminate
+		// fails the check, so load balancers drain it (as kube-proxy).
+		for _, ep := range sp.LocalReadyEndpoints {
 			local[key][ep.IP.String()] = struct{}{}
 		}
 	}

@@ -30,6 +30,7 @@ func udpPort(name, frontend string, endpoints ...string) *model.ServicePort {
 		ap := netip.MustParseAddrPort(e)
 		sp.ClusterEndpoints = append(sp.ClusterEndpoints, model.Endpoint{IP: ap.Addr(), Port: ap.Port()})
 	}
+	sp.ServingEndpoints = sp.ClusterEndpoints
 	return sp
 }
 
@@ -74,10 +75,8 @@ func send(t *testing.T, to string) {
 	}
 }
 
-func TestCleanDeletesStaleUDPEntries(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
+// podNetwork routes 10.244.0.0/24 and 10.96.0.0/16 out of a veth.
+func podNetwork(t *testing.T) {
 	run := func(args ...string) { netnstest.Run(t, "", args[0], args[1:]...) }
 	// Packets leave through a veth towards "pods" whose MACs are fixed, so
 	// they are sent for real and conntrack confirms their entries; the peer
@@ -91,6 +90,14 @@ func TestCleanDeletesStaleUDPEntries(t *testing.T) {
 	}
 	run("ip", "neigh", "add", "10.244.0.254", "lladdr", "02:00:00:00:00:fe", "dev", "ctv0", "nud", "permanent")
 	run("ip", "route", "add", "10.96.0.0/16", "via", "10.244.0.254")
+}
+
+func TestCleanDeletesStaleUDPEntries(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	run := func(args ...string) { netnstest.Run(t, "", args[0], args[1:]...) }
+	podNetwork(t)
 	// Two Services DNATed to endpoints; a third with no rule yet, as when it
 	// had no endpoints.
 	run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-d", "10.96.0.10", "--dport", "53", "-j", "DNAT", "--to-destination", "10.244.0.5:53")
@@ -129,6 +136,62 @@ func TestCleanDeletesStaleUDPEntries(t *testing.T) {
 	want := []string{"10.244.0.7:99 -> 10.244.0.7:99", "10.96.0.20:53 -> 10.244.0.6:53"}
 	if got := udpFlows(t); !slices.Equal(got, want) {
 		t.Errorf("conntrack after clean: %q, want %q", got, want)
+	}
+}
+
+// TestCleanKeepsServingFlows: a flow to an endpoint that still serves is
+// kept when the endpoint leaves the chosen set (it terminates while another
+// is ready, or topology no longer picks it), and Clean reads the table only
+// after a change that can have made entries stale (kube-proxy
+// conntrack/cleanup.go, proxier.go ConntrackCleanupRequired).
+func TestCleanKeepsServingFlows(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	run := func(args ...string) { netnstest.Run(t, "", args[0], args[1:]...) }
+	podNetwork(t)
+	run("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-d", "10.96.0.10", "--dport", "53", "-j", "DNAT", "--to-destination", "10.244.0.5:53")
+	send(t, "10.96.0.10:53")
+	c := NewCleaner(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	both := udpPort("a", "10.96.0.10:53", "10.244.0.5:53", "10.244.0.6:53")
+	if err := c.Clean(state(both)); err != nil {
+		t.Fatal(err)
+	}
+	// 10.244.0.5 terminates: no longer chosen, still serving.
+	draining := udpPort("a", "10.96.0.10:53", "10.244.0.6:53")
+	draining.ServingEndpoints = both.ServingEndpoints
+	if err := c.Clean(state(draining)); err != nil {
+		t.Fatal(err)
+	}
+	kept := []string{"10.96.0.10:53 -> 10.244.0.5:53"}
+	if got := udpFlows(t); !slices.Equal(got, kept) {
+		t.Fatalf("after the endpoint started terminating: %q, want the flow kept %q", got, kept)
+	}
+
+	// A new Service without endpoints; then an entry that looks stale (not
+	// translated) appears while nothing changes: an unchanged state does
+	// not make Clean read the table.
+	other := udpPort("b", "10.96.0.30:53")
+	if err := c.Clean(state(draining, other)); err != nil {
+		t.Fatal(err)
+	}
+	send(t, "10.96.0.30:53")
+	for range 3 {
+		if err := c.Clean(state(draining, other)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	withOther := []string{"10.96.0.10:53 -> 10.244.0.5:53", "10.96.0.30:53 -> 10.96.0.30:53"}
+	if got := udpFlows(t); !slices.Equal(got, withOther) {
+		t.Fatalf("after syncs that changed nothing: %q, want %q", got, withOther)
+	}
+
+	// 10.244.0.5 leaves the Service: its flow goes, the rest stays.
+	if err := c.Clean(state(udpPort("a", "10.96.0.10:53", "10.244.0.6:53"), other)); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := udpFlows(t), withOther[1:]; !slices.Equal(got, want) {
+		t.Errorf("after the endpoint left: %q, want %q", got, want)
 	}
 }
 

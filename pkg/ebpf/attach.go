@@ -43,10 +43,6 @@ import (
 // of svcnat's flows that nothing else masquerades.
 const natTable = "svcnat"
 
-// Options.Interfaces' old pins (before the kernel did the NAT) that Init
-// removes: egress links, links on pod interfaces, and two maps.
-var oldPins = []string{"svcnat_nat", "svcnat_snat_addrs"}
-
 func natTableSpec() *nftables.Table {
 	return &nftables.Table{Family: nftables.TableFamilyINet, Name: natTable}
 }
@@ -144,9 +140,19 @@ func probeKfuncs() error {
 	return nil
 }
 
-// initTC makes the per-packet path ready: the nftables table, the tc
-// programs loaded against the pinned maps, and old pins removed. The
-// programs are attached by attachInterface.
+// tcLoaded is what initTC loads of the tc object: the programs and their
+// counters. The maps they share with the socket hooks are the ones Init
+// opened (b.pins).
+type tcLoaded struct {
+	tcPrograms
+	Stats *ebpf.Map `ebpf:"svcnat_tc_stats"`
+}
+
+func (t *tcLoaded) Close() error { return errors.Join(t.tcPrograms.Close(), t.Stats.Close()) }
+
+// initTC makes the per-packet path ready: the nftables table and the tc
+// programs, loaded against the maps Init opened. The programs are
+// attached by attachInterface.
 func (b *Backend) initTC() error {
 	if err := ensureNATTable(); err != nil {
 		return err
@@ -154,28 +160,27 @@ func (b *Backend) initTC() error {
 	if err := probeKfuncs(); err != nil {
 		return err
 	}
-	if b.tc == nil {
-		spec, err := loadTc()
-		if err != nil {
-			return err
-		}
-		for name, size := range b.sizes() {
-			if m, ok := spec.Maps[name]; ok {
-				m.MaxEntries = uint32(size)
-			}
-		}
-		objs := &tcObjects{}
-		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: b.opts.BPFFSPath}}); err != nil {
-			return fmt.Errorf("load tc programs: %w", err)
-		}
-		b.tc = objs
-		b.tcStats.Store(objs.SvcnatTcStats)
+	if b.tc != nil {
+		return nil
 	}
-	for _, name := range oldPins {
-		if err := os.Remove(filepath.Join(b.opts.BPFFSPath, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("remove old pin %s: %w", name, err)
+	spec, err := loadTc()
+	if err != nil {
+		return err
+	}
+	shared := map[string]*ebpf.Map{}
+	for name, ms := range spec.Maps {
+		if m, ok := b.pins.maps[name]; ok {
+			shared[name] = m
+			ms.MaxEntries = m.MaxEntries()
+			ms.Pinning = ebpf.PinNone
 		}
 	}
+	objs := &tcLoaded{}
+	if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: shared}); err != nil {
+		return fmt.Errorf("load tc programs: %w", err)
+	}
+	b.tc = objs
+	b.tcStats.Store(objs.Stats)
 	return nil
 }
 
@@ -473,7 +478,7 @@ func (c *tcCollector) Collect(ch chan<- prometheus.Metric) {
 // reportTCFailures logs the flows the tc programs could not translate
 // since the last report: conntrack full, or no NAT port left.
 func (b *Backend) reportTCFailures() {
-	stats, err := tcStats(b.tc.SvcnatTcStats)
+	stats, err := tcStats(b.tc.Stats)
 	if err != nil {
 		b.log.Warn("read tc counters", "error", err)
 		return

@@ -45,10 +45,12 @@ type Options struct {
 	Interfaces []string
 	// Map sizes; zero means the default. MaxServices sizes the frontend,
 	// Service info and source range maps (--bpf-map-max-services);
-	// MaxBackends the endpoint and slot maps (--bpf-map-max-backends);
-	// MaxAffinity the session affinity map (--bpf-map-max-affinity);
-	// MaxNAT the socket reverse translation map (--bpf-map-max-nat). The
-	// flows of the tc path live in conntrack (net.netfilter.nf_conntrack_max).
+	// MaxBackends the endpoint, slot and membership maps
+	// (--bpf-map-max-backends); MaxAffinity the session affinity map
+	// (--bpf-map-max-affinity). MaxNAT (--bpf-map-max-nat) sizes nothing
+	// any more and is kept so that existing configurations start: the
+	// flows of the tc path live in conntrack (net.netfilter.nf_conntrack_max),
+	// and what the socket hooks remember per socket is freed with the socket.
 	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
 	// Registerer, when set, receives the backend's metrics.
 	Registerer prometheus.Registerer
@@ -63,6 +65,11 @@ const (
 	DefaultMaxBackends = 262144
 	DefaultMaxAffinity = 65536
 	DefaultMaxNAT      = 262144
+	// MinLRUEntries is the least size of the maps the datapath fills
+	// itself (LRU hashes): the kernel hands their free entries to CPUs in
+	// batches of 128, so a smaller map evicts live entries at once (Cilium
+	// has the same floor for its tables).
+	MinLRUEntries = 1024
 )
 
 // Backend is the eBPF dataplane. It implements dataplane.Backend.
@@ -71,13 +78,14 @@ type Backend struct {
 	log     *slog.Logger
 	objs    *svcnatObjects
 	links   []link.Link
+	pins    *mapPins
 	rec     *reconciler
 	entries *prometheus.GaugeVec
 	// destroyer is nil when the kernel cannot destroy sockets.
 	destroyer *socketDestroyer
 	// tc holds the tc programs, loaded when Options.Interfaces is set;
 	// tcStats is their counter map, for the metrics collector.
-	tc      *tcObjects
+	tc      *tcLoaded
 	tcStats atomic.Pointer[ebpf.Map]
 	// reported are the tc failure counters last logged.
 	reported struct{ full, nat uint64 }
@@ -116,6 +124,18 @@ func New(opts Options) (*Backend, error) {
 	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
 	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
 	opts.MaxNAT = cmpOr(opts.MaxNAT, DefaultMaxNAT)
+	for _, f := range []struct {
+		flag     string
+		v, least int
+	}{
+		{"--bpf-map-max-services", opts.MaxServices, 1},
+		{"--bpf-map-max-backends", opts.MaxBackends, 1},
+		{"--bpf-map-max-affinity", opts.MaxAffinity, MinLRUEntries},
+	} {
+		if f.v < f.least || f.v > 1<<28 {
+			return nil, fmt.Errorf("create ebpf backend: %s=%d: want %d to %d", f.flag, f.v, f.least, 1<<28)
+		}
+	}
 	if err := probe(len(opts.Interfaces) > 0); err != nil {
 		return nil, fmt.Errorf("create ebpf backend: %w", err)
 	}
@@ -195,7 +215,17 @@ func checkBPFFS(dir string) error {
 // the socket hooks to the cgroup, replacing the programs of links pinned by
 // an earlier run in place, so translation never stops. What the maps hold is
 // kept. Idempotent.
+//
+// Pinned maps of another layout or size (an upgrade, a changed
+// --bpf-map-max-* flag) are not adopted: Init makes new ones (copying what
+// the datapath wrote itself where the layout is the same), and when the
+// desired state must be refilled, the first Sync fills the new maps before
+// the programs are replaced; until then the earlier run's programs and maps
+// go on translating.
 func (b *Backend) Init(ctx context.Context) error {
+	if b.opts.CgroupPath == "" {
+		return errors.New("init ebpf backend: no cgroup path to attach the socket hooks to (--cgroup-path)")
+	}
 	if err := checkBPFFS(b.opts.BPFFSPath); err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)
 	}
@@ -210,24 +240,42 @@ func (b *Backend) Init(ctx context.Context) error {
 		for name, size := range b.sizes() {
 			spec.Maps[name].MaxEntries = uint32(size)
 		}
-		objs := &svcnatObjects{}
-		err = spec.LoadAndAssign(objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: b.opts.BPFFSPath}})
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return fmt.Errorf("init ebpf backend: pinned maps in %s differ from the flags (a map size changed?); run svcnat cleanup first: %w", b.opts.BPFFSPath, err)
-		}
+		pins, err := openPins(b.opts.BPFFSPath, spec)
 		if err != nil {
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+		objs := &svcnatObjects{}
+		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: pins.maps}); err != nil {
+			pins.Close()
 			return fmt.Errorf("init ebpf backend: load programs: %w", err)
 		}
-		b.objs = objs
+		b.objs, b.pins = objs, pins
 		b.rec = &reconciler{maps: b.mapSet(objs)}
 	}
 	if b.destroyer == nil {
-		d, err := newSocketDestroyer(b.opts.BPFFSPath, b.opts.MaxNAT)
+		d, err := newSocketDestroyer(b.objs.SvcnatSock)
 		if err != nil {
 			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
 		}
 		b.destroyer = d
 	}
+	if len(b.opts.Interfaces) > 0 {
+		if err := b.initTC(); err != nil {
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+	}
+	if b.pins.refill {
+		// The programs an earlier run attached keep translating with its
+		// maps until the first sync has filled the new ones.
+		b.log.Info("pinned maps have another layout or size: the programs are replaced after the first sync", "bpffs", b.opts.BPFFSPath)
+		return nil
+	}
+	return b.attach()
+}
+
+// attach attaches the socket hooks and tc programs, updating the links an
+// earlier run pinned in place, and then pins the maps made at Init.
+func (b *Backend) attach() error {
 	progs := map[string]*ebpf.Program{
 		svcnatProgSvcnatConnect4: b.objs.SvcnatConnect4, svcnatProgSvcnatConnect6: b.objs.SvcnatConnect6,
 		svcnatProgSvcnatSendmsg4: b.objs.SvcnatSendmsg4, svcnatProgSvcnatSendmsg6: b.objs.SvcnatSendmsg6,
@@ -238,9 +286,6 @@ func (b *Backend) Init(ctx context.Context) error {
 		l.Close()
 	}
 	b.links = nil
-	if b.opts.CgroupPath == "" {
-		return errors.New("init ebpf backend: no cgroup path to attach the socket hooks to (--cgroup-path)")
-	}
 	cgroup, err := cgroupID(b.opts.CgroupPath)
 	if err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)
@@ -260,17 +305,15 @@ func (b *Backend) Init(ctx context.Context) error {
 		}
 		b.links = append(b.links, l)
 	}
-	if len(b.opts.Interfaces) > 0 {
-		if err := b.initTC(); err != nil {
-			return fmt.Errorf("init ebpf backend: %w", err)
-		}
-	}
 	for _, name := range b.opts.Interfaces {
 		if err := b.attachInterface(name); err != nil {
 			return fmt.Errorf("init ebpf backend: interface %s: %w", name, err)
 		}
 	}
 	if err := b.detachOtherInterfaces(); err != nil {
+		return fmt.Errorf("init ebpf backend: %w", err)
+	}
+	if err := b.pins.pinNew(); err != nil {
 		return fmt.Errorf("init ebpf backend: %w", err)
 	}
 	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
@@ -325,8 +368,8 @@ func (b *Backend) sizes() map[string]int {
 		svcnatMapSvcnatSourceRanges: b.opts.MaxServices,
 		svcnatMapSvcnatSlots:        b.opts.MaxBackends,
 		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
+		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
 		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
-		svcnatMapSvcnatSockRevnat:   b.opts.MaxNAT,
 	}
 }
 
@@ -338,6 +381,7 @@ func (b *Backend) mapSet(objs *svcnatObjects) *mapSet {
 		services:     sized(svcnatMapSvcnatServices, "--bpf-map-max-services", objs.SvcnatServices),
 		info:         sized(svcnatMapSvcnatSvcInfo, "--bpf-map-max-services", objs.SvcnatSvcInfo),
 		slots:        sized(svcnatMapSvcnatSlots, "--bpf-map-max-backends", objs.SvcnatSlots),
+		members:      sized(svcnatMapSvcnatMembers, "--bpf-map-max-backends", objs.SvcnatMembers),
 		backends:     sized(svcnatMapSvcnatBackends, "--bpf-map-max-backends", objs.SvcnatBackends),
 		sourceRanges: sized(svcnatMapSvcnatSourceRanges, "--bpf-map-max-services", objs.SvcnatSourceRanges),
 		clusterCIDRs: sized(svcnatMapSvcnatClusterCidrs, "", objs.SvcnatClusterCidrs),
@@ -352,8 +396,15 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		return errors.New("sync ebpf backend: Init has not run")
 	}
 	start := time.Now()
-	if err := b.rec.sync(s); err != nil {
+	err := b.rec.sync(s)
+	var failed dataplane.PortErrors
+	if err != nil && !errors.As(err, &failed) {
 		return fmt.Errorf("sync ebpf backend: %w", err)
+	}
+	if b.pins.refill {
+		if err := b.attach(); err != nil {
+			return fmt.Errorf("sync ebpf backend: %w", err)
+		}
 	}
 	if b.tc != nil {
 		b.sweeper.request(s)
@@ -373,8 +424,12 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSvcInfo).Set(float64(len(t.info)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
+		b.entries.WithLabelValues(svcnatMapSvcnatMembers).Set(float64(len(t.members)))
 		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
 		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("sync ebpf backend: %w", failed)
 	}
 	return nil
 }
@@ -383,7 +438,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 // directory, for a process that did not load them. It returns nil maps
 // when nothing is pinned.
 func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
-	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots,
+	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots, svcnatMapSvcnatMembers,
 		svcnatMapSvcnatBackends, svcnatMapSvcnatSourceRanges, svcnatMapSvcnatClusterCidrs}
 	opened := map[string]*ebpf.Map{}
 	closeAll := func() {
@@ -391,8 +446,12 @@ func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
 			m.Close()
 		}
 	}
+	spec, err := loadSvcnat()
+	if err != nil {
+		return nil, nil, err
+	}
 	for _, name := range names {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, pinName(name, spec.Maps[name])), &ebpf.LoadPinOptions{ReadOnly: true})
 		if errors.Is(err, fs.ErrNotExist) {
 			closeAll()
 			return nil, func() {}, nil
@@ -405,7 +464,7 @@ func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
 	}
 	objs := &svcnatObjects{svcnatMaps: svcnatMaps{
 		SvcnatServices: opened[svcnatMapSvcnatServices], SvcnatSvcInfo: opened[svcnatMapSvcnatSvcInfo],
-		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatBackends: opened[svcnatMapSvcnatBackends],
+		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatMembers: opened[svcnatMapSvcnatMembers], SvcnatBackends: opened[svcnatMapSvcnatBackends],
 		SvcnatSourceRanges: opened[svcnatMapSvcnatSourceRanges], SvcnatClusterCidrs: opened[svcnatMapSvcnatClusterCidrs],
 	}}
 	return b.mapSet(objs), closeAll, nil
@@ -508,7 +567,8 @@ func (b *Backend) closeObjects() error {
 	var errs []error
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
-		b.objs, b.rec = nil, nil
+		b.pins.Close()
+		b.objs, b.rec, b.pins = nil, nil, nil
 	}
 	if b.tc != nil {
 		b.tcStats.Store(nil)
@@ -577,6 +637,9 @@ func formatTable(t *table) string {
 	}
 	for k, v := range t.slots {
 		lines = append(lines, fmt.Sprintf("%s id=%d set=%d slot=%d -> backend=%d", svcnatMapSvcnatSlots, k.Id, k.Set, k.Slot, v))
+	}
+	for k := range t.members {
+		lines = append(lines, fmt.Sprintf("%s id=%d set=%d backend=%d", svcnatMapSvcnatMembers, k.Id, k.Set, k.BackendId))
 	}
 	for id, v := range t.backends {
 		lines = append(lines, fmt.Sprintf("%s id=%d -> %s port=%d flags=%#x", svcnatMapSvcnatBackends, id, addrString(v.Addr), ntohs(v.Port), v.Flags))

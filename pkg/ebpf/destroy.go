@@ -23,17 +23,16 @@ type socketDestroyer struct {
 	iter *link.Iter
 }
 
-// newSocketDestroyer loads the UDP socket iterator against the pinned
-// reverse translation map. It needs kernel BTF and bpf_sock_destroy
+// newSocketDestroyer loads the UDP socket iterator against sock, the
+// hooks' per-socket storage. It needs kernel BTF and bpf_sock_destroy
 // (Linux 6.5); the error says what failed.
-func newSocketDestroyer(pinPath string, maxNAT int) (*socketDestroyer, error) {
+func newSocketDestroyer(sock *ebpf.Map) (*socketDestroyer, error) {
 	spec, err := loadDestroy()
 	if err != nil {
 		return nil, err
 	}
-	spec.Maps[destroyMapSvcnatSockRevnat].MaxEntries = uint32(maxNAT)
 	d := &socketDestroyer{}
-	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinPath}}); err != nil {
+	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{destroyMapSvcnatSock: sock}}); err != nil {
 		return nil, fmt.Errorf("load UDP socket iterator (needs kernel BTF and the bpf_sock_destroy kfunc): %w", err)
 	}
 	if d.iter, err = link.AttachIter(link.IterOptions{Program: d.objs.SvcnatDestroyUdp}); err != nil {

@@ -17,7 +17,7 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	destroyMapSvcnatDestroy     = "svcnat_destroy"
-	destroyMapSvcnatSockRevnat  = "svcnat_sock_revnat"
+	destroyMapSvcnatSock        = "svcnat_sock"
 	destroyProgSvcnatDestroyUdp = "svcnat_destroy_udp"
 )
 
@@ -70,8 +70,8 @@ type destroyProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type destroyMapSpecs struct {
-	SvcnatDestroy    *ebpf.MapSpec `ebpf:"svcnat_destroy"`
-	SvcnatSockRevnat *ebpf.MapSpec `ebpf:"svcnat_sock_revnat"`
+	SvcnatDestroy *ebpf.MapSpec `ebpf:"svcnat_destroy"`
+	SvcnatSock    *ebpf.MapSpec `ebpf:"svcnat_sock"`
 }
 
 // destroyVariableSpecs contains global variables before they are loaded into the kernel.
@@ -100,14 +100,14 @@ func (o *destroyObjects) Close() error {
 //
 // It can be passed to loadDestroyObjects or ebpf.CollectionSpec.LoadAndAssign.
 type destroyMaps struct {
-	SvcnatDestroy    *ebpf.Map `ebpf:"svcnat_destroy"`
-	SvcnatSockRevnat *ebpf.Map `ebpf:"svcnat_sock_revnat"`
+	SvcnatDestroy *ebpf.Map `ebpf:"svcnat_destroy"`
+	SvcnatSock    *ebpf.Map `ebpf:"svcnat_sock"`
 }
 
 func (m *destroyMaps) Close() error {
 	return _DestroyClose(
 		m.SvcnatDestroy,
-		m.SvcnatSockRevnat,
+		m.SvcnatSock,
 	)
 }
 

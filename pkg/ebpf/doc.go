@@ -5,16 +5,18 @@
 //
 // # Maps
 //
-// The desired state lives in six maps (see bpf/svcnat.h): svcnat_services
+// The desired state lives in seven maps (see bpf/svcnat.h): svcnat_services
 // (frontend address, port, protocol -> ServicePort id, endpoint counts,
-// flags), svcnat_slots ((id, set, slot) -> backend id), svcnat_backends
+// flags), svcnat_slots ((id, set, slot) -> backend id), svcnat_members
+// ((id, backend id, set): membership, for remembered choices), svcnat_backends
 // (backend id -> address, port, local), svcnat_svc_info (id -> the
 // ServicePort's name and the fields Dump needs), svcnat_source_ranges and
 // svcnat_cluster_cidrs (LPM tries). encode and decode turn a model.State into
 // these entries and back; the round trip is exact, so Dump gives back what
-// Sync was given. The datapath writes two LRU maps itself: session
-// affinity and the sockets' reverse translation. The flows of the tc path
-// live in the kernel's conntrack (see attach.go).
+// Sync was given. The datapath writes the rest itself: session affinity (an
+// LRU map) and per-socket storage (the frontends a socket sent to and their
+// endpoints). The flows of the tc path live in the kernel's conntrack (see
+// attach.go).
 //
 // # Programs
 //
@@ -35,9 +37,11 @@
 // frontends carrying the new counts (one atomic value each), then deletions
 // of frontends, slots beyond a smaller count, and last the backends no slot
 // names. Backend and ServicePort ids are never reused while an entry may
-// still hold them. Capacity is checked before anything is written; a state
-// that does not fit fails naming the map and the flag that sizes it. After a
-// failed write the next sync reads the maps back and compares everything.
+// still hold them. ServicePorts are admitted in name order while they fit
+// the maps; one that does not fit (or cannot be encoded, or claims another's
+// frontend) fails alone, named in dataplane.PortErrors, and holds nothing.
+// After a failed write, and on every sync that changes nothing (the
+// periodic one), the sync reads the maps back and rewrites what differs.
 // The reconciler works on the bpfMap interface; tests use an in-memory fake
 // that fails writes at random and checks, after every write, that the
 // datapath's invariant (every slot below a count exists and names a
@@ -45,11 +49,13 @@
 //
 // # Pins and restarts
 //
-// Maps are pinned by name under Options.BPFFSPath and links under its
-// links/ directory. A restarted agent loads its programs against the pinned
-// maps and points the pinned links at the new programs (bpf_link_update), so
-// translation never stops; its first Sync compares with what the kernel
-// holds and writes only the difference. Dump and Raw open the pins
+// Maps are pinned under Options.BPFFSPath as <name>-<layout fingerprint>
+// (pins.go) and links under its links/ directory. A restarted agent loads
+// its programs against the pinned maps and points the pinned links at the
+// new programs (bpf_link_update), so translation never stops; its first Sync
+// compares with what the kernel holds and writes only the difference. Maps
+// of another layout or size are replaced: the first Sync fills the new ones
+// before the links are updated. Dump and Raw open the pins
 // read-only and need no Init, so `svcnat dump` works from another process.
 // Cleanup detaches every pinned link, removes the directory and deletes
 // the nftables table.

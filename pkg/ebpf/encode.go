@@ -10,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -53,6 +54,7 @@ type table struct {
 	services     map[svcnatSvcKey]svcnatSvcValue
 	info         map[uint32]svcnatSvcInfo
 	slots        map[svcnatSlotKey]uint32
+	members      map[svcnatMemberKey]uint8
 	backends     map[uint32]svcnatBackend
 	sourceRanges map[svcnatSourceRangeKey]uint8
 	clusterCIDRs map[svcnatCidrKey]uint8
@@ -63,6 +65,7 @@ func newTable() *table {
 		services:     map[svcnatSvcKey]svcnatSvcValue{},
 		info:         map[uint32]svcnatSvcInfo{},
 		slots:        map[svcnatSlotKey]uint32{},
+		members:      map[svcnatMemberKey]uint8{},
 		backends:     map[uint32]svcnatBackend{},
 		sourceRanges: map[svcnatSourceRangeKey]uint8{},
 		clusterCIDRs: map[svcnatCidrKey]uint8{},
@@ -71,7 +74,7 @@ func newTable() *table {
 
 func (t *table) equal(o *table) bool {
 	return maps.Equal(t.services, o.services) && maps.Equal(t.info, o.info) &&
-		maps.Equal(t.slots, o.slots) && maps.Equal(t.backends, o.backends) &&
+		maps.Equal(t.slots, o.slots) && maps.Equal(t.members, o.members) && maps.Equal(t.backends, o.backends) &&
 		maps.Equal(t.sourceRanges, o.sourceRanges) && maps.Equal(t.clusterCIDRs, o.clusterCIDRs)
 }
 
@@ -162,6 +165,10 @@ func adoptIDs(t *table) (*ids, error) {
 		n.services.next = max(n.services.next, k.Id+1)
 		n.backends.next = max(n.backends.next, bid+1)
 	}
+	for k := range t.members {
+		n.services.next = max(n.services.next, k.Id+1)
+		n.backends.next = max(n.backends.next, k.BackendId+1)
+	}
 	for k := range t.sourceRanges {
 		n.services.next = max(n.services.next, k.Id+1)
 	}
@@ -195,37 +202,48 @@ type fragment struct {
 	info         svcnatSvcInfo
 	services     map[svcnatSvcKey]svcnatSvcValue
 	slots        map[svcnatSlotKey]uint32
+	members      map[svcnatMemberKey]uint8
 	sourceRanges map[svcnatSourceRangeKey]uint8
 	backends     map[uint32]svcnatBackend // the endpoints the slots name
 }
 
 // encode turns s into map entries, numbering ServicePorts and endpoints with
-// n, and returns them whole and per ServicePort. It fails, naming both
-// ServicePorts, when two claim the same frontend.
-func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment, error) {
+// n, and returns them whole and per ServicePort. A ServicePort that cannot
+// be encoded, or that claims a frontend a ServicePort before it in name
+// order has, fails alone: it is in failed, with no entries.
+func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment, dataplane.PortErrors) {
 	t := newTable()
 	t.clusterCIDRs = encodeClusterCIDRs(s.ClusterCIDRs)
 	frags := make(map[model.ServicePortName]*fragment, len(s.ServicePorts))
+	failed := dataplane.PortErrors{}
 	owner := map[svcnatSvcKey]model.ServicePortName{}
 	for _, sp := range s.Sorted() {
 		f, err := encodeServicePort(sp, n)
+		if err == nil {
+			err = claimFrontends(f, owner)
+		}
 		if err != nil {
-			return nil, nil, err
+			failed[sp.Name] = err
+			continue
 		}
-		for key, v := range f.services {
-			if other, dup := owner[key]; dup {
-				return nil, nil, fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", sp.Name, addrString(key.Addr), ntohs(key.Port), other)
-			}
-			owner[key] = sp.Name
-			t.services[key] = v
-		}
-		t.info[f.id] = f.info
-		maps.Copy(t.slots, f.slots)
-		maps.Copy(t.sourceRanges, f.sourceRanges)
-		maps.Copy(t.backends, f.backends)
+		addFragment(t, f)
 		frags[sp.Name] = f
 	}
-	return t, frags, nil
+	return t, frags, failed
+}
+
+// claimFrontends records f's frontends in owner, or fails, naming the
+// ServicePort that has one of them already.
+func claimFrontends(f *fragment, owner map[svcnatSvcKey]model.ServicePortName) error {
+	for key := range f.services {
+		if other, dup := owner[key]; dup {
+			return fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", f.sp.Name, addrString(key.Addr), ntohs(key.Port), other)
+		}
+	}
+	for key := range f.services {
+		owner[key] = f.sp.Name
+	}
+	return nil
 }
 
 func encodeClusterCIDRs(cidrs []netip.Prefix) map[svcnatCidrKey]uint8 {
@@ -259,6 +277,7 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 		info:         info,
 		services:     make(map[svcnatSvcKey]svcnatSvcValue, len(sp.Frontends)),
 		slots:        make(map[svcnatSlotKey]uint32, len(sp.ClusterEndpoints)+len(sp.LocalEndpoints)),
+		members:      make(map[svcnatMemberKey]uint8, len(sp.ClusterEndpoints)+len(sp.LocalEndpoints)),
 		sourceRanges: make(map[svcnatSourceRangeKey]uint8, len(sp.SourceRanges)),
 		backends:     make(map[uint32]svcnatBackend, len(sp.ClusterEndpoints)),
 	}
@@ -271,6 +290,7 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 			}
 			f.backends[bid] = b
 			f.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: uint8(set)}] = bid
+			f.members[svcnatMemberKey{Id: id, BackendId: bid, Set: uint8(set)}] = 1
 		}
 	}
 	value := svcnatSvcValue{

@@ -39,8 +39,14 @@ func randomState(r *rand.Rand, services int) *model.State {
 			Name:     model.ServicePortName{Namespace: fmt.Sprintf("ns%d", r.IntN(3)), Name: fmt.Sprintf("svc-%d", i), Family: fam},
 			Protocol: protos[r.IntN(len(protos))],
 		}
-		if r.IntN(2) == 0 {
+		switch r.IntN(4) {
+		case 0:
 			sp.Name.Port = "http"
+		case 1:
+			// The API's longest names: every one is a DNS label of 63 bytes.
+			sp.Name.Port = strings.Repeat("p", 63)
+			sp.Name.Namespace = strings.Repeat("n", 63)
+			sp.Name.Name += strings.Repeat("s", 63-len(sp.Name.Name))
 		}
 		for j := range 1 + r.IntN(3) {
 			k := kinds[r.IntN(len(kinds))]
@@ -102,9 +108,9 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 	for seed := range uint64(50) {
 		r := rand.New(rand.NewPCG(seed, 1))
 		want := randomState(r, 1+r.IntN(40))
-		tab, _, err := encode(want, newIDs())
-		if err != nil {
-			t.Fatalf("seed %d: encode: %v", seed, err)
+		tab, _, failed := encode(want, newIDs())
+		if len(failed) > 0 {
+			t.Fatalf("seed %d: encode: %v", seed, failed)
 		}
 		got, err := decode(tab)
 		if err != nil {
@@ -117,9 +123,9 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 	s := randomState(rand.New(rand.NewPCG(7, 7)), 30)
 	n := newIDs()
-	first, _, err := encode(s, n)
-	if err != nil {
-		t.Fatal(err)
+	first, _, failed := encode(s, n)
+	if len(failed) > 0 {
+		t.Fatal(failed)
 	}
 	eps := map[model.Endpoint]bool{}
 	for _, sp := range s.ServicePorts {
@@ -130,9 +136,9 @@ func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 	if len(first.backends) != len(eps) {
 		t.Errorf("backends: %d entries for %d distinct endpoints", len(first.backends), len(eps))
 	}
-	again, _, err := encode(s, n)
-	if err != nil {
-		t.Fatal(err)
+	again, _, failed := encode(s, n)
+	if len(failed) > 0 {
+		t.Fatal(failed)
 	}
 	if !again.equal(first) {
 		t.Error("encoding the same state twice gave different entries")
@@ -142,9 +148,9 @@ func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	third, _, err := encode(s, adopted)
-	if err != nil {
-		t.Fatal(err)
+	third, _, failed := encode(s, adopted)
+	if len(failed) > 0 {
+		t.Fatal(failed)
 	}
 	if !third.equal(first) {
 		t.Error("encoding with adopted numbers gave different entries")
@@ -165,7 +171,7 @@ func TestEncodeRejects(t *testing.T) {
 		want   string
 	}{
 		{"long namespace", func(sp *model.ServicePort, _ *model.State) { sp.Name.Namespace = strings.Repeat("a", 64) }, "namespace"},
-		{"long port name", func(sp *model.ServicePort, _ *model.State) { sp.Name.Port = strings.Repeat("p", 16) }, "port name"},
+		{"long port name", func(sp *model.ServicePort, _ *model.State) { sp.Name.Port = strings.Repeat("p", 64) }, "port name"},
 		{"protocol", func(sp *model.ServicePort, _ *model.State) { sp.Protocol = "ICMP" }, "unknown protocol"},
 		{"affinity", func(sp *model.ServicePort, _ *model.State) { sp.AffinityTimeout = 1500 * time.Millisecond }, "affinity timeout"},
 		{"shared frontend", func(sp *model.ServicePort, s *model.State) {
@@ -179,9 +185,20 @@ func TestEncodeRejects(t *testing.T) {
 			s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
 			tc.mutate(sp, s)
 			s.ServicePorts[sp.Name] = sp
-			_, _, err := encode(s, newIDs())
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
+			// A valid ServicePort beside it is encoded all the same.
+			valid := base()
+			valid.Name.Name = "valid"
+			valid.Frontends[0].IP = netip.MustParseAddr("10.96.0.99")
+			s.ServicePorts[valid.Name] = valid
+			tab, frags, failed := encode(s, newIDs())
+			if err := failed[sp.Name]; err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("encode: got error %v, want one containing %q", err, tc.want)
+			}
+			if len(failed) != 1 || frags[valid.Name] == nil || frags[sp.Name] != nil {
+				t.Fatalf("encode: failed %v, encoded %d ServicePorts; want only %s failed", failed, len(frags), sp.Name)
+			}
+			if n := len(s.ServicePorts) - 1; len(tab.services) != n || len(tab.info) != n {
+				t.Fatalf("encode: %d frontends and %d service infos, want %d: all but the failed one's", len(tab.services), len(tab.info), n)
 			}
 		})
 	}

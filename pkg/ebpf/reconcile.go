@@ -4,7 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
+	"strings"
 
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -31,7 +34,7 @@ type entryIterator interface {
 // mapSet is the maps holding the desired state, each with its capacity and
 // the flag that sets it.
 type mapSet struct {
-	services, info, slots, backends, sourceRanges, clusterCIDRs sizedMap
+	services, info, slots, members, backends, sourceRanges, clusterCIDRs sizedMap
 }
 
 type sizedMap struct {
@@ -48,6 +51,7 @@ func readTable(ms *mapSet) (*table, error) {
 		readMap(ms.services, t.services),
 		readMap(ms.info, t.info),
 		readMap(ms.slots, t.slots),
+		readMap(ms.members, t.members),
 		readMap(ms.backends, t.backends),
 		readMap(ms.sourceRanges, t.sourceRanges),
 		readMap(ms.clusterCIDRs, t.clusterCIDRs),
@@ -76,23 +80,27 @@ func readMap[K comparable, V any](sm sizedMap, dst map[K]V) error {
 func checkCapacity(ms *mapSet, cur, want *table) error {
 	var errs []error
 	check := func(sm sizedMap, peak int) {
-		if peak <= sm.capacity {
-			return
+		if peak > sm.capacity {
+			errs = append(errs, capacityError(sm, peak))
 		}
-		how := "it has a fixed size"
-		if sm.flag != "" {
-			how = "raise " + sm.flag
-		}
-		errs = append(errs, fmt.Errorf("map %s holds %d entries, this sync needs %d while old entries are replaced: %s",
-			sm.name, sm.capacity, peak, how))
 	}
 	check(ms.services, unionLen(cur.services, want.services))
 	check(ms.info, unionLen(cur.info, want.info))
 	check(ms.slots, unionLen(cur.slots, want.slots))
+	check(ms.members, unionLen(cur.members, want.members))
 	check(ms.backends, unionLen(cur.backends, want.backends))
 	check(ms.sourceRanges, unionLen(cur.sourceRanges, want.sourceRanges))
 	check(ms.clusterCIDRs, unionLen(cur.clusterCIDRs, want.clusterCIDRs))
 	return errors.Join(errs...)
+}
+
+func capacityError(sm sizedMap, peak int) error {
+	how := "it has a fixed size"
+	if sm.flag != "" {
+		how = "raise " + sm.flag
+	}
+	return fmt.Errorf("map %s holds %d entries, this sync needs %d while old entries are replaced: %s",
+		sm.name, sm.capacity, peak, how)
 }
 
 func unionLen[K comparable, V any](a, b map[K]V) int {
@@ -109,7 +117,8 @@ func unionLen[K comparable, V any](a, b map[K]V) int {
 // the datapath a half-written Service:
 //
 //  1. new and changed backends, Service info and source ranges;
-//  2. slots, so that every slot below a new, larger count exists;
+//  2. slots and memberships, so that every slot below a new, larger count
+//     exists;
 //  3. frontends with their counts: one atomic value per frontend;
 //  4. frontends that are gone;
 //  5. slots at or above a new, smaller count, and other unused entries;
@@ -125,9 +134,11 @@ func apply(ms *mapSet, cur, want *table) error {
 		func() error { return putChanged(ms.info, cur.info, want.info) },
 		func() error { return putChanged(ms.sourceRanges, cur.sourceRanges, want.sourceRanges) },
 		func() error { return putChanged(ms.slots, cur.slots, want.slots) },
+		func() error { return putChanged(ms.members, cur.members, want.members) },
 		func() error { return putChanged(ms.services, cur.services, want.services) },
 		func() error { return deleteGone(ms.services, cur.services, want.services) },
 		func() error { return deleteGone(ms.slots, cur.slots, want.slots) },
+		func() error { return deleteGone(ms.members, cur.members, want.members) },
 		func() error { return deleteGone(ms.sourceRanges, cur.sourceRanges, want.sourceRanges) },
 		func() error { return deleteGone(ms.info, cur.info, want.info) },
 		func() error { return deleteGone(ms.backends, cur.backends, want.backends) },
@@ -196,50 +207,157 @@ type reconciler struct {
 	removed, removedUDP []svcnatBackend
 }
 
-// sync makes the maps hold s. It writes nothing when s does not fit. On a
-// write error the maps hold, per ServicePort, the old or the new entries or
-// a mix the datapath can use (every slot below a count exists); the next
-// sync repairs them.
+// sync makes the maps hold s. A ServicePort that cannot be encoded, claims
+// a frontend another ServicePort has, or does not fit the maps fails alone:
+// sync programs the others and returns dataplane.PortErrors naming it, and
+// it holds no entries. On a write error the maps hold, per ServicePort, the
+// old or the new entries or a mix the datapath can use (every slot below a
+// count exists); the next sync repairs them.
+//
+// A sync that changes no ServicePort (the periodic full reconcile) reads
+// the maps back and rewrites what differs, so that entries changed or
+// deleted by hand are repaired.
 func (r *reconciler) sync(s *model.State) error {
 	r.removed, r.removedUDP = nil, nil
-	if r.written == nil {
-		return r.syncAll(s)
-	}
-	return r.syncChanges(s)
-}
-
-// syncAll compares everything with what the kernel holds.
-func (r *reconciler) syncAll(s *model.State) error {
-	cur, err := readTable(r.maps)
-	if err != nil {
-		return err
-	}
-	if r.ids == nil {
-		// At start: continue the numbering a previous run left. After a
-		// failed write the numbers in memory stay, so a retry writes only
-		// what is still missing.
-		if r.ids, err = adoptIDs(cur); err != nil {
+	if r.written != nil {
+		if err := r.syncChanges(s); !errors.Is(err, errSyncAll) {
 			return err
 		}
 	}
-	want, frags, err := encode(s, r.ids)
-	if err != nil {
-		return err
+	return r.syncAll(s)
+}
+
+// errSyncAll is syncChanges' way to say that only a full sync can do it.
+var errSyncAll = errors.New("needs a full sync")
+
+// syncAll compares everything with what the kernel holds.
+func (r *reconciler) syncAll(s *model.State) error {
+	for pass := 0; ; pass++ {
+		cur, err := readTable(r.maps)
+		if err != nil {
+			return err
+		}
+		if r.ids == nil {
+			// At start: continue the numbering a previous run left. After a
+			// failed write the numbers in memory stay, so a retry writes only
+			// what is still missing.
+			if r.ids, err = adoptIDs(cur); err != nil {
+				return err
+			}
+		}
+		want, frags, failed := encode(s, r.ids)
+		want, full := admit(r.maps, cur, want, frags, failed)
+		if err := checkCapacity(r.maps, cur, want); err != nil {
+			return fmt.Errorf("check capacity: %w", err)
+		}
+		if err := apply(r.maps, cur, want); err != nil {
+			r.written = nil
+			return err
+		}
+		r.noteRemoved(cur, want)
+		r.written, r.frags, r.refs = want, frags, map[uint32]int{}
+		for _, f := range frags {
+			for bid := range f.backends {
+				r.refs[bid]++
+			}
+		}
+		r.ids.release(want)
+		// What did not fit beside the entries this pass deleted may fit
+		// now that they are gone.
+		if full && pass == 0 && shrank(cur, want) {
+			continue
+		}
+		if len(failed) > 0 {
+			return failed
+		}
+		return nil
 	}
-	if err := checkCapacity(r.maps, cur, want); err != nil {
-		return fmt.Errorf("check capacity: %w", err)
-	}
-	if err := apply(r.maps, cur, want); err != nil {
-		return err
-	}
-	r.written, r.frags, r.refs = want, frags, map[uint32]int{}
-	for _, f := range frags {
-		for bid := range f.backends {
-			r.refs[bid]++
+}
+
+// noteRemoved adds the endpoints that writing want over cur removed to
+// r.removed, and to r.removedUDP those a UDP ServicePort named.
+func (r *reconciler) noteRemoved(cur, want *table) {
+	udp := map[uint32]bool{}
+	for k, bid := range cur.slots {
+		if _, kept := want.backends[bid]; !kept && cur.info[k.Id].Proto == protoUDP {
+			udp[bid] = true
 		}
 	}
-	r.ids.release(want)
-	return nil
+	for bid, b := range cur.backends {
+		if _, kept := want.backends[bid]; kept {
+			continue
+		}
+		r.removed = append(r.removed, b)
+		if udp[bid] {
+			r.removedUDP = append(r.removedUDP, b)
+		}
+	}
+}
+
+// admit keeps, in name order, the ServicePorts of want whose entries fit
+// the maps on top of cur and of those admitted before; the others fail
+// alone (in failed, and removed from frags). It returns the table of the
+// admitted ones and whether any did not fit.
+func admit(ms *mapSet, cur, want *table, frags map[model.ServicePortName]*fragment, failed dataplane.PortErrors) (*table, bool) {
+	out := newTable()
+	out.clusterCIDRs = want.clusterCIDRs
+	names := slices.SortedFunc(maps.Keys(frags), model.ServicePortName.Compare)
+	// peak[i] is how many entries map i holds at the peak of the write:
+	// cur and what was admitted.
+	sized := []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges}
+	peak := []int{len(cur.services), len(cur.info), len(cur.slots), len(cur.members), len(cur.backends), len(cur.sourceRanges)}
+	full := false
+	for _, name := range names {
+		f := frags[name]
+		grow := []int{
+			fresh(f.services, cur.services, out.services),
+			fresh(map[uint32]svcnatSvcInfo{f.id: f.info}, cur.info, out.info),
+			fresh(f.slots, cur.slots, out.slots),
+			fresh(f.members, cur.members, out.members),
+			fresh(f.backends, cur.backends, out.backends),
+			fresh(f.sourceRanges, cur.sourceRanges, out.sourceRanges),
+		}
+		var errs []string
+		for i, sm := range sized {
+			if peak[i]+grow[i] > sm.capacity {
+				errs = append(errs, capacityError(sm, peak[i]+grow[i]).Error())
+			}
+		}
+		if len(errs) > 0 {
+			failed[name] = fmt.Errorf("does not fit the maps: %s", strings.Join(errs, "; "))
+			delete(frags, name)
+			full = true
+			continue
+		}
+		for i := range peak {
+			peak[i] += grow[i]
+		}
+		addFragment(out, f)
+	}
+	return out, full
+}
+
+// fresh counts the keys of m in neither a nor b.
+func fresh[K comparable, V any](m, a, b map[K]V) int {
+	n := 0
+	for k := range m {
+		_, inA := a[k]
+		_, inB := b[k]
+		if !inA && !inB {
+			n++
+		}
+	}
+	return n
+}
+
+// shrank says whether writing want over cur deleted entries.
+func shrank(cur, want *table) bool {
+	return unionLen(want.services, cur.services) > len(want.services) ||
+		unionLen(want.info, cur.info) > len(want.info) ||
+		unionLen(want.slots, cur.slots) > len(want.slots) ||
+		unionLen(want.members, cur.members) > len(want.members) ||
+		unionLen(want.backends, cur.backends) > len(want.backends) ||
+		unionLen(want.sourceRanges, cur.sourceRanges) > len(want.sourceRanges)
 }
 
 // syncChanges writes the entries of the ServicePorts that differ from the
@@ -258,15 +376,15 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		}
 		f, err := encodeServicePort(sp, r.ids)
 		if err != nil {
-			return err
+			return errSyncAll // it fails alone there
 		}
 		for key, v := range f.services {
-			if other, dup := next.services[key]; dup {
-				return fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of service port %d", name, addrString(key.Addr), ntohs(key.Port), other.Id)
+			if _, dup := next.services[key]; dup {
+				return errSyncAll
 			}
 			next.services[key] = v
 		}
-		addFragment(next, f)
+		addOwnEntries(next, f)
 		for bid, b := range f.backends {
 			delta[bid]++
 			next.backends[bid] = b
@@ -275,7 +393,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		if prev != nil {
 			replaced[prev.id] = true
 			maps.Copy(old.services, prev.services)
-			addFragment(old, prev)
+			addOwnEntries(old, prev)
 			for bid := range prev.backends {
 				delta[bid]--
 				usedByUDP[bid] = usedByUDP[bid] || prev.sp.Protocol == model.UDP
@@ -286,7 +404,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		if _, ok := s.ServicePorts[name]; !ok {
 			replaced[prev.id] = true
 			maps.Copy(old.services, prev.services)
-			addFragment(old, prev)
+			addOwnEntries(old, prev)
 			for bid := range prev.backends {
 				delta[bid]--
 				usedByUDP[bid] = usedByUDP[bid] || prev.sp.Protocol == model.UDP
@@ -296,7 +414,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	}
 	for key, v := range next.services {
 		if cur, ok := r.written.services[key]; ok && cur.Id != v.Id && !replaced[cur.Id] {
-			return fmt.Errorf("encode service port %d: frontend %s port %d is also a frontend of service port %d", v.Id, addrString(key.Addr), ntohs(key.Port), cur.Id)
+			return errSyncAll
 		}
 	}
 	// A backend is written when the first ServicePort names it and deleted
@@ -320,10 +438,10 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		old.clusterCIDRs, next.clusterCIDRs = r.written.clusterCIDRs, cidrs
 	}
 	if len(frags) == 0 && len(removed) == 0 && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
-		return nil
+		return errSyncAll // nothing changed: the periodic reconcile
 	}
-	if err := checkCapacity(r.maps, r.written, next); err != nil {
-		return fmt.Errorf("check capacity: %w", err)
+	if checkCapacity(r.maps, r.written, next) != nil {
+		return errSyncAll
 	}
 	if err := apply(r.maps, old, next); err != nil {
 		r.written, r.frags, r.refs = nil, nil, nil
@@ -333,6 +451,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	replaceEntries(r.written.services, old.services, next.services)
 	replaceEntries(r.written.info, old.info, next.info)
 	replaceEntries(r.written.slots, old.slots, next.slots)
+	replaceEntries(r.written.members, old.members, next.members)
 	replaceEntries(r.written.backends, old.backends, next.backends)
 	replaceEntries(r.written.sourceRanges, old.sourceRanges, next.sourceRanges)
 	replaceEntries(r.written.clusterCIDRs, old.clusterCIDRs, next.clusterCIDRs)
@@ -356,11 +475,19 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	return nil
 }
 
-// addFragment adds a ServicePort's own entries, not its frontends or
-// backends, to t.
+// addFragment adds all of a ServicePort's entries to t.
 func addFragment(t *table, f *fragment) {
+	maps.Copy(t.services, f.services)
+	maps.Copy(t.backends, f.backends)
+	addOwnEntries(t, f)
+}
+
+// addOwnEntries adds a ServicePort's own entries, not its frontends or
+// backends, to t.
+func addOwnEntries(t *table, f *fragment) {
 	t.info[f.id] = f.info
 	maps.Copy(t.slots, f.slots)
+	maps.Copy(t.members, f.members)
 	maps.Copy(t.sourceRanges, f.sourceRanges)
 }
 

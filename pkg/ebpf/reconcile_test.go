@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -94,6 +95,7 @@ func fakeMaps(capacity int, fail func() bool) *mapSet {
 		services:     sized("svcnat_services", "--bpf-map-max-services"),
 		info:         sized("svcnat_svc_info", "--bpf-map-max-services"),
 		slots:        sized("svcnat_slots", "--bpf-map-max-backends"),
+		members:      sized("svcnat_members", "--bpf-map-max-backends"),
 		backends:     sized("svcnat_backends", "--bpf-map-max-backends"),
 		sourceRanges: sized("svcnat_source_ranges", "--bpf-map-max-services"),
 		clusterCIDRs: sized("svcnat_cluster_cidrs", ""),
@@ -130,7 +132,7 @@ func TestReconcilerConvergesDespiteWriteFailures(t *testing.T) {
 		failing := false
 		ms := fakeMaps(1<<20, func() bool { return failing && r.IntN(100) < 5 })
 		var inconsistent error
-		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
+		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
 			sm.m.(*fakeMap).after = func() {
 				if err := datapathConsistent(ms); err != nil && inconsistent == nil {
 					inconsistent = err
@@ -188,14 +190,14 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	if writes != 0 {
 		t.Errorf("second sync of the same state made %d writes, want 0", writes)
 	}
-	// One more endpoint for one ServicePort: a backend, a slot, and the
-	// ServicePort's frontends.
+	// One more endpoint for one ServicePort: a backend, a slot, a
+	// membership, and the ServicePort's frontends.
 	sp := s.Sorted()[0]
 	sp.ClusterEndpoints = append(sp.ClusterEndpoints, model.Endpoint{IP: sp.Frontends[0].IP.Next(), Port: 9})
 	if err := rec.sync(s); err != nil {
 		t.Fatal(err)
 	}
-	if want := 2 + len(sp.Frontends); writes != want {
+	if want := 3 + len(sp.Frontends); writes != want {
 		t.Errorf("adding one endpoint made %d writes, want %d", writes, want)
 	}
 }
@@ -208,7 +210,7 @@ func TestReconcilerRestartAdoptsNumbers(t *testing.T) {
 	}
 	before, _ := readTable(ms)
 	writes := 0
-	for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
+	for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
 		sm.m.(*fakeMap).fail = func() bool { writes++; return false }
 	}
 	// A new reconciler, as after an agent restart, finds everything in place.
@@ -224,6 +226,10 @@ func TestReconcilerRestartAdoptsNumbers(t *testing.T) {
 	}
 }
 
+// TestReconcilerCapacity: with maps too small for the whole state, the
+// ServicePorts that fit are programmed (whole, decodable) and the others
+// fail alone, named in dataplane.PortErrors with the flag to raise, and hold
+// nothing; once the state shrinks they are all programmed again.
 func TestReconcilerCapacity(t *testing.T) {
 	ms := fakeMaps(40, nil)
 	rec := &reconciler{maps: ms}
@@ -231,24 +237,52 @@ func TestReconcilerCapacity(t *testing.T) {
 	if err := rec.sync(small); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := readTable(ms)
-	err := rec.sync(randomState(rand.New(rand.NewPCG(6, 6)), 60))
-	if err == nil {
-		t.Fatal("sync of a state larger than the maps succeeded")
+	big := randomState(rand.New(rand.NewPCG(6, 6)), 60)
+	err := rec.sync(big)
+	var failed dataplane.PortErrors
+	if !errors.As(err, &failed) {
+		t.Fatalf("sync of a state larger than the maps: got %v, want PortErrors", err)
 	}
-	for _, want := range []string{"svcnat_services", "--bpf-map-max-services"} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("error %q does not name %s", err, want)
+	if len(failed) == 0 || len(failed) == len(big.ServicePorts) {
+		t.Fatalf("%d of %d service ports failed, want some but not all", len(failed), len(big.ServicePorts))
+	}
+	for name, err := range failed {
+		if _, ok := big.ServicePorts[name]; !ok {
+			t.Errorf("failed %s is not in the state", name)
+		}
+		if !strings.Contains(err.Error(), "raise --bpf-map-max-") {
+			t.Errorf("%s: error %q names no flag to raise", name, err)
 		}
 	}
-	after, _ := readTable(ms)
-	if !after.equal(before) {
-		t.Error("a sync that did not fit changed the maps")
+	// What the maps hold is exactly the ServicePorts that did not fail.
+	programmed := &model.State{ClusterCIDRs: big.ClusterCIDRs, ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for name, sp := range big.ServicePorts {
+		if failed[name] == nil {
+			programmed.ServicePorts[name] = sp
+		}
+	}
+	got, err := readTable(ms)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dumped, err := decode(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	statesEqual(t, programmed, dumped)
+	if err := datapathConsistent(ms); err != nil {
+		t.Fatal(err)
 	}
 	// The reconciler still works afterwards.
 	if err := rec.sync(small); err != nil {
 		t.Fatal(err)
 	}
+	got, _ = readTable(ms)
+	dumped, err = decode(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	statesEqual(t, small, dumped)
 }
 
 // mutate changes a few ServicePorts of s the way Kubernetes updates do:
@@ -325,7 +359,7 @@ func TestReconcilerIncremental(t *testing.T) {
 		r := rand.New(rand.NewPCG(seed, 9))
 		ms := fakeMaps(1<<20, nil)
 		var inconsistent error
-		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
+		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
 			sm.m.(*fakeMap).after = func() {
 				if err := datapathConsistent(ms); err != nil && inconsistent == nil {
 					inconsistent = err
@@ -349,9 +383,9 @@ func TestReconcilerIncremental(t *testing.T) {
 				t.Fatalf("seed %d step %d: maps differ from what the reconciler believes it wrote", seed, step)
 			}
 			// Exactly the entries a fresh encoding has: nothing left over.
-			fresh, _, err := encode(s, newIDs())
-			if err != nil {
-				t.Fatal(err)
+			fresh, _, failed := encode(s, newIDs())
+			if len(failed) > 0 {
+				t.Fatal(failed)
 			}
 			if len(got.backends) != len(fresh.backends) || len(got.slots) != len(fresh.slots) ||
 				len(got.services) != len(fresh.services) || len(got.info) != len(fresh.info) {

@@ -25,9 +25,8 @@ type svcnatAffinityValue struct {
 	_         structs.HostLayout
 	LastUsed  uint64
 	BackendId uint32
-	Slot      uint16
 	Set       uint8
-	Pad       uint8
+	Pad       [3]uint8
 }
 
 type svcnatBackend struct {
@@ -44,20 +43,12 @@ type svcnatCidrKey struct {
 	Addr      [16]uint8
 }
 
-type svcnatRevnatKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   [16]uint8
-	Port   uint16
-	Pad    uint16
-	Pad2   uint32
-}
-
-type svcnatRevnatValue struct {
-	_    structs.HostLayout
-	Addr [16]uint8
-	Port uint16
-	Pad  uint16
+type svcnatMemberKey struct {
+	_         structs.HostLayout
+	Id        uint32
+	BackendId uint32
+	Set       uint8
+	Pad       [3]uint8
 }
 
 type svcnatSlotKey struct {
@@ -66,6 +57,22 @@ type svcnatSlotKey struct {
 	Slot uint16
 	Set  uint8
 	Pad  uint8
+}
+
+type svcnatSockState struct {
+	_     structs.HostLayout
+	Peers [4]struct {
+		_            structs.HostLayout
+		Frontend     [16]uint8
+		Backend      [16]uint8
+		FrontendPort uint16
+		BackendPort  uint16
+		Id           uint32
+		BackendId    uint32
+		Pad          uint32
+	}
+	Next uint32
+	Pad  uint32
 }
 
 type svcnatSourceRangeKey struct {
@@ -79,7 +86,7 @@ type svcnatSvcInfo struct {
 	_                   structs.HostLayout
 	Namespace           [64]int8
 	Name                [64]int8
-	PortName            [16]int8
+	PortName            [64]int8
 	Family              uint8
 	Proto               uint8
 	HealthCheckNodePort uint16
@@ -112,9 +119,10 @@ const (
 	svcnatMapSvcnatAffinity      = "svcnat_affinity"
 	svcnatMapSvcnatBackends      = "svcnat_backends"
 	svcnatMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
+	svcnatMapSvcnatMembers       = "svcnat_members"
 	svcnatMapSvcnatServices      = "svcnat_services"
 	svcnatMapSvcnatSlots         = "svcnat_slots"
-	svcnatMapSvcnatSockRevnat    = "svcnat_sock_revnat"
+	svcnatMapSvcnatSock          = "svcnat_sock"
 	svcnatMapSvcnatSourceRanges  = "svcnat_source_ranges"
 	svcnatMapSvcnatSvcInfo       = "svcnat_svc_info"
 	svcnatProgSvcnatConnect4     = "svcnat_connect4"
@@ -186,9 +194,10 @@ type svcnatMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
-	SvcnatSockRevnat   *ebpf.MapSpec `ebpf:"svcnat_sock_revnat"`
+	SvcnatSock         *ebpf.MapSpec `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.MapSpec `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.MapSpec `ebpf:"svcnat_svc_info"`
 }
@@ -222,9 +231,10 @@ type svcnatMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
-	SvcnatSockRevnat   *ebpf.Map `ebpf:"svcnat_sock_revnat"`
+	SvcnatSock         *ebpf.Map `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.Map `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.Map `ebpf:"svcnat_svc_info"`
 }
@@ -234,9 +244,10 @@ func (m *svcnatMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
+		m.SvcnatMembers,
 		m.SvcnatServices,
 		m.SvcnatSlots,
-		m.SvcnatSockRevnat,
+		m.SvcnatSock,
 		m.SvcnatSourceRanges,
 		m.SvcnatSvcInfo,
 	)

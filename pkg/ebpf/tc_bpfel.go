@@ -35,10 +35,11 @@ const (
 	tcMapSvcnatAffinity     = "svcnat_affinity"
 	tcMapSvcnatBackends     = "svcnat_backends"
 	tcMapSvcnatClusterCidrs = "svcnat_cluster_cidrs"
+	tcMapSvcnatMembers      = "svcnat_members"
 	tcMapSvcnatRejectBuf    = "svcnat_reject_buf"
 	tcMapSvcnatServices     = "svcnat_services"
 	tcMapSvcnatSlots        = "svcnat_slots"
-	tcMapSvcnatSockRevnat   = "svcnat_sock_revnat"
+	tcMapSvcnatSock         = "svcnat_sock"
 	tcMapSvcnatSourceRanges = "svcnat_source_ranges"
 	tcMapSvcnatSvcInfo      = "svcnat_svc_info"
 	tcMapSvcnatTcStats      = "svcnat_tc_stats"
@@ -99,10 +100,11 @@ type tcMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
 	SvcnatRejectBuf    *ebpf.MapSpec `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
-	SvcnatSockRevnat   *ebpf.MapSpec `ebpf:"svcnat_sock_revnat"`
+	SvcnatSock         *ebpf.MapSpec `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.MapSpec `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.MapSpec `ebpf:"svcnat_svc_info"`
 	SvcnatTcStats      *ebpf.MapSpec `ebpf:"svcnat_tc_stats"`
@@ -137,10 +139,11 @@ type tcMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
 	SvcnatRejectBuf    *ebpf.Map `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
-	SvcnatSockRevnat   *ebpf.Map `ebpf:"svcnat_sock_revnat"`
+	SvcnatSock         *ebpf.Map `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.Map `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.Map `ebpf:"svcnat_svc_info"`
 	SvcnatTcStats      *ebpf.Map `ebpf:"svcnat_tc_stats"`
@@ -151,10 +154,11 @@ func (m *tcMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
+		m.SvcnatMembers,
 		m.SvcnatRejectBuf,
 		m.SvcnatServices,
 		m.SvcnatSlots,
-		m.SvcnatSockRevnat,
+		m.SvcnatSock,
 		m.SvcnatSourceRanges,
 		m.SvcnatSvcInfo,
 		m.SvcnatTcStats,

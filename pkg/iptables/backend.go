@@ -4,11 +4,13 @@ package iptables
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
+	"os"
 	"os/exec"
 	"regexp"
 	"slices"
@@ -18,7 +20,9 @@ import (
 
 	goipt "github.com/coreos/go-iptables/iptables"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -31,13 +35,17 @@ const (
 
 // Options configure a Backend.
 type Options struct {
-	// Families to program; nil means IPv4 and IPv6.
+	// Families to program; nil means each of IPv4 and IPv6 that the host
+	// supports (kube-proxy's check: the iptables binaries of the family
+	// work, and for IPv6 the kernel has it enabled), with a warning for a
+	// family left out. A family named here that does not work is an error.
 	Families []model.Family
 	// Mode is the iptables variant: "nft", "legacy", or "auto" (or empty)
 	// to use the one the host's rules are in.
 	Mode string
-	// MasqueradeBit is the packet mark bit (0-31) that asks for
-	// masquerading; 0 means DefaultMasqueradeBit.
+	// MasqueradeBit is the packet mark bit (1-31) that asks for
+	// masquerading; 0 means DefaultMasqueradeBit (so bit 0 cannot be
+	// chosen).
 	MasqueradeBit int
 	// Registerer receives the backend's metrics; nil registers none.
 	Registerer prometheus.Registerer
@@ -59,6 +67,8 @@ type Backend struct {
 	mode     string // resolved: ModeNFT or ModeLegacy
 	families []*familyTables
 	rules    *prometheus.GaugeVec
+	// renderOptions are set when the backend first looks at the host.
+	renderOptions renderOptions
 
 	// lastWrite counts the chains the last Sync wrote and deleted, for tests.
 	lastWrite struct {
@@ -94,6 +104,8 @@ var jumps = []jump{
 	{tableNAT, "OUTPUT", []string{"-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
 	{tableNAT, "POSTROUTING", []string{"-m", "comment", "--comment", "svcnat masquerade", "-j", chainPostrouting}},
 	{tableFilter, "INPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+	// Inserted before the next one, so it ends up below it.
+	{tableFilter, "FORWARD", []string{"-m", "comment", "--comment", "svcnat forward", "-j", chainForward}},
 	{tableFilter, "FORWARD", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
 	{tableFilter, "OUTPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
 }
@@ -101,15 +113,12 @@ var jumps = []jump{
 // rootChains are checked on every Sync to notice rules changed behind
 // svcnat's back.
 var rootChains = []struct{ table, chain string }{
-	{tableNAT, chainServices}, {tableNAT, chainPostrouting}, {tableFilter, chainFilter},
+	{tableNAT, chainServices}, {tableNAT, chainPostrouting}, {tableFilter, chainFilter}, {tableFilter, chainForward},
 }
 
 // New validates opts and returns a Backend. It does not touch the kernel;
 // Init, Sync, Dump and Cleanup find the iptables binaries on first use.
 func New(opts Options) (*Backend, error) {
-	if opts.Families == nil {
-		opts.Families = []model.Family{model.IPv4, model.IPv6}
-	}
 	if opts.Mode == "" {
 		opts.Mode = ModeAuto
 	}
@@ -186,29 +195,86 @@ func (b *Backend) resolve(ctx context.Context) error {
 		mode = detectMode(ctx)
 	}
 	var fams []*familyTables
-	for _, f := range b.opts.Families {
-		base := binaryBase(f) + "-" + mode
-		paths := map[string]string{}
-		for _, name := range []string{base, base + "-save", base + "-restore"} {
-			p, err := exec.LookPath(name)
-			if err != nil {
-				return fmt.Errorf("find %s (iptables %s mode, %s): %w", name, mode, f, err)
-			}
-			paths[name] = p
-		}
-		proto := goipt.ProtocolIPv4
-		if f == model.IPv6 {
-			proto = goipt.ProtocolIPv6
-		}
-		ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Path(paths[base]), goipt.Timeout(10))
+	families := b.opts.Families
+	if families == nil {
+		families = []model.Family{model.IPv4, model.IPv6}
+	}
+	var errs []error
+	for _, f := range families {
+		ft, err := newFamilyTables(f, mode)
 		if err != nil {
-			return fmt.Errorf("use %s: %w", paths[base], err)
+			errs = append(errs, err)
+			continue
 		}
-		fams = append(fams, &familyTables{family: f, save: paths[base+"-save"], restore: paths[base+"-restore"], ipt: ipt})
+		fams = append(fams, ft)
+	}
+	switch {
+	case len(fams) == 0:
+		return errors.Join(errs...)
+	case len(errs) > 0 && b.opts.Families != nil:
+		return errors.Join(errs...)
+	case len(errs) > 0:
+		b.log.Warn("running single-stack: an address family is not usable", "family", fams[0].family, "err", errors.Join(errs...))
 	}
 	b.mode, b.families = mode, fams
-	b.log.Info("iptables backend", "mode", mode, "families", b.opts.Families)
+	b.renderOptions = renderOptions{masqBit: b.opts.MasqueradeBit, keepInvalid: tcpBeLiberal()}
+	if b.renderOptions.keepInvalid {
+		b.log.Info("nf_conntrack_tcp_be_liberal is set: not dropping forwarded packets in conntrack state INVALID")
+	}
+	b.log.Info("iptables backend", "mode", mode, "families", b.Families())
 	return nil
+}
+
+// newFamilyTables finds the binaries of one family and checks that they
+// work (and, for IPv6, that the kernel has it enabled), as kube-proxy does
+// before it picks single- or dual-stack.
+func newFamilyTables(f model.Family, mode string) (*familyTables, error) {
+	if f == model.IPv6 {
+		if _, err := os.Stat("/proc/net/if_inet6"); err != nil {
+			return nil, fmt.Errorf("use %s: no kernel support (no /proc/net/if_inet6)", f)
+		}
+		if v, err := os.ReadFile("/proc/sys/net/ipv6/conf/all/disable_ipv6"); err == nil && strings.TrimSpace(string(v)) == "1" {
+			return nil, fmt.Errorf("use %s: disabled in the kernel (net.ipv6.conf.all.disable_ipv6=1)", f)
+		}
+	}
+	base := binaryBase(f) + "-" + mode
+	paths := map[string]string{}
+	for _, name := range []string{base, base + "-save", base + "-restore"} {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			return nil, fmt.Errorf("find %s (iptables %s mode, %s): %w", name, mode, f, err)
+		}
+		paths[name] = p
+	}
+	proto := goipt.ProtocolIPv4
+	if f == model.IPv6 {
+		proto = goipt.ProtocolIPv6
+	}
+	ipt, err := goipt.New(goipt.IPFamily(proto), goipt.Path(paths[base]), goipt.Timeout(10))
+	if err != nil {
+		return nil, fmt.Errorf("use %s: %w", paths[base], err)
+	}
+	if _, err := ipt.ChainExists(tableNAT, "POSTROUTING"); err != nil {
+		return nil, fmt.Errorf("use %s: nat table not usable: %w", paths[base], err)
+	}
+	return &familyTables{family: f, save: paths[base+"-save"], restore: paths[base+"-restore"], ipt: ipt}, nil
+}
+
+// Families returns the address families the backend programs; nil before
+// it first looked at the host.
+func (b *Backend) Families() []model.Family {
+	var out []model.Family
+	for _, ft := range b.families {
+		out = append(out, ft.family)
+	}
+	return out
+}
+
+// tcpBeLiberal reports whether this network namespace's conntrack accepts
+// out-of-window TCP segments (then only out-of-window RSTs are INVALID).
+func tcpBeLiberal() bool {
+	v, err := os.ReadFile("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+	return err == nil && strings.TrimSpace(string(v)) == "1"
 }
 
 // Init finds the iptables binaries and makes sure svcnat's root chains and
@@ -326,20 +392,43 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	start := time.Now()
 	b.lastWrite.full, b.lastWrite.written, b.lastWrite.deleted = false, 0, 0
 	var errs []error
+	failed := map[model.Family]error{}
 	for _, ft := range b.families {
 		if err := b.syncFamily(ctx, ft, s); err != nil {
+			failed[ft.family] = err
 			ft.last = nil
+			if le, ok := errors.AsType[*LockError](err); ok {
+				b.log.Warn("waited for the xtables lock in vain; the sync fails and is retried",
+					"family", ft.family, "waited", LockWait, "holder", cmp.Or(le.Holder, "unknown"))
+			}
 			errs = append(errs, err)
 		}
 	}
 	b.log.Info("iptables sync", "servicePorts", len(s.ServicePorts), "full", b.lastWrite.full,
 		"chainsWritten", b.lastWrite.written, "chainsDeleted", b.lastWrite.deleted,
 		"duration", time.Since(start), "error", errors.Join(errs...))
-	return errors.Join(errs...)
+	if len(failed) == 0 || len(failed) == len(b.families) {
+		return errors.Join(errs...)
+	}
+	// One family failed, the other is programmed: the failed family's
+	// ServicePorts fail alone, so the other family's count as synced (a
+	// failing family never keeps the other unhealthy). They keep what was
+	// programmed before; the next Sync rewrites that family in full.
+	perPort := dataplane.PortErrors{}
+	for name := range s.ServicePorts {
+		if err, ok := failed[name.Family]; ok {
+			perPort[name] = err
+		}
+	}
+	if len(perPort) == 0 {
+		b.log.Error("iptables sync of an address family without service ports failed", "err", errors.Join(errs...))
+		return nil
+	}
+	return perPort
 }
 
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
-	want := render(s, ft.family, b.opts.MasqueradeBit, &ft.cache)
+	want := render(s, ft.family, b.renderOptions, &ft.cache)
 	full := ft.last == nil
 	deep := b.mode == ModeLegacy || time.Since(ft.deepChecked) >= b.opts.DeepCheckPeriod
 	if !full && deep {
@@ -421,14 +510,69 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 
 var failedLine = regexp.MustCompile(`line (\d+) failed`)
 
-// restoreText feeds payload to iptables-restore --noflush.
+// LockWait is how long iptables-restore waits for the xtables lock (legacy
+// iptables; nf_tables needs none) before it gives up, as kube-proxy's -w 5:
+// a sync then fails and is retried with back-off instead of hanging.
+const LockWait = 5 * time.Second
+
+// LockError is returned when another process held the xtables lock for
+// all of LockWait.
+type LockError struct {
+	Family model.Family
+	// Holder names the process holding the lock ("pid 123 (iptables)"),
+	// empty when it could not be found.
+	Holder string
+}
+
+func (e *LockError) Error() string {
+	holder := "another process"
+	if e.Holder != "" {
+		holder = e.Holder
+	}
+	return fmt.Sprintf("apply %s rules: %s held the xtables lock for more than %v", e.Family, holder, LockWait)
+}
+
+// lockHolder names the process holding a lock on the xtables lock file,
+// from /proc/locks; empty when there is none or it cannot tell.
+func lockHolder() string {
+	path := cmp.Or(os.Getenv("XTABLES_LOCKFILE"), "/run/xtables.lock")
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil {
+		return ""
+	}
+	locks, err := os.ReadFile("/proc/locks")
+	if err != nil {
+		return ""
+	}
+	for line := range strings.Lines(string(locks)) {
+		// "1: FLOCK  ADVISORY  WRITE 13511 fe:00:9977910 0 EOF"
+		f := strings.Fields(line)
+		if len(f) < 6 || f[len(f)-3] == "" {
+			continue
+		}
+		dev := strings.Split(f[len(f)-3], ":")
+		if len(dev) != 3 || dev[2] != strconv.FormatUint(st.Ino, 10) {
+			continue
+		}
+		pid := f[len(f)-4]
+		comm, _ := os.ReadFile("/proc/" + pid + "/comm")
+		return fmt.Sprintf("pid %s (%s)", pid, strings.TrimSpace(string(comm)))
+	}
+	return ""
+}
+
+// restoreText feeds payload to iptables-restore --noflush, waiting at most
+// LockWait for the xtables lock.
 func (ft *familyTables) restoreText(ctx context.Context, payload string) error {
-	cmd := exec.CommandContext(ctx, ft.restore, "--noflush", "--wait")
+	cmd := exec.CommandContext(ctx, ft.restore, "--noflush", fmt.Sprintf("--wait=%d", int(LockWait.Seconds())))
 	cmd.Stdin = strings.NewReader(payload)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
 		msg := strings.TrimSpace(stderr.String())
+		if strings.Contains(msg, "holding the xtables lock") {
+			return &LockError{Family: ft.family, Holder: lockHolder()}
+		}
 		if m := failedLine.FindStringSubmatch(msg); m != nil {
 			if n, _ := strconv.Atoi(m[1]); n > 0 {
 				if lines := strings.Split(payload, "\n"); n <= len(lines) {
@@ -494,11 +638,77 @@ func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 		}
 		rss = append(rss, rs)
 	}
-	s, err := StateOf(rss...)
-	if err != nil {
-		return nil, fmt.Errorf("decode svcnat iptables rules: %w", err)
+	s, problems := decodeState(rss...)
+	for _, p := range problems {
+		b.log.Warn("svcnat iptables rule left out of the dump", "problem", p)
 	}
 	return s, nil
+}
+
+// Verify reports what is wrong with svcnat's rules in the kernel beyond
+// what Dump's decoded state shows: every chain that differs from what
+// svcnat writes for the state the kernel holds (a flushed root or dispatch
+// chain, a deleted rule, a foreign rule inside an svcnat chain), rules it
+// cannot decode, and missing jump rules from the built-in chains. Nil
+// means the kernel holds exactly what svcnat would write for Dump's state.
+// It reads the kernel only; any process can call it.
+func (b *Backend) Verify(ctx context.Context) ([]string, error) {
+	if err := b.resolve(ctx); err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, ft := range b.families {
+		rs, err := ft.read(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s, problems := decodeState(rs)
+		out = append(out, problems...)
+		want := render(s, ft.family, b.renderOptions, nil)
+		for _, table := range []string{tableFilter, tableNAT} {
+			got, wantChains := rs.Tables[table], want.Tables[table]
+			for _, c := range sortedKeys(wantChains) {
+				if _, ok := got[c]; !ok {
+					out = append(out, fmt.Sprintf("%s %s chain %s: missing", ft.family, table, c))
+				} else if d := chainDiff(got[c], wantChains[c]); d != "" {
+					out = append(out, fmt.Sprintf("%s %s chain %s: %s", ft.family, table, c, d))
+				}
+			}
+			for _, c := range sortedKeys(got) {
+				if _, ok := wantChains[c]; !ok {
+					out = append(out, fmt.Sprintf("%s %s chain %s: not one svcnat writes for what the kernel holds (%d rules)", ft.family, table, c, len(got[c])))
+				}
+			}
+		}
+		for _, j := range jumps {
+			if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
+				out = append(out, fmt.Sprintf("%s %s chain %s: jump to %s missing", ft.family, j.table, j.chain, j.spec[len(j.spec)-1]))
+			}
+		}
+	}
+	return out, nil
+}
+
+// chainDiff describes how a chain's rules differ from the wanted ones;
+// empty when they do not.
+func chainDiff(got, want []string) string {
+	if slices.Equal(got, want) {
+		return ""
+	}
+	i := 0
+	for i < len(got) && i < len(want) && got[i] == want[i] {
+		i++
+	}
+	first := fmt.Sprintf("rule %d", i+1)
+	switch {
+	case i < len(got) && i < len(want):
+		first += fmt.Sprintf(" is %q, want %q", got[i], want[i])
+	case i < len(got):
+		first += fmt.Sprintf(" %q is extra", got[i])
+	default:
+		first += fmt.Sprintf(" %q is missing", want[i])
+	}
+	return fmt.Sprintf("%d rules, want %d; first difference: %s", len(got), len(want), first)
 }
 
 // Raw returns svcnat's rules as the kernel holds them, in iptables-save

@@ -390,9 +390,12 @@ func parseFrontendComment(c string, f model.Family) (frontendRule, error) {
 	return fr, nil
 }
 
-// parsedRules parses every rule of a ruleset, keyed like its Tables.
-func parsedRules(rs *Ruleset) (map[string]map[string][]*rule, error) {
+// parsedRules parses every rule of a ruleset, keyed like its Tables. A
+// rule svcnat does not write (another tool's, or edited by hand) is left
+// out and described in the problems returned.
+func parsedRules(rs *Ruleset) (map[string]map[string][]*rule, []string) {
 	out := map[string]map[string][]*rule{}
+	var problems []string
 	for table, chains := range rs.Tables {
 		out[table] = map[string][]*rule{}
 		for chain, rules := range chains {
@@ -400,14 +403,16 @@ func parsedRules(rs *Ruleset) (map[string]map[string][]*rule, error) {
 			for _, text := range rules {
 				r, err := parseRule(text)
 				if err != nil {
-					return nil, fmt.Errorf("parse %s %s rule in chain %s %q: %w", rs.Family, table, chain, text, err)
+					problems = append(problems, fmt.Sprintf("%s %s chain %s: rule %q is not one svcnat writes: %v", rs.Family, table, chain, text, err))
+					continue
 				}
 				parsed = append(parsed, r)
 			}
 			out[table][chain] = parsed
 		}
 	}
-	return out, nil
+	slices.Sort(problems)
+	return out, problems
 }
 
 func isTreeChain(c string) bool {
@@ -415,21 +420,31 @@ func isTreeChain(c string) bool {
 }
 
 // StateOf decodes rulesets (one per family) that Render produced back into
-// the state they program: the exact inverse of Render.
+// the state they program: the exact inverse of Render. Any rule it cannot
+// decode is an error.
 func StateOf(rulesets ...*Ruleset) (*model.State, error) {
-	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
-	for _, rs := range rulesets {
-		if err := decode(s, rs); err != nil {
-			return nil, err
-		}
+	s, problems := decodeState(rulesets...)
+	if len(problems) > 0 {
+		return nil, errors.New(problems[0])
 	}
 	return s, nil
+}
+
+// decodeState is StateOf that never gives up: what it cannot decode (a
+// rule svcnat does not write, a ServicePort with contradicting rules) is
+// left out of the state and described in the problems returned.
+func decodeState(rulesets ...*Ruleset) (*model.State, []string) {
+	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	var problems []string
+	for _, rs := range rulesets {
+		problems = append(problems, decode(s, rs)...)
+	}
+	return s, problems
 }
 
 type decoder struct {
 	family model.Family
 	ports  map[model.ServicePortName]*model.ServicePort
-	locals map[netip.Addr]bool
 }
 
 func (d *decoder) servicePort(n model.ServicePortName, proto string) (*model.ServicePort, error) {
@@ -448,30 +463,18 @@ func (d *decoder) servicePort(n model.ServicePortName, proto string) (*model.Ser
 	return sp, nil
 }
 
-func decode(s *model.State, rs *Ruleset) error {
-	parsed, err := parsedRules(rs)
-	if err != nil {
-		return err
-	}
-	d := &decoder{family: rs.Family, ports: map[model.ServicePortName]*model.ServicePort{}, locals: map[netip.Addr]bool{}}
+func decode(s *model.State, rs *Ruleset) []string {
+	parsed, problems := parsedRules(rs)
+	d := &decoder{family: rs.Family, ports: map[model.ServicePortName]*model.ServicePort{}}
 	nat := parsed[tableNAT]
 	for _, r := range nat[chainOffCluster] {
 		if r.target == "RETURN" {
 			p, ok := r.src.prefix()
 			if !ok || r.src.neg {
-				return fmt.Errorf("%s chain %s: source %v is not a CIDR", rs.Family, chainOffCluster, r.src.addr)
+				problems = append(problems, fmt.Sprintf("%s chain %s: source %v is not a CIDR", rs.Family, chainOffCluster, r.src.addr))
+				continue
 			}
 			s.ClusterCIDRs = append(s.ClusterCIDRs, p)
-		}
-	}
-	for chain, rules := range nat {
-		if !strings.HasPrefix(chain, prefixHairpin) {
-			continue
-		}
-		for _, r := range rules {
-			if r.comment == commentHairpin && r.src.set() {
-				d.locals[r.src.addr] = true
-			}
 		}
 	}
 	for _, table := range []string{tableNAT, tableFilter} {
@@ -485,29 +488,26 @@ func decode(s *model.State, rs *Ruleset) error {
 					err = d.endpoint(r, strings.HasPrefix(chain, prefixLocal))
 				}
 				if err != nil {
-					return fmt.Errorf("%s %s chain %s: %w", rs.Family, table, chain, err)
+					problems = append(problems, fmt.Sprintf("%s %s chain %s: %v", rs.Family, table, chain, err))
 				}
 			}
 		}
 	}
 	for _, sp := range d.ports {
 		if sp.Protocol == "" {
-			return fmt.Errorf("%s service port %s: no rule names its protocol", rs.Family, sp.Name)
+			problems = append(problems, fmt.Sprintf("%s service port %s: no rule names its protocol", rs.Family, sp.Name))
+			continue
 		}
 		slices.SortFunc(sp.Frontends, func(a, b model.Frontend) int {
 			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
 		})
-		for _, eps := range [][]model.Endpoint{sp.ClusterEndpoints, sp.LocalEndpoints} {
-			for i := range eps {
-				eps[i].Local = d.locals[eps[i].IP]
-			}
-		}
 		if _, dup := s.ServicePorts[sp.Name]; dup {
-			return fmt.Errorf("service port %s appears twice", sp.Name)
+			problems = append(problems, fmt.Sprintf("service port %s appears twice", sp.Name))
+			continue
 		}
 		s.ServicePorts[sp.Name] = sp
 	}
-	return nil
+	return problems
 }
 
 // frontend decodes a rule in a dispatch tree leaf.
@@ -516,7 +516,11 @@ func (d *decoder) frontend(r *rule) error {
 	if err != nil {
 		return err
 	}
-	sp, err := d.servicePort(fr.name, r.proto)
+	proto := r.proto
+	if fr.health {
+		proto = ""
+	}
+	sp, err := d.servicePort(fr.name, proto)
 	if err != nil {
 		return err
 	}
@@ -524,6 +528,7 @@ func (d *decoder) frontend(r *rule) error {
 		return fmt.Errorf("%s: frontend rule without one destination port", fr.name)
 	}
 	if fr.health {
+		// Always a TCP rule, whatever the ServicePort's protocol.
 		sp.HealthCheckNodePort = r.dportLo
 		return nil
 	}
@@ -560,7 +565,11 @@ func (d *decoder) endpoint(r *rule, local bool) error {
 	if r.target != "DNAT" || r.rcheck {
 		return nil
 	}
-	n, err := parseServicePortName(r.comment, d.family)
+	spc, flag, _ := strings.Cut(r.comment, " ")
+	if flag != "" && flag != flagLocal {
+		return fmt.Errorf("endpoint comment %q: unknown word %q", r.comment, flag)
+	}
+	n, err := parseServicePortName(spc, d.family)
 	if err != nil {
 		return err
 	}
@@ -571,7 +580,7 @@ func (d *decoder) endpoint(r *rule, local bool) error {
 	if !r.toDest.IsValid() {
 		return fmt.Errorf("%s: DNAT without --to-destination", n)
 	}
-	e := model.Endpoint{IP: r.toDest.Addr(), Port: r.toDest.Port()}
+	e := model.Endpoint{IP: r.toDest.Addr(), Port: r.toDest.Port(), Local: flag == flagLocal}
 	if local {
 		sp.LocalEndpoints = append(sp.LocalEndpoints, e)
 	} else {

@@ -23,6 +23,10 @@
 //	    same dispatch trees, leaves holding REJECT (no endpoints), DROP (no
 //	    local endpoint, outside source ranges) and ACCEPT (health check
 //	    node ports).
+//	filter FORWARD -> SVCNAT-FORWARD (kube-proxy's KUBE-FORWARD): DROP
+//	    packets conntrack finds INVALID (unless nf_conntrack_tcp_be_liberal),
+//	    ACCEPT packets marked for masquerading and established flows, so
+//	    Service traffic to other nodes passes a FORWARD policy of DROP.
 //
 // A new connection walks at most 16 rules per tree level plus one leaf, so its
 // cost does not grow with the number of Services the way kube-proxy's
@@ -62,6 +66,7 @@ const (
 	chainMarkMasq    = "SVCNAT-MARK-MASQ"
 	chainOffCluster  = "SVCNAT-OFF-CLUSTER"
 	chainFilter      = "SVCNAT-FILTER"
+	chainForward     = "SVCNAT-FORWARD"
 	prefixAddrTree   = "SVCNAT-A-"
 	prefixPortTree   = "SVCNAT-P-"
 	prefixHairpin    = "SVCNAT-H-"
@@ -86,6 +91,7 @@ const (
 	commentHairpin  = "hairpin"
 	commentCIDR     = "cluster-cidr"
 	commentMasq     = "masquerade"
+	commentForward  = "forward"
 )
 
 // DefaultMasqueradeBit is the packet mark bit that asks for masquerading
@@ -149,7 +155,16 @@ func sortedKeys[V any](m map[string]V) []string {
 // the mark bit for masquerading. Render is pure and deterministic: equal
 // states give equal rulesets.
 func Render(s *model.State, family model.Family, masqBit int) *Ruleset {
-	return render(s, family, masqBit, nil)
+	return render(s, family, renderOptions{masqBit: masqBit}, nil)
+}
+
+// renderOptions are the host's settings rules depend on.
+type renderOptions struct {
+	masqBit int
+	// keepInvalid leaves out the DROP of forwarded packets in conntrack
+	// state INVALID, as kube-proxy does when nf_conntrack_tcp_be_liberal
+	// is set.
+	keepInvalid bool
 }
 
 // renderCache keeps what each ServicePort contributed to the last render,
@@ -165,13 +180,14 @@ type cachedFragment struct {
 }
 
 // render is Render, reusing and refreshing cache when it is not nil.
-func render(s *model.State, family model.Family, masqBit int, cache *renderCache) *Ruleset {
+func render(s *model.State, family model.Family, o renderOptions, cache *renderCache) *Ruleset {
 	r := &renderer{
-		rs:       newRuleset(family),
-		family:   family,
-		masqMark: fmt.Sprintf("0x%x", uint32(1)<<masqBit),
-		leaves:   map[string]map[string][]leafEntry{tableNAT: {}, tableFilter: {}},
-		locals:   map[netip.Addr]bool{},
+		rs:          newRuleset(family),
+		family:      family,
+		keepInvalid: o.keepInvalid,
+		masqMark:    fmt.Sprintf("0x%x", uint32(1)<<o.masqBit),
+		leaves:      map[string]map[string][]leafEntry{tableNAT: {}, tableFilter: {}},
+		locals:      map[netip.Addr]bool{},
 	}
 	for _, c := range s.ClusterCIDRs {
 		if model.FamilyOf(c.Addr()) == family {
@@ -217,10 +233,11 @@ func render(s *model.State, family model.Family, masqBit int, cache *renderCache
 }
 
 type renderer struct {
-	rs       *Ruleset
-	family   model.Family
-	masqMark string
-	cidrs    []netip.Prefix
+	rs          *Ruleset
+	family      model.Family
+	keepInvalid bool
+	masqMark    string
+	cidrs       []netip.Prefix
 	// leaves: table -> leaf chain -> entries, sorted before writing.
 	leaves map[string]map[string][]leafEntry
 	locals map[netip.Addr]bool
@@ -446,7 +463,15 @@ func (r *renderer) servicePort(sp *model.ServicePort) *fragment {
 // first pass sends clients seen within the timeout back to their endpoint;
 // then endpoint i of n is chosen with probability 1/(n-i).
 func (r *renderer) endpoints(fr *fragment, chain string, sp *model.ServicePort, eps []model.Endpoint) {
-	head := fmt.Sprintf("-p %s %s", proto(sp.Protocol), comment(spnComment(sp.Name)))
+	// The comment says which endpoints run on this node: locality is a
+	// property of the ServicePort's endpoint, not of the address alone.
+	head := func(e model.Endpoint) string {
+		c := spnComment(sp.Name)
+		if e.Local {
+			c += " " + flagLocal
+		}
+		return fmt.Sprintf("-p %s %s", proto(sp.Protocol), comment(c))
+	}
 	mask := "255.255.255.255"
 	if r.family == model.IPv6 {
 		mask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
@@ -457,11 +482,11 @@ func (r *renderer) endpoints(fr *fragment, chain string, sp *model.ServicePort, 
 	if sp.AffinityTimeout > 0 {
 		for _, e := range eps {
 			fr.add(chain, fmt.Sprintf("%s -m recent --rcheck --seconds %d --reap %s -m recent --set %s -j DNAT --to-destination %s",
-				head, affinitySeconds(sp), recent(e), recent(e), e))
+				head(e), affinitySeconds(sp), recent(e), recent(e), e))
 		}
 	}
 	for i, e := range eps {
-		rule := head
+		rule := head(e)
 		if n := len(eps) - i; n > 1 {
 			rule += " -m statistic --mode random --probability " + probability(n)
 		}

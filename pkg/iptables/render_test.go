@@ -135,7 +135,7 @@ func TestRenderCache(t *testing.T) {
 	check := func(s *model.State, what string) {
 		t.Helper()
 		for _, f := range families {
-			got := render(s, f, DefaultMasqueradeBit, &cache).Text()
+			got := render(s, f, renderOptions{masqBit: DefaultMasqueradeBit}, &cache).Text()
 			if want := Render(s, f, DefaultMasqueradeBit).Text(); got != want {
 				t.Fatalf("%s, %s: cached render differs:\n%s\nwant\n%s", what, f, got, want)
 			}

@@ -110,11 +110,11 @@ func BenchmarkParse10k(b *testing.B) {
 func BenchmarkRenderOneChange10k(b *testing.B) {
 	s := bigState(10000, 10)
 	var cache renderCache
-	render(s, model.IPv4, DefaultMasqueradeBit, &cache)
+	render(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, &cache)
 	sp := s.ServicePorts[model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}]
 	b.ReportAllocs()
 	for b.Loop() {
 		sp.ClusterEndpoints[0].Port++
-		render(s, model.IPv4, DefaultMasqueradeBit, &cache)
+		render(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, &cache)
 	}
 }

@@ -59,9 +59,9 @@ func newTracer(t testing.TB, s *model.State, f model.Family, nodeAddrs ...string
 	if err != nil {
 		t.Fatal(err)
 	}
-	rules, err := parsedRules(rs)
-	if err != nil {
-		t.Fatal(err)
+	rules, problems := parsedRules(rs)
+	if len(problems) > 0 {
+		t.Fatal(problems)
 	}
 	tr := &tracer{rules: rules, local: map[netip.Addr]bool{}}
 	for _, a := range nodeAddrs {

@@ -183,6 +183,15 @@ func (r *renderer) shared() {
 		r.add(tableNAT, chain, fmt.Sprintf("-s %s -d %s %s -j MASQUERADE", hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
 	}
 	mark := r.masqMark + "/" + r.masqMark
+	filter := r.rs.Tables[tableFilter]
+	filter[chainForward] = nil
+	if !r.keepInvalid {
+		// An out-of-window segment is not de-NATed; passed on, it reaches
+		// the client from the endpoint's address and draws a RST.
+		r.add(tableFilter, chainForward, "-m conntrack --ctstate INVALID "+comment(commentForward)+" -j DROP")
+	}
+	r.add(tableFilter, chainForward, "-m mark --mark "+mark+" "+comment(commentForward)+" -j ACCEPT")
+	r.add(tableFilter, chainForward, "-m conntrack --ctstate RELATED,ESTABLISHED "+comment(commentForward)+" -j ACCEPT")
 	r.add(tableNAT, chainPostrouting, "-m mark ! --mark "+mark+" "+comment(commentMasq)+" -j RETURN")
 	r.add(tableNAT, chainPostrouting, comment(commentMasq)+" -j MARK --set-xmark "+r.masqMark+"/0x0")
 	r.add(tableNAT, chainPostrouting, comment(commentMasq)+" -j MASQUERADE --random-fully")

@@ -2,6 +2,7 @@ package model
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -28,8 +29,16 @@ type Config struct {
 	// NodeAddresses are the node's own addresses NodePorts may open on.
 	NodeAddresses []netip.Addr `json:"nodeAddresses,omitempty"`
 	// NodePortAddresses restricts NodePort frontends to NodeAddresses inside
-	// these prefixes; empty means every NodeAddress.
+	// these prefixes, per family as kube-proxy's --nodeport-addresses: a
+	// family with no prefix here (and, with NodePortPrimary, no primary
+	// address) keeps every NodeAddress of that family.
 	NodePortAddresses []netip.Prefix `json:"nodePortAddresses,omitempty"`
+	// NodePortPrimary adds the node's PrimaryAddresses to NodePortAddresses
+	// (kube-proxy's keyword "primary").
+	NodePortPrimary bool `json:"nodePortPrimary,omitempty"`
+	// PrimaryAddresses are the node's primary addresses (PrimaryAddresses of
+	// its Node object); used only with NodePortPrimary.
+	PrimaryAddresses []netip.Addr `json:"primaryAddresses,omitempty"`
 	// ClusterCIDRs are copied, masked and sorted, into State.ClusterCIDRs.
 	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs,omitempty"`
 }
@@ -73,7 +82,7 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 		}
 		name := es.Labels[discoveryv1.LabelServiceName]
 		if name == "" {
-			errs = append(errs, fmt.Errorf("endpointslice %s/%s: no %s label", es.Namespace, es.Name, discoveryv1.LabelServiceName))
+			errs = append(errs, sliceErrorf(es, "no %s label", discoveryv1.LabelServiceName))
 			continue
 		}
 		k := serviceKey{es.Namespace, name}
@@ -98,7 +107,8 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 	})
 	for i, svc := range ordered {
 		if i > 0 && ordered[i-1].Namespace == svc.Namespace && ordered[i-1].Name == svc.Name {
-			errs = append(errs, fmt.Errorf("service %s/%s: duplicate service, using the one with the lowest uid", svc.Namespace, svc.Name))
+			errs = append(errs, &InvalidError{Kind: KindService, Namespace: svc.Namespace, Name: svc.Name,
+				Err: errors.New("duplicate service, using the one with the lowest uid")})
 			continue
 		}
 		sps, serrs := BuildService(cfg, svc, byService[serviceKey{svc.Namespace, svc.Name}])
@@ -131,7 +141,7 @@ func BuildService(cfg *Config, svc *corev1.Service, endpointSlices []*discoveryv
 	if cfg == nil {
 		cfg = &Config{}
 	}
-	b := serviceBuilder{cfg: cfg, svc: svc}
+	b := serviceBuilder{cfg: cfg, svc: svc, nodePortAddresses: nodePortAddresses(cfg)}
 	clusterIPs := svc.Spec.ClusterIPs
 	if len(clusterIPs) == 0 && svc.Spec.ClusterIP != "" {
 		clusterIPs = []string{svc.Spec.ClusterIP}
@@ -159,6 +169,7 @@ func BuildService(cfg *Config, svc *corev1.Service, endpointSlices []*discoveryv
 
 	b.parseSlices(endpointSlices)
 	b.parseService()
+	b.noteUnusedSlices(families)
 
 	var out []*ServicePort
 	seen := make(map[string]bool, len(svc.Spec.Ports))
@@ -204,18 +215,17 @@ type sliceEndpoint struct {
 }
 
 // rank orders duplicates of one address and port (an endpoint moving between
-// slices, or a Pod IP reused while the old Pod terminates): ready beats
-// serving-and-terminating beats anything else; on a tie the slice first in
-// name order wins. kube-proxy keeps the last non-terminating one in map
-// order, which is not deterministic.
+// slices, or a Pod IP reused while the old Pod terminates): a
+// non-terminating copy beats a terminating one, as in kube-proxy, which
+// prefers the running Pod that reuses an IP over the terminating one even
+// while the new one is not ready yet; on a tie the slice first in name
+// order wins (kube-proxy keeps the last non-terminating one in map order,
+// which is not deterministic).
 func (e *sliceEndpoint) rank() int {
-	switch {
-	case e.ready:
-		return 2
-	case e.serving && e.terminating:
-		return 1
+	if e.terminating {
+		return 0
 	}
-	return 0
+	return 1
 }
 
 // slicePort is one validated port of an EndpointSlice.
@@ -227,6 +237,7 @@ type slicePort struct {
 
 // parsedSlice is the usable content of one EndpointSlice.
 type parsedSlice struct {
+	name      string
 	family    Family
 	ports     []slicePort
 	endpoints []sliceEndpoint
@@ -235,9 +246,10 @@ type parsedSlice struct {
 // serviceBuilder holds what is parsed once per Service and shared by its
 // ServicePorts.
 type serviceBuilder struct {
-	cfg  *Config
-	svc  *corev1.Service
-	errs []error
+	cfg               *Config
+	nodePortAddresses []netip.Prefix
+	svc               *corev1.Service
+	errs              []error
 
 	slices []parsedSlice
 
@@ -252,13 +264,76 @@ type serviceBuilder struct {
 	loadBalancerOK bool // false when source ranges were unusable
 }
 
+// The kinds of object an InvalidError is about.
+const (
+	KindService       = "Service"
+	KindEndpointSlice = "EndpointSlice"
+)
+
+// InvalidError is the error Build and BuildService return for a piece of
+// input they skipped: which object (Kind is KindService or
+// KindEndpointSlice) and why.
+type InvalidError struct {
+	Kind            string
+	Namespace, Name string
+	Err             error
+}
+
+// Error is "<kind in lower case> namespace/name: reason".
+func (e *InvalidError) Error() string {
+	return fmt.Sprintf("%s %s/%s: %v", strings.ToLower(e.Kind), e.Namespace, e.Name, e.Err)
+}
+
+func (e *InvalidError) Unwrap() error { return e.Err }
+
+// IgnoredError is what Build and BuildService return for a valid piece of
+// input svcnat leaves alone on purpose, as kube-proxy does (an FQDN
+// EndpointSlice, a hostname-only load balancer ingress, ...): not an error
+// in the object, but the reason a Service may have fewer frontends or
+// endpoints than its user expects.
+type IgnoredError struct {
+	Kind            string // KindService or KindEndpointSlice
+	Namespace, Name string
+	Reason          string
+}
+
+// Error is "<kind in lower case> namespace/name: ignored: reason".
+func (e *IgnoredError) Error() string {
+	return fmt.Sprintf("%s %s/%s: ignored: %s", strings.ToLower(e.Kind), e.Namespace, e.Name, e.Reason)
+}
+
+func (b *serviceBuilder) ignore(kind, name, format string, args ...any) {
+	b.errs = append(b.errs, &IgnoredError{Kind: kind, Namespace: b.svc.Namespace, Name: name, Reason: fmt.Sprintf(format, args...)})
+}
+
+// noteUnusedSlices notes the slices (and slice ports) no ServicePort uses:
+// slices of a family the Service has no cluster IP of, and ports that
+// match no port of the Service by name and protocol.
+func (b *serviceBuilder) noteUnusedSlices(families []familyIP) {
+	for _, ps := range b.slices {
+		if !slices.ContainsFunc(families, func(f familyIP) bool { return f.family == ps.family }) {
+			b.ignore(KindEndpointSlice, ps.name, "addressType %s: the service has no %s cluster IP", ps.family, ps.family)
+			continue
+		}
+		for _, p := range ps.ports {
+			if !slices.ContainsFunc(b.svc.Spec.Ports, func(sp corev1.ServicePort) bool {
+				// An invalid Service port is reported already.
+				proto, err := parseProtocol(sp.Protocol)
+				return sp.Name == p.name && (err != nil || proto == p.protocol)
+			}) {
+				b.ignore(KindEndpointSlice, ps.name, "port %q (%s): the service has no port of that name and protocol", p.name, p.protocol)
+			}
+		}
+	}
+}
+
 func (b *serviceBuilder) errorf(format string, args ...any) {
-	b.errs = append(b.errs, fmt.Errorf("service %s/%s: "+format,
-		append([]any{b.svc.Namespace, b.svc.Name}, args...)...))
+	b.errs = append(b.errs, &InvalidError{Kind: KindService, Namespace: b.svc.Namespace, Name: b.svc.Name,
+		Err: fmt.Errorf(format, args...)})
 }
 
 func sliceErrorf(es *discoveryv1.EndpointSlice, format string, args ...any) error {
-	return fmt.Errorf("endpointslice %s/%s: "+format, append([]any{es.Namespace, es.Name}, args...)...)
+	return &InvalidError{Kind: KindEndpointSlice, Namespace: es.Namespace, Name: es.Name, Err: fmt.Errorf(format, args...)}
 }
 
 // parseAddr parses a plain IP address: no zone, IPv4-mapped IPv6 unmapped.
@@ -322,9 +397,14 @@ func (b *serviceBuilder) parseService() {
 	}
 	b.loadBalancerOK = true
 	for i, ing := range b.svc.Status.LoadBalancer.Ingress {
-		if ing.IP == "" || (ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy) {
-			// Hostname-only ingress, or a proxying load balancer that
-			// delivers to the node itself, not to the VIP.
+		if ing.IP == "" {
+			b.ignore(KindService, b.svc.Name, "status.loadBalancer.ingress[%d]: hostname only, no IP to serve", i)
+			continue
+		}
+		if ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy {
+			// A proxying load balancer delivers to the node itself, not
+			// to the VIP.
+			b.ignore(KindService, b.svc.Name, "status.loadBalancer.ingress[%d] %s: ipMode Proxy, the load balancer delivers to the node", i, ing.IP)
 			continue
 		}
 		ip, err := parseAddr(ing.IP)
@@ -394,13 +474,14 @@ func (b *serviceBuilder) parseSlices(in []*discoveryv1.EndpointSlice) {
 }
 
 func (b *serviceBuilder) parseSlice(es *discoveryv1.EndpointSlice) (parsedSlice, bool) {
-	var ps parsedSlice
+	ps := parsedSlice{name: es.Name}
 	switch es.AddressType {
 	case discoveryv1.AddressTypeIPv4:
 		ps.family = IPv4
 	case discoveryv1.AddressTypeIPv6:
 		ps.family = IPv6
 	case discoveryv1.AddressTypeFQDN:
+		b.ignore(KindEndpointSlice, es.Name, "addressType FQDN: only IP endpoints are proxied (as kube-proxy)")
 		return ps, false
 	default:
 		b.errs = append(b.errs, sliceErrorf(es, "addressType %q: unknown", es.AddressType))
@@ -580,7 +661,7 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	if b.nodePortsOpen && port.nodePort != 0 {
 		for _, a := range b.cfg.NodeAddresses {
 			a = a.Unmap()
-			if a.IsValid() && FamilyOf(a) == fam.family && nodePortAddress(a, b.cfg.NodePortAddresses) {
+			if a.IsValid() && FamilyOf(a) == fam.family && nodePortAddress(a, b.nodePortAddresses) {
 				sp.Frontends = append(sp.Frontends, Frontend{Kind: NodePort, IP: a, Port: port.nodePort})
 			}
 		}
@@ -602,12 +683,20 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 
 	sp.InternalTrafficLocal = b.internalLocal
 	sp.ExternalTrafficLocal = b.externalLocal
-	sp.SourceRanges = familyRanges(b.sourceRanges, fam.family)
+	sp.SourceRanges = b.withNode(familyRanges(b.sourceRanges, fam.family), sp.Frontends)
 	if b.externalLocal {
 		sp.HealthCheckNodePort = b.healthCheck
 	}
 
 	cands := b.endpointsFor(port, fam.family)
+	for _, c := range cands {
+		if c.serving && sp.Protocol == UDP {
+			sp.ServingEndpoints = append(sp.ServingEndpoints, c.endpoint())
+		}
+		if c.ready && c.local && sp.HealthCheckNodePort != 0 {
+			sp.LocalReadyEndpoints = append(sp.LocalReadyEndpoints, c.endpoint())
+		}
+	}
 	topo := topologyOf(cands)
 	sp.ClusterEndpoints = usable(cands, func(c candidate) bool {
 		switch topo {
@@ -625,15 +714,79 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	return sp
 }
 
-// nodePortAddress reports whether NodePorts open on node address a.
+// nodePortAddress reports whether NodePorts open on node address a: it is
+// in one of the allowed prefixes of its family, or there is none of its
+// family (kube-proxy's reading of --nodeport-addresses).
 func nodePortAddress(a netip.Addr, allowed []netip.Prefix) bool {
 	if a.IsLoopback() || a.IsUnspecified() || (a.Is6() && a.IsLinkLocalUnicast()) {
 		return false
 	}
-	if len(allowed) == 0 {
-		return true
+	family := false
+	for _, p := range allowed {
+		if p.Addr().Is4() == a.Is4() {
+			if p.Contains(a) {
+				return true
+			}
+			family = true
+		}
 	}
-	return slices.ContainsFunc(allowed, func(p netip.Prefix) bool { return p.Contains(a) })
+	return !family
+}
+
+// nodePortAddresses returns cfg.NodePortAddresses with the primary
+// addresses added when cfg asks for them.
+func nodePortAddresses(cfg *Config) []netip.Prefix {
+	if !cfg.NodePortPrimary {
+		return cfg.NodePortAddresses
+	}
+	out := slices.Clone(cfg.NodePortAddresses)
+	for _, a := range cfg.PrimaryAddresses {
+		if a = a.Unmap(); a.IsValid() {
+			out = append(out, netip.PrefixFrom(a, a.BitLen()))
+		}
+	}
+	return out
+}
+
+// PrimaryAddresses returns a Node's primary addresses as kube-proxy picks
+// them: the first IPv4 and the first IPv6 address among its InternalIP,
+// then its ExternalIP addresses. Nil for a nil Node.
+func PrimaryAddresses(node *corev1.Node) []netip.Addr {
+	if node == nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, kind := range []corev1.NodeAddressType{corev1.NodeInternalIP, corev1.NodeExternalIP} {
+		for _, na := range node.Status.Addresses {
+			if na.Type != kind {
+				continue
+			}
+			a, err := parseAddr(na.Address)
+			if err == nil && !slices.ContainsFunc(out, func(o netip.Addr) bool { return o.Is4() == a.Is4() }) {
+				out = append(out, a)
+			}
+		}
+	}
+	return out
+}
+
+// withNode returns ranges plus the LoadBalancer frontends' own addresses
+// when ranges restrict sources and one of them holds a node address, as
+// kube-proxy allows: where the cloud installs the VIP as a local address,
+// a node reaching its own load balancer arrives with the VIP as source.
+func (b *serviceBuilder) withNode(ranges []netip.Prefix, frontends []Frontend) []netip.Prefix {
+	node := slices.Concat(b.cfg.PrimaryAddresses, b.cfg.NodeAddresses)
+	if len(ranges) == 0 || !slices.ContainsFunc(ranges, func(p netip.Prefix) bool {
+		return slices.ContainsFunc(node, func(a netip.Addr) bool { return p.Contains(a.Unmap()) })
+	}) {
+		return ranges
+	}
+	for _, f := range frontends {
+		if f.Kind == LoadBalancer {
+			ranges = append(ranges, netip.PrefixFrom(f.IP, f.IP.BitLen()))
+		}
+	}
+	return canonicalPrefixes(ranges)
 }
 
 // familyRanges returns the ranges of one family, masked, sorted and without

@@ -158,6 +158,20 @@ type ServicePort struct {
 	// HealthCheckNodePort is served by the agent for externalTrafficPolicy
 	// Local LoadBalancer Services; zero when there is none.
 	HealthCheckNodePort uint16 `json:"healthCheckNodePort,omitempty"`
+
+	// The fields below are for the agent, not the dataplane: backends do
+	// not program them, Dump does not return them, Equal ignores them.
+
+	// ServingEndpoints are, for UDP ServicePorts, every endpoint whose
+	// serving condition holds, whatever its readiness, terminating state,
+	// node, topology hints or the traffic policies: conntrack entries of
+	// flows to them are kept (as kube-proxy keeps them). Sorted.
+	ServingEndpoints []Endpoint `json:"-"`
+	// LocalReadyEndpoints are, when HealthCheckNodePort is set, the ready
+	// endpoints on this node, without the serving-and-terminating fallback:
+	// the health check fails on a node whose only endpoints terminate, so
+	// that load balancers drain it (KEP-1669). Sorted.
+	LocalReadyEndpoints []Endpoint `json:"-"`
 }
 
 // InternalEndpoints returns the endpoints ClusterIP traffic may reach.
@@ -220,10 +234,13 @@ func (sp *ServicePort) Clone() *ServicePort {
 	c.ClusterEndpoints = slices.Clone(sp.ClusterEndpoints)
 	c.LocalEndpoints = slices.Clone(sp.LocalEndpoints)
 	c.SourceRanges = slices.Clone(sp.SourceRanges)
+	c.ServingEndpoints = slices.Clone(sp.ServingEndpoints)
+	c.LocalReadyEndpoints = slices.Clone(sp.LocalReadyEndpoints)
 	return &c
 }
 
-// Equal reports whether two ServicePorts program the same dataplane.
+// Equal reports whether two ServicePorts program the same dataplane (the
+// agent-only fields are not compared).
 func (sp *ServicePort) Equal(o *ServicePort) bool {
 	return sp.Name == o.Name && sp.Protocol == o.Protocol &&
 		slices.Equal(sp.Frontends, o.Frontends) &&

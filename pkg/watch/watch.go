@@ -233,10 +233,24 @@ func (w *Watcher) sliceAdded(obj any) {
 	if !ok || model.Ignored(s) {
 		return
 	}
+	if s.Labels[discoveryv1.LabelServiceName] == "" {
+		w.unlabelled(s)
+	}
 	w.sliceChanged(s)
 }
 
-func (w *Watcher) sliceDeleted(obj any) { w.sliceAdded(untomb(obj)) }
+func (w *Watcher) sliceDeleted(obj any) {
+	if s, ok := untomb(obj).(*discoveryv1.EndpointSlice); ok && !model.Ignored(s) {
+		w.sliceChanged(s)
+	}
+}
+
+// unlabelled says, once per slice (when it appears or loses the label),
+// that a slice without the service-name label belongs to no Service.
+func (w *Watcher) unlabelled(s *discoveryv1.EndpointSlice) {
+	w.log.Info("endpointslice ignored: no "+discoveryv1.LabelServiceName+" label, so it belongs to no service",
+		"endpointslice", s.Namespace+"/"+s.Name)
+}
 
 func (w *Watcher) sliceUpdated(oldObj, newObj any) {
 	old, ok1 := oldObj.(*discoveryv1.EndpointSlice)
@@ -250,6 +264,9 @@ func (w *Watcher) sliceUpdated(oldObj, newObj any) {
 		w.sliceChanged(old)
 	}
 	moved := s.Labels[discoveryv1.LabelServiceName] != old.Labels[discoveryv1.LabelServiceName]
+	if moved && s.Labels[discoveryv1.LabelServiceName] == "" && !model.Ignored(s) {
+		w.unlabelled(s)
+	}
 	if !model.Ignored(s) && (moved || model.Ignored(old)) {
 		w.sliceChanged(s)
 	}
@@ -258,7 +275,6 @@ func (w *Watcher) sliceUpdated(oldObj, newObj any) {
 func (w *Watcher) sliceChanged(s *discoveryv1.EndpointSlice) {
 	name := s.Labels[discoveryv1.LabelServiceName]
 	if name == "" {
-		w.log.Debug("endpointslice without service-name label ignored", "endpointslice", s.Namespace+"/"+s.Name)
 		return
 	}
 	w.sink.ServiceChanged(types.NamespacedName{Namespace: s.Namespace, Name: name})

@@ -37,6 +37,7 @@ var scenarios = []scenario{
 	{name: "UDPEndpointDeleted", run: testUDPStale},
 	{name: "ServiceProxyNameIgnored", run: testServiceProxyName},
 	{name: "HostileObjectsDoNotBlockOthers", run: testHostileObjects},
+	{name: "ForwardPolicyDrop", run: testForwardPolicyDrop, skip: forwardDropSkip},
 	{name: "AgentKilledWhileStreaming", run: testAgentRestart},
 	{name: "APIServerDown30s", run: testAPIServerDown},
 	{name: "DumpCheckDetectsDeletedRule", run: testDumpDrift, skip: dumpDriftSkip},

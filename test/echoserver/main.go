@@ -55,6 +55,9 @@ type Result struct {
 	Status int `json:"status,omitempty"`
 	// Sent counts the lines echoed back on a stream (stream probes only).
 	Sent int `json:"sent,omitempty"`
+	// From is the address the answer appeared to come from (udp-socket
+	// probes only).
+	From string `json:"from,omitempty"`
 }
 
 func main() {
@@ -187,7 +190,7 @@ func answerUDP(c net.PacketConn, name string, port int, log *slog.Logger) {
 
 func probe(args []string) error {
 	fs := flag.NewFlagSet("probe", flag.ContinueOnError)
-	proto := fs.String("proto", "tcp", "tcp, udp or http")
+	proto := fs.String("proto", "tcp", "tcp, udp, udp-socket (one unconnected socket for all attempts, each to the next of the comma-separated -addr) or http")
 	addr := fs.String("addr", "", "IP:PORT to reach")
 	n := fs.Int("n", 1, "number of attempts")
 	timeout := fs.Duration("timeout", 2*time.Second, "limit per attempt")
@@ -207,9 +210,20 @@ func probe(args []string) error {
 	if *stream > 0 {
 		return out.Encode(streamTCP(*addr, *stream, *interval, *timeout, func(r Result) { _ = out.Encode(r) }))
 	}
-	for range *n {
+	var sock net.PacketConn
+	if *proto == "udp-socket" {
+		var err error
+		if sock, err = net.ListenPacket("udp", fmt.Sprintf(":%d", *sport)); err != nil {
+			return fmt.Errorf("probe: %w", err)
+		}
+		defer sock.Close()
+	}
+	addrs := strings.Split(*addr, ",")
+	for i := range *n {
 		var r Result
 		switch *proto {
+		case "udp-socket":
+			r = viaSocket(sock, addrs[i%len(addrs)], *timeout)
 		case "tcp":
 			r = onceTCP(*addr, *sport, *timeout)
 		case "udp":
@@ -289,6 +303,29 @@ func onceUDP(addr string, sport int, timeout time.Duration) Result {
 		return failed(fmt.Errorf("decode reply %q: %w", buf[:m], err))
 	}
 	return Result{Reply: rep}
+}
+
+// viaSocket sends one datagram from the unconnected socket sock to addr
+// and reads the answer.
+func viaSocket(sock net.PacketConn, addr string, timeout time.Duration) Result {
+	to, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return failed(err)
+	}
+	if _, err := sock.WriteTo([]byte("ping"), to); err != nil {
+		return failed(err)
+	}
+	_ = sock.SetReadDeadline(time.Now().Add(timeout))
+	buf := make([]byte, 2048)
+	m, from, err := sock.ReadFrom(buf)
+	if err != nil {
+		return failed(err)
+	}
+	var rep Reply
+	if err := json.Unmarshal(buf[:m], &rep); err != nil {
+		return failed(fmt.Errorf("decode reply %q: %w", buf[:m], err))
+	}
+	return Result{Reply: rep, From: from.String()}
 }
 
 func onceHTTP(addr string, timeout time.Duration) Result {

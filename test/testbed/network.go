@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 )
 
@@ -66,18 +65,21 @@ func (c *Cluster) addCgroup(name string) (string, error) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return "", fmt.Errorf("create cgroup: %w", err)
 	}
-	c.onClose(func() error {
-		// Processes may take a moment to leave after being killed.
-		var err error
-		for range 50 {
-			if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
-				return nil
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		return fmt.Errorf("remove cgroup: %w", err)
-	})
+	c.onClose(func() error { return removeCgroup(dir) })
 	return dir, nil
+}
+
+// removeCgroup removes an empty cgroup, giving processes 5 s to leave it
+// after being killed. A cgroup already gone is not an error.
+func removeCgroup(dir string) error {
+	var err error
+	for range 50 {
+		if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("remove cgroup: %w", err)
 }
 
 // buildNetwork makes the LAN, the nodes, their pods and the client.
@@ -211,11 +213,8 @@ func (c *Cluster) StartEcho(p *Pod, ports PodPorts) error {
 	c.onClose(func() error { proc.Stop(stopGrace); return nil })
 	// The server logs "serving" once every listener is bound: wait for it,
 	// so that no probe meets a port that is not open yet.
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(proc.Tail(5), "msg=serving"); {
-		if proc.Exited() || time.Now().After(deadline) {
-			return fmt.Errorf("start echo server in %s: not serving; log:\n%s", p.Name, proc.Tail(20))
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := proc.WaitLog("msg=serving", 10*time.Second); err != nil {
+		return fmt.Errorf("start echo server in %s: %w", p.Name, err)
 	}
 	return nil
 }

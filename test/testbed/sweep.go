@@ -86,17 +86,20 @@ func sweepRun(prefix string) error {
 			}
 		}
 	}
-	roots := []string{"/sys/fs/bpf"}
+	roots := []string{"/sys/fs/bpf", netnsEtc}
 	if r, err := cgroupRoot(); err == nil {
 		roots = append(roots, r)
 	}
 	for _, root := range roots {
 		matches, _ := filepath.Glob(filepath.Join(root, prefix+"-*"))
 		for _, m := range matches {
-			if strings.HasPrefix(root, "/sys/fs/bpf") {
+			if strings.HasPrefix(root, "/sys/fs/bpf") || root == netnsEtc {
 				errs = append(errs, os.RemoveAll(m))
 			} else {
-				errs = append(errs, os.Remove(m))
+				// Pod processes that drop privileges (postgres) lose
+				// Pdeathsig and outlive a dead run: end them first.
+				_ = os.WriteFile(filepath.Join(m, "cgroup.kill"), []byte("1"), 0)
+				errs = append(errs, removeCgroup(m))
 			}
 		}
 	}

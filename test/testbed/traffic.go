@@ -27,6 +27,8 @@ type Result struct {
 	Status int `json:"status,omitempty"`
 	// Sent counts lines echoed back on a stream.
 	Sent int `json:"sent,omitempty"`
+	// From is where the answer appeared to come from (udp-socket probes).
+	From string `json:"from,omitempty"`
 }
 
 // OK reports whether the attempt reached an echo server.
@@ -68,8 +70,11 @@ func (c *Cluster) ClientOrigin() Origin {
 
 // ProbeSpec describes a probe run.
 type ProbeSpec struct {
-	Proto string // tcp, udp or http
+	Proto string // tcp, udp, udp-socket or http
 	Addr  netip.AddrPort
+	// More are further addresses a udp-socket probe sends to in turn, from
+	// the same unconnected socket.
+	More []netip.AddrPort
 	// N attempts, one connection or datagram each (default 1).
 	N int
 	// Timeout per attempt (default 2s).
@@ -85,7 +90,11 @@ func (s ProbeSpec) args() []string {
 	if s.Timeout == 0 {
 		s.Timeout = 2 * time.Second
 	}
-	return []string{"probe", "-proto", s.Proto, "-addr", s.Addr.String(),
+	addrs := s.Addr.String()
+	for _, a := range s.More {
+		addrs += "," + a.String()
+	}
+	return []string{"probe", "-proto", s.Proto, "-addr", addrs,
 		"-n", fmt.Sprint(s.N), "-timeout", s.Timeout.String(), "-sport", fmt.Sprint(s.SourcePort)}
 }
 

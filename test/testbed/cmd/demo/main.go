@@ -2,9 +2,11 @@
 
 // Command demo runs the voting app of examples/voting-app on the test bed:
 // a real apiserver, two node namespaces running a proxy (svcnat by
-// default), and one pod namespace per Pod of the example running a
-// stand-in that listens on the Pod's container ports. It shows traffic
-// crossing each Service, prints `svcnat dump`, tells how to poke at it, and
+// default), and one pod namespace per Pod of the example running the real
+// program: Debian's redis-server and postgres, and the example's vote,
+// worker and result (package votingapp). It casts votes through
+// voting-service's NodePort from the external client, shows result-service's
+// counts change, prints `svcnat dump`, tells how to open the pages, and
 // waits for Ctrl-C (or returns at once with --once) before removing
 // everything.
 //
@@ -17,55 +19,50 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
+	"sort"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/svcnat/svcnat/test/testbed"
-	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/kubernetes/scheme"
+	"github.com/svcnat/svcnat/test/testbed/votingapp"
 )
 
 func main() {
 	var (
 		proxy    = flag.String("proxy", string(testbed.SvcnatIptables), "proxy on the nodes: svcnat-iptables, svcnat-ebpf, kube-proxy-iptables or kube-proxy-nftables")
 		svcnat   = flag.String("svcnat", "bin/svcnat", "svcnat binary")
-		echo     = flag.String("echoserver", "bin/echoserver", "echo server binary (test/echoserver)")
+		echo     = flag.String("echoserver", "bin/echoserver", "echo server binary (test/echoserver; the test bed's probe)")
+		appBin   = flag.String("app-bin-dir", "bin/voting-app", "directory holding vote, worker, result and browser (built from examples/voting-app)")
 		k8sDir   = flag.String("k8s-bin-dir", testbed.DefaultK8sDir(), "directory holding kube-apiserver and kube-proxy")
 		examples = flag.String("examples", "examples/voting-app", "directory of the example's Pod and Service manifests")
-		once     = flag.Bool("once", false, "tear down right after showing the traffic (for CI)")
+		once     = flag.Bool("once", false, "tear down right after showing the votes (for CI)")
 	)
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	if err := run(*proxy, *svcnat, *echo, *k8sDir, *examples, *once, log); err != nil {
+	began := time.Now()
+	err := run(*proxy, *svcnat, *echo, *appBin, *k8sDir, *examples, *once, log)
+	fmt.Printf("demo took %v\n", time.Since(began).Round(100*time.Millisecond))
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-// app is the example: its Pods (placed on pod namespaces) and Services.
-type app struct {
-	pods     []*corev1.Pod
-	services []*corev1.Service
-	// where maps a Pod's name to the pod namespace that plays it.
-	where map[string]*testbed.Pod
-}
-
-func run(proxyName, svcnat, echo, k8sDir, examples string, once bool, log *slog.Logger) error {
+func run(proxyName, svcnat, echo, appBin, k8sDir, examples string, once bool, log *slog.Logger) error {
 	kind, err := testbed.ParseProxyKinds(proxyName)
 	if err != nil || len(kind) != 1 {
 		return fmt.Errorf("--proxy %q: want exactly one proxy kind", proxyName)
 	}
-	a, err := load(examples)
+	a, err := votingapp.Load(examples)
+	if err != nil {
+		return err
+	}
+	vb, err := votingapp.Locate(appBin, false)
 	if err != nil {
 		return err
 	}
@@ -76,8 +73,8 @@ func run(proxyName, svcnat, echo, k8sDir, examples string, once bool, log *slog.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	fmt.Printf("Starting the test bed (etcd, kube-apiserver %s, 2 nodes, %d pods)...\n", testbed.K8sVersion, len(a.pods))
-	perNode := (len(a.pods) + 1) / 2
+	fmt.Printf("Starting the test bed (etcd, kube-apiserver %s, 2 nodes, %d pods)...\n", testbed.K8sVersion, len(a.Pods))
+	perNode := (len(a.Pods) + 1) / 2
 	c, err := testbed.Start(ctx, testbed.Options{Nodes: 2, PodsPerNode: perNode, Binaries: b, Logger: log})
 	if err != nil {
 		return err
@@ -88,17 +85,18 @@ func run(proxyName, svcnat, echo, k8sDir, examples string, once bool, log *slog.
 			fmt.Fprintln(os.Stderr, "demo: teardown:", err)
 		}
 	}()
-	if err := a.place(c); err != nil {
-		return err
-	}
 	fmt.Printf("Starting %s on every node...\n", kind[0])
 	if err := c.StartProxies(ctx, kind[0]); err != nil {
 		return err
 	}
-	if err := a.deploy(ctx, c); err != nil {
+	fmt.Println("Deploying the voting app: redis-server, postgres (initdb first), vote, worker, result...")
+	if err := a.Deploy(ctx, c, vb); err != nil {
 		return err
 	}
-	if err := a.showTraffic(ctx, c); err != nil {
+	printPods(a)
+	printServices(a)
+	tally, err := castVotes(ctx, a, c)
+	if err != nil {
 		return err
 	}
 	if kind[0].IsSvcnat() {
@@ -110,11 +108,13 @@ func run(proxyName, svcnat, echo, k8sDir, examples string, once bool, log *slog.
 			}
 		}
 	}
-	a.printHowTo(c, kind[0])
+	printHowTo(a, c, kind[0])
 	if once {
 		return nil
 	}
-	fmt.Println("\nThe demo keeps running; press Ctrl-C (or send SIGTERM) to tear it down.")
+	fmt.Println("\nThe demo keeps running and prints result-service's counts when they change;")
+	fmt.Println("press Ctrl-C (or send SIGTERM) to tear it down.")
+	watch(ctx, a, c, tally)
 	<-ctx.Done()
 	return nil
 }
@@ -127,253 +127,91 @@ func abs(p string) string {
 	return a
 }
 
-// load reads the example's Pods and Services.
-func load(dir string) (*app, error) {
-	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
-	if err != nil || len(files) == 0 {
-		return nil, fmt.Errorf("read examples from %s: no *.yaml files (%v)", dir, err)
-	}
-	a := &app{where: map[string]*testbed.Pod{}}
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			return nil, fmt.Errorf("read example: %w", err)
-		}
-		obj, _, err := scheme.Codecs.UniversalDeserializer().Decode(data, nil, nil)
-		if err != nil {
-			return nil, fmt.Errorf("decode example %s: %w", f, err)
-		}
-		switch o := obj.(type) {
-		case *corev1.Pod:
-			a.pods = append(a.pods, o)
-		case *corev1.Service:
-			a.services = append(a.services, o)
-		default:
-			return nil, fmt.Errorf("decode example %s: unexpected kind %T", f, obj)
-		}
-	}
-	// Place the app's front ends and their store first, deterministically.
-	order := []string{"voting-app-pod", "redis-pod", "worker-app-pod", "postgres-pod", "result-app-pod"}
-	slices.SortFunc(a.pods, func(x, y *corev1.Pod) int {
-		return slices.Index(order, x.Name) - slices.Index(order, y.Name)
-	})
-	return a, nil
-}
-
-// place assigns each Pod of the example to a pod namespace, alternating
-// nodes, and starts a stand-in listening on the Pod's container ports.
-func (a *app) place(c *testbed.Cluster) error {
-	for i, p := range a.pods {
-		n := c.Nodes[i%len(c.Nodes)]
-		ns := n.Pods[i/len(c.Nodes)]
-		a.where[p.Name] = ns
-		var ports testbed.PodPorts
-		for _, ctr := range p.Spec.Containers {
-			for _, cp := range ctr.Ports {
-				switch {
-				case cp.Protocol == corev1.ProtocolUDP:
-					ports.UDP = append(ports.UDP, int(cp.ContainerPort))
-				case cp.ContainerPort == 80:
-					ports.HTTP = append(ports.HTTP, 80)
-				default:
-					ports.TCP = append(ports.TCP, int(cp.ContainerPort))
-				}
-			}
-		}
-		if len(ports.TCP)+len(ports.UDP)+len(ports.HTTP) == 0 {
-			continue // the worker only connects out
-		}
-		if err := c.StartEcho(ns, ports); err != nil {
-			return err
-		}
-	}
-	fmt.Println("\nPods of the example, each played by a network namespace:")
+func printPods(a *votingapp.App) {
+	fmt.Println("\nPods of the example, each played by a network namespace running the real program:")
 	w := tabwriter.NewWriter(os.Stdout, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(w, "  POD\tNODE\tIP\tNAMESPACE\tLISTENS ON")
-	for _, p := range a.pods {
-		ns := a.where[p.Name]
-		var ports []string
-		for _, ctr := range p.Spec.Containers {
-			for _, cp := range ctr.Ports {
-				ports = append(ports, fmt.Sprint(cp.ContainerPort))
-			}
-		}
-		fmt.Fprintf(w, "  %s\t%s\t%s\t%s\t%s\n", p.Name, ns.Node.Name, ns.IP, ns.Netns, cmpOr(strings.Join(ports, ","), "-"))
+	fmt.Fprintln(w, "  POD\tNODE\tIP\tNAMESPACE\tPROGRAM")
+	for _, p := range a.Pods {
+		ns := a.Where[p.Name]
+		fmt.Fprintf(w, "  %s\t%s\t%s\t%s\t%s\n", p.Name, ns.Node.Name, ns.IP, ns.Netns, a.Program[p.Name])
 	}
-	return w.Flush()
+	w.Flush()
 }
 
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
-}
-
-// deploy creates the Services and, playing the EndpointSlice controller,
-// one EndpointSlice per Service for the Pods its selector matches.
-func (a *app) deploy(ctx context.Context, c *testbed.Cluster) error {
-	fmt.Println("\nApplying the Services and their EndpointSlices:")
-	for i, s := range a.services {
-		s = s.DeepCopy()
-		s.Namespace = metav1.NamespaceDefault
-		got, err := c.Kube.CoreV1().Services(s.Namespace).Create(ctx, s, metav1.CreateOptions{})
-		if err != nil {
-			return fmt.Errorf("create service %s: %w", s.Name, err)
-		}
-		a.services[i] = got
-		slice := a.sliceFor(got)
-		if _, err := c.Kube.DiscoveryV1().EndpointSlices(s.Namespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
-			return fmt.Errorf("create endpointslice for %s: %w", s.Name, err)
-		}
+func printServices(a *votingapp.App) {
+	fmt.Println("\nServices, and the EndpointSlices written for them (no controller-manager here):")
+	var names []string
+	for _, s := range a.Services {
 		var eps []string
-		for _, ep := range slice.Endpoints {
+		for _, ep := range a.SliceFor(s).Endpoints {
 			eps = append(eps, fmt.Sprintf("%s (%s)", ep.Addresses[0], ep.TargetRef.Name))
 		}
-		ports := []string{}
-		for _, p := range got.Spec.Ports {
-			s := fmt.Sprintf("%d->%s", p.Port, p.TargetPort.String())
+		var ports []string
+		for _, p := range s.Spec.Ports {
 			if p.NodePort != 0 {
-				s = fmt.Sprintf("%d:%d->%s", p.Port, p.NodePort, p.TargetPort.String())
+				ports = append(ports, fmt.Sprintf("%d:%d->%s", p.Port, p.NodePort, p.TargetPort.String()))
+			} else {
+				ports = append(ports, fmt.Sprintf("%d->%s", p.Port, p.TargetPort.String()))
 			}
-			ports = append(ports, s)
 		}
-		fmt.Printf("  service/%-15s %-9s %-14s %-16s endpoints: %s\n", got.Name, got.Spec.Type, got.Spec.ClusterIP,
+		fmt.Printf("  service/%-15s %-9s %-14s %-16s endpoints: %s\n", s.Name, s.Spec.Type, s.Spec.ClusterIP,
 			strings.Join(ports, ","), strings.Join(eps, ", "))
+		if s.Spec.Type == "ClusterIP" {
+			names = append(names, fmt.Sprintf("%s -> %s", s.Name, s.Spec.ClusterIP))
+		}
 	}
-	return nil
+	sort.Strings(names)
+	fmt.Printf("\nNo cluster DNS here: each pod's /etc/hosts names the ClusterIPs (%s),\n"+
+		"so vote and worker reach redis as redis:6379 and worker and result reach postgres as db:5432.\n",
+		strings.Join(names, ", "))
 }
 
-func (a *app) sliceFor(s *corev1.Service) *discoveryv1.EndpointSlice {
-	sel := labels.SelectorFromSet(s.Spec.Selector)
-	var ports []discoveryv1.EndpointPort
-	var eps []discoveryv1.Endpoint
-	for _, p := range a.pods {
-		if len(s.Spec.Selector) == 0 || !sel.Matches(labels.Set(p.Labels)) {
-			continue
+// castVotes casts votes in rounds through voting-service on alternating
+// nodes and shows result-service's counts after each round.
+func castVotes(ctx context.Context, a *votingapp.App, c *testbed.Cluster) (votingapp.Tally, error) {
+	fmt.Println("\nVotes from the external client (192.168.77.100), through voting-service's NodePort;")
+	fmt.Println("vote pushes each to redis, worker moves it to postgres, result-service counts it:")
+	rounds := [][]string{{"a", "a", "b"}, {"b", "b", "a", "b"}, {"a", "a", "a"}}
+	var t votingapp.Tally
+	for i, round := range rounds {
+		voteNode, resultNode := c.Nodes[i%2], c.Nodes[(i+1)%2]
+		for _, o := range round {
+			if err := a.Vote(ctx, voteNode, o); err != nil {
+				return t, err
+			}
 		}
-		ep := a.where[p.Name].Endpoint(testbed.Ready)
-		ep.TargetRef.Name = p.Name
-		eps = append(eps, ep)
+		var err error
+		if t, err = a.WaitTally(ctx, resultNode, t.Total+len(round), 30*time.Second); err != nil {
+			return t, err
+		}
+		fmt.Printf("  %d votes (%s) to %-24s -> %s shows Cats %d, Dogs %d (%d votes)\n", len(round), strings.Join(round, ","),
+			a.URL(voteNode, "voting-service", ""), a.URL(resultNode, "result-service", ""), t.A, t.B, t.Total)
 	}
-	for _, sp := range s.Spec.Ports {
-		// The example's targetPorts are numbers.
-		ports = append(ports, testbed.SlicePort(sp.Name, sp.Protocol, sp.TargetPort.IntVal))
-	}
-	return testbed.EndpointSlice(s.Namespace, s.Name, s.Name+"-demo", ports, eps...)
+	fmt.Printf("\nThe worker's last lines (it pops from redis and writes to postgres):\n%s\n", indent(a.Log("worker-app-pod", 3)))
+	return t, nil
 }
 
-func (a *app) service(name string) *corev1.Service {
-	for _, s := range a.services {
-		if s.Name == name {
-			return s
-		}
-	}
-	return nil
-}
+func indent(s string) string { return "  " + strings.ReplaceAll(s, "\n", "\n  ") }
 
-// hop is one arrow of the example's diagram.
-type hop struct {
-	from    string // a Pod of the example, or "" for the external client
-	service string
-	node    int // for NodePorts: which node's address the client uses
-}
-
-func (a *app) showTraffic(ctx context.Context, c *testbed.Cluster) error {
-	hops := []hop{
-		{"voting-app-pod", "redis", 0},
-		{"worker-app-pod", "redis", 0},
-		{"worker-app-pod", "db", 0},
-		{"result-app-pod", "db", 0},
-		{"", "voting-service", 0},
-		{"", "voting-service", 1},
-		{"", "result-service", 0},
-		{"", "result-service", 1},
-	}
-	fmt.Println("\nTraffic through each Service (the answering stand-in reports the source address it saw):")
-	for _, h := range hops {
-		s := a.service(h.service)
-		if s == nil {
-			return fmt.Errorf("example has no service %s", h.service)
-		}
-		var from testbed.Origin
-		var addr netip.AddrPort
-		proto := "tcp"
-		if s.Spec.Ports[0].TargetPort.IntVal == 80 {
-			proto = "http"
-		}
-		if h.from == "" {
-			from = c.ClientOrigin()
-			addr = netip.AddrPortFrom(c.Nodes[h.node].IP, uint16(s.Spec.Ports[0].NodePort))
-		} else {
-			from = a.where[h.from].Origin()
-			from.Name = h.from
-			addr = netip.AddrPortFrom(netip.MustParseAddr(s.Spec.ClusterIP), uint16(s.Spec.Ports[0].Port))
-		}
-		r, err := firstAnswer(ctx, c, from, proto, addr)
-		if err != nil {
-			return fmt.Errorf("%s -> %s (%s): %w", cmpOr(h.from, "client"), h.service, addr, err)
-		}
-		fmt.Printf("  %-15s %-15s -> %-14s %-21s answered by %-15s (saw %s)\n", cmpOr(h.from, "external client"),
-			from.IP, h.service, addr, a.podPlayedBy(r.Pod), r.Client)
-	}
-	return nil
-}
-
-// firstAnswer retries until the proxies have programmed the Service.
-func firstAnswer(ctx context.Context, c *testbed.Cluster, from testbed.Origin, proto string, addr netip.AddrPort) (testbed.Result, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		rs, err := c.Probe(ctx, from, testbed.ProbeSpec{Proto: proto, Addr: addr, Timeout: 2 * time.Second})
-		if err != nil {
-			return testbed.Result{}, err
-		}
-		if rs[0].OK() {
-			return rs[0], nil
-		}
-		if time.Now().After(deadline) {
-			return rs[0], fmt.Errorf("no answer within 30s: %s", rs[0].Err)
-		}
-		select {
-		case <-ctx.Done():
-			return rs[0], ctx.Err()
-		case <-time.After(300 * time.Millisecond):
-		}
-	}
-}
-
-func (a *app) podPlayedBy(ns string) string {
-	for name, p := range a.where {
-		if p.Name == ns {
-			return name
-		}
-	}
-	return ns
-}
-
-func (a *app) printHowTo(c *testbed.Cluster, kind testbed.ProxyKind) {
-	vote := a.where["voting-app-pod"]
-	redis := a.service("redis")
-	n1 := c.Nodes[0]
-	inCgroup := func(n *testbed.Node, cmd string) string {
-		if kind != testbed.SvcnatEBPF {
-			return cmd
-		}
-		// eBPF socket hooks only see processes in the node's cgroup.
-		return fmt.Sprintf("sh -c 'echo $$ > %s/cgroup.procs && exec %s'", n.Cgroup, cmd)
-	}
+func printHowTo(a *votingapp.App, c *testbed.Cluster, kind testbed.ProxyKind) {
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	vote, result := a.URL(n1, "voting-service", "/"), a.URL(n2, "result-service", "/")
 	fmt.Printf(`
-How to poke at it (as root, from another terminal):
-  # the voting app from outside, through each node's NodePort
-  ip netns exec %[1]s curl -s http://%[2]s:30004/
-  ip netns exec %[1]s curl -s http://%[3]s:30005/
-  # redis from the vote pod, through its ClusterIP
-  %[4]s
+How to open the pages yourself (as root, from another terminal). They are
+reachable only from the test bed's external client namespace, %[1]s:
+  ip netns exec %[1]s curl -s %[2]s
+  ip netns exec %[1]s curl -s -d vote=b %[2]s
+  ip netns exec %[1]s curl -s %[3]sresults.json
+In a browser: carry a local port into the client namespace (this listens on
+127.0.0.1 of this machine; each connection is made from inside %[1]s):
+  socat TCP-LISTEN:8004,bind=127.0.0.1,reuseaddr,fork EXEC:'ip netns exec %[1]s socat STDIO TCP:%[4]s' &
+  socat TCP-LISTEN:8005,bind=127.0.0.1,reuseaddr,fork EXEC:'ip netns exec %[1]s socat STDIO TCP:%[5]s' &
+then open http://127.0.0.1:8004/ and http://127.0.0.1:8005/ (ssh -L 8004:127.0.0.1:8004 -L 8005:127.0.0.1:8005
+for a remote machine); stop both socat by their PIDs afterwards.
   # the API objects
-  ip netns exec %[5]s kubectl --kubeconfig %[6]s get svc,endpointslices -o wide
-`, c.Client, n1.IP, c.Nodes[1].IP,
-		inCgroup(vote.Node, fmt.Sprintf("ip netns exec %s %s probe -proto tcp -addr %s:%d", vote.Netns, c.Binaries.EchoServer, redis.Spec.ClusterIP, redis.Spec.Ports[0].Port)),
-		n1.Netns, c.Kubeconfig)
+  ip netns exec %[6]s %[8]s --kubeconfig %[7]s get svc,endpointslices -o wide
+`, c.Client, vote, result, strings.TrimPrefix(strings.TrimSuffix(vote, "/"), "http://"),
+		strings.TrimPrefix(strings.TrimSuffix(result, "/"), "http://"), n1.Netns, c.Kubeconfig, filepath.Join(c.Binaries.K8sDir, "kubectl"))
 	if kind.IsSvcnat() {
 		fmt.Printf(`  # what svcnat programmed on node1, read back from the kernel
   ip netns exec %s %s dump --kubeconfig %s --node-name %s%s
@@ -382,7 +220,7 @@ How to poke at it (as root, from another terminal):
 	if kind == testbed.SvcnatIptables || kind == testbed.KubeProxyIptables {
 		fmt.Printf("  ip netns exec %s iptables-save -t nat\n", n1.Netns)
 	}
-	fmt.Printf("  # logs of every process: %s\n", c.Dir)
+	fmt.Printf("  # logs of every process (redis.log, postgres.log, vote.log, worker.log, result.log, ...): %s\n", c.Dir)
 }
 
 func backendFlags(n *testbed.Node, kind testbed.ProxyKind) string {
@@ -390,4 +228,28 @@ func backendFlags(n *testbed.Node, kind testbed.ProxyKind) string {
 		return fmt.Sprintf(" --backend=ebpf --bpffs-path=%s --cgroup-path=%s", n.Proxy.PinDir, n.Cgroup)
 	}
 	return " --backend=iptables"
+}
+
+// watch prints result-service's counts whenever they change, every 2 s,
+// for at most 30 minutes (the demo itself waits for Ctrl-C).
+func watch(ctx context.Context, a *votingapp.App, c *testbed.Cluster, last votingapp.Tally) {
+	for range 900 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+		t, err := a.Tally(ctx, c.Nodes[1])
+		if err != nil {
+			if ctx.Err() == nil {
+				fmt.Println("  result-service:", err)
+			}
+			continue
+		}
+		if t != last {
+			fmt.Printf("  %s  result-service shows Cats %d, Dogs %d (%d votes)\n", time.Now().Format("15:04:05"), t.A, t.B, t.Total)
+		}
+		last = t
+	}
+	fmt.Println("  (stopped watching the counts after 30 minutes; the demo keeps running)")
 }

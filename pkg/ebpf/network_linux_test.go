@@ -260,53 +260,6 @@ func TestPathMTU(t *testing.T) {
 	}
 }
 
-// serveBytes answers every connection on addr with n bytes.
-func (p *pod) serveBytes(t *testing.T, addr string, n int) {
-	t.Helper()
-	var ln net.Listener
-	var err error
-	inNamespace(t, p.ns, func() { ln, err = net.Listen("tcp", addr) })
-	if err != nil {
-		t.Fatalf("listen on %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		payload := bytes.Repeat([]byte("x"), n)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				c.Write(payload)
-				c.Close()
-			}()
-		}
-	}()
-}
-
-// serveUDPEcho sends every datagram on addr back to its sender.
-func (p *pod) serveUDPEcho(t *testing.T, addr string) {
-	t.Helper()
-	var pc net.PacketConn
-	var err error
-	inNamespace(t, p.ns, func() { pc, err = net.ListenPacket("udp", addr) })
-	if err != nil {
-		t.Fatalf("listen on udp %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(buf[:n], from)
-		}
-	}()
-}
-
 // TestFragments: 3,000-byte UDP datagrams through a NodePort, both
 // directions, IPv4 and IPv6, to a local and to a remote (overlay)
 // endpoint (review finding 6; the old programs lost them). IPv6 routers
@@ -464,29 +417,6 @@ func TestTCXNeighbour(t *testing.T) {
 	}
 }
 
-// serveUDPPeer answers every datagram on addr with the datagram, "|" and
-// the address it came from.
-func (p *pod) serveUDPPeer(t *testing.T, addr string) {
-	t.Helper()
-	var pc net.PacketConn
-	var err error
-	inNamespace(t, p.ns, func() { pc, err = net.ListenPacket("udp", addr) })
-	if err != nil {
-		t.Fatalf("listen on udp %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append(buf[:n:n], "|"+from.String()...), from)
-		}
-	}()
-}
-
 // TestMasqueradedPorts: 10,000 concurrent masqueraded UDP flows from 100
 // client addresses, all using the same 100 source ports, to one endpoint:
 // every reply reaches the client that asked (nf_nat gives each flow its
@@ -607,6 +537,76 @@ func TestMasqueradedPorts(t *testing.T) {
 		stats[tcTcStatTC_STAT_NAT_FAILED], stats[tcTcStatTC_STAT_CT_FULL])
 }
 
+// serveConns hands every TCP connection on addr in the pod to handle, in
+// its own goroutine, and closes it after.
+func (p *pod) serveConns(t *testing.T, addr string, handle func(net.Conn)) {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	inNamespace(t, p.ns, func() { ln, err = net.Listen("tcp", addr) })
+	if err != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, p.ns, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				handle(c)
+				c.Close()
+			}()
+		}
+	}()
+}
+
+// serveBytes answers every connection on addr with n bytes.
+func (p *pod) serveBytes(t *testing.T, addr string, n int) {
+	payload := bytes.Repeat([]byte("x"), n)
+	p.serveConns(t, addr, func(c net.Conn) { c.Write(payload) })
+}
+
+// serveTCPEcho sends back whatever each connection on addr sends.
+func (p *pod) serveTCPEcho(t *testing.T, addr string) {
+	p.serveConns(t, addr, func(c net.Conn) { io.Copy(c, c) })
+}
+
+// serveDatagrams answers every UDP datagram on addr in the pod with what
+// reply makes of it and its sender.
+func (p *pod) serveDatagrams(t *testing.T, addr string, reply func(b []byte, from net.Addr) []byte) {
+	t.Helper()
+	var pc net.PacketConn
+	var err error
+	inNamespace(t, p.ns, func() { pc, err = net.ListenPacket("udp", addr) })
+	if err != nil {
+		t.Fatalf("listen on udp %s in %s: %v", addr, p.ns, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(reply(buf[:n], from), from)
+		}
+	}()
+}
+
+// serveUDPEcho sends every datagram on addr back to its sender.
+func (p *pod) serveUDPEcho(t *testing.T, addr string) {
+	p.serveDatagrams(t, addr, func(b []byte, _ net.Addr) []byte { return b })
+}
+
+// serveUDPPeer answers every datagram on addr with the datagram, "|" and
+// the address it came from.
+func (p *pod) serveUDPPeer(t *testing.T, addr string) {
+	p.serveDatagrams(t, addr, func(b []byte, from net.Addr) []byte { return append(b[:len(b):len(b)], "|"+from.String()...) })
+}
+
 // fetchEcho opens a connection from ns to addr and has "hello" echoed.
 func fetchEcho(t *testing.T, ns, addr string) (string, error) {
 	t.Helper()
@@ -625,30 +625,6 @@ func fetchEcho(t *testing.T, ns, addr string) (string, error) {
 		got = string(buf)
 	})
 	return got, err
-}
-
-// serveTCPEcho sends back whatever each connection on addr sends.
-func (p *pod) serveTCPEcho(t *testing.T, addr string) {
-	t.Helper()
-	var ln net.Listener
-	var err error
-	inNamespace(t, p.ns, func() { ln, err = net.Listen("tcp", addr) })
-	if err != nil {
-		t.Fatalf("listen on %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.Copy(c, c)
-				c.Close()
-			}()
-		}
-	}()
 }
 
 // TestFlood: 20 established flows through a NodePort survive a flood of

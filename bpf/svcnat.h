@@ -28,6 +28,11 @@
 /* Endpoint sets (slot_key.set). */
 #define SVCNAT_SET_CLUSTER 0
 #define SVCNAT_SET_LOCAL 1
+/* Memberships only (no slots): the endpoints of a UDP Service port that
+ * still serve, terminating ones included. An unconnected UDP socket keeps
+ * such an endpoint until it stops serving, as kube-proxy keeps the
+ * conntrack entry of a flow to it. */
+#define SVCNAT_SET_SERVING 2
 
 /* backend.flags */
 #define SVCNAT_BACKEND_LOCAL 0x1 /* the endpoint runs on this node */

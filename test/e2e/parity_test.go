@@ -43,12 +43,14 @@ func testHealthCheckDrains(t *testing.T, e *env) {
 	e.reachesOnly(t, client, "tcp", nodePort(t, svc, n1, 0), "node1-a")
 }
 
-// udpDrainSkip: the eBPF backend keeps flows from outside (conntrack) and
-// connected sockets to a draining endpoint, but an unconnected socket's
-// datagrams are balanced again (README known limits).
+// udpDrainSkip: the scenario's "flow" is a 5-tuple that a new probe
+// process reuses (conntrack keys flows so). The eBPF backend translates
+// sockets, and a new socket is a new flow even from the same port; one
+// socket keeps its terminating endpoint (pkg/ebpf TestUnconnectedUDPSticks,
+// connected sockets are not destroyed while it serves).
 func udpDrainSkip(k testbed.ProxyKind) string {
 	if k == testbed.SvcnatEBPF {
-		return "known limit: the eBPF backend sends an unconnected UDP socket's next datagram to a ready endpoint once its endpoint terminates (README known limits)"
+		return "the eBPF backend translates per socket: a new socket from the same port is a new flow (one socket keeps a terminating endpoint: pkg/ebpf TestUnconnectedUDPSticks)"
 	}
 	return ""
 }

@@ -1,0 +1,105 @@
+//go:build linux
+
+package takeover
+
+import (
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/svcnat/svcnat/pkg/internal/netnstest"
+)
+
+// TestRemoveInNamespace loads kube-proxy's rules (iptables-nft and legacy,
+// nftables) beside foreign ones into a fresh namespace, removes them with
+// the real binaries and checks that exactly kube-proxy's are gone.
+func TestRemoveInNamespace(t *testing.T) {
+	for _, bin := range []string{"iptables-nft-restore", "iptables-legacy-restore", "nft"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Skipf("needs %s: %v", bin, err)
+		}
+	}
+	if !netnstest.InNetns(t) {
+		return
+	}
+	save, err := os.ReadFile("testdata/kube-proxy-iptables.save")
+	if err != nil {
+		t.Fatal(err)
+	}
+	restore := func(bin, payload string) {
+		t.Helper()
+		cmd := exec.Command(bin)
+		cmd.Stdin = strings.NewReader(payload)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", bin, err, out)
+		}
+	}
+	restore("iptables-nft-restore", string(save))
+	restore("ip6tables-nft-restore", "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\nCOMMIT\n")
+	restore("iptables-legacy-restore", "*nat\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:FOREIGN - [0:0]\n-A OUTPUT -j KUBE-SERVICES\n-A OUTPUT -j FOREIGN\nCOMMIT\n")
+	nft := "table ip kube-proxy {\n chain nat-prerouting { type nat hook prerouting priority -100; policy accept; }\n}\n" +
+		"table ip6 kube-proxy {\n chain nat-output { type nat hook output priority -100; policy accept; }\n}\n" +
+		"table inet other {\n chain c { type filter hook input priority 0; policy accept; }\n}\n"
+	cmd := exec.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(nft)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft -f: %v: %s", err, out)
+	}
+	before := stdout(t, "iptables-nft-save")
+
+	r, err := Remove(t.Context(), slog.Default())
+	if err != nil {
+		t.Fatalf("Remove: %v", err)
+	}
+	// nft: 3+9 jumps, 1+6+8 chains; ip6 nft: 1 jump, 1 chain; legacy: 1, 1.
+	if want := (Removed{Jumps: 14, Chains: 17, NftTables: 2}); r != want {
+		t.Errorf("Remove = %+v, want %+v", r, want)
+	}
+
+	after := stdout(t, "iptables-nft-save")
+	for _, line := range strings.Split(after, "\n") {
+		if strings.Contains(line, "KUBE-") && !strings.Contains(line, "KUBE-FIREWALL") && !strings.Contains(line, "KUBE-KUBELET-CANARY") {
+			t.Errorf("kube-proxy's rule left: %s", line)
+		}
+	}
+	// Every line of the foreign rules is still there, unchanged.
+	for _, line := range strings.Split(before, "\n") {
+		if strings.HasPrefix(line, "-A ") && !strings.Contains(line, "KUBE-") || strings.Contains(line, "KUBE-FIREWALL") || strings.Contains(line, "KUBE-KUBELET-CANARY") {
+			if !strings.Contains(after, line) {
+				t.Errorf("foreign rule removed: %s", line)
+			}
+		}
+	}
+	if out := stdout(t, "ip6tables-nft-save", "-t", "nat"); strings.Contains(out, "KUBE-") {
+		t.Errorf("ip6tables nat still holds kube-proxy's rules:\n%s", out)
+	}
+	legacy := stdout(t, "iptables-legacy-save")
+	if strings.Contains(legacy, "KUBE-") || !strings.Contains(legacy, "-A OUTPUT -j FOREIGN") {
+		t.Errorf("legacy tables after Remove:\n%s", legacy)
+	}
+	if strings.Contains(legacy, "*filter") || strings.Contains(legacy, "*mangle") {
+		t.Errorf("Remove created legacy tables that were not there:\n%s", legacy)
+	}
+	tables := netnstest.Run(t, "", "nft", "list", "tables")
+	if strings.Contains(tables, "kube-proxy") || !strings.Contains(tables, "table inet other") {
+		t.Errorf("nftables tables after Remove:\n%s", tables)
+	}
+
+	// Nothing left: a second run removes nothing.
+	if r, err := Remove(t.Context(), slog.Default()); err != nil || r.Any() {
+		t.Errorf("second Remove = %+v, %v; want nothing removed", r, err)
+	}
+}
+
+// stdout runs a command and returns its standard output only (the save
+// binaries warn on standard error).
+func stdout(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return string(out)
+}

@@ -5,8 +5,8 @@
  * ClusterIPs routed to the node). Attached to the node's interfaces:
  *
  *   ingress: a packet of a known flow is rewritten as its svcnat_nat entry
- *            says; the first packet to a frontend picks an endpoint and is
- *            DNATed, and the flow's entries are recorded. A reply from a
+ *            says; the first packet to a frontend (for TCP: a SYN) picks an
+ *            endpoint and is DNATed, and the flow's entries are recorded. A reply from a
  *            remote endpoint to the masquerade address gets the client as
  *            its destination.
  *   egress:  a flow that needs masquerading is SNATed to the address of the
@@ -42,6 +42,8 @@ struct pkt {
 	__u32 l3off;
 	__u32 l4off;
 	__u8 v6;
+	/* A TCP segment that cannot open a connection (not a SYN without ACK). */
+	__u8 tcp_midstream;
 };
 
 static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
@@ -90,6 +92,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		return -1;
 	p->key.sport = ports[0];
 	p->key.dport = ports[1];
+	if (p->key.proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = data + p->l4off;
+
+		if ((void *)(tcp + 1) > end)
+			return -1;
+		p->tcp_midstream = !tcp->syn || tcp->ack;
+	}
 	return 0;
 }
 
@@ -410,6 +419,13 @@ int svcnat_tc_ingress(struct __sk_buff *skb)
 	r = translate(skb, &p, SVCNAT_NAT_UNSNAT);
 	if (r)
 		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	/*
+	 * Only a SYN opens a TCP flow. A later segment without an entry belongs
+	 * to a connection netfilter translated (kube-proxy's, before svcnat took
+	 * over; its conntrack entry still holds) and passes untouched.
+	 */
+	if (p.tcp_midstream)
+		return TC_ACT_OK;
 	return new_flow(skb, &p);
 }
 

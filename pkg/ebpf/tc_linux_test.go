@@ -468,6 +468,18 @@ func TestTCPrograms(t *testing.T) {
 			t.Errorf("a late reply from the removed endpoint was still translated, to %s", out.src)
 		}
 	})
+	t.Run("a TCP segment of a connection svcnat did not open passes untouched", func(t *testing.T) {
+		// As after a takeover from kube-proxy: the connection's conntrack
+		// entry, not svcnat, translates it.
+		in := tuple{src: ap("198.51.100.7:45000"), dst: ap("192.0.2.1:30080"), proto: protoTCP, payloadBytes: 3}
+		if ret, out := h.run(ingress, in); ret != tcOK || out != (tuple{src: in.src, dst: in.dst, proto: protoTCP}) {
+			t.Errorf("mid-stream segment: %d %s, want it untouched", ret, out)
+		}
+		in.syn = true
+		if ret, out := h.run(ingress, in); ret != tcOK || out.dst != ap("10.244.1.2:8080") {
+			t.Errorf("SYN after it: %d %s, want DNAT to 10.244.1.2:8080", ret, out)
+		}
+	})
 	t.Run("other traffic passes untouched", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:22"), proto: protoTCP, syn: true}
 		if ret, out := h.run(ingress, in); ret != tcOK || out != (tuple{src: in.src, dst: in.dst, proto: protoTCP}) {

@@ -4,7 +4,11 @@
 // them from the built-in chains, in the nat, filter and mangle tables of both
 // families and both iptables variants, and its nftables tables (ip kube-proxy,
 // ip6 kube-proxy). Conntrack is left alone, so connections kube-proxy
-// translated keep their translation.
+// translated keep their translation; where kube-proxy's nftables tables go,
+// a table of NAT base chains (svcnat-nat-hooks) takes their place in the
+// same transaction, because the kernel tracks connections and applies
+// their NAT only while some rule and NAT chain need it, and svcnat's eBPF
+// backend has none.
 //
 // This file is pure: it decides what to remove from iptables-save and
 // `nft -j list` text. takeover_linux.go reads the kernel and removes it.

@@ -145,8 +145,14 @@ func removeNft(ctx context.Context, log *slog.Logger) (int, error) {
 	if err != nil || len(found) == 0 {
 		return 0, err
 	}
+	// In the same transaction, keep the family's NAT hooks registered: they
+	// apply the translation of every connection conntrack holds, and with
+	// kube-proxy's table gone a node whose only NAT chains were kube-proxy's
+	// (svcnat's eBPF backend has none) would stop translating established
+	// connections.
 	var batch strings.Builder
 	for _, t := range found {
+		batch.WriteString(natHooksTable(t.Family))
 		fmt.Fprintf(&batch, "delete table %s\n", t)
 	}
 	if _, err := output(ctx, strings.NewReader(batch.String()), "nft", "-f", "-"); err != nil {
@@ -154,6 +160,46 @@ func removeNft(ctx context.Context, log *slog.Logger) (int, error) {
 	}
 	log.Info("removed kube-proxy's nftables tables", "tables", fmt.Sprint(found))
 	return len(found), nil
+}
+
+// NATHooksTable is the nftables table, one per family, that keeps
+// conntrack and its NAT working for the connections kube-proxy translated
+// after kube-proxy's nftables tables are removed: the kernel tracks
+// connections in a namespace only while some rule needs conntrack (a ct or
+// NAT expression), and applies conntrack's NAT only while a NAT chain is
+// hooked in. It holds NAT base chains on the four hooks and one rule that
+// only counts new connections (a ct expression), nothing else.
+const NATHooksTable = "svcnat-nat-hooks"
+
+func natHooksTable(family string) string {
+	return fmt.Sprintf(`add table %[1]s %[2]s { comment "keeps NAT of established connections working after svcnat took over from kube-proxy; removed by svcnat cleanup"; }
+add chain %[1]s %[2]s prerouting { type nat hook prerouting priority -100; }
+add chain %[1]s %[2]s input { type nat hook input priority 100; }
+add chain %[1]s %[2]s output { type nat hook output priority -100; }
+add chain %[1]s %[2]s postrouting { type nat hook postrouting priority 100; }
+flush chain %[1]s %[2]s prerouting
+add rule %[1]s %[2]s prerouting ct state new counter
+`, family, NATHooksTable)
+}
+
+// RemoveNATHooks removes the tables that keep the NAT hooks registered (see
+// Remove), for svcnat cleanup. Idempotent; without nft there is nothing to
+// remove. Connections translated by kube-proxy before a takeover lose their
+// translation if nothing else on the node has NAT chains.
+func RemoveNATHooks(ctx context.Context) error {
+	if _, err := exec.LookPath("nft"); err != nil {
+		return nil
+	}
+	var errs []error
+	for _, family := range []string{"ip", "ip6"} {
+		if _, err := output(ctx, nil, "nft", "list", "table", family, NATHooksTable); err != nil {
+			continue // not there
+		}
+		if _, err := output(ctx, nil, "nft", "delete", "table", family, NATHooksTable); err != nil {
+			errs = append(errs, fmt.Errorf("remove nftables table %s %s: %w", family, NATHooksTable, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // output runs a command with stdin and returns its standard output; the

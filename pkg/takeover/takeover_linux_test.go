@@ -87,9 +87,23 @@ func TestRemoveInNamespace(t *testing.T) {
 		t.Errorf("nftables tables after Remove:\n%s", tables)
 	}
 
+	for _, fam := range []string{"ip", "ip6"} {
+		if out := stdout(t, "nft", "list", "table", fam, NATHooksTable); strings.Count(out, "type nat hook") != 4 || strings.Count(out, "ct state new counter") != 1 {
+			t.Errorf("%s %s does not hold the four NAT hooks:\n%s", fam, NATHooksTable, out)
+		}
+	}
+
 	// Nothing left: a second run removes nothing.
 	if r, err := Remove(t.Context(), slog.Default()); err != nil || r.Any() {
 		t.Errorf("second Remove = %+v, %v; want nothing removed", r, err)
+	}
+	for range 2 {
+		if err := RemoveNATHooks(t.Context()); err != nil {
+			t.Fatalf("RemoveNATHooks: %v", err)
+		}
+	}
+	if tables := stdout(t, "nft", "list", "tables"); strings.Contains(tables, NATHooksTable) || !strings.Contains(tables, "table inet other") {
+		t.Errorf("nftables tables after RemoveNATHooks:\n%s", tables)
 	}
 }
 

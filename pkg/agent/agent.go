@@ -465,8 +465,7 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 		if ig, ok := errors.AsType[*model.IgnoredError](err); ok {
 			ignored[err.Error()] = true
 			if !a.ignored[key][err.Error()] {
-				a.metrics.ignoredObjects.WithLabelValues(ig.Kind).Inc()
-				a.log.Info("object ignored", "service", key, "kind", ig.Kind, "object", ig.Namespace+"/"+ig.Name, "reason", ig.Reason)
+				a.Ignored(ig)
 			}
 			continue
 		}
@@ -517,6 +516,13 @@ func (a *Agent) noteTriggers(key types.NamespacedName, slices []*discoveryv1.End
 	} else {
 		a.triggers[key] = seen
 	}
+}
+
+// Ignored logs and counts an object (or part of one) left alone on
+// purpose; callers report each once. It implements watch.IgnoredSink.
+func (a *Agent) Ignored(ig *model.IgnoredError) {
+	a.metrics.ignoredObjects.WithLabelValues(ig.Kind).Inc()
+	a.log.Info("object ignored", "kind", ig.Kind, "object", ig.Namespace+"/"+ig.Name, "reason", ig.Reason)
 }
 
 // invalidKind names the kind of object a model.BuildService error is about.

@@ -4,6 +4,7 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -38,6 +39,21 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
+// realIptables returns an initialised iptables backend of the test's
+// namespace, cleaned up when the test ends.
+func realIptables(t *testing.T, mode string, log *slog.Logger) *iptables.Backend {
+	t.Helper()
+	b, err := iptables.New(iptables.Options{Mode: mode, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Cleanup(context.Background()) })
+	return b
+}
+
 // TestXtablesLockHeld runs the agent with the real legacy iptables backend
 // while another process holds the xtables lock for 30 s (review finding
 // 9): every sync waits for it a bounded time (iptables.LockWait), fails
@@ -54,14 +70,7 @@ func TestXtablesLockHeld(t *testing.T) {
 	t.Setenv("XTABLES_LOCKFILE", lock)
 	var logs lockedBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	b, err := iptables.New(iptables.Options{Mode: iptables.ModeLegacy, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Cleanup(t.Context()) })
+	b := realIptables(t, iptables.ModeLegacy, log)
 
 	const held = 30 * time.Second
 	holder := exec.Command("flock", "-x", lock, "sleep", strconv.Itoa(int(held.Seconds())))
@@ -127,6 +136,6 @@ func TestXtablesLockHeld(t *testing.T) {
 		t.Errorf("health turned unhealthy after %v, want within %v of the lock", sawUnhealthy, 2*syncPeriod+iptables.LockWait)
 	}
 	if st, err := b.Dump(t.Context()); err != nil || len(st.ServicePorts) != 1 {
-		t.Errorf("after the lock was released: dump %v, %v; want the Service programmed", st, err)
+		t.Errorf("after the lock was released: dump %v, %v; want the Service programmed; log:\n%s", st, err, out)
 	}
 }

@@ -165,7 +165,7 @@ func cmpOr(v, def int) int {
 // probe names the first kernel feature the backend needs that is missing;
 // tc says whether the tc programs are needed too.
 func probe(tc bool) error {
-	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie} {
+	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.SkStorage} {
 		if err := features.HaveMapType(mt); err != nil {
 			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
 		}
@@ -173,7 +173,7 @@ func probe(tc bool) error {
 	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
 		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.CGroupSockAddr, err)
 	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnGetSocketCookie, asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32} {
+	for _, fn := range []asm.BuiltinFunc{asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32, asm.FnSkStorageGet} {
 		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
 			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
 		}
@@ -234,12 +234,14 @@ func (b *Backend) Init(ctx context.Context) error {
 		for name, size := range b.sizes() {
 			spec.Maps[name].MaxEntries = uint32(size)
 		}
-		pins, err := openPins(b.opts.BPFFSPath, spec)
+		pins := newMapPins(b.opts.BPFFSPath)
+		repl, err := pins.open(spec)
 		if err != nil {
+			pins.Close()
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
 		objs := &svcnatObjects{}
-		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: pins.maps}); err != nil {
+		if err := spec.LoadAndAssign(objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 			pins.Close()
 			return fmt.Errorf("init ebpf backend: load programs: %w", err)
 		}
@@ -247,7 +249,7 @@ func (b *Backend) Init(ctx context.Context) error {
 		b.rec = &reconciler{maps: b.mapSet(objs)}
 	}
 	if b.destroyer == nil {
-		d, err := newSocketDestroyer(b.objs.SvcnatSock)
+		d, err := newSocketDestroyer(b.pins)
 		if err != nil {
 			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
 		}
@@ -816,7 +818,64 @@ func (k kernelMap) Delete(keys any) error {
 	return nil
 }
 
-func (k kernelMap) Iterate() entryIterator { return k.m.Iterate() }
+func (k kernelMap) Iterate() entryIterator { return &batchIterator{m: k.m} }
+
+// batchSize is how many entries one batch lookup reads.
+const batchSize = 4096
+
+// batchIterator walks a map with batch lookups, one system call per
+// batchSize entries (the periodic sync reads every desired-state map);
+// maps without batch operations (LPM tries) fall back to the map's
+// iterator, two calls per entry.
+type batchIterator struct {
+	m            *ebpf.Map
+	cursor       ebpf.MapBatchCursor
+	keys, values reflect.Value
+	n, i         int
+	started      bool
+	done         bool
+	err          error
+	fallback     *ebpf.MapIterator
+}
+
+func (it *batchIterator) Next(key, value any) bool {
+	if it.fallback != nil {
+		return it.fallback.Next(key, value)
+	}
+	for it.i >= it.n {
+		if it.done || it.err != nil {
+			return false
+		}
+		if !it.keys.IsValid() {
+			it.keys = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(key).Elem()), batchSize, batchSize)
+			it.values = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(value).Elem()), batchSize, batchSize)
+		}
+		n, err := it.m.BatchLookup(&it.cursor, it.keys.Interface(), it.values.Interface(), nil)
+		it.n, it.i = n, 0
+		switch {
+		case errors.Is(err, ebpf.ErrNotSupported) && !it.started:
+			it.fallback = it.m.Iterate()
+			return it.fallback.Next(key, value)
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			it.done = true
+		case err != nil:
+			it.err = err
+			return false
+		}
+		it.started = true
+	}
+	reflect.ValueOf(key).Elem().Set(it.keys.Index(it.i))
+	reflect.ValueOf(value).Elem().Set(it.values.Index(it.i))
+	it.i++
+	return true
+}
+
+func (it *batchIterator) Err() error {
+	if it.fallback != nil {
+		return it.fallback.Err()
+	}
+	return it.err
+}
 
 func formatTable(t *table) string {
 	var lines []string

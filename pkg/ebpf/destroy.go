@@ -23,16 +23,20 @@ type socketDestroyer struct {
 	iter *link.Iter
 }
 
-// newSocketDestroyer loads the UDP socket iterator against sock, the
-// hooks' per-socket storage. It needs kernel BTF and bpf_sock_destroy
+// newSocketDestroyer loads the UDP socket iterator against the hooks'
+// per-socket storage in pins. It needs kernel BTF and bpf_sock_destroy
 // (Linux 6.5); the error says what failed.
-func newSocketDestroyer(sock *ebpf.Map) (*socketDestroyer, error) {
+func newSocketDestroyer(pins *mapPins) (*socketDestroyer, error) {
 	spec, err := loadDestroy()
 	if err != nil {
 		return nil, err
 	}
+	repl, err := pins.open(spec)
+	if err != nil {
+		return nil, err
+	}
 	d := &socketDestroyer{}
-	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{destroyMapSvcnatSock: sock}}); err != nil {
+	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 		return nil, fmt.Errorf("load UDP socket iterator (needs kernel BTF and the bpf_sock_destroy kfunc): %w", err)
 	}
 	if d.iter, err = link.AttachIter(link.IterOptions{Program: d.objs.SvcnatDestroyUdp}); err != nil {

@@ -140,14 +140,17 @@ func newIDs() *ids {
 
 // adoptIDs continues the numbering found in t, as written by an earlier
 // run. Every number any entry uses is taken, also one a failed write left
-// without Service info or slot, so that no number is reused while an entry
-// still holds it.
+// without Service info or slot, or whose Service info does not decode, so
+// that no number is reused while an entry still holds it.
 func adoptIDs(t *table) (*ids, error) {
 	n := newIDs()
 	for id, info := range t.info {
 		name, _, err := decodeInfo(info)
 		if err != nil {
-			return nil, fmt.Errorf("adopt service port %d: %w", id, err)
+			// Garbage (written by hand?): its number stays unused, and
+			// the sync deletes the entry as nothing wants it.
+			n.services.next = max(n.services.next, id+1)
+			continue
 		}
 		n.services.set(name, id)
 	}
@@ -463,6 +466,9 @@ func decode(t *table) (*model.State, error) {
 			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
 		}
 		sp.ClusterEndpoints, sp.LocalEndpoints = cluster, local
+		if err := checkMembers(t, id, map[uint8]int{setCluster: len(cluster), setLocal: len(local)}); err != nil {
+			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
+		}
 		sp.InternalTrafficLocal = v.Flags&flagInternalLocal != 0
 		sp.ExternalTrafficLocal = v.Flags&flagExternalLocal != 0
 		sp.AffinityTimeout = time.Duration(v.AffinityTimeout) * time.Second
@@ -483,6 +489,23 @@ func decode(t *table) (*model.State, error) {
 		slices.SortFunc(sp.SourceRanges, comparePrefix)
 	}
 	return s, nil
+}
+
+// checkMembers fails unless every backend in the first counts[set] slots
+// of each set of ServicePort id has its membership entry: without it
+// affinity and stickiness are lost. (An extra membership is not checked:
+// writes put memberships before slots and delete them after, so one shows
+// for a moment during every change; the periodic sync repairs drift.)
+func checkMembers(t *table, id uint32, counts map[uint8]int) error {
+	for set, n := range counts {
+		for i := range n {
+			k := svcnatMemberKey{Id: id, BackendId: t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}], Set: set}
+			if _, ok := t.members[k]; !ok {
+				return fmt.Errorf("backend %d in slot %d of set %d has no membership entry", k.BackendId, i, set)
+			}
+		}
+	}
+	return nil
 }
 
 // decodeSet reads the endpoints in slots [0, count) of one set. Without a

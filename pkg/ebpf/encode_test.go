@@ -215,3 +215,32 @@ func TestPortByteOrder(t *testing.T) {
 		t.Fatalf("port 8080 stored as %x, want 1f90", raw[:])
 	}
 }
+
+// TestDecodeChecksMembers: a membership missing (deleted by hand) makes
+// decode fail naming the ServicePort, so dump --check reports it.
+func TestDecodeChecksMembers(t *testing.T) {
+	s := stateWithEndpoints()
+	tab, _, failed := encode(s, newIDs())
+	if len(failed) > 0 {
+		t.Fatal(failed)
+	}
+	var some svcnatMemberKey
+	for k := range tab.members {
+		some = k
+		break
+	}
+	delete(tab.members, some)
+	if _, err := decode(tab); err == nil || !strings.Contains(err.Error(), "no membership") {
+		t.Errorf("decode without a membership: %v", err)
+	}
+}
+
+func stateWithEndpoints() *model.State {
+	sp := &model.ServicePort{
+		Name:             model.ServicePortName{Namespace: "default", Name: "web", Family: model.IPv4},
+		Protocol:         model.TCP,
+		Frontends:        []model.Frontend{{Kind: model.ClusterIP, IP: netip.MustParseAddr("10.96.0.10"), Port: 80}},
+		ClusterEndpoints: []model.Endpoint{{IP: netip.MustParseAddr("10.244.1.2"), Port: 8080}, {IP: netip.MustParseAddr("10.244.1.3"), Port: 8080}},
+	}
+	return &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{sp.Name: sp}}
+}

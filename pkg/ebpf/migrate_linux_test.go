@@ -90,19 +90,21 @@ func TestMigration(t *testing.T) {
 	m.Close()
 	second.Close()
 
-	// Another layout: the pins carry another fingerprint (and a map this
-	// build does not know is pinned too).
-	entries, err := os.ReadDir(env.bpffs)
-	if err != nil {
+	// Pins from before layouts were versioned: bare names.
+	renamePins(t, env.bpffs, "")
+	upgraded := start(Options{MaxServices: 1000, MaxBackends: 5000, MaxNAT: 4096})
+	reaches("after Init over unversioned pins, before the first sync")
+	if err := upgraded.Sync(t.Context(), s); err != nil {
 		t.Fatal(err)
 	}
-	for _, e := range entries {
-		if name, _, ok := strings.Cut(e.Name(), "-"); ok && !e.IsDir() {
-			if err := os.Rename(filepath.Join(env.bpffs, e.Name()), filepath.Join(env.bpffs, name+"-00000000")); err != nil {
-				t.Fatal(err)
-			}
-		}
+	reaches("after the first sync over unversioned pins")
+	if _, err := os.Stat(filepath.Join(env.bpffs, svcnatMapSvcnatServices)); err == nil {
+		t.Errorf("the unversioned pin %s is left", svcnatMapSvcnatServices)
 	}
+	upgraded.Close()
+
+	// Another layout: the pins carry another fingerprint.
+	renamePins(t, env.bpffs, "-00000000")
 	third := start(Options{MaxServices: 1000, MaxBackends: 5000, MaxNAT: 4096})
 	reaches("after Init over another layout, before the first sync")
 	if err := third.Sync(t.Context(), s); err != nil {
@@ -114,7 +116,7 @@ func TestMigration(t *testing.T) {
 		t.Fatal(err)
 	}
 	statesEqual(t, s, dumped)
-	entries, _ = os.ReadDir(env.bpffs)
+	entries, _ := os.ReadDir(env.bpffs)
 	for _, e := range entries {
 		if strings.HasSuffix(e.Name(), "-00000000") {
 			t.Errorf("pin %s of the old layout is left", e.Name())
@@ -135,6 +137,23 @@ func TestMigration(t *testing.T) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("a Service added after the migration: got %q, %v", got, err)
+		}
+	}
+}
+
+// renamePins renames every map pin in dir to its map name and suffix, as
+// another build would have pinned it.
+func renamePins(t *testing.T, dir, suffix string) {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if name, _, ok := strings.Cut(e.Name(), "-"); ok && !e.IsDir() {
+			if err := os.Rename(filepath.Join(dir, e.Name()), filepath.Join(dir, name+suffix)); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -74,8 +75,9 @@ var desiredState = map[string]bool{
 	svcnatMapSvcnatClusterCidrs: true,
 }
 
-// mapPins is what Init found pinned: the maps to load the programs with,
-// and the new ones to pin once the programs run.
+// mapPins is what Init found pinned: the maps to load the programs with
+// (shared by every object: svcnat, destroy), and the new ones to pin once
+// the programs run.
 type mapPins struct {
 	dir  string
 	maps map[string]*ebpf.Map // by map name: adopted or made now
@@ -87,27 +89,35 @@ type mapPins struct {
 	refill bool
 }
 
-// openPins adopts every map of spec pinned with the same layout and size,
-// and makes the others. A pinned map of the same layout and another size
-// that the datapath fills itself is copied into the new one (entries that
-// do not fit are lost); one of another layout is left for the old
-// programs until the new ones replace them.
-func openPins(dir string, spec *ebpf.CollectionSpec) (*mapPins, error) {
-	p := &mapPins{dir: dir, maps: map[string]*ebpf.Map{}, pins: map[string]string{}, made: map[string]bool{}}
+func newMapPins(dir string) *mapPins {
+	return &mapPins{dir: dir, maps: map[string]*ebpf.Map{}, pins: map[string]string{}, made: map[string]bool{}}
+}
+
+// open adopts every pinned map of spec pinned with the same layout and
+// size, and makes the others, and returns them as the replacements to load
+// spec with (ebpf.CollectionOptions.MapReplacements). A map an earlier call
+// (another object's spec) opened is shared. A pinned map of the same layout
+// and another size that the datapath fills itself is copied into the new
+// one (entries that do not fit are lost); one of another layout is left for
+// the old programs until the new ones replace them (pinNew).
+func (p *mapPins) open(spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, error) {
+	repl := map[string]*ebpf.Map{}
 	for name, ms := range spec.Maps {
 		if ms.Pinning != ebpf.PinByName {
 			continue
 		}
 		ms.Pinning = ebpf.PinNone
+		if m := p.maps[name]; m != nil {
+			repl[name] = m
+			continue
+		}
 		pin := pinName(name, ms)
-		p.pins[name] = pin
-		old, err := ebpf.LoadPinnedMap(filepath.Join(dir, pin), nil)
+		old, err := ebpf.LoadPinnedMap(filepath.Join(p.dir, pin), nil)
 		switch {
 		case err == nil && ms.Compatible(old) == nil:
-			p.maps[name] = old
+			p.maps[name], p.pins[name], repl[name] = old, pin, old
 			continue
 		case err != nil && !errors.Is(err, fs.ErrNotExist):
-			p.Close()
 			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
 		}
 		m, nerr := ebpf.NewMap(ms)
@@ -115,33 +125,37 @@ func openPins(dir string, spec *ebpf.CollectionSpec) (*mapPins, error) {
 			if old != nil {
 				old.Close()
 			}
-			p.Close()
 			return nil, fmt.Errorf("create map %s: %w", name, nerr)
 		}
-		p.maps[name], p.made[name] = m, true
+		p.maps[name], p.pins[name], p.made[name], repl[name] = m, pin, true, m
 		if old != nil && !desiredState[name] {
 			copyEntries(old, m)
 		}
 		if old != nil {
 			old.Close()
 		}
-		if desiredState[name] && (old != nil || hasPins(dir, name)) {
+		if desiredState[name] && (old != nil || len(p.stale(name)) > 0) {
 			p.refill = true
 		}
 	}
-	return p, nil
+	return repl, nil
 }
 
-// hasPins says whether an earlier run pinned map name under another
-// layout (or, before layouts were versioned, under the bare name).
-func hasPins(dir, name string) bool {
-	entries, _ := os.ReadDir(dir)
+// retired are maps earlier builds pinned that this one no longer has.
+var retired = []string{"svcnat_sock_revnat"}
+
+// stale lists the pins in the directory of map name other than its current
+// one: other layouts, or the bare name pins had before layouts were
+// versioned.
+func (p *mapPins) stale(name string) []string {
+	var out []string
+	entries, _ := os.ReadDir(p.dir)
 	for _, e := range entries {
-		if e.Name() == name || strings.HasPrefix(e.Name(), name+"-") {
-			return true
+		if e.Name() != p.pins[name] && !e.IsDir() && (e.Name() == name || strings.HasPrefix(e.Name(), name+"-")) {
+			out = append(out, e.Name())
 		}
 	}
-	return false
+	return out
 }
 
 // copyEntries copies what it can of from into to; best effort: the
@@ -156,17 +170,12 @@ func copyEntries(from, to *ebpf.Map) {
 	}
 }
 
-// pinNew pins the maps made at Init and removes every other map pin in
-// the directory: those of other layouts and of maps this build no longer
-// has. Called once the programs that use the new maps are attached.
+// pinNew pins the maps made by open and removes the pins of other layouts
+// of the same maps and of maps this build no longer has. Called once the
+// programs that use the new maps are attached.
 func (p *mapPins) pinNew() error {
-	keep := map[string]bool{}
-	for name, pin := range p.pins {
-		keep[pin] = true
-		if !p.made[name] {
-			continue
-		}
-		path := filepath.Join(p.dir, pin)
+	for name := range p.made {
+		path := filepath.Join(p.dir, p.pins[name])
 		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("unpin map %s: %w", path, err)
 		}
@@ -174,16 +183,13 @@ func (p *mapPins) pinNew() error {
 			return fmt.Errorf("pin map %s: %w", path, err)
 		}
 	}
-	entries, err := os.ReadDir(p.dir)
-	if err != nil {
-		return fmt.Errorf("list pins in %s: %w", p.dir, err)
+	old := slices.Clone(retired)
+	for name := range p.pins {
+		old = append(old, p.stale(name)...)
 	}
-	for _, e := range entries {
-		if keep[e.Name()] || e.IsDir() {
-			continue
-		}
-		if err := os.Remove(filepath.Join(p.dir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("unpin old map %s: %w", e.Name(), err)
+	for _, pin := range old {
+		if err := os.Remove(filepath.Join(p.dir, pin)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("unpin old map %s: %w", pin, err)
 		}
 	}
 	p.made = map[string]bool{}

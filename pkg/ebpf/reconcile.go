@@ -117,8 +117,8 @@ func unionLen[K comparable, V any](a, b map[K]V) int {
 // the datapath a half-written Service:
 //
 //  1. new and changed backends, Service info and source ranges;
-//  2. slots and memberships, so that every slot below a new, larger count
-//     exists;
+//  2. memberships, then slots, so that every slot below a new, larger
+//     count exists and names a member;
 //  3. frontends with their counts: one atomic value per frontend;
 //  4. frontends that are gone;
 //  5. slots at or above a new, smaller count, and other unused entries;
@@ -133,8 +133,8 @@ func apply(ms *mapSet, cur, want *table) error {
 		func() error { return putChanged(ms.backends, cur.backends, want.backends) },
 		func() error { return putChanged(ms.info, cur.info, want.info) },
 		func() error { return putChanged(ms.sourceRanges, cur.sourceRanges, want.sourceRanges) },
-		func() error { return putChanged(ms.slots, cur.slots, want.slots) },
 		func() error { return putChanged(ms.members, cur.members, want.members) },
+		func() error { return putChanged(ms.slots, cur.slots, want.slots) },
 		func() error { return putChanged(ms.services, cur.services, want.services) },
 		func() error { return deleteGone(ms.services, cur.services, want.services) },
 		func() error { return deleteGone(ms.slots, cur.slots, want.slots) },
@@ -205,6 +205,11 @@ type reconciler struct {
 	// may still point at them; removedUDP those a UDP ServicePort used:
 	// connected sockets may still point at them.
 	removed, removedUDP []svcnatBackend
+	// failed are the ServicePorts the last full sync could not program,
+	// as they were then; an incremental sync leaves them failed while
+	// they stay the same and nothing was removed.
+	failed   dataplane.PortErrors
+	failedSP map[model.ServicePortName]*model.ServicePort
 }
 
 // sync makes the maps hold s. A ServicePort that cannot be encoded, claims
@@ -220,15 +225,32 @@ type reconciler struct {
 func (r *reconciler) sync(s *model.State) error {
 	r.removed, r.removedUDP = nil, nil
 	if r.written != nil {
-		if err := r.syncChanges(s); !errors.Is(err, errSyncAll) {
+		switch err := r.syncChanges(s); {
+		case errors.Is(err, errUnchanged) && len(r.failed) > 0:
+			// The periodic sync tries the failed ServicePorts again.
+		case errors.Is(err, errUnchanged):
+			// Comparing what the kernel holds with what was written is
+			// cheaper than encoding everything again.
+			cur, err := readTable(r.maps)
+			if err != nil {
+				return err
+			}
+			if cur.equal(r.written) {
+				return nil
+			}
+		case !errors.Is(err, errSyncAll):
 			return err
 		}
 	}
 	return r.syncAll(s)
 }
 
-// errSyncAll is syncChanges' way to say that only a full sync can do it.
-var errSyncAll = errors.New("needs a full sync")
+// errSyncAll is syncChanges' way to say that only a full sync can do it;
+// errUnchanged that s changes nothing since the last sync.
+var (
+	errSyncAll   = errors.New("needs a full sync")
+	errUnchanged = errors.New("nothing changed")
+)
 
 // syncAll compares everything with what the kernel holds.
 func (r *reconciler) syncAll(s *model.State) error {
@@ -256,6 +278,10 @@ func (r *reconciler) syncAll(s *model.State) error {
 		}
 		r.noteRemoved(cur, want)
 		r.written, r.frags, r.refs = want, frags, map[uint32]int{}
+		r.failed, r.failedSP = failed, map[model.ServicePortName]*model.ServicePort{}
+		for name := range failed {
+			r.failedSP[name] = s.ServicePorts[name].Clone()
+		}
 		for _, f := range frags {
 			for bid := range f.backends {
 				r.refs[bid]++
@@ -268,7 +294,7 @@ func (r *reconciler) syncAll(s *model.State) error {
 			continue
 		}
 		if len(failed) > 0 {
-			return failed
+			return maps.Clone(failed)
 		}
 		return nil
 	}
@@ -374,6 +400,9 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		if prev != nil && prev.sp.Equal(sp) {
 			continue
 		}
+		if failed := r.failedSP[name]; prev == nil && failed != nil && failed.Equal(sp) {
+			continue // still fails: a full sync tries it again
+		}
 		f, err := encodeServicePort(sp, r.ids)
 		if err != nil {
 			return errSyncAll // it fails alone there
@@ -438,7 +467,10 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		old.clusterCIDRs, next.clusterCIDRs = r.written.clusterCIDRs, cidrs
 	}
 	if len(frags) == 0 && len(removed) == 0 && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
-		return errSyncAll // nothing changed: the periodic reconcile
+		return errUnchanged
+	}
+	if len(removed) > 0 && len(r.failed) > 0 {
+		return errSyncAll // what failed may fit now
 	}
 	if checkCapacity(r.maps, r.written, next) != nil {
 		return errSyncAll
@@ -460,6 +492,12 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		r.ids.services.forget(f.id)
 	}
 	maps.Copy(r.frags, frags)
+	for name := range r.failed {
+		if sp, ok := s.ServicePorts[name]; !ok || !r.failedSP[name].Equal(sp) {
+			delete(r.failed, name)
+			delete(r.failedSP, name)
+		}
+	}
 	for bid, d := range delta {
 		if r.refs[bid] += d; r.refs[bid] <= 0 {
 			delete(r.refs, bid)
@@ -471,6 +509,9 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		if usedByUDP[bid] {
 			r.removedUDP = append(r.removedUDP, old.backends[bid])
 		}
+	}
+	if len(r.failed) > 0 {
+		return maps.Clone(r.failed)
 	}
 	return nil
 }

@@ -104,7 +104,7 @@ func fakeMaps(capacity int, fail func() bool) *mapSet {
 
 // datapathConsistent checks what the BPF programs rely on, at any instant:
 // every frontend's count covers slots that exist and name backends that
-// exist.
+// exist and are members.
 func datapathConsistent(ms *mapSet) error {
 	t, err := readTable(ms)
 	if err != nil {
@@ -119,6 +119,9 @@ func datapathConsistent(ms *mapSet) error {
 				}
 				if _, ok := t.backends[bid]; !ok {
 					return fmt.Errorf("frontend %s:%d: slot %d names missing backend %d", addrString(k.Addr), ntohs(k.Port), i, bid)
+				}
+				if _, ok := t.members[svcnatMemberKey{Id: v.Id, BackendId: bid, Set: uint8(set)}]; !ok {
+					return fmt.Errorf("frontend %s:%d: backend %d in slot %d is not a member", addrString(k.Addr), ntohs(k.Port), bid, i)
 				}
 			}
 		}
@@ -404,4 +407,105 @@ func TestReconcilerIncremental(t *testing.T) {
 			mutate(r, s, randomState(r, 40))
 		}
 	}
+}
+
+// TestReconcilerRepairsDrift: a sync that changes nothing (the periodic
+// one) reads the maps back and rewrites entries deleted or changed by hand.
+func TestReconcilerRepairsDrift(t *testing.T) {
+	ms := fakeMaps(1<<20, nil)
+	rec := &reconciler{maps: ms}
+	s := randomState(rand.New(rand.NewPCG(7, 7)), 20)
+	if err := rec.sync(s); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := readTable(ms)
+	services, slots := ms.services.m.(*fakeMap), ms.slots.m.(*fakeMap)
+	for k := range services.entries {
+		delete(services.entries, k)
+		break
+	}
+	for k, v := range slots.entries {
+		slots.entries[k] = v.(uint32) + 1000
+		break
+	}
+	if err := rec.sync(s); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := readTable(ms)
+	if !got.equal(want) {
+		t.Fatal("a sync without changes left a deleted frontend and a changed slot as they were")
+	}
+}
+
+// TestReconcilerFailedStayIncremental: while a ServicePort does not fit,
+// changes to the others are still written incrementally (no full read of
+// the maps), and the failure is reported every time; once capacity frees
+// up, it is programmed.
+func TestReconcilerFailedStayIncremental(t *testing.T) {
+	ms := fakeMaps(40, nil)
+	rec := &reconciler{maps: ms}
+	s := randomState(rand.New(rand.NewPCG(6, 6)), 60)
+	var failed dataplane.PortErrors
+	if err := rec.sync(s); !errors.As(err, &failed) {
+		t.Fatalf("first sync: %v, want PortErrors", err)
+	}
+	reads := 0
+	ms2 := *ms
+	for _, p := range []*sizedMap{&ms2.services, &ms2.info, &ms2.slots, &ms2.members, &ms2.backends, &ms2.sourceRanges, &ms2.clusterCIDRs} {
+		p.m = countingMap{p.m.(*fakeMap), &reads}
+	}
+	rec.maps = &ms2
+	// Change one programmed ServicePort: a policy flip.
+	for _, sp := range s.Sorted() {
+		if failed[sp.Name] == nil {
+			sp.InternalTrafficLocal = !sp.InternalTrafficLocal
+			break
+		}
+	}
+	var again dataplane.PortErrors
+	if err := rec.sync(s); !errors.As(err, &again) || len(again) != len(failed) {
+		t.Fatalf("incremental sync: %v, want the same %d PortErrors", err, len(failed))
+	}
+	if reads != 0 {
+		t.Errorf("an incremental sync beside a failed ServicePort read the maps %d times", reads)
+	}
+	// Remove every programmed ServicePort: the failed ones fit now.
+	for name := range s.ServicePorts {
+		if failed[name] == nil {
+			delete(s.ServicePorts, name)
+		}
+	}
+	err := rec.sync(s)
+	if errors.As(err, &again) && len(again) >= len(failed) {
+		t.Fatalf("after the others were removed, still %d failed: %v", len(again), err)
+	}
+}
+
+// countingMap counts iterations of a fake map.
+type countingMap struct {
+	*fakeMap
+	reads *int
+}
+
+func (c countingMap) Iterate() entryIterator {
+	*c.reads++
+	return c.fakeMap.Iterate()
+}
+
+// TestReconcilerStartsOverGarbage: an agent starting over a Service info
+// entry that does not decode (written by hand) programs the state and
+// deletes the entry, instead of failing every sync.
+func TestReconcilerStartsOverGarbage(t *testing.T) {
+	ms := fakeMaps(1<<20, nil)
+	ms.info.m.(*fakeMap).entries[uint32(7)] = svcnatSvcInfo{Family: 9}
+	s := randomState(rand.New(rand.NewPCG(8, 8)), 5)
+	if err := (&reconciler{maps: ms}).sync(s); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := readTable(ms)
+	dumped, err := decode(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	statesEqual(t, s, dumped)
 }

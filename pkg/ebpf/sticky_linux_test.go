@@ -187,3 +187,60 @@ func TestAffinitySurvivesOtherEndpoints(t *testing.T) {
 	}
 	check("an endpoint was added before it")
 }
+
+// TestReverseTranslationValidated: a datagram from the endpoint after its
+// Service is gone shows the endpoint's own address, not the frontend the
+// socket once sent to.
+func TestReverseTranslationValidated(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	b := env.backend(t)
+	p := newPod(t, "10.244.1.2/24")
+	var server net.PacketConn
+	var err error
+	inNamespace(t, p.ns, func() { server, err = net.ListenPacket("udp4", "10.244.1.2:8080") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	dns := sp("dns", model.IPv4, model.UDP, "10.96.0.53", 53, endpoint("10.244.1.2", 8080))
+	if err := b.Sync(t.Context(), stateOf(dns)); err != nil {
+		t.Fatal(err)
+	}
+	env.enterCgroup(t)
+	client, err := net.ListenPacket("udp4", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	client.SetDeadline(time.Now().Add(3 * time.Second))
+	server.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := client.WriteTo([]byte("q"), &net.UDPAddr{IP: net.ParseIP("10.96.0.53"), Port: 53}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 100)
+	_, peer, err := server.ReadFrom(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	answer := func(want string) {
+		t.Helper()
+		if _, err := server.WriteTo([]byte("a"), peer); err != nil {
+			t.Fatal(err)
+		}
+		_, from, err := client.ReadFrom(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if from.String() != want {
+			t.Errorf("answer appears to come from %s, want %s", from, want)
+		}
+	}
+	answer("10.96.0.53:53")
+	if err := b.Sync(t.Context(), stateOf()); err != nil {
+		t.Fatal(err)
+	}
+	answer("10.244.1.2:8080")
+}

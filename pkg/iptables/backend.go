@@ -407,7 +407,10 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	b.log.Info("iptables sync", "servicePorts", len(s.ServicePorts), "full", b.lastWrite.full,
 		"chainsWritten", b.lastWrite.written, "chainsDeleted", b.lastWrite.deleted,
 		"duration", time.Since(start), "error", errors.Join(errs...))
-	if len(failed) == 0 || len(failed) == len(b.families) {
+	// A held xtables lock is transient and shared by both families: the
+	// sync fails as a whole and is retried with back-off.
+	_, locked := errors.AsType[*LockError](errors.Join(errs...))
+	if len(failed) == 0 || len(failed) == len(b.families) || locked {
 		return errors.Join(errs...)
 	}
 	// One family failed, the other is programmed: the failed family's

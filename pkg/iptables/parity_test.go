@@ -13,6 +13,10 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/dataplane/conformance"
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
@@ -302,5 +306,52 @@ func TestVerifyFindsStructuralDrift(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSourceRangesAllowNode: where the cloud installs the LoadBalancer VIP
+// as a local address, the node reaching its own VIP arrives with the VIP as
+// source; when loadBalancerSourceRanges holds the node, kube-proxy lets
+// that through, and so must the rules model.Build asks for (finding 6).
+func TestSourceRangesAllowNode(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	topo := setupTopology(t)
+	serve(t, topo.pods["10.244.1.2"], "pod1", model.TCP, 8080)
+	const vip = "203.0.113.7"
+	netnstest.Run(t, "", "ip", "addr", "add", vip+"/32", "dev", "lo")
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "t", Name: "lb"},
+		Spec: corev1.ServiceSpec{
+			Type: corev1.ServiceTypeLoadBalancer, ClusterIP: "10.96.0.30", ClusterIPs: []string{"10.96.0.30"},
+			LoadBalancerSourceRanges: []string{"192.168.77.0/24"},
+			Ports:                    []corev1.ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80, NodePort: 30090}},
+		},
+		Status: corev1.ServiceStatus{LoadBalancer: corev1.LoadBalancerStatus{Ingress: []corev1.LoadBalancerIngress{{IP: vip}}}},
+	}
+	port, ready, node := int32(8080), true, "node1"
+	es := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "t", Name: "lb-1", Labels: map[string]string{discoveryv1.LabelServiceName: "lb"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Port: &port}},
+		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.1.2"}, NodeName: &node,
+			Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
+	}
+	s, errs := model.Build(&model.Config{NodeName: node, NodeAddresses: []netip.Addr{netip.MustParseAddr(trafficNode)}},
+		[]*corev1.Service{svc}, []*discoveryv1.EndpointSlice{es})
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	b := initBackend(t, ModeNFT)
+	if err := b.Sync(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // socat listening
+	if out, err := query("", model.TCP, vip+":80"); err != nil || !strings.HasPrefix(out, "pod1 ") {
+		t.Errorf("node -> its own VIP %s:80: %q, %v; want pod1", vip, out, err)
+	}
+	if out, err := query(topo.client, model.TCP, vip+":80"); err != nil || !strings.HasPrefix(out, "pod1 ") {
+		t.Errorf("client in range -> VIP: %q, %v; want pod1", out, err)
 	}
 }

@@ -180,7 +180,7 @@ func (r *renderer) shared() {
 			r.add(tableNAT, chainPostrouting, strings.Replace(addrDispatch(r.family, path), "-d", "-s", 1)+
 				" -m conntrack --ctstate DNAT -j "+chain)
 		}
-		r.add(tableNAT, chain, fmt.Sprintf("-s %s -d %s %s -j MASQUERADE", hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
+		r.add(tableNAT, chain, fmt.Sprintf("-s %s -d %s %s -j MASQUERADE --random-fully", hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
 	}
 	mark := r.masqMark + "/" + r.masqMark
 	filter := r.rs.Tables[tableFilter]

@@ -245,11 +245,23 @@ func (w *Watcher) sliceDeleted(obj any) {
 	}
 }
 
+// IgnoredSink is a Sink that also wants to hear about objects the watcher
+// leaves alone on purpose, once per object.
+type IgnoredSink interface {
+	Ignored(err *model.IgnoredError)
+}
+
 // unlabelled says, once per slice (when it appears or loses the label),
-// that a slice without the service-name label belongs to no Service.
+// that a slice without the service-name label belongs to no Service: to
+// the sink when it is an IgnoredSink, else to the log.
 func (w *Watcher) unlabelled(s *discoveryv1.EndpointSlice) {
-	w.log.Info("endpointslice ignored: no "+discoveryv1.LabelServiceName+" label, so it belongs to no service",
-		"endpointslice", s.Namespace+"/"+s.Name)
+	ig := &model.IgnoredError{Kind: model.KindEndpointSlice, Namespace: s.Namespace, Name: s.Name,
+		Reason: "no " + discoveryv1.LabelServiceName + " label, so it belongs to no service"}
+	if is, ok := w.sink.(IgnoredSink); ok {
+		is.Ignored(ig)
+		return
+	}
+	w.log.Info("object ignored", "kind", ig.Kind, "object", ig.Namespace+"/"+ig.Name, "reason", ig.Reason)
 }
 
 func (w *Watcher) sliceUpdated(oldObj, newObj any) {

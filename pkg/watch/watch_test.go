@@ -111,19 +111,27 @@ func slice(ns, name, svc string) *discoveryv1.EndpointSlice {
 
 func start(t *testing.T, objs ...runtime.Object) (*fake.Clientset, *Watcher, *recorder) {
 	t.Helper()
-	client := fake.NewClientset(objs...)
 	rec := &recorder{}
+	client, w := startWith(t, rec, objs...)
+	return client, w, rec
+}
+
+// startWith starts a watcher telling sink, over a fake clientset holding
+// objs, and waits for its caches.
+func startWith(t *testing.T, sink Sink, objs ...runtime.Object) (*fake.Clientset, *Watcher) {
+	t.Helper()
+	client := fake.NewClientset(objs...)
 	w, err := New(client, "node1", 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	w.Start(ctx, rec)
+	w.Start(ctx, sink)
 	if !w.WaitForCacheSync(ctx) {
 		t.Fatal("caches did not sync")
 	}
-	return client, w, rec
+	return client, w
 }
 
 func TestServiceEvents(t *testing.T) {

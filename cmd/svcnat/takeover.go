@@ -25,10 +25,10 @@ type takeoverBackend struct {
 	log    *slog.Logger
 	period time.Duration
 	remove func(context.Context, *slog.Logger) (takeover.Removed, error)
-	// verified is set once a Sync read back equal; last is when
-	// kube-proxy's rules were last removed.
-	verified bool
-	last     time.Time
+	// verified is set once a Sync read back equal, took once a removal
+	// succeeded; last is when a removal was last tried.
+	verified, took bool
+	last           time.Time
 }
 
 // withTakeover wraps b for --take-over-from; an empty from leaves b as is.
@@ -64,13 +64,13 @@ func (b *takeoverBackend) Sync(ctx context.Context, s *model.State) error {
 	} else if time.Since(b.last) < b.period {
 		return nil
 	}
-	first := b.last.IsZero()
 	r, err := b.remove(ctx, b.log)
 	b.last = time.Now()
 	switch {
 	case err != nil:
 		b.log.Error("remove kube-proxy's rules", "err", err, "jumps", r.Jumps, "chains", r.Chains, "nftTables", r.NftTables)
-	case first:
+	case !b.took:
+		b.took = true
 		b.log.Info("took over from kube-proxy", "jumps", r.Jumps, "chains", r.Chains, "nftTables", r.NftTables)
 	case r.Any():
 		b.log.Warn("kube-proxy's rules reappeared and were removed again: stop kube-proxy on this node",

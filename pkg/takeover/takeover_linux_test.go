@@ -3,11 +3,14 @@
 package takeover
 
 import (
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
 )
@@ -116,4 +119,88 @@ func stdout(t *testing.T, name string, args ...string) string {
 		t.Fatalf("%s: %v", name, err)
 	}
 	return string(out)
+}
+
+// TestEstablishedNATSurvives: a TCP connection DNATed by a kube-proxy-like
+// nftables table keeps working after Remove deleted that table, because
+// svcnat-nat-hooks keeps conntrack and its NAT on; once that table is gone
+// too (nothing else needs NAT here), the same connection stops working,
+// which shows the table is what carries it.
+func TestEstablishedNATSurvives(t *testing.T) {
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skipf("needs nft: %v", err)
+	}
+	if !netnstest.InNetns(t) {
+		return
+	}
+	// This namespace is the node; a client and a server hang off it.
+	cli, srv := netnstest.NewNamespace(t, "sn-tc"), netnstest.NewNamespace(t, "sn-ts")
+	for _, c := range [][]string{
+		{"ip", "link", "add", "to-cli", "type", "veth", "peer", "name", "eth0", "netns", cli},
+		{"ip", "link", "add", "to-srv", "type", "veth", "peer", "name", "eth0", "netns", srv},
+		{"ip", "addr", "add", "10.2.0.1/24", "dev", "to-cli"},
+		{"ip", "addr", "add", "10.1.0.1/24", "dev", "to-srv"},
+		{"ip", "link", "set", "to-cli", "up"},
+		{"ip", "link", "set", "to-srv", "up"},
+		{"sysctl", "-qw", "net.ipv4.ip_forward=1"},
+	} {
+		netnstest.Run(t, "", c[0], c[1:]...)
+	}
+	for ns, addr := range map[string]string{cli: "10.2.0.2", srv: "10.1.0.2"} {
+		gw := strings.TrimSuffix(addr, "2") + "1"
+		netnstest.Run(t, ns, "ip", "addr", "add", addr+"/24", "dev", "eth0")
+		netnstest.Run(t, ns, "ip", "link", "set", "eth0", "up")
+		netnstest.Run(t, ns, "ip", "route", "add", "default", "via", gw)
+	}
+	cmd := exec.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader("table ip kube-proxy {\n chain nat-prerouting { type nat hook prerouting priority -100; policy accept; ip daddr 10.96.0.1 tcp dport 80 dnat to 10.1.0.2:8080; }\n}\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft -f: %v: %s", err, out)
+	}
+
+	var ln net.Listener
+	var err error
+	netnstest.Do(t, srv, func() { ln, err = net.Listen("tcp", "10.1.0.2:8080") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = io.Copy(c, c)
+	}()
+	var conn net.Conn
+	netnstest.Do(t, cli, func() { conn, err = net.DialTimeout("tcp", "10.96.0.1:80", 3*time.Second) })
+	if err != nil {
+		t.Fatalf("connect through the DNAT: %v", err)
+	}
+	defer conn.Close()
+	echo := func() error {
+		_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := conn.Write([]byte("ping\n")); err != nil {
+			return err
+		}
+		buf := make([]byte, 5)
+		_, err := io.ReadFull(conn, buf)
+		return err
+	}
+	if err := echo(); err != nil {
+		t.Fatalf("echo before Remove: %v", err)
+	}
+	if _, err := Remove(t.Context(), slog.Default()); err != nil {
+		t.Fatalf("Remove: %v", err)
+	}
+	if err := echo(); err != nil {
+		t.Fatalf("echo after Remove (kube-proxy's table gone, %s in place): %v", NATHooksTable, err)
+	}
+	if err := RemoveNATHooks(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if err := echo(); err == nil {
+		t.Errorf("echo still works without any NAT chain: the test does not show what %s does", NATHooksTable)
+	}
 }

@@ -80,7 +80,7 @@ func testTakeover(t *testing.T, b testbed.Binaries, kind, kubeProxy testbed.Prox
 	// kube-proxy -> svcnat: kube-proxy's pod is deleted (SIGTERM, its rules
 	// stay), svcnat starts and takes over.
 	forward := e.switchUnderLoad(t, paths, "", func() error {
-		if err := c.ReplaceProxy(ctx, node, kind, "--take-over-from=kube-proxy"); err != nil {
+		if err := c.ReplaceProxy(ctx, node, kind, "--take-over-from=kube-proxy", "--sync-period=4s"); err != nil {
 			return err
 		}
 		return waitFor(ctx, 20*time.Second, func() error {
@@ -92,6 +92,22 @@ func testTakeover(t *testing.T, b testbed.Binaries, kind, kubeProxy testbed.Prox
 	})
 	t.Logf("%s -> %s: %s", kubeProxy, kind, forward)
 	sv := node.Proxy
+
+	// A kube-proxy that was still running puts its rules back: svcnat
+	// removes them again within a --sync-period (4 s here).
+	if out, err := runIn(node.Netns, "sh", "-c", `printf '*nat\n:KUBE-SERVICES - [0:0]\n-I PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES\nCOMMIT\n' | iptables-restore --noflush`); err != nil {
+		t.Fatalf("put a kube-proxy rule back: %v: %s", err, out)
+	}
+	reappeared := time.Now()
+	if err := waitFor(ctx, 15*time.Second, func() error {
+		if left := kubeProxyRules(node); left != "" {
+			return fmt.Errorf("kube-proxy's rules put back are still there:\n%s", left)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("kube-proxy's rules put back were removed again after %v", time.Since(reappeared).Round(100*time.Millisecond))
 	eventually(t, "svcnat dump --check on "+node.Name, 15*time.Second, func() error {
 		if out, err := sv.Dump(ctx, "--check"); err != nil {
 			return fmt.Errorf("%v:\n%s", err, out)

@@ -7,8 +7,8 @@
 // translated keep their translation; where kube-proxy's nftables tables go,
 // a table of NAT base chains (svcnat-nat-hooks) takes their place in the
 // same transaction, because the kernel tracks connections and applies
-// their NAT only while some rule and NAT chain need it, and svcnat's eBPF
-// backend has none.
+// their NAT only while some rule and NAT chain need it; svcnat's backends
+// have such rules, but the takeover does not depend on them.
 //
 // This file is pure: it decides what to remove from iptables-save and
 // `nft -j list` text. takeover_linux.go reads the kernel and removes it.

@@ -145,11 +145,10 @@ func removeNft(ctx context.Context, log *slog.Logger) (int, error) {
 	if err != nil || len(found) == 0 {
 		return 0, err
 	}
-	// In the same transaction, keep the family's NAT hooks registered: they
-	// apply the translation of every connection conntrack holds, and with
-	// kube-proxy's table gone a node whose only NAT chains were kube-proxy's
-	// (svcnat's eBPF backend has none) would stop translating established
-	// connections.
+	// In the same transaction, keep conntrack and the family's NAT hooks
+	// registered: they apply the translation of every connection conntrack
+	// holds, and with kube-proxy's table gone a node whose only NAT rules
+	// were kube-proxy's would stop translating established connections.
 	var batch strings.Builder
 	for _, t := range found {
 		batch.WriteString(natHooksTable(t.Family))

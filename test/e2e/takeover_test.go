@@ -79,7 +79,7 @@ func testTakeover(t *testing.T, b testbed.Binaries, kind, kubeProxy testbed.Prox
 
 	// kube-proxy -> svcnat: kube-proxy's pod is deleted (SIGTERM, its rules
 	// stay), svcnat starts and takes over.
-	forward := e.switchUnderLoad(t, paths, "", func() error {
+	forward := e.switchUnderLoad(t, paths, func() error {
 		if err := c.ReplaceProxy(ctx, node, kind, "--take-over-from=kube-proxy", "--sync-period=4s"); err != nil {
 			return err
 		}
@@ -117,15 +117,7 @@ func testTakeover(t *testing.T, b testbed.Binaries, kind, kubeProxy testbed.Prox
 
 	// svcnat -> kube-proxy: svcnat stops (its rules stay), kube-proxy starts
 	// and programs the Service, then svcnat cleanup removes svcnat's.
-	// Known limit: external connections the eBPF backend's tc programs
-	// translated have no conntrack entry; once svcnat cleanup detaches the
-	// programs, their next packet meets kube-proxy's rules as a new flow
-	// (another endpoint or masquerade port) and is reset.
-	var mayBreak string
-	if kind == testbed.SvcnatEBPF {
-		mayBreak = "NodePort"
-	}
-	reverse := e.switchUnderLoad(t, paths, mayBreak, func() error {
+	reverse := e.switchUnderLoad(t, paths, func() error {
 		if err := c.ReplaceProxy(ctx, node, kubeProxy); err != nil {
 			return err
 		}
@@ -183,10 +175,8 @@ const (
 
 // switchUnderLoad opens streams on every path, keeps opening new
 // connections on every path while doSwitch runs and until the streams end,
-// and fails the test on any failed new connection or broken stream, except
-// broken streams of the path named mayBreak (a known limit), which are
-// only counted and logged.
-func (e *env) switchUnderLoad(t *testing.T, paths []trafficPath, mayBreak string, doSwitch func() error) switchCounts {
+// and fails the test on any failed new connection or broken stream.
+func (e *env) switchUnderLoad(t *testing.T, paths []trafficPath, doSwitch func() error) switchCounts {
 	t.Helper()
 	ctx := t.Context()
 	start := time.Now()
@@ -249,12 +239,7 @@ func (e *env) switchUnderLoad(t *testing.T, paths []trafficPath, mayBreak string
 		if err != nil || r.Err != "" {
 			p := paths[i/streamsPerPath]
 			counts.streamsBroken++
-			msg := fmt.Sprintf("established %s connection %d to %s broke after %d lines: %s %v", p.name, i, p.addr, r.Sent, r.Err, err)
-			if p.name == mayBreak {
-				t.Logf("known limit: %s", msg)
-				continue
-			}
-			counts.failures = append(counts.failures, msg)
+			counts.failures = append(counts.failures, fmt.Sprintf("established %s connection %d to %s broke after %d lines: %s %v", p.name, i, p.addr, r.Sent, r.Err, err))
 		}
 	}
 	stop()

@@ -150,11 +150,14 @@ type tcLoaded struct {
 
 func (t *tcLoaded) Close() error { return errors.Join(t.tcPrograms.Close(), t.Stats.Close()) }
 
-// initTC makes the per-packet path ready: the nftables table and the tc
-// programs, loaded against the maps Init opened. The programs are
+// initTC makes the per-packet path ready: the nftables table, the FORWARD
+// accept (forward.go) and the tc programs, loaded against the maps Init opened. The programs are
 // attached by attachInterface.
 func (b *Backend) initTC() error {
 	if err := ensureNATTable(); err != nil {
+		return err
+	}
+	if err := ensureForwardAccept(); err != nil {
 		return err
 	}
 	if err := probeKfuncs(); err != nil {
@@ -262,15 +265,17 @@ type frontendKey struct {
 
 // staleFlows matches svcnat's conntrack entries (by mark) that the state
 // no longer allows: their frontend is gone or belongs to another kind of
-// frontend, their endpoint is not in the set the client would be sent to
-// now, or (LoadBalancer) the client is outside the source ranges.
+// frontend, their endpoint no longer serves, or (LoadBalancer) the client
+// is outside the source ranges. A flow to an endpoint that still serves is
+// kept even when new flows would not go there (it terminates, or topology
+// or a traffic policy changed), as kube-proxy keeps such conntrack
+// entries: a terminating endpoint drains its connections.
 type staleFlows struct {
-	frontends    map[frontendKey]flowPolicy
-	clusterCIDRs []netip.Prefix
+	frontends map[frontendKey]flowPolicy
 }
 
-func newStaleFlows(clusterCIDRs []netip.Prefix, sps map[model.ServicePortName]*model.ServicePort) *staleFlows {
-	f := &staleFlows{frontends: map[frontendKey]flowPolicy{}, clusterCIDRs: clusterCIDRs}
+func newStaleFlows(sps map[model.ServicePortName]*model.ServicePort) *staleFlows {
+	f := &staleFlows{frontends: map[frontendKey]flowPolicy{}}
 	for _, sp := range sps {
 		proto := protocols[sp.Protocol]
 		for _, fe := range sp.Frontends {
@@ -299,19 +304,12 @@ func (f *staleFlows) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	if p.kind == model.LoadBalancer && len(p.sp.SourceRanges) > 0 && !containsAddr(p.sp.SourceRanges, client) {
 		return true
 	}
-	var set []model.Endpoint
-	switch {
-	case p.kind == model.ClusterIP:
-		set = p.sp.InternalEndpoints()
-	case p.sp.ExternalTrafficLocal && !containsAddr(f.clusterCIDRs, client):
-		set = p.sp.LocalEndpoints
-	default:
-		set = p.sp.ClusterEndpoints
-	}
 	endpoint := netip.AddrPortFrom(addrOf(flow.Reverse.SrcIP), flow.Reverse.SrcPort)
-	for _, e := range set {
-		if netip.AddrPortFrom(e.IP.Unmap(), e.Port) == endpoint {
-			return false
+	for _, set := range [][]model.Endpoint{p.sp.ClusterEndpoints, p.sp.LocalEndpoints, p.sp.ServingEndpoints} {
+		for _, e := range set {
+			if netip.AddrPortFrom(e.IP.Unmap(), e.Port) == endpoint {
+				return false
+			}
 		}
 	}
 	return true
@@ -365,7 +363,7 @@ func (w *flowSweeper) request(s *model.State) {
 	for name, sp := range s.ServicePorts {
 		w.last[name] = sp.Clone()
 	}
-	f := newStaleFlows(slices.Clone(s.ClusterCIDRs), w.last)
+	f := newStaleFlows(w.last)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.pending = f
@@ -377,7 +375,7 @@ func (w *flowSweeper) request(s *model.State) {
 
 func (w *flowSweeper) unchanged(s *model.State) bool {
 	for name, sp := range s.ServicePorts {
-		if old, ok := w.last[name]; !ok || !old.Equal(sp) {
+		if old, ok := w.last[name]; !ok || !old.Equal(sp) || !slices.Equal(old.ServingEndpoints, sp.ServingEndpoints) {
 			return false
 		}
 	}

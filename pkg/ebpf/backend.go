@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -83,6 +85,9 @@ type Backend struct {
 	entries *prometheus.GaugeVec
 	// destroyer is nil when the kernel cannot destroy sockets.
 	destroyer *socketDestroyer
+	// draining are UDP endpoints gone from the maps whose connected sockets
+	// are kept because the endpoint still serves (it terminates).
+	draining map[svcnatBackend]bool
 	// tc holds the tc programs, loaded when Options.Interfaces is set;
 	// tcStats is their counter map, for the metrics collector.
 	tc      *tcLoaded
@@ -412,12 +417,8 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.sweeper.request(s)
 		b.reportTCFailures()
 	}
-	if b.destroyer != nil && len(b.rec.removedUDP) > 0 {
-		// Best effort: the maps are right; a socket left behind only
-		// delays its client until it reconnects by itself.
-		if err := b.destroyer.destroy(b.rec.removedUDP); err != nil {
-			b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
-		}
+	if b.destroyer != nil {
+		b.destroyGone(s)
 	}
 	t := b.rec.written
 	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "frontends", len(t.services),
@@ -539,6 +540,9 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	}
 	errs = append(errs, b.closeObjects())
 	if err := deleteNATTable(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := deleteForwardAccept(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := os.RemoveAll(b.opts.BPFFSPath); err != nil {
@@ -713,4 +717,42 @@ func formatTable(t *table) string {
 	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n") + "\n"
+}
+
+// destroyGone destroys the connected UDP sockets aimed at endpoints the
+// last sync removed from the maps, or that drained since, once no UDP
+// ServicePort of s has them serving: as kube-proxy keeps the conntrack
+// entries of flows to a terminating endpoint, a socket talking to one goes
+// on until the endpoint stops serving.
+func (b *Backend) destroyGone(s *model.State) {
+	if len(b.rec.removedUDP) == 0 && len(b.draining) == 0 {
+		return
+	}
+	serving := map[svcnatBackend]bool{}
+	for _, sp := range s.ServicePorts {
+		if sp.Protocol != model.UDP {
+			continue
+		}
+		for _, e := range sp.ServingEndpoints {
+			serving[svcnatBackend{Addr: addr16(e.IP), Port: htons(e.Port)}] = true
+		}
+	}
+	var gone []svcnatBackend
+	for _, e := range slices.Concat(b.rec.removedUDP, slices.Collect(maps.Keys(b.draining))) {
+		e.Flags, e.Pad = 0, 0
+		if serving[e] {
+			if b.draining == nil {
+				b.draining = map[svcnatBackend]bool{}
+			}
+			b.draining[e] = true
+			continue
+		}
+		delete(b.draining, e)
+		gone = append(gone, e)
+	}
+	// Best effort: the maps are right; a socket left behind only delays its
+	// client until it reconnects by itself.
+	if err := b.destroyer.destroy(gone); err != nil {
+		b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
+	}
 }

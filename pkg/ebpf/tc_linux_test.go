@@ -596,6 +596,36 @@ func TestTCPrograms(t *testing.T) {
 		}
 		newFlow(t, moved, "10.244.1.9:53", client.String())
 
+		// An endpoint that terminates but still serves drains: new flows
+		// avoid it, its flows go on (kube-proxy keeps their conntrack
+		// entries); once it stops serving they are forgotten.
+		drainFlow := tuple{src: ap("198.51.100.12:40000"), dst: ap("203.0.113.30:80"), proto: protoTCP, syn: true}
+		h.run(drainFlow)
+		df, ok := flowOf(t, drainFlow)
+		if !ok {
+			t.Fatal("no flow to drain")
+		}
+		all := slices.Clone(spread.ClusterEndpoints)
+		isDraining := func(e model.Endpoint) bool { return netip.AddrPortFrom(e.IP, e.Port) == df.replySrc }
+		spread.ClusterEndpoints = slices.DeleteFunc(slices.Clone(all), isDraining)
+		spread.ServingEndpoints = all
+		if err := b.Sync(t.Context(), next); err != nil {
+			t.Fatal(err)
+		}
+		b.sweeper.wait()
+		if _, ok := flowOf(t, drainFlow); !ok {
+			t.Errorf("a flow to %s, terminating but still serving, was forgotten", df.replySrc)
+		}
+		spread.ServingEndpoints = nil
+		if err := b.Sync(t.Context(), next); err != nil {
+			t.Fatal(err)
+		}
+		b.sweeper.wait()
+		if _, ok := flowOf(t, drainFlow); ok {
+			t.Errorf("a flow to %s, no longer serving, is still translated", df.replySrc)
+		}
+		spread.ClusterEndpoints = all
+
 		// An endpoint removed while the agent was down: a new agent's
 		// first sync forgets its flows.
 		spreadFlow := tuple{src: ap("198.51.100.11:40000"), dst: ap("203.0.113.30:80"), proto: protoTCP, syn: true}

@@ -43,11 +43,12 @@ func testHealthCheckDrains(t *testing.T, e *env) {
 	e.reachesOnly(t, client, "tcp", nodePort(t, svc, n1, 0), "node1-a")
 }
 
-// udpDrainSkip: the eBPF backend's UDP flow cleanup still follows the
-// chosen endpoints, not the serving ones (README known limits).
+// udpDrainSkip: the eBPF backend keeps flows from outside (conntrack) and
+// connected sockets to a draining endpoint, but an unconnected socket's
+// datagrams are balanced again (README known limits).
 func udpDrainSkip(k testbed.ProxyKind) string {
 	if k == testbed.SvcnatEBPF {
-		return "known limit: the eBPF backend moves a UDP flow off an endpoint as soon as it terminates (README known limits)"
+		return "known limit: the eBPF backend sends an unconnected UDP socket's next datagram to a ready endpoint once its endpoint terminates (README known limits)"
 	}
 	return ""
 }

@@ -94,20 +94,4 @@ struct {
 
 /* --- end of desired-state and socket maps --- */
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct nat_key);
-	__type(value, struct nat_value);
-	__uint(max_entries, 262144);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} svcnat_nat SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct snat_key);
-	__type(value, struct in6_addr);
-	__uint(max_entries, 256);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} svcnat_snat_addrs SEC(".maps");
-
 #endif /* SVCNAT_MAPS_H */

@@ -131,6 +131,8 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 		if (peer && peer->id == sv.id) {
 			bid = peer->backend_id;
 			b = lb_member(sv.id, set, bid);
+			if (!b)
+				b = lb_member(sv.id, SVCNAT_SET_SERVING, bid);
 		}
 		if (!b)
 			b = lb_affinity(&sv, set, &ak, now, &bid);

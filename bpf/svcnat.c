@@ -2,9 +2,10 @@
 
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * svcnat.c is the one compilation unit: every program in one object, so they
- * share one set of maps (pinned by name) and bpf2go generates each map type
- * once. The programs live in sock.h (cgroup socket hooks) and tc.h (tc).
+ * svcnat.c is the main compilation unit: the socket hooks (sock.h) and every
+ * pinned map, so bpf2go generates each map type once. The tc programs, which
+ * need the kernel's conntrack kfuncs, are a separate object (tc.c) loaded
+ * only for --interfaces, on the same pinned maps.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -12,6 +13,5 @@
 #include <bpf/bpf_helpers.h>
 
 #include "sock.h"
-#include "tc.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -28,6 +28,11 @@
 /* Endpoint sets (slot_key.set). */
 #define SVCNAT_SET_CLUSTER 0
 #define SVCNAT_SET_LOCAL 1
+/* Memberships only (no slots): the endpoints of a UDP Service port that
+ * still serve, terminating ones included. An unconnected UDP socket keeps
+ * such an endpoint until it stops serving, as kube-proxy keeps the
+ * conntrack entry of a flow to it. */
+#define SVCNAT_SET_SERVING 2
 
 /* backend.flags */
 #define SVCNAT_BACKEND_LOCAL 0x1 /* the endpoint runs on this node */
@@ -158,39 +163,33 @@ struct sock_state {
 
 /* --- end of desired-state and socket maps --- */
 
+/* ---- tc path (tc.h), begin ---- */
+
 /*
- * Per-packet translation state of the tc programs, one entry per direction
- * of a flow. The key is the packet's tuple as it arrives; the value is the
- * tuple to rewrite it to. dir says which side of the flow the key is.
+ * The tc programs hand the translation of a flow from outside the node to the
+ * kernel's conntrack and NAT: they create the conntrack entry, with its DNAT
+ * (and SNAT when masquerading), and mark it so that the agent can tell
+ * svcnat's flows from others (SVCNAT_CT_MARK under SVCNAT_CT_MARK_MASK).
  */
-#define SVCNAT_NAT_FORWARD 0 /* ingress: client -> frontend becomes client -> endpoint */
-#define SVCNAT_NAT_REPLY 1   /* egress: endpoint -> client becomes frontend -> client */
-#define SVCNAT_NAT_SNAT 2    /* egress: client -> remote endpoint becomes node -> endpoint */
-#define SVCNAT_NAT_UNSNAT 3  /* ingress: endpoint -> node becomes endpoint -> client */
+#define SVCNAT_CT_MARK 0x53760000
+#define SVCNAT_CT_MARK_MASK 0xffff0000
 
-struct nat_key {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 dir; /* SVCNAT_NAT_* */
-	__u16 pad;
+/* Counters of the tc programs (svcnat_tc_stats index), as the agent's
+ * svcnat_ebpf_tc_packets_total{result} names them. */
+enum tc_stat {
+	TC_STAT_NEW_FLOW = 0,     /* a conntrack entry created for a new flow */
+	TC_STAT_CT_FULL,          /* no conntrack entry could be allocated (table full) */
+	TC_STAT_NAT_FAILED,       /* no free NAT tuple (ports exhausted) or NAT setup failed */
+	TC_STAT_NO_ROUTE,         /* no route (or source address) toward the endpoint to masquerade with */
+	TC_STAT_SOURCE_RANGE,     /* dropped: outside loadBalancerSourceRanges */
+	TC_STAT_NO_LOCAL,         /* dropped: Local policy without a local endpoint */
+	TC_STAT_REJECT,           /* answered with ICMP port unreachable */
+	TC_STAT_REJECT_LIMITED,   /* dropped: would have been rejected, over the rate limit */
+	TC_STAT_BAD_ADDRESS,      /* dropped: IPv4-mapped IPv6 address on the wire */
+	TC_STAT_REOPENED,         /* a SYN reopened a flow in TIME_WAIT or CLOSE */
+	TC_STAT_MAX,
 };
 
-struct nat_value {
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
-	__u32 pad;
-};
-
-/* The address a node interface masquerades external traffic with. */
-struct snat_key {
-	__u32 ifindex;
-	__u8 family; /* 4 or 6 */
-	__u8 pad[3];
-};
+/* ---- tc path, end ---- */
 
 #endif /* SVCNAT_H */

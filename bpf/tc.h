@@ -1,160 +1,238 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * tc.h: per-packet translation for traffic that reaches a Service from
- * outside the node (NodePort, LoadBalancer ingress IPs, externalIPs, and
- * ClusterIPs routed to the node). Attached to the node's interfaces:
+ * tc.h: Service translation for traffic that reaches the node from outside
+ * (NodePort, LoadBalancer ingress IPs, externalIPs, and ClusterIPs routed to
+ * the node), attached to the ingress (TCX) of the node's interfaces.
  *
- *   ingress: a packet of a known flow is rewritten as its svcnat_nat entry
- *            says; the first packet to a frontend picks an endpoint and is
- *            DNATed, and the flow's entries are recorded. A reply from a
- *            remote endpoint to the masquerade address gets the client as
- *            its destination.
- *   egress:  a flow that needs masquerading is SNATed to the address of the
- *            interface it arrived on (so the reply comes back here); a reply
- *            from an endpoint leaving toward the client gets the frontend as
- *            its source again.
+ * The program decides, the kernel translates. For the first packet of a flow
+ * to a frontend (no conntrack entry yet; for TCP only a SYN) it checks the
+ * source ranges, picks an endpoint (or rejects, or drops) and creates the
+ * flow's conntrack entry itself, with the DNAT to the endpoint and, when the
+ * flow is masqueraded, the SNAT to the address the node would send from
+ * toward the endpoint (port left to nf_nat, which picks one no other flow or
+ * host socket uses). From there nf_conntrack and nf_nat do the rest, as they
+ * do for kube-proxy: every later packet and the replies, whatever device they
+ * leave through; timeouts by TCP state and UDP idle time; early drop of
+ * unassured entries when the table is full; ICMP errors about the flow
+ * (path MTU); reassembly of fragments. Nothing here rewrites a packet except
+ * reject(). Needs a nat-type base chain in the netns (pkg/ebpf makes one),
+ * without which nf_nat does not run.
  *
- * The agent attaches both to the node's interfaces (Options.Interfaces) and
- * to the interfaces toward local endpoints, where a masqueraded flow to a
- * local endpoint is SNATed (egress) and its reply un-SNATed (ingress).
- *
- * TCP and UDP over IPv4 and IPv6 without extension headers; anything else
- * passes untouched.
+ * Packets svcnat has nothing to do with go on to the next TCX program
+ * (TCX_NEXT), and so do the ones it handled: it only drops, or redirects
+ * an ICMP error it built.
  */
 #ifndef SVCNAT_TC_H
 #define SVCNAT_TC_H
 
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <linux/netfilter/nf_conntrack_tcp.h>
 #include <bpf/bpf_endian.h>
 #include "lb.h"
 
+/* TCX verdicts (uapi enum tcx_action_base, Linux 6.6). */
+#define SVCNAT_TCX_NEXT (-1)
+#define SVCNAT_TCX_DROP 2
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
+#define IP6_OFFSET 0xfff8
+#define AF_INET 2
+#define AF_INET6 10
 
-/* A parsed packet: its tuple in the maps' form and where things are. */
-struct pkt {
-	struct nat_key key; /* saddr, daddr, sport, dport, proto */
-	__u32 l3off;
-	__u32 l4off;
-	__u8 v6;
+/* ---- conntrack kfuncs (nf_conntrack_bpf.c, nf_nat_bpf.c) ---- */
+
+/* The 12-byte form every kernel since 6.0 accepts. */
+struct bpf_ct_opts {
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u8 reserved[2];
 };
 
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+struct ip_ct_tcp {
+	__u8 state;
+} __attribute__((preserve_access_index));
+
+union nf_conntrack_proto {
+	struct ip_ct_tcp tcp;
+} __attribute__((preserve_access_index));
+
+struct nf_conn {
+	__u32 mark;
+	union nf_conntrack_proto proto;
+} __attribute__((preserve_access_index));
+
+struct nf_conn___init {
+	struct nf_conn ct;
+} __attribute__((preserve_access_index));
+
+union nf_inet_addr {
+	__u32 all[4];
+};
+
+enum nf_nat_manip_type {
+	NF_NAT_MANIP_SRC,
+	NF_NAT_MANIP_DST,
+};
+
+extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *, struct bpf_sock_tuple *, __u32,
+					 struct bpf_ct_opts *, __u32) __ksym;
+extern struct nf_conn___init *bpf_skb_ct_alloc(struct __sk_buff *, struct bpf_sock_tuple *, __u32,
+					       struct bpf_ct_opts *, __u32) __ksym;
+extern struct nf_conn *bpf_ct_insert_entry(struct nf_conn___init *) __ksym;
+extern void bpf_ct_release(struct nf_conn *) __ksym;
+extern int bpf_ct_change_timeout(struct nf_conn *, __u32) __ksym;
+extern int bpf_ct_set_nat_info(struct nf_conn___init *, union nf_inet_addr *, int,
+			       enum nf_nat_manip_type) __ksym;
+
+/* ---- maps of the tc programs alone (not pinned) ---- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, enum tc_stat);
+	__type(value, __u64);
+	__uint(max_entries, TC_STAT_MAX);
+} svcnat_tc_stats SEC(".maps");
+
+static __always_inline void count(enum tc_stat stat)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	__u16 *ports;
+	__u64 *c = bpf_map_lookup_elem(&svcnat_tc_stats, &stat);
 
-	if ((void *)(eth + 1) > end)
-		return -1;
-	p->l3off = sizeof(*eth);
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (void *)(eth + 1);
+	if (c)
+		*c += 1;
+}
 
-		if ((void *)(ip + 1) > end || ip->ihl < 5)
-			return -1;
-		/* Fragments after the first carry no ports. */
-		if (ip->frag_off & bpf_htons(IP_OFFSET))
-			return -1;
-		p->key.saddr[10] = 0xff;
-		p->key.saddr[11] = 0xff;
-		__builtin_memcpy(&p->key.saddr[12], &ip->saddr, 4);
-		p->key.daddr[10] = 0xff;
-		p->key.daddr[11] = 0xff;
-		__builtin_memcpy(&p->key.daddr[12], &ip->daddr, 4);
-		p->key.proto = ip->protocol;
-		p->l4off = p->l3off + ip->ihl * 4;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (void *)(eth + 1);
+/* A parsed packet. Addresses as in the maps (IPv4 v4-mapped). */
+struct pkt {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 v6;
+	__u8 tcp_flags; /* byte 13 of the TCP header */
+	__u8 pad;
+	__u32 l3off;
+	__u32 l4off;
+};
 
-		if ((void *)(ip6 + 1) > end)
-			return -1;
-		__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
-		__builtin_memcpy(p->key.daddr, &ip6->daddr, 16);
-		p->key.proto = ip6->nexthdr;
-		p->l4off = p->l3off + sizeof(*ip6);
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+enum {
+	PARSE_OK = 0,
+	PARSE_SKIP, /* not ours to look at: TCX_NEXT */
+	PARSE_DROP, /* must not be on the wire */
+};
+
+static __always_inline int v4mapped(const struct in6_addr *a)
+{
+	return a->in6_u.u6_addr32[0] == 0 && a->in6_u.u6_addr32[1] == 0 &&
+	       a->in6_u.u6_addr32[2] == bpf_htonl(0xffff);
+}
+
+/*
+ * parse reads the tuple of an IPv4 or IPv6 TCP or UDP packet whose network
+ * header starts at l3off (0 on L3 devices, 14 after an Ethernet header).
+ * bpf_skb_load_bytes reads non-linear data too, so headers outside the
+ * linear area need no pull. IPv6 extension headers are walked (at most 4);
+ * a fragment other than the first has no ports and is skipped: conntrack
+ * reassembles it before NAT.
+ */
+static __always_inline int parse(struct __sk_buff *skb, __u32 l3off, struct pkt *p)
+{
+	__u8 nexthdr;
+	__u32 off;
+
+	p->l3off = l3off;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+
+		if (bpf_skb_load_bytes(skb, l3off, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
+			return PARSE_SKIP;
+		if (ip.frag_off & bpf_htons(IP_OFFSET))
+			return PARSE_SKIP;
+		p->saddr[10] = p->saddr[11] = 0xff;
+		__builtin_memcpy(&p->saddr[12], &ip.saddr, 4);
+		p->daddr[10] = p->daddr[11] = 0xff;
+		__builtin_memcpy(&p->daddr[12], &ip.daddr, 4);
+		nexthdr = ip.protocol;
+		off = l3off + ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, l3off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+			return PARSE_SKIP;
+		/* RFC 4291 2.5.5.2: never on the wire; the maps key IPv4
+		 * frontends and source ranges by exactly these addresses. */
+		if (v4mapped(&ip6.saddr) || v4mapped(&ip6.daddr))
+			return PARSE_DROP;
+		__builtin_memcpy(p->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(p->daddr, &ip6.daddr, 16);
 		p->v6 = 1;
+		nexthdr = ip6.nexthdr;
+		off = l3off + sizeof(ip6);
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			__u8 h[8];
+
+			if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING &&
+			    nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_FRAGMENT)
+				break;
+			if (bpf_skb_load_bytes(skb, off, h, sizeof(h)) < 0)
+				return PARSE_SKIP;
+			if (nexthdr == IPPROTO_FRAGMENT) {
+				__be16 frag_off;
+
+				__builtin_memcpy(&frag_off, &h[2], 2);
+				if (frag_off & bpf_htons(IP6_OFFSET))
+					return PARSE_SKIP;
+				off += 8;
+			} else {
+				off += (h[1] + 1) * 8;
+			}
+			nexthdr = h[0];
+		}
 	} else {
-		return -1;
+		return PARSE_SKIP;
 	}
-	if (p->key.proto != IPPROTO_TCP && p->key.proto != IPPROTO_UDP)
-		return -1;
-	ports = data + p->l4off;
-	if ((void *)(ports + 2) > end)
-		return -1;
-	p->key.sport = ports[0];
-	p->key.dport = ports[1];
-	return 0;
+	if (nexthdr != IPPROTO_TCP && nexthdr != IPPROTO_UDP)
+		return PARSE_SKIP;
+	p->proto = nexthdr;
+	p->l4off = off;
+	if (bpf_skb_load_bytes(skb, off, &p->sport, 4) < 0)
+		return PARSE_SKIP;
+	if (nexthdr == IPPROTO_TCP && bpf_skb_load_bytes(skb, off + 13, &p->tcp_flags, 1) < 0)
+		return PARSE_SKIP;
+	return PARSE_OK;
 }
 
-/* rewrite changes the packet's tuple from p->key to v, fixing checksums. */
-static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p,
-				   const struct nat_value *v)
+/* tuple fills a conntrack tuple of p and returns its size. */
+static __always_inline __u32 tuple(const struct pkt *p, struct bpf_sock_tuple *t)
 {
-	__u32 csum_off = p->l4off + (p->key.proto == IPPROTO_TCP ?
-				     offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
-	__u64 l4flags = BPF_F_PSEUDO_HDR | (p->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
-	__s64 diff;
-
 	if (p->v6) {
-		diff = bpf_csum_diff((__be32 *)p->key.saddr, 16, (__be32 *)v->saddr, 16, 0);
-		diff = bpf_csum_diff((__be32 *)p->key.daddr, 16, (__be32 *)v->daddr, 16, diff);
-		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags) < 0)
-			return -1;
-		if (bpf_skb_store_bytes(skb, p->l3off + offsetof(struct ipv6hdr, saddr), v->saddr, 16, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, p->l3off + offsetof(struct ipv6hdr, daddr), v->daddr, 16, 0) < 0)
-			return -1;
-	} else {
-		__u32 os, od, ns, nd;
-
-		__builtin_memcpy(&os, &p->key.saddr[12], 4);
-		__builtin_memcpy(&od, &p->key.daddr[12], 4);
-		__builtin_memcpy(&ns, &v->saddr[12], 4);
-		__builtin_memcpy(&nd, &v->daddr[12], 4);
-		if (os != ns) {
-			if (bpf_l4_csum_replace(skb, csum_off, os, ns, l4flags | 4) < 0 ||
-			    bpf_l3_csum_replace(skb, p->l3off + offsetof(struct iphdr, check), os, ns, 4) < 0 ||
-			    bpf_skb_store_bytes(skb, p->l3off + offsetof(struct iphdr, saddr), &ns, 4, 0) < 0)
-				return -1;
-		}
-		if (od != nd) {
-			if (bpf_l4_csum_replace(skb, csum_off, od, nd, l4flags | 4) < 0 ||
-			    bpf_l3_csum_replace(skb, p->l3off + offsetof(struct iphdr, check), od, nd, 4) < 0 ||
-			    bpf_skb_store_bytes(skb, p->l3off + offsetof(struct iphdr, daddr), &nd, 4, 0) < 0)
-				return -1;
-		}
+		__builtin_memcpy(t->ipv6.saddr, p->saddr, 16);
+		__builtin_memcpy(t->ipv6.daddr, p->daddr, 16);
+		t->ipv6.sport = p->sport;
+		t->ipv6.dport = p->dport;
+		return sizeof(t->ipv6);
 	}
-	if (p->key.sport != v->sport) {
-		if (bpf_l4_csum_replace(skb, csum_off, p->key.sport, v->sport, 2 | (p->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0)) < 0 ||
-		    bpf_skb_store_bytes(skb, p->l4off, &v->sport, 2, 0) < 0)
-			return -1;
-	}
-	if (p->key.dport != v->dport) {
-		if (bpf_l4_csum_replace(skb, csum_off, p->key.dport, v->dport, 2 | (p->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0)) < 0 ||
-		    bpf_skb_store_bytes(skb, p->l4off + 2, &v->dport, 2, 0) < 0)
-			return -1;
-	}
-	return 0;
+	__builtin_memcpy(&t->ipv4.saddr, &p->saddr[12], 4);
+	__builtin_memcpy(&t->ipv4.daddr, &p->daddr[12], 4);
+	t->ipv4.sport = p->sport;
+	t->ipv4.dport = p->dport;
+	return sizeof(t->ipv4);
 }
 
-static __always_inline int translate(struct __sk_buff *skb, struct pkt *p, __u8 dir)
-{
-	struct nat_value *v;
-
-	p->key.dir = dir;
-	v = bpf_map_lookup_elem(&svcnat_nat, &p->key);
-	if (!v)
-		return 0;
-	return rewrite(skb, p, v) < 0 ? -1 : 1;
-}
-
-/* in_prefix reports whether addr is in the cluster CIDRs. */
+/* in_cluster reports whether addr is in the cluster CIDRs. */
 static __always_inline int in_cluster(const __u8 addr[16])
 {
 	struct cidr_key k = { .prefixlen = 128 };
@@ -188,7 +266,7 @@ struct icmp6_reject {
 	__u8 type, code;
 	__u16 check;
 	__u32 unused;
-	__u8 quote[48]; /* IPv6 header, 8 bytes of L4 */
+	__u8 quote[48]; /* IPv6 header, 8 bytes after it */
 };
 
 struct icmp6_pseudo {
@@ -199,12 +277,13 @@ struct icmp6_pseudo {
 };
 
 /* Room for either reply (plain bytes, so the Go side needs no type for
- * it) and the rest of what reject builds. */
+ * it), the rest of what reject builds, and this CPU's rate limit state. */
 struct icmp_scratch {
 	__u8 reply[96];
 	__u8 mac[12];
 	__u8 swapped[12];
 	struct icmp6_pseudo pseudo;
+	__u64 tat; /* theoretical arrival time of the next reject (GCRA) */
 };
 
 _Static_assert(sizeof(struct icmp4_reject) <= 96, "icmp4_reject");
@@ -217,33 +296,52 @@ struct {
 	__uint(max_entries, 1);
 } svcnat_reject_buf SEC(".maps");
 
+/* Rejects each CPU sends: at most SVCNAT_REJECT_RATE a second after a
+ * burst of SVCNAT_REJECT_BURST, like the kernel's icmp_ratelimit. */
+#define SVCNAT_REJECT_RATE 1000
+#define SVCNAT_REJECT_BURST 50
+
 /*
  * reject answers the packet with an ICMP (ICMPv6) port unreachable from the
  * frontend, as kube-proxy's REJECT does, and sends it back out of the
  * interface it came in on. The error quotes the packet's IP header and the
- * first 8 bytes after it. IPv4 packets with options are dropped instead.
- * Not inlined, to keep the stack of each function small.
+ * first 8 bytes after it. IPv4 packets with options are dropped instead, and
+ * so is everything over the rate limit. Not inlined, to keep the stack of
+ * each function small.
  */
 static __attribute__((noinline)) int reject(struct __sk_buff *skb, const struct pkt *p)
 {
+	const __u64 interval = NSEC_PER_SEC / SVCNAT_REJECT_RATE;
 	struct icmp_scratch *u;
-	__u32 zero = 0;
+	__u32 zero = 0, l3off = p->l3off;
+	__u64 now, tat;
 	__s64 sum;
 
 	u = bpf_map_lookup_elem(&svcnat_reject_buf, &zero);
 	if (!u)
-		return TC_ACT_SHOT;
+		return SVCNAT_TCX_DROP;
+	now = bpf_ktime_get_ns();
+	tat = u->tat > now ? u->tat : now;
+	if (tat - now > SVCNAT_REJECT_BURST * interval) {
+		count(TC_STAT_REJECT_LIMITED);
+		return SVCNAT_TCX_DROP;
+	}
 	__builtin_memset(u, 0, sizeof(*u));
-	if (bpf_skb_load_bytes(skb, 0, u->mac, 12) < 0)
-		return TC_ACT_SHOT;
-	__builtin_memcpy(u->swapped, &u->mac[6], 6);
-	__builtin_memcpy(&u->swapped[6], u->mac, 6);
+	u->tat = tat + interval;
+	if (l3off != 0 && l3off != ETH_HLEN)
+		return SVCNAT_TCX_DROP;
+	if (l3off) {
+		if (bpf_skb_load_bytes(skb, 0, u->mac, 12) < 0)
+			return SVCNAT_TCX_DROP;
+		__builtin_memcpy(u->swapped, &u->mac[6], 6);
+		__builtin_memcpy(&u->swapped[6], u->mac, 6);
+	}
 	if (!p->v6) {
 		struct icmp4_reject *r = (void *)u->reply;
 
-		if (p->l4off != p->l3off + 20 ||
-		    bpf_skb_load_bytes(skb, p->l3off, r->quote, sizeof(r->quote)) < 0)
-			return TC_ACT_SHOT;
+		if (p->l4off != l3off + 20 ||
+		    bpf_skb_load_bytes(skb, l3off, r->quote, sizeof(r->quote)) < 0)
+			return SVCNAT_TCX_DROP;
 		r->type = 3; /* destination unreachable */
 		r->code = 3; /* port unreachable */
 		sum = bpf_csum_diff(0, 0, (__be32 *)&r->type, 36, 0);
@@ -253,23 +351,22 @@ static __attribute__((noinline)) int reject(struct __sk_buff *skb, const struct 
 		r->ip.tot_len = bpf_htons(sizeof(*r));
 		r->ip.ttl = 64;
 		r->ip.protocol = IPPROTO_ICMP;
-		__builtin_memcpy(&r->ip.saddr, &p->key.daddr[12], 4);
-		__builtin_memcpy(&r->ip.daddr, &p->key.saddr[12], 4);
+		__builtin_memcpy(&r->ip.saddr, &p->daddr[12], 4);
+		__builtin_memcpy(&r->ip.daddr, &p->saddr[12], 4);
 		sum = bpf_csum_diff(0, 0, (__be32 *)&r->ip, 20, 0);
 		r->ip.check = csum_fold(sum);
-		if (bpf_skb_change_tail(skb, 14 + sizeof(*r), 0) < 0 ||
-		    bpf_skb_store_bytes(skb, 0, u->swapped, 12, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, 14, r, sizeof(*r), 0) < 0)
-			return TC_ACT_SHOT;
+		if (bpf_skb_change_tail(skb, l3off + sizeof(*r), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, l3off, r, sizeof(*r), 0) < 0)
+			return SVCNAT_TCX_DROP;
 	} else {
 		struct icmp6_reject *r = (void *)u->reply;
 
-		if (bpf_skb_load_bytes(skb, p->l3off, r->quote, sizeof(r->quote)) < 0)
-			return TC_ACT_SHOT;
+		if (bpf_skb_load_bytes(skb, l3off, r->quote, sizeof(r->quote)) < 0)
+			return SVCNAT_TCX_DROP;
 		r->type = 1; /* destination unreachable */
 		r->code = 4; /* port unreachable */
-		__builtin_memcpy(u->pseudo.saddr, p->key.daddr, 16);
-		__builtin_memcpy(u->pseudo.daddr, p->key.saddr, 16);
+		__builtin_memcpy(u->pseudo.saddr, p->daddr, 16);
+		__builtin_memcpy(u->pseudo.daddr, p->saddr, 16);
 		u->pseudo.len = bpf_htonl(56);
 		u->pseudo.next = bpf_htonl(IPPROTO_ICMPV6);
 		sum = bpf_csum_diff(0, 0, (__be32 *)&u->pseudo, sizeof(u->pseudo), 0);
@@ -279,155 +376,239 @@ static __attribute__((noinline)) int reject(struct __sk_buff *skb, const struct 
 		r->ip.payload_len = bpf_htons(56);
 		r->ip.nexthdr = IPPROTO_ICMPV6;
 		r->ip.hop_limit = 64;
-		__builtin_memcpy(&r->ip.saddr, p->key.daddr, 16);
-		__builtin_memcpy(&r->ip.daddr, p->key.saddr, 16);
-		if (bpf_skb_change_tail(skb, 14 + sizeof(*r), 0) < 0 ||
-		    bpf_skb_store_bytes(skb, 0, u->swapped, 12, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, 14, r, sizeof(*r), 0) < 0)
-			return TC_ACT_SHOT;
+		__builtin_memcpy(&r->ip.saddr, p->daddr, 16);
+		__builtin_memcpy(&r->ip.daddr, p->saddr, 16);
+		if (bpf_skb_change_tail(skb, l3off + sizeof(*r), 0) < 0 ||
+		    bpf_skb_store_bytes(skb, l3off, r, sizeof(*r), 0) < 0)
+			return SVCNAT_TCX_DROP;
 	}
+	if (l3off && bpf_skb_store_bytes(skb, 0, u->swapped, 12, 0) < 0)
+		return SVCNAT_TCX_DROP;
+	bpf_set_hash_invalid(skb);
+	count(TC_STAT_REJECT);
 	return bpf_redirect(skb->ifindex, 0);
 }
 
 /*
- * new_flow picks an endpoint for the first packet of a flow to a frontend,
- * records both directions, and rewrites the packet.
+ * masquerade_addr sets *src to the address the node sends from toward the
+ * endpoint, as routing picks it for this packet (the egress device's, be it
+ * an uplink, a second uplink or an overlay device). It returns 1, 0 when the
+ * endpoint is the node itself (no masquerade: the packet never leaves), or
+ * -1 without a usable route.
  */
-static __always_inline int new_flow(struct __sk_buff *skb, struct pkt *p)
+static __attribute__((noinline)) int masquerade_addr(struct __sk_buff *skb, const struct pkt *p,
+						     const struct backend *b, union nf_inet_addr *src)
 {
-	struct svc_key sk = { .port = p->key.dport, .proto = p->key.proto };
+	struct bpf_fib_lookup f = {
+		.l4_protocol = p->proto,
+		.sport = p->sport,
+		.dport = b->port,
+		.ifindex = skb->ingress_ifindex,
+	};
+	int r;
+
+	if (p->v6) {
+		f.family = AF_INET6;
+		__builtin_memcpy(f.ipv6_src, p->saddr, 16);
+		__builtin_memcpy(f.ipv6_dst, b->addr, 16);
+	} else {
+		f.family = AF_INET;
+		__builtin_memcpy(&f.ipv4_src, &p->saddr[12], 4);
+		__builtin_memcpy(&f.ipv4_dst, &b->addr[12], 4);
+	}
+	r = bpf_fib_lookup(skb, &f, sizeof(f), BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (r == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return 0;
+	/* FRAG_NEEDED is about this packet's size, not the route; the source
+	 * is set all the same. */
+	if (r != BPF_FIB_LKUP_RET_SUCCESS && r != BPF_FIB_LKUP_RET_NO_NEIGH &&
+	    r != BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return -1;
+	if (p->v6)
+		__builtin_memcpy(src->all, f.ipv6_src, 16);
+	else
+		src->all[0] = f.ipv4_src;
+	return 1;
+}
+
+/*
+ * new_flow picks an endpoint for the first packet of a flow to a frontend
+ * and creates the flow's conntrack entry with its NAT.
+ */
+static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struct pkt *p,
+					      const struct svc_value *sv)
+{
 	struct affinity_key ak = { .origin = SVCNAT_AFFINITY_ADDR };
-	struct nat_key fwd, rev;
-	struct nat_value fv = {}, rv = {};
-	struct svc_value *sv;
+	struct bpf_ct_opts opts = { .netns_id = -1, .l4proto = p->proto };
+	struct bpf_sock_tuple t = {};
+	union nf_inet_addr dst = {}, src = {};
+	struct nf_conn___init *ct;
+	struct nf_conn *ins;
 	struct backend b;
-	int external, v, masquerade;
+	int external, masquerade, failed;
+	__u32 tsize;
 	__u8 set;
 
-	__builtin_memcpy(sk.addr, p->key.daddr, 16);
-	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
-	if (!sv)
-		return TC_ACT_OK;
 	if (sv->kind == SVCNAT_KIND_LOAD_BALANCER && (sv->flags & SVCNAT_F_SOURCE_RANGES)) {
 		struct source_range_key rk = { .prefixlen = 32 + 128, .id = sv->id };
 
-		__builtin_memcpy(rk.addr, p->key.saddr, 16);
-		if (!bpf_map_lookup_elem(&svcnat_source_ranges, &rk))
-			return TC_ACT_SHOT;
+		__builtin_memcpy(rk.addr, p->saddr, 16);
+		if (!bpf_map_lookup_elem(&svcnat_source_ranges, &rk)) {
+			count(TC_STAT_SOURCE_RANGE);
+			return SVCNAT_TCX_DROP;
+		}
 	}
-	external = !in_cluster(p->key.saddr);
-	__builtin_memcpy(ak.client, p->key.saddr, 16);
+	external = !in_cluster(p->saddr);
+	__builtin_memcpy(ak.client, p->saddr, 16);
 	set = lb_set(sv, external);
-	v = lb_select(sv, set, &ak, &b);
-	if (v == LB_REJECT)
+	switch (lb_select(sv, set, &ak, &b)) {
+	case LB_FORWARD:
+		break;
+	case LB_REJECT:
 		return reject(skb, p);
-	if (v != LB_FORWARD)
-		return TC_ACT_SHOT;
-
-	/* Forward: client -> frontend becomes client -> endpoint. */
-	__builtin_memcpy(fv.saddr, p->key.saddr, 16);
-	__builtin_memcpy(fv.daddr, b.addr, 16);
-	fv.sport = p->key.sport;
-	fv.dport = b.port;
-	fwd = p->key;
-	fwd.dir = SVCNAT_NAT_FORWARD;
-
-	/* Reply: endpoint -> client becomes frontend -> client, on egress. */
-	__builtin_memcpy(rev.saddr, b.addr, 16);
-	__builtin_memcpy(rev.daddr, p->key.saddr, 16);
-	rev.sport = b.port;
-	rev.dport = p->key.sport;
-	rev.proto = p->key.proto;
-	rev.dir = SVCNAT_NAT_REPLY;
-	rev.pad = 0;
-	__builtin_memcpy(rv.saddr, p->key.daddr, 16);
-	__builtin_memcpy(rv.daddr, p->key.saddr, 16);
-	rv.sport = p->key.dport;
-	rv.dport = p->key.sport;
+	default:
+		count(TC_STAT_NO_LOCAL);
+		return SVCNAT_TCX_DROP;
+	}
 
 	/*
 	 * Masquerade external traffic unless a Local policy sent it to a local
 	 * endpoint, internal traffic from outside the cluster CIDRs, and any
-	 * flow to another node (so that the reply comes back through this
-	 * one). Sources are rewritten on egress and destinations on ingress
-	 * only: a packet arriving with one of the node's own addresses as
-	 * source is dropped as martian. For a local endpoint that is the
-	 * egress and ingress of the interface toward the pod, where the agent
-	 * attaches these programs too.
+	 * flow to another node (so that the reply comes back through this one).
 	 */
 	if (sv->kind == SVCNAT_KIND_CLUSTER_IP)
 		masquerade = external;
 	else
 		masquerade = set != SVCNAT_SET_LOCAL;
 	if (masquerade || !(b.flags & SVCNAT_BACKEND_LOCAL)) {
-		struct snat_key nk = { .ifindex = skb->ifindex, .family = p->v6 ? 6 : 4 };
-		struct nat_key out = fwd, back = rev;
-		struct nat_value outv = fv, backv = {};
-		__u8 *snat = bpf_map_lookup_elem(&svcnat_snat_addrs, &nk);
-
-		if (!snat)
-			return TC_ACT_SHOT;
-		__builtin_memcpy(outv.saddr, snat, 16);
-		__builtin_memcpy(back.daddr, snat, 16);
-		back.dir = SVCNAT_NAT_UNSNAT;
-		/* A source port not in use toward this endpoint, a few tries. */
-		for (int i = 0; i < 8; i++) {
-			outv.sport = bpf_htons(32768 + (bpf_get_prandom_u32() % 28232));
-			back.dport = outv.sport;
-			if (!bpf_map_lookup_elem(&svcnat_nat, &back))
-				break;
+		masquerade = masquerade_addr(skb, p, &b, &src);
+		if (masquerade < 0) {
+			count(TC_STAT_NO_ROUTE);
+			return SVCNAT_TCX_DROP;
 		}
-		__builtin_memcpy(out.daddr, fv.daddr, 16);
-		out.dport = fv.dport;
-		out.dir = SVCNAT_NAT_SNAT;
-		__builtin_memcpy(backv.saddr, b.addr, 16);
-		__builtin_memcpy(backv.daddr, p->key.saddr, 16);
-		backv.sport = b.port;
-		backv.dport = p->key.sport;
-		if (bpf_map_update_elem(&svcnat_nat, &back, &backv, BPF_ANY) < 0 ||
-		    bpf_map_update_elem(&svcnat_nat, &out, &outv, BPF_ANY) < 0)
-			return TC_ACT_SHOT;
 	}
-	if (bpf_map_update_elem(&svcnat_nat, &rev, &rv, BPF_ANY) < 0 ||
-	    bpf_map_update_elem(&svcnat_nat, &fwd, &fv, BPF_ANY) < 0)
-		return TC_ACT_SHOT;
-	return rewrite(skb, p, &fv) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+
+	tsize = tuple(p, &t);
+	ct = bpf_skb_ct_alloc(skb, &t, tsize, &opts, sizeof(opts));
+	if (!ct) {
+		count(TC_STAT_CT_FULL);
+		return SVCNAT_TCX_DROP;
+	}
+	/* DNAT first, as PREROUTING before POSTROUTING: the SNAT port is
+	 * then chosen unique toward the endpoint. Port 0: nf_nat keeps the
+	 * client's port when free, else picks one. */
+	if (p->v6)
+		__builtin_memcpy(dst.all, b.addr, 16);
+	else
+		__builtin_memcpy(&dst.all[0], &b.addr[12], 4);
+	failed = bpf_ct_set_nat_info(ct, &dst, bpf_ntohs(b.port), NF_NAT_MANIP_DST) < 0;
+	if (masquerade > 0)
+		failed |= bpf_ct_set_nat_info(ct, &src, 0, NF_NAT_MANIP_SRC) < 0;
+	ct->ct.mark = SVCNAT_CT_MARK;
+	/* An allocated entry can only be given back by inserting it. */
+	ins = bpf_ct_insert_entry(ct);
+	if (!ins) {
+		/* Another CPU inserted this flow first (then it goes on with
+		 * that entry), or the NAT tuple is taken: no free port. */
+		struct nf_conn *other = bpf_skb_ct_lookup(skb, &t, tsize, &opts, sizeof(opts));
+
+		if (other) {
+			bpf_ct_release(other);
+			return SVCNAT_TCX_NEXT;
+		}
+		count(TC_STAT_NAT_FAILED);
+		return SVCNAT_TCX_DROP;
+	}
+	if (failed) {
+		bpf_ct_change_timeout(ins, 0);
+		bpf_ct_release(ins);
+		count(TC_STAT_NAT_FAILED);
+		return SVCNAT_TCX_DROP;
+	}
+	bpf_ct_release(ins);
+	count(TC_STAT_NEW_FLOW);
+	return SVCNAT_TCX_NEXT;
 }
 
+/*
+ * flow_exists reports whether conntrack already tracks the packet's flow
+ * (then the kernel translates it). A SYN to a flow in TIME_WAIT or CLOSE
+ * starts a new one, as conntrack would: the old entry is expired so that
+ * the lookup that follows drops it.
+ */
+static __always_inline int flow_exists(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_ct_opts opts = { .netns_id = -1, .l4proto = p->proto };
+	struct bpf_sock_tuple t = {};
+	__u32 tsize = tuple(p, &t);
+	struct nf_conn *ct;
+	__u8 state;
+
+	ct = bpf_skb_ct_lookup(skb, &t, tsize, &opts, sizeof(opts));
+	if (!ct)
+		return 0;
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+		bpf_ct_release(ct);
+		return 1;
+	}
+	state = ct->proto.tcp.state;
+	if (state != TCP_CONNTRACK_TIME_WAIT && state != TCP_CONNTRACK_CLOSE) {
+		bpf_ct_release(ct);
+		return 1;
+	}
+	bpf_ct_change_timeout(ct, 0);
+	bpf_ct_release(ct);
+	count(TC_STAT_REOPENED);
+	ct = bpf_skb_ct_lookup(skb, &t, tsize, &opts, sizeof(opts));
+	if (!ct)
+		return 0;
+	bpf_ct_release(ct);
+	return 1;
+}
+
+static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
+{
+	struct svc_key sk = {};
+	struct svc_value *sv;
+	struct pkt p = {};
+
+	/* Frames for other hosts (a flooded LAN) are not ours to answer. */
+	if (skb->pkt_type == PACKET_OTHERHOST)
+		return SVCNAT_TCX_NEXT;
+	switch (parse(skb, l3off, &p)) {
+	case PARSE_OK:
+		break;
+	case PARSE_DROP:
+		count(TC_STAT_BAD_ADDRESS);
+		return SVCNAT_TCX_DROP;
+	default:
+		return SVCNAT_TCX_NEXT;
+	}
+	__builtin_memcpy(sk.addr, p.daddr, 16);
+	sk.port = p.dport;
+	sk.proto = p.proto;
+	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
+	if (!sv || flow_exists(skb, &p))
+		return SVCNAT_TCX_NEXT;
+	/* A TCP flow starts with a SYN; anything else without a flow goes to
+	 * the stack, which answers a NodePort's with a reset. */
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return SVCNAT_TCX_NEXT;
+	return new_flow(skb, &p, sv);
+}
+
+/* For Ethernet devices. */
 SEC("tc")
 int svcnat_tc_ingress(struct __sk_buff *skb)
 {
-	struct pkt p = {};
-	int r;
-
-	if (parse(skb, &p) < 0)
-		return TC_ACT_OK;
-	/* A later packet of a flow from outside. */
-	r = translate(skb, &p, SVCNAT_NAT_FORWARD);
-	if (r)
-		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
-	/* A reply from a remote endpoint to the masquerade address. */
-	r = translate(skb, &p, SVCNAT_NAT_UNSNAT);
-	if (r)
-		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
-	return new_flow(skb, &p);
+	return ingress(skb, ETH_HLEN);
 }
 
+/* For L3 devices without a link-layer header (IPIP, WireGuard, tun). */
 SEC("tc")
-int svcnat_tc_egress(struct __sk_buff *skb)
+int svcnat_tc_ingress_l3(struct __sk_buff *skb)
 {
-	struct pkt p = {};
-
-	int r;
-
-	if (parse(skb, &p) < 0)
-		return TC_ACT_OK;
-	/* A flow from outside leaving for a remote endpoint: masquerade. */
-	r = translate(skb, &p, SVCNAT_NAT_SNAT);
-	if (r)
-		return r < 0 ? TC_ACT_SHOT : TC_ACT_OK;
-	/* A reply from a local endpoint on its way to the client. */
-	return translate(skb, &p, SVCNAT_NAT_REPLY) < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	return ingress(skb, 0);
 }
 
 #endif /* SVCNAT_TC_H */

@@ -52,11 +52,11 @@ func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
 	fs.IntVar(&f.masqueradeBit, "masquerade-bit", iptables.DefaultMasqueradeBit, "packet mark bit (1-31) svcnat's iptables rules use to ask for masquerading")
 	fs.StringVar(&f.bpffsPath, "bpffs-path", ebpf.DefaultBPFFSPath, "directory on a bpffs where the eBPF backend pins its maps and links")
 	fs.StringVar(&f.cgroupPath, "cgroup-path", "", "cgroup v2 whose processes get eBPF connect-time translation (the node's cgroup v2 root in production); required by --backend=ebpf")
-	fs.StringSliceVar(&f.interfaces, "bpf-interfaces", nil, "interfaces external traffic arrives on; each gets the eBPF tc programs (NodePort, externalIPs, LoadBalancer)")
+	fs.StringSliceVar(&f.interfaces, "bpf-interfaces", nil, "interfaces external traffic arrives on; each gets the eBPF tc program (NodePort, externalIPs, LoadBalancer), which hands NAT to conntrack")
 	fs.IntVar(&f.maxServices, "bpf-map-max-services", ebpf.DefaultMaxServices, "eBPF map size: frontends")
 	fs.IntVar(&f.maxBackends, "bpf-map-max-backends", ebpf.DefaultMaxBackends, "eBPF map size: endpoints")
 	fs.IntVar(&f.maxAffinity, "bpf-map-max-affinity", ebpf.DefaultMaxAffinity, "eBPF map size: session affinity entries")
-	fs.IntVar(&f.maxNAT, "bpf-map-max-nat", ebpf.DefaultMaxNAT, "eBPF map size: translated sockets and flows")
+	fs.IntVar(&f.maxNAT, "bpf-map-max-nat", ebpf.DefaultMaxNAT, "no longer used: the tc path keeps its flows in conntrack (accepted so that existing configurations start)")
 }
 
 func (f *backendFlags) iptables(reg prometheus.Registerer, log *slog.Logger) (*iptables.Backend, error) {

@@ -10,13 +10,14 @@ import (
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/iptables"
+	"github.com/svcnat/svcnat/pkg/takeover"
 )
 
 func newCleanupCommand() *cobra.Command {
 	f := &backendFlags{}
 	cmd := &cobra.Command{
 		Use:   "cleanup",
-		Short: "Remove everything svcnat programmed (iptables rules and eBPF programs and maps), nothing else",
+		Short: "Remove everything svcnat programmed (iptables rules, eBPF programs and maps, the NAT hooks table of a takeover), nothing else",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := slog.Default()
@@ -52,6 +53,9 @@ func newCleanupCommand() *cobra.Command {
 					errs = append(errs, err)
 				}
 			}
+			// What run --take-over-from left to keep kube-proxy's
+			// connections translated.
+			errs = append(errs, takeover.RemoveNATHooks(cmd.Context()))
 			return errors.Join(errs...)
 		},
 	}

@@ -94,6 +94,7 @@ type runFlags struct {
 	metricsBindAddress string
 	healthzBindAddress string
 	profiling          bool
+	takeOverFrom       string
 }
 
 func newRunCommand() *cobra.Command {
@@ -117,6 +118,7 @@ func newRunCommand() *cobra.Command {
 	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles; with iptables each also compares every svcnat chain in the kernel with what svcnat wrote and repairs outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
+	fs.StringVar(&f.takeOverFrom, "take-over-from", "", "kube-proxy: once svcnat's dataplane is programmed and reads back as programmed, remove kube-proxy's iptables chains and nftables tables (and again every --sync-period if they reappear); conntrack entries stay, so established connections keep working")
 	fs.StringVar(&f.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of the /healthz and /livez endpoints; empty disables them")
 	return cmd
 }
@@ -143,6 +145,10 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 			log.Error("close backend", "err", err)
 		}
 	}()
+	dp, err := withTakeover(backend, f.takeOverFrom, f.syncPeriod, log)
+	if err != nil {
+		return err
+	}
 	if err := backend.Init(ctx); err != nil {
 		return fmt.Errorf("init %s backend: %w", backendName, err)
 	}
@@ -152,7 +158,7 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 		return err
 	}
 	var addrs *nodeaddr.Watcher
-	a := agent.New(backend, w, agent.Options{
+	a := agent.New(dp, w, agent.Options{
 		NodeName:          cfg.NodeName,
 		NodePortAddresses: cfg.NodePortAddresses,
 		NodePortPrimary:   cfg.NodePortPrimary,

@@ -8,13 +8,14 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"net"
-	"net/netip"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -22,7 +23,6 @@ import (
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
@@ -40,20 +40,19 @@ type Options struct {
 	// not use it.
 	CgroupPath string
 	// Interfaces are the node's interfaces that traffic from outside the
-	// node arrives on; each gets the tc programs (TCX) for per-packet
-	// translation, and masquerades with its first address of each family.
-	//
-	// The programs also go on the interfaces toward local endpoints (found
-	// by route lookup as endpoints appear), where flows to local endpoints
-	// are masqueraded.
+	// node arrives on; each gets the tc ingress program (TCX), which hands
+	// the translation of such flows to conntrack and nf_nat (see
+	// bpf/README.md). Needs the conntrack kfuncs; Init creates the nftables
+	// table inet svcnat (a nat chain) so that nf_nat runs.
 	Interfaces []string
 	// Map sizes; zero means the default. MaxServices sizes the frontend,
 	// Service info and source range maps (--bpf-map-max-services);
 	// MaxBackends the endpoint, slot and membership maps
 	// (--bpf-map-max-backends); MaxAffinity the session affinity map
-	// (--bpf-map-max-affinity); MaxNAT the tc flow map (--bpf-map-max-nat).
-	// What the socket hooks remember per socket is freed with the socket
-	// and needs no size.
+	// (--bpf-map-max-affinity). MaxNAT (--bpf-map-max-nat) sizes nothing
+	// any more and is kept so that existing configurations start: the
+	// flows of the tc path live in conntrack (net.netfilter.nf_conntrack_max),
+	// and what the socket hooks remember per socket is freed with the socket.
 	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
 	// Registerer, when set, receives the backend's metrics.
 	Registerer prometheus.Registerer
@@ -86,11 +85,18 @@ type Backend struct {
 	entries *prometheus.GaugeVec
 	// destroyer is nil when the kernel cannot destroy sockets.
 	destroyer *socketDestroyer
-	// endpointLinks caches the interface index toward each local
-	// endpoint (0 when unknown); podLinks are the interfaces toward local
-	// endpoints that have the tc programs.
-	endpointLinks map[netip.Addr]int
-	podLinks      map[int]bool
+	// draining are UDP endpoints gone from the maps whose connected sockets
+	// are kept because the endpoint still serves (it terminates).
+	draining map[svcnatBackend]bool
+	// tc holds the tc programs, loaded when Options.Interfaces is set;
+	// tcStats is their counter map, for the metrics collector.
+	tc      *tcLoaded
+	tcStats atomic.Pointer[ebpf.Map]
+	// reported are the tc failure counters last logged.
+	reported struct{ full, nat uint64 }
+	// sweeper forgets the conntrack entries of flows the state no longer
+	// allows.
+	sweeper flowSweeper
 }
 
 var _ dataplane.Backend = (*Backend)(nil)
@@ -130,7 +136,6 @@ func New(opts Options) (*Backend, error) {
 		{"--bpf-map-max-services", opts.MaxServices, 1},
 		{"--bpf-map-max-backends", opts.MaxBackends, 1},
 		{"--bpf-map-max-affinity", opts.MaxAffinity, MinLRUEntries},
-		{"--bpf-map-max-nat", opts.MaxNAT, MinLRUEntries},
 	} {
 		if f.v < f.least || f.v > 1<<28 {
 			return nil, fmt.Errorf("create ebpf backend: %s=%d: want %d to %d", f.flag, f.v, f.least, 1<<28)
@@ -143,6 +148,7 @@ func New(opts Options) (*Backend, error) {
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
 	}
+	b.sweeper.log = b.log
 	if opts.Registerer != nil {
 		b.entries = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "svcnat_ebpf_map_entries",
@@ -150,6 +156,11 @@ func New(opts Options) (*Backend, error) {
 		}, []string{"map"})
 		if err := opts.Registerer.Register(b.entries); err != nil {
 			return nil, fmt.Errorf("create ebpf backend: register metrics: %w", err)
+		}
+		if len(opts.Interfaces) > 0 {
+			if err := opts.Registerer.Register(newTCCollector(b)); err != nil {
+				return nil, fmt.Errorf("create ebpf backend: register metrics: %w", err)
+			}
 		}
 	}
 	return b, nil
@@ -184,7 +195,7 @@ func probe(tc bool) error {
 	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
 		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.SchedCLS, err)
 	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnCsumDiff, asm.FnL3CsumReplace, asm.FnL4CsumReplace, asm.FnSkbStoreBytes} {
+	for _, fn := range []asm.BuiltinFunc{asm.FnCsumDiff, asm.FnSkbStoreBytes, asm.FnFibLookup, asm.FnRedirect} {
 		if err := features.HaveProgramHelper(ebpf.SchedCLS, fn); err != nil {
 			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.SchedCLS, err)
 		}
@@ -254,6 +265,11 @@ func (b *Backend) Init(ctx context.Context) error {
 			b.log.Warn("connected UDP sockets will keep pointing at removed endpoints", "error", err)
 		}
 		b.destroyer = d
+	}
+	if len(b.opts.Interfaces) > 0 {
+		if err := b.initTC(); err != nil {
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
 	}
 	if b.pins.refill {
 		// The programs an earlier run attached keep translating with its
@@ -352,172 +368,6 @@ func cgroupID(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-// attachInterface attaches the tc programs to a node interface (TCX) and
-// records the addresses it masquerades with.
-func (b *Backend) attachInterface(name string) error {
-	iface, err := net.InterfaceByName(name)
-	if err != nil {
-		return err
-	}
-	return b.attachTC(iface, "tc-")
-}
-
-// attachTC attaches the tc programs to iface, pinning the links under
-// prefix+name, and records the addresses it masquerades with.
-func (b *Backend) attachTC(iface *net.Interface, prefix string) error {
-	name := iface.Name
-	addrs, err := iface.Addrs()
-	if err != nil {
-		return fmt.Errorf("list addresses: %w", err)
-	}
-	for _, family := range []uint8{4, 6} {
-		key := svcnatSnatKey{Ifindex: uint32(iface.Index), Family: family}
-		snat, ok := masqueradeAddr(addrs, family)
-		if !ok {
-			if err := b.objs.SvcnatSnatAddrs.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return fmt.Errorf("clear masquerade address: %w", err)
-			}
-			continue
-		}
-		if err := b.objs.SvcnatSnatAddrs.Put(key, snat.As16()); err != nil {
-			return fmt.Errorf("set masquerade address %s: %w", snat, err)
-		}
-	}
-	for _, dir := range []struct {
-		what   string
-		prog   *ebpf.Program
-		attach ebpf.AttachType
-	}{
-		{"ingress", b.objs.SvcnatTcIngress, ebpf.AttachTCXIngress},
-		{"egress", b.objs.SvcnatTcEgress, ebpf.AttachTCXEgress},
-	} {
-		pin := filepath.Join(b.opts.BPFFSPath, "links", prefix+name+"-"+dir.what)
-		onInterface := func(info link.Info) bool { return info.TCX() != nil && int(info.TCX().Ifindex) == iface.Index }
-		l, err := attachPinned(pin, dir.prog, onInterface, func() (link.Link, error) {
-			l, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: dir.prog, Attach: dir.attach})
-			if err != nil {
-				return nil, fmt.Errorf("attach tc %s program (kernel feature TCX, Linux 6.6): %w", dir.what, err)
-			}
-			return l, nil
-		})
-		if err != nil {
-			return err
-		}
-		b.links = append(b.links, l)
-	}
-	return nil
-}
-
-// attachPodInterfaces attaches the tc programs to the interfaces toward
-// local endpoints that do not have them yet.
-func (b *Backend) attachPodInterfaces() error {
-	if b.endpointLinks == nil {
-		b.endpointLinks, b.podLinks = map[netip.Addr]int{}, map[int]bool{}
-	}
-	uplinks := map[string]bool{}
-	for _, name := range b.opts.Interfaces {
-		uplinks[name] = true
-	}
-	live := map[netip.Addr]bool{}
-	for _, be := range b.rec.written.backends {
-		if be.Flags&backendLocal == 0 {
-			continue
-		}
-		ip := netip.AddrFrom16(be.Addr).Unmap()
-		live[ip] = true
-		if _, seen := b.endpointLinks[ip]; seen {
-			continue
-		}
-		b.endpointLinks[ip] = 0
-		routes, err := netlink.RouteGet(ip.AsSlice())
-		if err != nil || len(routes) == 0 {
-			b.log.Debug("no route to local endpoint", "endpoint", ip, "error", err)
-			continue
-		}
-		idx := routes[0].LinkIndex
-		b.endpointLinks[ip] = idx
-		if b.podLinks[idx] {
-			continue
-		}
-		iface, err := net.InterfaceByIndex(idx)
-		if err != nil {
-			return fmt.Errorf("interface toward local endpoint %s: %w", ip, err)
-		}
-		if iface.Flags&net.FlagLoopback == 0 && !uplinks[iface.Name] {
-			if err := b.attachTC(iface, "pod-"); err != nil {
-				return fmt.Errorf("interface %s toward local endpoint %s: %w", iface.Name, ip, err)
-			}
-			b.log.Info("attached tc programs toward local endpoints", "interface", iface.Name)
-		}
-		b.podLinks[idx] = true
-	}
-	for ip := range b.endpointLinks {
-		if !live[ip] {
-			delete(b.endpointLinks, ip)
-		}
-	}
-	return nil
-}
-
-// detachOtherInterfaces removes the tc links an earlier run pinned for
-// interfaces no longer in Options.Interfaces, and those toward local
-// endpoints whose interface is gone.
-func (b *Backend) detachOtherInterfaces() error {
-	keep := map[string]bool{}
-	for _, name := range b.opts.Interfaces {
-		keep["tc-"+name+"-ingress"], keep["tc-"+name+"-egress"] = true, true
-	}
-	dir := filepath.Join(b.opts.BPFFSPath, "links")
-	pins, err := os.ReadDir(dir)
-	if err != nil {
-		return fmt.Errorf("list pinned links: %w", err)
-	}
-	for _, p := range pins {
-		pod := strings.HasPrefix(p.Name(), "pod-")
-		if !pod && (!strings.HasPrefix(p.Name(), "tc-") || keep[p.Name()]) {
-			continue
-		}
-		pin := filepath.Join(dir, p.Name())
-		l, err := link.LoadPinnedLink(pin, nil)
-		if err != nil {
-			return fmt.Errorf("load pinned link %s: %w", pin, err)
-		}
-		if pod {
-			// Kept while its interface exists; the next Sync updates it to
-			// this run's program.
-			if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex != 0 {
-				l.Close()
-				continue
-			}
-		}
-		err = errors.Join(l.Unpin(), l.Close())
-		if err != nil {
-			return fmt.Errorf("detach %s: %w", pin, err)
-		}
-		b.log.Info("detached tc program from an interface no longer configured", "link", p.Name())
-	}
-	return nil
-}
-
-// masqueradeAddr picks the first global unicast address of a family.
-func masqueradeAddr(addrs []net.Addr, family uint8) (netip.Addr, bool) {
-	for _, a := range addrs {
-		ipnet, ok := a.(*net.IPNet)
-		if !ok {
-			continue
-		}
-		ip, ok := netip.AddrFromSlice(ipnet.IP)
-		if !ok || !ip.IsGlobalUnicast() {
-			continue
-		}
-		ip = ip.Unmap()
-		if (family == 4) == ip.Is4() {
-			return ip, true
-		}
-	}
-	return netip.Addr{}, false
-}
-
 func (b *Backend) sizes() map[string]int {
 	return map[string]int{
 		svcnatMapSvcnatServices:     b.opts.MaxServices,
@@ -527,7 +377,6 @@ func (b *Backend) sizes() map[string]int {
 		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
 		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
 		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
-		svcnatMapSvcnatNat:          b.opts.MaxNAT,
 	}
 }
 
@@ -564,23 +413,12 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 			return fmt.Errorf("sync ebpf backend: %w", err)
 		}
 	}
-	if len(b.opts.Interfaces) > 0 {
-		if err := b.attachPodInterfaces(); err != nil {
-			return fmt.Errorf("sync ebpf backend: %w", err)
-		}
+	if b.tc != nil {
+		b.sweeper.request(s)
+		b.reportTCFailures()
 	}
-	if len(b.opts.Interfaces) > 0 && len(b.rec.removed) > 0 {
-		// Best effort too: a flow left behind ends by itself.
-		if err := flushFlows(b.objs.SvcnatNat, b.rec.removed); err != nil {
-			b.log.Warn("forget flows to removed endpoints", "error", err)
-		}
-	}
-	if b.destroyer != nil && len(b.rec.removedUDP) > 0 {
-		// Best effort: the maps are right; a socket left behind only
-		// delays its client until it reconnects by itself.
-		if err := b.destroyer.destroy(b.rec.removedUDP); err != nil {
-			b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
-		}
+	if b.destroyer != nil {
+		b.destroyGone(s)
 	}
 	t := b.rec.written
 	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "frontends", len(t.services),
@@ -595,45 +433,6 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("sync ebpf backend: %w", failed)
-	}
-	return nil
-}
-
-// flushFlows deletes the tc flow entries (both directions) of flows to
-// the given endpoints, so that the next packet of such a flow is a new
-// flow to a live endpoint (which resets a TCP flow) instead of going on to
-// an endpoint that is gone.
-func flushFlows(nat *ebpf.Map, endpoints []svcnatBackend) error {
-	gone := map[[18]byte]bool{}
-	at := func(addr [16]byte, port uint16) [18]byte {
-		var k [18]byte
-		copy(k[:], addr[:])
-		k[16], k[17] = byte(port), byte(port>>8)
-		return k
-	}
-	for _, e := range endpoints {
-		gone[at(e.Addr, e.Port)] = true
-	}
-	var (
-		k     svcnatNatKey
-		v     svcnatNatValue
-		stale []svcnatNatKey
-	)
-	it := nat.Iterate()
-	for it.Next(&k, &v) {
-		// The endpoint is the destination of what forward and SNAT
-		// entries produce, and the source of reply and un-SNAT keys.
-		if gone[at(v.Daddr, v.Dport)] || gone[at(k.Saddr, k.Sport)] {
-			stale = append(stale, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read map %s: %w", svcnatMapSvcnatNat, err)
-	}
-	for _, k := range stale {
-		if err := nat.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete map %s entry: %w", svcnatMapSvcnatNat, err)
-		}
 	}
 	return nil
 }
@@ -739,14 +538,12 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		// Unpinning drops the pin's reference; closing ours detaches.
 		errs = append(errs, l.Unpin(), l.Close())
 	}
-	if b.objs != nil {
-		errs = append(errs, b.objs.Close())
-		b.pins.Close()
-		b.objs, b.rec, b.pins = nil, nil, nil
+	errs = append(errs, b.closeObjects())
+	if err := deleteNATTable(); err != nil {
+		errs = append(errs, err)
 	}
-	if b.destroyer != nil {
-		errs = append(errs, b.destroyer.Close())
-		b.destroyer = nil
+	if err := deleteForwardAccept(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := os.RemoveAll(b.opts.BPFFSPath); err != nil {
 		errs = append(errs, fmt.Errorf("remove pins in %s: %w", b.opts.BPFFSPath, err))
@@ -765,10 +562,24 @@ func (b *Backend) Close() error {
 		errs = append(errs, l.Close())
 	}
 	b.links = nil
+	errs = append(errs, b.closeObjects())
+	return errors.Join(errs...)
+}
+
+// closeObjects closes the loaded programs and maps (pins stay), after the
+// running flow sweep.
+func (b *Backend) closeObjects() error {
+	b.sweeper.wait()
+	var errs []error
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
 		b.pins.Close()
 		b.objs, b.rec, b.pins = nil, nil, nil
+	}
+	if b.tc != nil {
+		b.tcStats.Store(nil)
+		errs = append(errs, b.tc.Close())
+		b.tc = nil
 	}
 	if b.destroyer != nil {
 		errs = append(errs, b.destroyer.Close())
@@ -906,4 +717,42 @@ func formatTable(t *table) string {
 	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n") + "\n"
+}
+
+// destroyGone destroys the connected UDP sockets aimed at endpoints the
+// last sync removed from the maps, or that drained since, once no UDP
+// ServicePort of s has them serving: as kube-proxy keeps the conntrack
+// entries of flows to a terminating endpoint, a socket talking to one goes
+// on until the endpoint stops serving.
+func (b *Backend) destroyGone(s *model.State) {
+	if len(b.rec.removedUDP) == 0 && len(b.draining) == 0 {
+		return
+	}
+	serving := map[svcnatBackend]bool{}
+	for _, sp := range s.ServicePorts {
+		if sp.Protocol != model.UDP {
+			continue
+		}
+		for _, e := range sp.ServingEndpoints {
+			serving[svcnatBackend{Addr: addr16(e.IP), Port: htons(e.Port)}] = true
+		}
+	}
+	var gone []svcnatBackend
+	for _, e := range slices.Concat(b.rec.removedUDP, slices.Collect(maps.Keys(b.draining))) {
+		e.Flags, e.Pad = 0, 0
+		if serving[e] {
+			if b.draining == nil {
+				b.draining = map[svcnatBackend]bool{}
+			}
+			b.draining[e] = true
+			continue
+		}
+		delete(b.draining, e)
+		gone = append(gone, e)
+	}
+	// Best effort: the maps are right; a socket left behind only delays its
+	// client until it reconnects by itself.
+	if err := b.destroyer.destroy(gone); err != nil {
+		b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
+	}
 }

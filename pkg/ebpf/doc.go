@@ -13,17 +13,21 @@
 // ServicePort's name and the fields Dump needs), svcnat_source_ranges and
 // svcnat_cluster_cidrs (LPM tries). encode and decode turn a model.State into
 // these entries and back; the round trip is exact, so Dump gives back what
-// Sync was given. The datapath writes the rest itself: session affinity and
-// the tc flow table (LRU maps), and per-socket storage (the frontends a
-// socket sent to and their endpoints).
+// Sync was given. The datapath writes the rest itself: session affinity (an
+// LRU map) and per-socket storage (the frontends a socket sent to and their
+// endpoints). The flows of the tc path live in the kernel's conntrack (see
+// attach.go).
 //
 // # Programs
 //
-// The cgroup socket hooks go on Options.CgroupPath; the tc programs (TCX)
-// on Options.Interfaces and, as local endpoints appear, on the interfaces
-// toward them. After a sync that removes endpoints, the backend forgets the
-// tc flows to them and destroys the connected UDP sockets the hooks pointed
-// at them (a socket iterator, when the kernel has bpf_sock_destroy).
+// The cgroup socket hooks go on Options.CgroupPath; the tc ingress program
+// (TCX, a separate object that needs the conntrack kfuncs) on
+// Options.Interfaces, with the nftables table that makes nf_nat run. After
+// a sync that changed a ServicePort the backend deletes, in the background,
+// the conntrack entries of svcnat's flows that the state no longer allows,
+// and after a sync that removes endpoints
+// it destroys the connected UDP sockets the hooks pointed at them (a socket
+// iterator, when the kernel has bpf_sock_destroy).
 //
 // # Writing
 //
@@ -53,7 +57,8 @@
 // of another layout or size are replaced: the first Sync fills the new ones
 // before the links are updated. Dump and Raw open the pins
 // read-only and need no Init, so `svcnat dump` works from another process.
-// Cleanup detaches every pinned link and removes the directory.
+// Cleanup detaches every pinned link, removes the directory and deletes
+// the nftables table.
 //
 // Init mounts nothing: the parent of Options.BPFFSPath must already be a
 // bpffs, or Init fails saying so.

@@ -27,6 +27,7 @@ const (
 
 	setCluster = 0
 	setLocal   = 1
+	setServing = 2
 
 	backendLocal = 0x1
 
@@ -294,6 +295,19 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 			f.backends[bid] = b
 			f.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: uint8(set)}] = bid
 			f.members[svcnatMemberKey{Id: id, BackendId: bid, Set: uint8(set)}] = 1
+		}
+	}
+	if proto == protoUDP {
+		for _, ep := range sp.ServingEndpoints {
+			bid := n.backends.get(ep)
+			if _, ok := f.backends[bid]; !ok {
+				b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
+				if ep.Local {
+					b.Flags |= backendLocal
+				}
+				f.backends[bid] = b
+			}
+			f.members[svcnatMemberKey{Id: id, BackendId: bid, Set: setServing}] = 1
 		}
 	}
 	value := svcnatSvcValue{

@@ -97,10 +97,11 @@ func TestExternalTraffic(t *testing.T) {
 		}
 	}
 
-	// externalTrafficPolicy Cluster masquerades, also to a local endpoint;
+	// externalTrafficPolicy Cluster masquerades, also to a local endpoint
+	// (with the node's address toward the pod, as MASQUERADE would);
 	// Local keeps the client's address.
 	for _, tc := range []struct{ frontend, wantPeer string }{
-		{"198.51.100.1:30084", "198.51.100.1:"},
+		{"198.51.100.1:30084", "10.244.0.1:"},
 		{"198.51.100.1:30085", "198.51.100.7:"},
 	} {
 		var got []byte

@@ -22,7 +22,6 @@ func TestMapSizeFlags(t *testing.T) {
 		opts Options
 		want string
 	}{
-		{Options{MaxNAT: 1}, "--bpf-map-max-nat=1: want 1024"},
 		{Options{MaxAffinity: 100}, "--bpf-map-max-affinity=100: want 1024"},
 		{Options{MaxServices: -1}, "--bpf-map-max-services=-1: want 1"},
 		{Options{MaxBackends: -5}, "--bpf-map-max-backends=-5: want 1"},

@@ -397,10 +397,10 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	usedByUDP := map[uint32]bool{} // backends that changed or removed UDP ServicePorts named
 	for name, sp := range s.ServicePorts {
 		prev := r.frags[name]
-		if prev != nil && prev.sp.Equal(sp) {
+		if prev != nil && sameEntries(prev.sp, sp) {
 			continue
 		}
-		if failed := r.failedSP[name]; prev == nil && failed != nil && failed.Equal(sp) {
+		if failed := r.failedSP[name]; prev == nil && failed != nil && sameEntries(failed, sp) {
 			continue // still fails: a full sync tries it again
 		}
 		f, err := encodeServicePort(sp, r.ids)
@@ -493,7 +493,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	}
 	maps.Copy(r.frags, frags)
 	for name := range r.failed {
-		if sp, ok := s.ServicePorts[name]; !ok || !r.failedSP[name].Equal(sp) {
+		if sp, ok := s.ServicePorts[name]; !ok || !sameEntries(r.failedSP[name], sp) {
 			delete(r.failed, name)
 			delete(r.failedSP, name)
 		}
@@ -538,4 +538,11 @@ func replaceEntries[K comparable, V any](dst, old, next map[K]V) {
 		delete(dst, k)
 	}
 	maps.Copy(dst, next)
+}
+
+// sameEntries reports whether two versions of a ServicePort encode to the
+// same map entries: they program the same dataplane and, for UDP, name the
+// same serving endpoints (setServing memberships).
+func sameEntries(a, b *model.ServicePort) bool {
+	return a.Equal(b) && (a.Protocol != model.UDP || slices.Equal(a.ServingEndpoints, b.ServingEndpoints))
 }

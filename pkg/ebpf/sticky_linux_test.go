@@ -111,14 +111,25 @@ func TestUnconnectedUDPSticks(t *testing.T) {
 		t.Errorf("after other endpoints changed, %s answered instead of %s", got, first)
 	}
 
-	// Its endpoint leaves: the socket moves to another one and sticks there.
+	// Its endpoint terminates but still serves: the socket keeps it (as
+	// kube-proxy keeps the conntrack entry), and new sockets avoid it.
 	var without []model.Endpoint
 	for _, e := range a.ClusterEndpoints {
 		if e.IP.String()+":8080" != first {
 			without = append(without, e)
 		}
 	}
+	a.ServingEndpoints = a.ClusterEndpoints
 	a.ClusterEndpoints = without
+	if err := b.Sync(t.Context(), stateOf(a, bsvc)); err != nil {
+		t.Fatal(err)
+	}
+	if got := sticks("10.96.0.30:443", 10); got != first {
+		t.Errorf("while %s terminates, still serving, %s answered", first, got)
+	}
+
+	// It stops serving: the socket moves to another one and sticks there.
+	a.ServingEndpoints = without
 	if err := b.Sync(t.Context(), stateOf(a, bsvc)); err != nil {
 		t.Fatal(err)
 	}

@@ -43,28 +43,6 @@ type svcnatCidrKey struct {
 	Addr      [16]uint8
 }
 
-type svcnatIcmpScratch struct {
-	_       structs.HostLayout
-	Reply   [96]uint8
-	Mac     [12]uint8
-	Swapped [12]uint8
-	Pseudo  struct {
-		_     structs.HostLayout
-		Saddr [16]uint8
-		Daddr [16]uint8
-		Len   uint32
-		Next  uint32
-	}
-}
-
-type svcnatIn6Addr struct {
-	_    structs.HostLayout
-	In6U struct {
-		_       structs.HostLayout
-		U6Addr8 [16]uint8
-	}
-}
-
 type svcnatMemberKey struct {
 	_         structs.HostLayout
 	Id        uint32
@@ -73,39 +51,12 @@ type svcnatMemberKey struct {
 	Pad       [3]uint8
 }
 
-type svcnatNatKey struct {
-	_     structs.HostLayout
-	Saddr [16]uint8
-	Daddr [16]uint8
-	Sport uint16
-	Dport uint16
-	Proto uint8
-	Dir   uint8
-	Pad   uint16
-}
-
-type svcnatNatValue struct {
-	_     structs.HostLayout
-	Saddr [16]uint8
-	Daddr [16]uint8
-	Sport uint16
-	Dport uint16
-	Pad   uint32
-}
-
 type svcnatSlotKey struct {
 	_    structs.HostLayout
 	Id   uint32
 	Slot uint16
 	Set  uint8
 	Pad  uint8
-}
-
-type svcnatSnatKey struct {
-	_       structs.HostLayout
-	Ifindex uint32
-	Family  uint8
-	Pad     [3]uint8
 }
 
 type svcnatSockState struct {
@@ -169,11 +120,8 @@ const (
 	svcnatMapSvcnatBackends      = "svcnat_backends"
 	svcnatMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
 	svcnatMapSvcnatMembers       = "svcnat_members"
-	svcnatMapSvcnatNat           = "svcnat_nat"
-	svcnatMapSvcnatRejectBuf     = "svcnat_reject_buf"
 	svcnatMapSvcnatServices      = "svcnat_services"
 	svcnatMapSvcnatSlots         = "svcnat_slots"
-	svcnatMapSvcnatSnatAddrs     = "svcnat_snat_addrs"
 	svcnatMapSvcnatSock          = "svcnat_sock"
 	svcnatMapSvcnatSourceRanges  = "svcnat_source_ranges"
 	svcnatMapSvcnatSvcInfo       = "svcnat_svc_info"
@@ -185,8 +133,6 @@ const (
 	svcnatProgSvcnatRecvmsg6     = "svcnat_recvmsg6"
 	svcnatProgSvcnatSendmsg4     = "svcnat_sendmsg4"
 	svcnatProgSvcnatSendmsg6     = "svcnat_sendmsg6"
-	svcnatProgSvcnatTcEgress     = "svcnat_tc_egress"
-	svcnatProgSvcnatTcIngress    = "svcnat_tc_ingress"
 )
 
 // loadSvcnat returns the embedded CollectionSpec for svcnat.
@@ -239,8 +185,6 @@ type svcnatProgramSpecs struct {
 	SvcnatRecvmsg6     *ebpf.ProgramSpec `ebpf:"svcnat_recvmsg6"`
 	SvcnatSendmsg4     *ebpf.ProgramSpec `ebpf:"svcnat_sendmsg4"`
 	SvcnatSendmsg6     *ebpf.ProgramSpec `ebpf:"svcnat_sendmsg6"`
-	SvcnatTcEgress     *ebpf.ProgramSpec `ebpf:"svcnat_tc_egress"`
-	SvcnatTcIngress    *ebpf.ProgramSpec `ebpf:"svcnat_tc_ingress"`
 }
 
 // svcnatMapSpecs contains maps before they are loaded into the kernel.
@@ -251,11 +195,8 @@ type svcnatMapSpecs struct {
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
 	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
-	SvcnatNat          *ebpf.MapSpec `ebpf:"svcnat_nat"`
-	SvcnatRejectBuf    *ebpf.MapSpec `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
-	SvcnatSnatAddrs    *ebpf.MapSpec `ebpf:"svcnat_snat_addrs"`
 	SvcnatSock         *ebpf.MapSpec `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.MapSpec `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.MapSpec `ebpf:"svcnat_svc_info"`
@@ -291,11 +232,8 @@ type svcnatMaps struct {
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
 	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
-	SvcnatNat          *ebpf.Map `ebpf:"svcnat_nat"`
-	SvcnatRejectBuf    *ebpf.Map `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
-	SvcnatSnatAddrs    *ebpf.Map `ebpf:"svcnat_snat_addrs"`
 	SvcnatSock         *ebpf.Map `ebpf:"svcnat_sock"`
 	SvcnatSourceRanges *ebpf.Map `ebpf:"svcnat_source_ranges"`
 	SvcnatSvcInfo      *ebpf.Map `ebpf:"svcnat_svc_info"`
@@ -307,11 +245,8 @@ func (m *svcnatMaps) Close() error {
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
 		m.SvcnatMembers,
-		m.SvcnatNat,
-		m.SvcnatRejectBuf,
 		m.SvcnatServices,
 		m.SvcnatSlots,
-		m.SvcnatSnatAddrs,
 		m.SvcnatSock,
 		m.SvcnatSourceRanges,
 		m.SvcnatSvcInfo,
@@ -336,8 +271,6 @@ type svcnatPrograms struct {
 	SvcnatRecvmsg6     *ebpf.Program `ebpf:"svcnat_recvmsg6"`
 	SvcnatSendmsg4     *ebpf.Program `ebpf:"svcnat_sendmsg4"`
 	SvcnatSendmsg6     *ebpf.Program `ebpf:"svcnat_sendmsg6"`
-	SvcnatTcEgress     *ebpf.Program `ebpf:"svcnat_tc_egress"`
-	SvcnatTcIngress    *ebpf.Program `ebpf:"svcnat_tc_ingress"`
 }
 
 func (p *svcnatPrograms) Close() error {
@@ -350,8 +283,6 @@ func (p *svcnatPrograms) Close() error {
 		p.SvcnatRecvmsg6,
 		p.SvcnatSendmsg4,
 		p.SvcnatSendmsg6,
-		p.SvcnatTcEgress,
-		p.SvcnatTcIngress,
 	)
 }
 

@@ -7,20 +7,24 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
 const (
-	tcOK       = 0 // TC_ACT_OK
-	tcShot     = 2 // TC_ACT_SHOT
-	tcRedirect = 7 // TC_ACT_REDIRECT
+	tcxNext  = 0xffffffff // TCX_NEXT (-1)
+	tcxDrop  = 2          // TCX_DROP
+	tcxRedir = 7          // TCX_REDIRECT
 )
 
 // tuple is what the tc programs look at and rewrite.
@@ -200,47 +204,86 @@ type skbContext struct {
 
 type tcHarness struct {
 	t       *testing.T
-	b       *Backend
+	prog    *ebpf.Program
 	ifindex int
+	mac     net.HardwareAddr
 }
 
-// run passes a packet built from in through prog and returns the verdict
-// and the tuple of the packet that comes out.
-func (h *tcHarness) run(prog *ebpf.Program, in tuple) (uint32, tuple) {
+// run passes a frame built from in, addressed to the interface's MAC
+// address, through the tc program and returns the verdict and the frame
+// that comes out.
+func (h *tcHarness) run(in tuple) (uint32, []byte) {
+	h.t.Helper()
+	frame := packet(in)
+	copy(frame[0:6], h.mac)
+	return h.runFrame(frame)
+}
+
+func (h *tcHarness) runFrame(frame []byte) (uint32, []byte) {
 	h.t.Helper()
 	opts := &ebpf.RunOptions{
-		Data:    packet(in),
+		Data:    frame,
 		DataOut: make([]byte, 1500),
-		Context: skbContext{Ifindex: uint32(h.ifindex)},
+		Context: skbContext{Ifindex: uint32(h.ifindex), IngressIfindex: uint32(h.ifindex)},
 	}
-	ret, err := prog.Run(opts)
+	ret, err := h.prog.Run(opts)
 	if err != nil {
-		h.t.Fatalf("run %s on %s: %v", prog, in, err)
-	}
-	if ret != tcOK {
-		return ret, tuple{}
-	}
-	return ret, parsePacket(h.t, opts.DataOut)
-}
-
-// runRaw passes a packet built from in through prog and returns the
-// verdict and the frame that comes out.
-func (h *tcHarness) runRaw(prog *ebpf.Program, in tuple) (uint32, []byte) {
-	h.t.Helper()
-	opts := &ebpf.RunOptions{Data: packet(in), DataOut: make([]byte, 1500), Context: skbContext{Ifindex: uint32(h.ifindex)}}
-	ret, err := prog.Run(opts)
-	if err != nil {
-		h.t.Fatalf("run %s on %s: %v", prog, in, err)
+		h.t.Fatalf("run %s: %v", h.prog, err)
 	}
 	return ret, opts.DataOut
+}
+
+// flow is a conntrack entry as the tests look at it: the original
+// direction's tuple and where the reply comes from and goes to.
+type flow struct {
+	orig         tuple
+	replySrc     netip.AddrPort
+	replyDst     netip.AddrPort
+	mark         uint32
+	svcnatMarked bool
+}
+
+// flows lists the conntrack entries of the test's namespace.
+func flows(t *testing.T) []flow {
+	t.Helper()
+	var out []flow
+	for _, family := range []netlink.InetFamily{unix.AF_INET, unix.AF_INET6} {
+		list, err := netlink.ConntrackTableList(netlink.ConntrackTable, family)
+		if err != nil {
+			t.Fatalf("list conntrack: %v", err)
+		}
+		for _, f := range list {
+			ap := func(ip net.IP, port uint16) netip.AddrPort { return netip.AddrPortFrom(addrOf(ip), port) }
+			out = append(out, flow{
+				orig:         tuple{src: ap(f.Forward.SrcIP, f.Forward.SrcPort), dst: ap(f.Forward.DstIP, f.Forward.DstPort), proto: f.Forward.Protocol},
+				replySrc:     ap(f.Reverse.SrcIP, f.Reverse.SrcPort),
+				replyDst:     ap(f.Reverse.DstIP, f.Reverse.DstPort),
+				mark:         f.Mark,
+				svcnatMarked: f.Mark&ctMarkMask == ctMark,
+			})
+		}
+	}
+	return out
+}
+
+// flowOf returns the conntrack entry whose original tuple is in's.
+func flowOf(t *testing.T, in tuple) (flow, bool) {
+	t.Helper()
+	want := tuple{src: in.src, dst: in.dst, proto: in.proto}
+	for _, f := range flows(t) {
+		if f.orig == want {
+			return f, true
+		}
+	}
+	return flow{}, false
 }
 
 // checkPortUnreachable fails the test unless frame is an ICMP (ICMPv6)
 // port unreachable from in's destination to its source, quoting in, with
 // valid checksums, and with the MAC addresses of in swapped.
-func checkPortUnreachable(t *testing.T, frame []byte, in tuple) {
+func checkPortUnreachable(t *testing.T, frame, orig []byte) {
 	t.Helper()
-	orig := packet(in)
+	in := parsePacket(t, orig)
 	if string(frame[0:6]) != string(orig[6:12]) || string(frame[6:12]) != string(orig[0:6]) {
 		t.Errorf("MAC addresses not swapped: %x", frame[:12])
 	}
@@ -283,21 +326,43 @@ func checkPortUnreachable(t *testing.T, frame []byte, in tuple) {
 
 func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
-func TestTCPrograms(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
-	env := newTestEnv(t)
-	// The node's uplink: a veth whose peer sits in another namespace.
+// tcNode is a test namespace set up as a node for the tc program: the
+// uplink up0 (192.0.2.1, 2001:db8::1) that traffic from outside arrives on,
+// and an overlay-like device ov0 (10.99.0.1, fd00:99::1) the routes to the
+// remote pod CIDRs (10.244.2.0/24, fd00:244:2::/64) leave through.
+func tcNode(t *testing.T) *net.Interface {
+	t.Helper()
 	peerNS := netnstest.NewNamespace(t, "sn-x")
 	netnstest.Run(t, "", "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up0p", "netns", peerNS)
 	netnstest.Run(t, "", "ip", "addr", "add", "192.0.2.1/24", "dev", "up0")
 	netnstest.Run(t, "", "ip", "-6", "addr", "add", "2001:db8::1/64", "dev", "up0", "nodad")
 	netnstest.Run(t, "", "ip", "link", "set", "up0", "up")
+	netnstest.Run(t, "", "ip", "link", "add", "ov0", "type", "veth", "peer", "name", "ov0p", "netns", peerNS)
+	netnstest.Run(t, "", "ip", "addr", "add", "10.99.0.1/24", "dev", "ov0")
+	netnstest.Run(t, "", "ip", "-6", "addr", "add", "fd00:99::1/64", "dev", "ov0", "nodad")
+	netnstest.Run(t, "", "ip", "link", "set", "ov0", "up")
+	netnstest.Run(t, "", "ip", "route", "add", "10.244.2.0/24", "via", "10.99.0.2", "dev", "ov0")
+	netnstest.Run(t, "", "ip", "-6", "route", "add", "fd00:244:2::/64", "via", "fd00:99::2", "dev", "ov0")
+	for _, k := range []string{"net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"} {
+		netnstest.Run(t, "", "sysctl", "-q", "-w", k)
+	}
 	iface, err := net.InterfaceByName("up0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return iface
+}
+
+// TestTCPrograms runs frames through the tc ingress program (prog.Run) and
+// checks the conntrack entries it creates: their NAT (where the kernel
+// will send the flow, and the address it masquerades with), their mark,
+// and what the program drops, rejects or leaves alone.
+func TestTCPrograms(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	iface := tcNode(t)
 	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
 	if err != nil {
 		t.Fatal(err)
@@ -306,8 +371,7 @@ func TestTCPrograms(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Cleanup(t.Context()) })
-	h := &tcHarness{t: t, b: b, ifindex: iface.Index}
-	ingress, egress := b.objs.SvcnatTcIngress, b.objs.SvcnatTcEgress
+	h := &tcHarness{t: t, prog: b.tc.SvcnatTcIngress, ifindex: iface.Index, mac: iface.HardwareAddr}
 
 	local := func(ip string, port uint16) model.Endpoint {
 		return model.Endpoint{IP: mustAddr(ip), Port: port, Local: true}
@@ -339,65 +403,73 @@ func TestTCPrograms(t *testing.T) {
 		t.Fatal(err)
 	}
 	client := ap("198.51.100.7:40000")
+	// newFlow runs in and requires a conntrack entry for it, marked as
+	// svcnat's, whose reply comes from replySrc to replyDst ("" for any
+	// address, port 0 for any port).
+	newFlow := func(t *testing.T, in tuple, replySrc, replyDst string) flow {
+		t.Helper()
+		if ret, _ := h.run(in); ret != tcxNext {
+			t.Fatalf("%s: verdict %d, want TCX_NEXT", in, ret)
+		}
+		f, ok := flowOf(t, in)
+		if !ok {
+			t.Fatalf("%s: no conntrack entry", in)
+		}
+		if !f.svcnatMarked {
+			t.Errorf("%s: conntrack mark %#x, not svcnat's", in, f.mark)
+		}
+		if f.replySrc != ap(replySrc) {
+			t.Errorf("%s: reply from %s, want %s (the endpoint)", in, f.replySrc, replySrc)
+		}
+		want := ap(replyDst)
+		if f.replyDst.Addr() != want.Addr() || (want.Port() != 0 && f.replyDst.Port() != want.Port()) {
+			t.Errorf("%s: reply to %s, want %s", in, f.replyDst, replyDst)
+		}
+		return f
+	}
 
-	t.Run("DNAT to a local endpoint, reply translated on egress", func(t *testing.T) {
+	t.Run("DNAT to a local endpoint, client address kept", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:30080"), proto: protoTCP, syn: true, payloadBytes: 3}
-		ret, out := h.run(ingress, in)
-		if want := (tuple{src: client, dst: ap("10.244.1.2:8080"), proto: protoTCP}); ret != tcOK || out != want {
-			t.Fatalf("ingress %s: %d %s, want %s", in, ret, out, want)
-		}
+		newFlow(t, in, "10.244.1.2:8080", client.String())
 		in.syn = false
-		if _, again := h.run(ingress, in); again != out {
-			t.Errorf("second packet of the flow: %s, want %s", again, out)
-		}
-		reply := tuple{src: ap("10.244.1.2:8080"), dst: client, proto: protoTCP, payloadBytes: 5}
-		ret, back := h.run(egress, reply)
-		if want := (tuple{src: ap("192.0.2.1:30080"), dst: client, proto: protoTCP}); ret != tcOK || back != want {
-			t.Fatalf("egress %s: %d %s, want %s", reply, ret, back, want)
+		before := len(flows(t))
+		if ret, _ := h.run(in); ret != tcxNext || len(flows(t)) != before {
+			t.Errorf("next packet of the flow: verdict %d, %d entries (was %d)", ret, len(flows(t)), before)
 		}
 	})
-	t.Run("SNAT to a remote endpoint on egress, reply translated on ingress", func(t *testing.T) {
+	t.Run("a remote endpoint is masqueraded with the egress device's address", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:30053"), proto: protoUDP, payloadBytes: 7}
-		ret, dnat := h.run(ingress, in)
-		if want := (tuple{src: client, dst: ap("10.244.2.5:5353"), proto: protoUDP}); ret != tcOK || dnat != want {
-			t.Fatalf("ingress %s: %d %s, want %s", in, ret, dnat, want)
-		}
-		ret, out := h.run(egress, tuple{src: dnat.src, dst: dnat.dst, proto: protoUDP, payloadBytes: 7})
-		if ret != tcOK || out.src.Addr() != mustAddr("192.0.2.1") || out.dst != ap("10.244.2.5:5353") {
-			t.Fatalf("egress %s: %d %s, want 192.0.2.1:* -> 10.244.2.5:5353", dnat, ret, out)
-		}
-		reply := tuple{src: out.dst, dst: out.src, proto: protoUDP, payloadBytes: 9}
-		ret, unsnat := h.run(ingress, reply)
-		if want := (tuple{src: out.dst, dst: client, proto: protoUDP}); ret != tcOK || unsnat != want {
-			t.Fatalf("reply %s on ingress: %d %s, want %s", reply, ret, unsnat, want)
-		}
-		ret, back := h.run(egress, tuple{src: unsnat.src, dst: unsnat.dst, proto: protoUDP, payloadBytes: 9})
-		if want := (tuple{src: ap("192.0.2.1:30053"), dst: client, proto: protoUDP}); ret != tcOK || back != want {
-			t.Fatalf("reply %s on egress: %d %s, want %s", unsnat, ret, back, want)
-		}
+		newFlow(t, in, "10.244.2.5:5353", "10.99.0.1:0")
+	})
+	t.Run("IPv6 remote endpoint masqueraded", func(t *testing.T) {
+		c6 := ap("[2001:db8::77]:40000")
+		in := tuple{src: c6, dst: ap("[2001:db8::1]:30080"), proto: protoTCP, syn: true, payloadBytes: 1}
+		newFlow(t, in, "[fd00:244:2::5]:8080", "[fd00:99::1]:0")
 	})
 	t.Run("source ranges", func(t *testing.T) {
 		in := tuple{src: ap("192.0.2.99:40000"), dst: ap("203.0.113.10:443"), proto: protoTCP, syn: true}
-		if ret, _ := h.run(ingress, in); ret != tcShot {
+		if ret, _ := h.run(in); ret != tcxDrop {
 			t.Errorf("from outside the source ranges: verdict %d, want drop", ret)
 		}
-		in.src = client
-		if ret, out := h.run(ingress, in); ret != tcOK || out.dst != ap("10.244.1.2:8443") {
-			t.Errorf("from inside the source ranges: %d %s", ret, out)
+		if _, ok := flowOf(t, in); ok {
+			t.Error("a dropped packet left a conntrack entry")
 		}
+		in.src = client
+		newFlow(t, in, "10.244.1.2:8443", client.String())
 	})
 	t.Run("affinity", func(t *testing.T) {
 		var first netip.AddrPort
 		for i := range 30 {
 			in := tuple{src: netip.AddrPortFrom(client.Addr(), uint16(41000+i)), dst: ap("203.0.113.20:80"), proto: protoTCP, syn: true}
-			ret, out := h.run(ingress, in)
-			if ret != tcOK {
-				t.Fatalf("verdict %d", ret)
+			h.run(in)
+			f, ok := flowOf(t, in)
+			if !ok {
+				t.Fatalf("flow %d: no conntrack entry", i)
 			}
 			if i == 0 {
-				first = out.dst
-			} else if out.dst != first {
-				t.Fatalf("flow %d went to %s, the client's first went to %s", i, out.dst, first)
+				first = f.replySrc
+			} else if f.replySrc != first {
+				t.Fatalf("flow %d went to %s, the client's first went to %s", i, f.replySrc, first)
 			}
 		}
 	})
@@ -405,75 +477,210 @@ func TestTCPrograms(t *testing.T) {
 		seen := map[netip.AddrPort]int{}
 		for i := range 60 {
 			in := tuple{src: netip.AddrPortFrom(client.Addr(), uint16(42000+i)), dst: ap("203.0.113.30:80"), proto: protoTCP, syn: true}
-			_, out := h.run(ingress, in)
-			seen[out.dst]++
+			h.run(in)
+			f, _ := flowOf(t, in)
+			seen[f.replySrc]++
 		}
 		if len(seen) != 2 {
 			t.Errorf("60 flows reached %v", seen)
 		}
 	})
-	t.Run("no endpoints rejects", func(t *testing.T) {
+	t.Run("no endpoints rejects, rate limited", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:30099"), proto: protoTCP, syn: true, payloadBytes: 20}
-		ret, frame := h.runRaw(ingress, in)
-		if ret != tcRedirect {
+		frame := packet(in)
+		copy(frame, h.mac)
+		ret, out := h.runFrame(frame)
+		if ret != tcxRedir {
 			t.Fatalf("verdict %d, want redirect (the ICMP error back out)", ret)
 		}
-		checkPortUnreachable(t, frame, in)
+		checkPortUnreachable(t, out, frame)
 		in6 := tuple{src: ap("[2001:db8::77]:40000"), dst: ap("[2001:db8::1]:30099"), proto: protoUDP, payloadBytes: 20}
-		ret, frame = h.runRaw(ingress, in6)
-		if ret != tcRedirect {
+		frame = packet(in6)
+		copy(frame, h.mac)
+		ret, out = h.runFrame(frame)
+		if ret != tcxRedir {
 			t.Fatalf("IPv6: verdict %d, want redirect", ret)
 		}
-		checkPortUnreachable(t, frame, in6)
+		checkPortUnreachable(t, out, frame)
+		// A flood of rejects: the burst goes out, the rest is dropped.
+		sent := 0
+		for range 500 {
+			if ret, _ := h.run(in); ret == tcxRedir {
+				sent++
+			}
+		}
+		if sent < 10 || sent > 100 {
+			t.Errorf("%d of 500 back-to-back rejects sent, want about the burst (%d)", sent, 50)
+		}
 	})
 	t.Run("Local policy without local endpoints drops", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:30098"), proto: protoTCP, syn: true}
-		if ret, _ := h.run(ingress, in); ret != tcShot {
+		if ret, _ := h.run(in); ret != tcxDrop {
 			t.Errorf("verdict %d, want drop", ret)
 		}
 	})
-	t.Run("IPv6 SNAT", func(t *testing.T) {
-		c6 := ap("[2001:db8::77]:40000")
-		in := tuple{src: c6, dst: ap("[2001:db8::1]:30080"), proto: protoTCP, syn: true, payloadBytes: 1}
-		ret, dnat := h.run(ingress, in)
-		if ret != tcOK || dnat.dst != ap("[fd00:244:2::5]:8080") {
-			t.Fatalf("ingress %s: %d %s", in, ret, dnat)
+	t.Run("a TCP packet other than a SYN starts no flow", func(t *testing.T) {
+		in := tuple{src: ap("198.51.100.8:40001"), dst: ap("192.0.2.1:30080"), proto: protoTCP}
+		if ret, _ := h.run(in); ret != tcxNext {
+			t.Errorf("verdict %d, want TCX_NEXT", ret)
 		}
-		ret, out := h.run(egress, tuple{src: dnat.src, dst: dnat.dst, proto: protoTCP, syn: true, payloadBytes: 1})
-		if ret != tcOK || out.src.Addr() != mustAddr("2001:db8::1") || out.dst != dnat.dst {
-			t.Fatalf("egress %s: %d %s", dnat, ret, out)
-		}
-		ret, unsnat := h.run(ingress, tuple{src: out.dst, dst: out.src, proto: protoTCP})
-		if ret != tcOK || unsnat != (tuple{src: out.dst, dst: c6, proto: protoTCP}) {
-			t.Fatalf("reply on ingress: %d %s", ret, unsnat)
-		}
-		if ret, back := h.run(egress, unsnat); ret != tcOK || back != (tuple{src: in.dst, dst: c6, proto: protoTCP}) {
-			t.Fatalf("reply on egress: %d %s", ret, back)
+		if _, ok := flowOf(t, in); ok {
+			t.Error("an ACK without a flow made a conntrack entry")
 		}
 	})
-	t.Run("flows to a removed endpoint are forgotten", func(t *testing.T) {
-		in := tuple{src: client, dst: ap("203.0.113.40:53"), proto: protoUDP, payloadBytes: 4}
-		if _, out := h.run(ingress, in); out.dst != ap("10.244.1.2:53") {
-			t.Fatalf("first packet went to %s", out.dst)
+	t.Run("IPv4-mapped addresses on the wire are dropped", func(t *testing.T) {
+		in := tuple{src: ap("[::ffff:198.51.100.7]:40000"), dst: ap("[::ffff:203.0.113.10]:443"), proto: protoTCP, syn: true}
+		frame := packet6(in)
+		copy(frame, h.mac)
+		if ret, _ := h.runFrame(frame); ret != tcxDrop {
+			t.Errorf("verdict %d, want drop", ret)
 		}
-		moving.ClusterEndpoints = []model.Endpoint{local("10.244.1.3", 53)}
-		if err := b.Sync(t.Context(), all); err != nil {
-			t.Fatal(err)
+	})
+	t.Run("IPv6 first fragment starts the flow, later ones pass", func(t *testing.T) {
+		in := tuple{src: ap("[2001:db8::78]:40000"), dst: ap("[2001:db8::1]:30080"), proto: protoTCP, syn: true}
+		first := withFragmentHeader(packet(in), 0, true)
+		copy(first, h.mac)
+		if ret, _ := h.runFrame(first); ret != tcxNext {
+			t.Fatalf("first fragment: verdict %d", ret)
 		}
-		if _, out := h.run(ingress, in); out.dst != ap("10.244.1.3:53") {
-			t.Fatalf("after the endpoint was replaced, the flow's next packet went to %s", out.dst)
+		if f, ok := flowOf(t, in); !ok || f.replySrc != ap("[fd00:244:2::5]:8080") {
+			t.Errorf("first fragment: conntrack entry %+v (%v)", f, ok)
 		}
-		reply := tuple{src: ap("10.244.1.2:53"), dst: client, proto: protoUDP}
-		if _, out := h.run(egress, reply); out.src != reply.src {
-			t.Errorf("a late reply from the removed endpoint was still translated, to %s", out.src)
+		later := tuple{src: ap("[2001:db8::79]:40000"), dst: in.dst, proto: protoTCP, syn: true}
+		frag := withFragmentHeader(packet(later), 1480, false)
+		copy(frag, h.mac)
+		if ret, _ := h.runFrame(frag); ret != tcxNext {
+			t.Errorf("later fragment: verdict %d", ret)
+		}
+		if _, ok := flowOf(t, later); ok {
+			t.Error("a later fragment (its bytes are no ports) made a conntrack entry")
 		}
 	})
 	t.Run("other traffic passes untouched", func(t *testing.T) {
 		in := tuple{src: client, dst: ap("192.0.2.1:22"), proto: protoTCP, syn: true}
-		if ret, out := h.run(ingress, in); ret != tcOK || out != (tuple{src: in.src, dst: in.dst, proto: protoTCP}) {
-			t.Errorf("%d %s", ret, out)
+		frame := packet(in)
+		copy(frame, h.mac)
+		ret, out := h.runFrame(frame)
+		if ret != tcxNext || string(out[:len(frame)]) != string(frame) {
+			t.Errorf("verdict %d, frame changed: %v", ret, string(out[:len(frame)]) != string(frame))
+		}
+		if _, ok := flowOf(t, in); ok {
+			t.Error("traffic to no frontend made a conntrack entry")
 		}
 	})
+	t.Run("flows the state no longer allows are forgotten at the next sync", func(t *testing.T) {
+		moved := tuple{src: client, dst: ap("203.0.113.40:53"), proto: protoUDP, payloadBytes: 4}
+		newFlow(t, moved, "10.244.1.2:53", client.String())
+		narrowed := tuple{src: ap("198.51.100.9:40000"), dst: ap("203.0.113.10:443"), proto: protoTCP, syn: true}
+		newFlow(t, narrowed, "10.244.1.2:8443", "198.51.100.9:40000")
+		kept := tuple{src: ap("198.51.100.10:40000"), dst: ap("203.0.113.10:443"), proto: protoTCP, syn: true}
+		newFlow(t, kept, "10.244.1.2:8443", "198.51.100.10:40000")
+		// The externalIP moves to another Service whose endpoint also backs
+		// the old one elsewhere; the source ranges shrink.
+		moving.Frontends = moving.Frontends[:1]
+		taker := withFrontend(sp("taker", model.IPv4, model.UDP, "10.96.0.9", 53, local("10.244.1.9", 53)), model.ExternalIP, "203.0.113.40:53")
+		lbRanges.SourceRanges = []netip.Prefix{netip.MustParsePrefix("198.51.100.10/32")}
+		next := stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, empty6, noLocal, v6, moving, taker)
+		if err := b.Sync(t.Context(), next); err != nil {
+			t.Fatal(err)
+		}
+		b.sweeper.wait()
+		if _, ok := flowOf(t, moved); ok {
+			t.Error("a flow to an externalIP given to another Service still goes to the old Service's endpoint")
+		}
+		if _, ok := flowOf(t, narrowed); ok {
+			t.Error("a flow from a client the source ranges no longer allow is still translated")
+		}
+		if _, ok := flowOf(t, kept); !ok {
+			t.Error("a flow the state still allows was forgotten")
+		}
+		newFlow(t, moved, "10.244.1.9:53", client.String())
+
+		// An endpoint that terminates but still serves drains: new flows
+		// avoid it, its flows go on (kube-proxy keeps their conntrack
+		// entries); once it stops serving they are forgotten.
+		drainFlow := tuple{src: ap("198.51.100.12:40000"), dst: ap("203.0.113.30:80"), proto: protoTCP, syn: true}
+		h.run(drainFlow)
+		df, ok := flowOf(t, drainFlow)
+		if !ok {
+			t.Fatal("no flow to drain")
+		}
+		all := slices.Clone(spread.ClusterEndpoints)
+		isDraining := func(e model.Endpoint) bool { return netip.AddrPortFrom(e.IP, e.Port) == df.replySrc }
+		spread.ClusterEndpoints = slices.DeleteFunc(slices.Clone(all), isDraining)
+		spread.ServingEndpoints = all
+		if err := b.Sync(t.Context(), next); err != nil {
+			t.Fatal(err)
+		}
+		b.sweeper.wait()
+		if _, ok := flowOf(t, drainFlow); !ok {
+			t.Errorf("a flow to %s, terminating but still serving, was forgotten", df.replySrc)
+		}
+		spread.ServingEndpoints = nil
+		if err := b.Sync(t.Context(), next); err != nil {
+			t.Fatal(err)
+		}
+		b.sweeper.wait()
+		if _, ok := flowOf(t, drainFlow); ok {
+			t.Errorf("a flow to %s, no longer serving, is still translated", df.replySrc)
+		}
+		spread.ClusterEndpoints = all
+
+		// An endpoint removed while the agent was down: a new agent's
+		// first sync forgets its flows.
+		spreadFlow := tuple{src: ap("198.51.100.11:40000"), dst: ap("203.0.113.30:80"), proto: protoTCP, syn: true}
+		h.run(spreadFlow)
+		f, _ := flowOf(t, spreadFlow)
+		if err := b.Close(); err != nil {
+			t.Fatal(err)
+		}
+		spread.ClusterEndpoints = slices.DeleteFunc(spread.ClusterEndpoints, func(e model.Endpoint) bool { return netip.AddrPortFrom(e.IP, e.Port) == f.replySrc })
+		b2, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := b2.Init(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { b2.Close() })
+		if err := b2.Sync(t.Context(), next); err != nil {
+			t.Fatal(err)
+		}
+		b2.sweeper.wait()
+		if _, ok := flowOf(t, spreadFlow); ok {
+			t.Errorf("after a restart, a flow to %s (removed while the agent was down) is still translated", f.replySrc)
+		}
+	})
+}
+
+// packet6 builds an IPv6 frame for t even when its addresses are
+// IPv4-mapped (packet would build IPv4).
+func packet6(t tuple) []byte {
+	v4 := tuple{src: netip.AddrPortFrom(mustAddr("2001:db8::1"), t.src.Port()), dst: netip.AddrPortFrom(mustAddr("2001:db8::2"), t.dst.Port()), proto: t.proto, syn: t.syn}
+	frame := packet(v4)
+	s, d := t.src.Addr().As16(), t.dst.Addr().As16()
+	copy(frame[14+8:], s[:])
+	copy(frame[14+24:], d[:])
+	return frame
+}
+
+// withFragmentHeader inserts an IPv6 fragment header (offset in bytes, a
+// multiple of 8) after the IPv6 header of frame.
+func withFragmentHeader(frame []byte, offset int, more bool) []byte {
+	ip := frame[14:54]
+	frag := make([]byte, 8)
+	frag[0] = ip[6] // next header
+	off := uint16(offset)
+	if more {
+		off |= 1
+	}
+	binary.BigEndian.PutUint16(frag[2:], off)
+	binary.BigEndian.PutUint32(frag[4:], 0x1234)
+	ip[6] = 44
+	binary.BigEndian.PutUint16(ip[4:], binary.BigEndian.Uint16(ip[4:])+8)
+	out := append([]byte(nil), frame[:54]...)
+	out = append(out, frag...)
+	return append(out, frame[54:]...)
 }
 
 // TestInterfacesChange: a restart with fewer interfaces detaches the tc
@@ -509,7 +716,7 @@ func TestInterfacesChange(t *testing.T) {
 			}
 			n += len(res.Programs)
 		}
-		return n == 2
+		return n == 1
 	}
 	first := start("ifa", "ifb")
 	if !attached("ifa") || !attached("ifb") {

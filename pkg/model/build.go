@@ -690,7 +690,7 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 
 	cands := b.endpointsFor(port, fam.family)
 	for _, c := range cands {
-		if c.serving && sp.Protocol == UDP {
+		if c.serving {
 			sp.ServingEndpoints = append(sp.ServingEndpoints, c.endpoint())
 		}
 		if c.ready && c.local && sp.HealthCheckNodePort != 0 {

@@ -162,10 +162,11 @@ type ServicePort struct {
 	// The fields below are for the agent, not the dataplane: backends do
 	// not program them, Dump does not return them, Equal ignores them.
 
-	// ServingEndpoints are, for UDP ServicePorts, every endpoint whose
-	// serving condition holds, whatever its readiness, terminating state,
-	// node, topology hints or the traffic policies: conntrack entries of
-	// flows to them are kept (as kube-proxy keeps them). Sorted.
+	// ServingEndpoints are every endpoint whose serving condition holds,
+	// whatever its readiness, terminating state, node, topology hints or
+	// the traffic policies: existing flows to them are kept (as kube-proxy
+	// keeps their conntrack entries), so that a terminating endpoint
+	// drains. Sorted.
 	ServingEndpoints []Endpoint `json:"-"`
 	// LocalReadyEndpoints are, when HealthCheckNodePort is set, the ready
 	// endpoints on this node, without the serving-and-terminating fallback:

@@ -21,8 +21,6 @@ func forwardDropSkip(k testbed.ProxyKind) string {
 	switch k {
 	case testbed.KubeProxyNftables:
 		return "kube-proxy's nftables mode accepts nothing in FORWARD (no KUBE-FORWARD); a FORWARD policy of DROP blocks it as well"
-	case testbed.SvcnatEBPF:
-		return "known limit: the eBPF backend's forwarded NodePort/LB/externalIP traffic is dropped by a FORWARD policy of DROP (README known limits)"
 	}
 	return ""
 }

@@ -43,11 +43,14 @@ func testHealthCheckDrains(t *testing.T, e *env) {
 	e.reachesOnly(t, client, "tcp", nodePort(t, svc, n1, 0), "node1-a")
 }
 
-// udpDrainSkip: the eBPF backend's UDP flow cleanup still follows the
-// chosen endpoints, not the serving ones (README known limits).
+// udpDrainSkip: the scenario's "flow" is a 5-tuple that a new probe
+// process reuses (conntrack keys flows so). The eBPF backend translates
+// sockets, and a new socket is a new flow even from the same port; one
+// socket keeps its terminating endpoint (pkg/ebpf TestUnconnectedUDPSticks,
+// connected sockets are not destroyed while it serves).
 func udpDrainSkip(k testbed.ProxyKind) string {
 	if k == testbed.SvcnatEBPF {
-		return "known limit: the eBPF backend moves a UDP flow off an endpoint as soon as it terminates (README known limits)"
+		return "the eBPF backend translates per socket: a new socket from the same port is a new flow (one socket keeps a terminating endpoint: pkg/ebpf TestUnconnectedUDPSticks)"
 	}
 	return ""
 }

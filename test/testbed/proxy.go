@@ -59,6 +59,9 @@ type Proxy struct {
 	c          *Cluster
 	proc       *Process
 	runs       int
+
+	// Extra are further flags for an svcnat proxy's run command.
+	Extra []string
 }
 
 // StartProxies starts a proxy of the given kind on every node and waits
@@ -138,7 +141,7 @@ func (p *Proxy) args() []string {
 			// benchmark can save profiles.
 			"--profiling", "--metrics-bind-address=127.0.0.1:10249",
 			fmt.Sprintf("--healthz-bind-address=0.0.0.0:%d", HealthzPort),
-		}, p.backendArgs()...)
+		}, append(p.backendArgs(), p.Extra...)...)
 	}
 }
 

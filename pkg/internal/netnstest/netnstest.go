@@ -19,9 +19,12 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/vishvananda/netns"
 )
 
 const (
@@ -106,4 +109,27 @@ func Run(t *testing.T, ns string, name string, args ...string) string {
 		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+// Do runs fn on an OS thread switched into namespace ns and waits for it;
+// sockets fn creates stay in ns. The thread stays locked, so Go discards it
+// afterwards instead of reusing it in the wrong namespace.
+func Do(t *testing.T, ns string, fn func()) {
+	t.Helper()
+	done := make(chan error)
+	go func() {
+		runtime.LockOSThread()
+		target, err := netns.GetFromName(ns)
+		if err == nil {
+			defer target.Close()
+			err = netns.Set(target)
+		}
+		if err == nil {
+			fn()
+		}
+		done <- err
+	}()
+	if err := <-done; err != nil {
+		t.Fatalf("enter namespace %s: %v", ns, err)
+	}
 }

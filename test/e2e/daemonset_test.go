@@ -114,8 +114,11 @@ func testDaemonSet(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
 		}
 	}
 	url := svc.Spec.ClusterIP + " 80"
-	// Through the Service from a pod: both backends answer.
-	client := clientPod("probe", c.Nodes[0].Name, fmt.Sprintf(httpGet+`; i=0; while [ $i -lt 40 ]; do get %s; i=$((i+1)); done`, url))
+	// Through the Service from a pod, once the agents have programmed it
+	// (up to 30 s): both backends answer.
+	client := clientPod("probe", c.Nodes[0].Name, fmt.Sprintf(httpGet+`; i=0
+while [ $i -lt 30 ] && [ -z "$(get %[1]s)" ]; do sleep 1; i=$((i+1)); done
+i=0; while [ $i -lt 40 ]; do get %[1]s; i=$((i+1)); done`, url))
 	answers := runClientPod(t, c, client, 2*time.Minute)
 	for _, n := range c.Nodes {
 		if !strings.Contains(answers, "web-"+n.Name) {

@@ -232,21 +232,5 @@ func (p *pod) servePeer(t *testing.T, addr string) {
 // serveUDP answers every datagram on addr in the pod with addr itself.
 func (p *pod) serveUDP(t *testing.T, addr string) {
 	t.Helper()
-	var pc net.PacketConn
-	var err error
-	inNamespace(t, p.ns, func() { pc, err = net.ListenPacket("udp", addr) })
-	if err != nil {
-		t.Fatalf("listen on udp %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			_, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo([]byte(addr), from)
-		}
-	}()
+	p.serveDatagrams(t, addr, func([]byte, net.Addr) []byte { return []byte(addr) })
 }

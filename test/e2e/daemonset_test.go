@@ -16,6 +16,7 @@ import (
 
 	"github.com/svcnat/svcnat/test/testbed"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
@@ -91,9 +92,34 @@ func testDaemonSet(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var webIPs []string
 	for _, n := range c.Nodes {
-		waitPodRunning(t, c, "default", "web-"+n.Name, 90*time.Second)
+		webIPs = append(webIPs, waitPodRunning(t, c, "default", "web-"+n.Name, 90*time.Second).Status.PodIP)
 	}
+	// The EndpointSlice controller lists a pod some time after it is ready:
+	// probe only once the Service's slices hold both.
+	eventually(t, "the web Service's EndpointSlices list both pods ready", 60*time.Second, func() error {
+		slices, err := c.Kube.DiscoveryV1().EndpointSlices("default").List(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelServiceName + "=web"})
+		if err != nil {
+			return err
+		}
+		ready := map[string]bool{}
+		for _, s := range slices.Items {
+			for _, ep := range s.Endpoints {
+				if ep.Conditions.Ready != nil && *ep.Conditions.Ready {
+					for _, a := range ep.Addresses {
+						ready[a] = true
+					}
+				}
+			}
+		}
+		for _, ip := range webIPs {
+			if !ready[ip] {
+				return fmt.Errorf("%s not ready in the slices (%v)", ip, ready)
+			}
+		}
+		return nil
+	})
 	// Each agent runs the backend asked for; an eBPF agent attaches to its
 	// node's cgroup, which holds the node's pods.
 	backend := strings.TrimPrefix(string(kind), "svcnat-")

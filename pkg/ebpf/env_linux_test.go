@@ -183,50 +183,18 @@ func inNamespace(t *testing.T, ns string, fn func()) {
 	}
 }
 
-// serveTCP listens on addr in the pod and answers every connection with
-// addr itself, then closes it.
+// serveTCP answers every connection on addr in the pod with addr itself,
+// then closes it.
 func (p *pod) serveTCP(t *testing.T, addr string) {
 	t.Helper()
-	var ln net.Listener
-	var err error
-	inNamespace(t, p.ns, func() { ln, err = net.Listen("tcp", addr) })
-	if err != nil {
-		t.Fatalf("listen on %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte(addr))
-			c.Close()
-		}
-	}()
+	p.serveConns(t, addr, func(c net.Conn) { c.Write([]byte(addr)) })
 }
 
-// servePeer listens on addr in the pod and answers every connection with
-// the address it came from, then closes it.
+// servePeer answers every connection on addr in the pod with the address
+// it came from, then closes it.
 func (p *pod) servePeer(t *testing.T, addr string) {
 	t.Helper()
-	var ln net.Listener
-	var err error
-	inNamespace(t, p.ns, func() { ln, err = net.Listen("tcp", addr) })
-	if err != nil {
-		t.Fatalf("listen on %s in %s: %v", addr, p.ns, err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte(c.RemoteAddr().String()))
-			c.Close()
-		}
-	}()
+	p.serveConns(t, addr, func(c net.Conn) { c.Write([]byte(c.RemoteAddr().String())) })
 }
 
 // serveUDP answers every datagram on addr in the pod with addr itself.

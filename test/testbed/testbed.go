@@ -67,6 +67,11 @@ type Options struct {
 	// kube-scheduler, and containerd and kubelet on every node, with no pod
 	// namespaces (PodsPerNode and PodPorts are ignored).
 	Kubelets bool
+	// HardNetwork adds the hard parts of real networks (hardnet.go): a
+	// VXLAN overlay carrying the pod CIDRs between the nodes, a second
+	// uplink, a router with a 1280-byte hop to a far client, and source
+	// validation on the pod interfaces.
+	HardNetwork bool
 	// Images are docker-archive tars imported on every node in cluster mode
 	// (BuildImages makes the ones every node needs).
 	Images []string
@@ -97,6 +102,10 @@ type Cluster struct {
 	Binaries   Binaries
 	Log        *slog.Logger
 
+	// Router and FarClient are the router and the client behind its
+	// 1280-byte hop (HardNetwork only).
+	Router, FarClient string
+
 	etcd, apiserver *Process
 	apiserverFlags  []string // added to the defaults
 	token           string
@@ -114,6 +123,8 @@ type Node struct {
 	IP      netip.Addr // address on the LAN
 	PodCIDR netip.Prefix
 	Zone    string
+	// OverlayIP (on ov0) and Uplink2IP (on eth1) exist with HardNetwork.
+	OverlayIP, Uplink2IP netip.Addr
 	// Cgroup is a cgroup v2 directory; pod processes of this node run in it,
 	// and an eBPF proxy attaches its socket hooks to it.
 	Cgroup string

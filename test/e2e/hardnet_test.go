@@ -93,69 +93,77 @@ func testOverlayAndUplink(t *testing.T, e *env) {
 
 // testPathMTU: a 1 MiB answer through node1's NodePort to the far client,
 // across the router's 1280-byte hop, from a local (node1-a) and from a
-// remote (node2-a, through the overlay) endpoint, arrives whole: the
-// router's "fragmentation needed" to the NodePort address reaches the
-// endpoint translated. The router must have sent some (or the hop was not
-// in the way).
+// remote (node2-a, through the overlay) endpoint, IPv4 and IPv6, arrives
+// whole: the router's "fragmentation needed" or "packet too big" to the
+// NodePort address reaches the endpoint translated. The router must have
+// sent some of each (or the hop was not in the way).
 func testPathMTU(t *testing.T, e *env) {
 	const size = 1 << 20
 	node1 := e.c.Nodes[0]
 	far := e.c.FarClientOrigin()
-	before := icmpOutDestUnreachs(t, e.c.Router)
-	for _, pod := range []string{"node1-a", "node2-a"} {
-		name := "pmtu-" + pod
-		svc := e.service(t, newService(name, corev1.ServiceTypeNodePort, svcPort("", corev1.ProtocolTCP, 80, web)))
-		e.slice(t, testbed.EndpointSlice(ns, name, name+"-1",
-			[]discoveryv1.EndpointPort{testbed.SlicePort("", corev1.ProtocolTCP, web)}, e.ready(pod)...))
-		addr := nodePort(t, svc, node1, 0)
-		e.reachesOnly(t, far, "http", addr, pod)
-		for i := range 2 {
-			start := time.Now()
-			n, err := fetchBytes(t, far.Netns, addr, size)
-			if err != nil || n != size {
-				t.Errorf("%d: 1 MiB from %s through NodePort %s across the %d-byte hop: %d of %d bytes (%v)", i, pod, addr, testbed.SmallMTU, n, size, err)
-				continue
+	counters := []string{"IcmpOutDestUnreachs", "Icmp6OutPktTooBigs"}
+	before := netCounters(t, e.c.Router, counters...)
+	for _, fam := range []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol} {
+		for _, pod := range []string{"node1-a", "node2-a"} {
+			name := strings.ToLower("pmtu-" + string(fam) + "-" + pod)
+			s := newService(name, corev1.ServiceTypeNodePort, svcPort("", corev1.ProtocolTCP, 80, web))
+			s.Spec.IPFamilies = []corev1.IPFamily{fam}
+			svc := e.service(t, s)
+			slice := testbed.EndpointSlice(ns, name, name+"-1",
+				[]discoveryv1.EndpointPort{testbed.SlicePort("", corev1.ProtocolTCP, web)}, e.ready(pod)...)
+			nodeIP := node1.IP
+			if fam == corev1.IPv6Protocol {
+				slice.AddressType = discoveryv1.AddressTypeIPv6
+				slice.Endpoints[0].Addresses = []string{e.pod(pod).IP6.String()}
+				nodeIP = node1.IP6
 			}
-			t.Logf("%s: 1 MiB from %s through NodePort %s across the %d-byte hop: whole in %v", e.kind, pod, addr, testbed.SmallMTU, time.Since(start).Round(time.Millisecond))
+			e.slice(t, slice)
+			addr := netip.AddrPortFrom(nodeIP, uint16(svc.Spec.Ports[0].NodePort))
+			e.reachesOnly(t, far, "http", addr, pod)
+			for i := range 2 {
+				start := time.Now()
+				n, err := fetchBytes(t, far.Netns, addr, size)
+				if err != nil || n != size {
+					t.Errorf("%d: 1 MiB from %s through NodePort %s across the %d-byte hop: %d of %d bytes (%v)", i, pod, addr, testbed.SmallMTU, n, size, err)
+					continue
+				}
+				t.Logf("%s: 1 MiB from %s through NodePort %s across the %d-byte hop: whole in %v", e.kind, pod, addr, testbed.SmallMTU, time.Since(start).Round(time.Millisecond))
+			}
 		}
 	}
-	sent := icmpOutDestUnreachs(t, e.c.Router) - before
-	t.Logf("%s: the router sent %d ICMP destination unreachable (fragmentation needed)", e.kind, sent)
-	if sent == 0 {
-		t.Error("the router sent no ICMP error: the 1280-byte hop was not exercised")
+	after := netCounters(t, e.c.Router, counters...)
+	t.Logf("%s: the router sent %d ICMP destination unreachable (fragmentation needed) and %d ICMPv6 packet too big",
+		e.kind, after[0]-before[0], after[1]-before[1])
+	for i, c := range counters {
+		if after[i] == before[i] {
+			t.Errorf("the router's %s did not grow: the 1280-byte hop was not exercised", c)
+		}
 	}
 }
 
-// icmpOutDestUnreachs reads the ICMP destination unreachable messages a
-// namespace has sent.
-func icmpOutDestUnreachs(t *testing.T, netns string) int {
+// netCounters reads SNMP counters of a namespace (nstat's names).
+func netCounters(t *testing.T, netns string, names ...string) []int {
 	t.Helper()
-	out, err := runIn(netns, "cat", "/proc/net/snmp")
+	out, err := runIn(netns, "nstat", "-asz")
 	if err != nil {
-		t.Fatalf("read ICMP counters in %s: %v: %s", netns, err, out)
+		t.Fatalf("nstat in %s: %v: %s", netns, err, out)
 	}
-	var names []string
-	for l := range strings.Lines(out) {
-		f := strings.Fields(l)
-		if len(f) == 0 || f[0] != "Icmp:" {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i, n := range names {
-			if n == "OutDestUnreachs" && i < len(f) {
-				v, err := strconv.Atoi(f[i])
-				if err != nil {
-					t.Fatalf("ICMP counter OutDestUnreachs in %s: %v", netns, err)
+	got := make([]int, len(names))
+	for i, name := range names {
+		found := false
+		for l := range strings.Lines(out) {
+			if f := strings.Fields(l); len(f) >= 2 && f[0] == name {
+				if got[i], err = strconv.Atoi(f[1]); err != nil {
+					t.Fatalf("nstat %s in %s: %v", name, netns, err)
 				}
-				return v
+				found = true
 			}
 		}
+		if !found {
+			t.Fatalf("no counter %s in %s:\n%s", name, netns, out)
+		}
 	}
-	t.Fatalf("no ICMP counter OutDestUnreachs in %s:\n%s", netns, out)
-	return 0
+	return got
 }
 
 // fetchBytes asks the echo server behind addr, from netns, for n bytes

@@ -22,11 +22,27 @@ import (
 //	far client      192.168.76.100    behind the router
 //
 // The pod-facing interfaces of the nodes validate sources (rp_filter=1).
+// The nodes, their pods, the router and the far client are dual-stack:
+// IPv4 as above, IPv6 below (the LAN client and the second uplink stay
+// IPv4-only); the apiserver allocates ClusterIPs of both families.
+//
+//	LAN          fd00:77::/64      node N ::(10+N) (hex), router ::fe
+//	pods         fd00:244:N::/64   node N; gateway ::1, pods ::a upwards;
+//	                               ov0 fd00:244:N::/128
+//	far          fd00:76::/64      router ::fe, far client ::100
+//	services     fd00:96::/112
 var (
 	Uplink2Prefix = netip.MustParsePrefix("192.168.79.0/24")
 	RouterIP      = netip.MustParseAddr("192.168.77.254")
 	FarPrefix     = netip.MustParsePrefix("192.168.76.0/24")
 	FarClientIP   = netip.MustParseAddr("192.168.76.100")
+
+	LANPrefix6   = netip.MustParsePrefix("fd00:77::/64")
+	RouterIP6    = netip.MustParseAddr("fd00:77::fe")
+	FarPrefix6   = netip.MustParsePrefix("fd00:76::/64")
+	FarClientIP6 = netip.MustParseAddr("fd00:76::100")
+	ClusterCIDR6 = netip.MustParsePrefix("fd00:244::/48")
+	ServiceCIDR6 = netip.MustParsePrefix("fd00:96::/112")
 )
 
 // SmallMTU is the MTU of the router's hop toward the far client.
@@ -123,4 +139,84 @@ func (c *Cluster) buildRouter() error {
 // FarClientOrigin returns the client behind the router as a traffic source.
 func (c *Cluster) FarClientOrigin() Origin {
 	return Origin{Name: "far-client", Netns: c.FarClient, IP: FarClientIP}
+}
+
+// buildIPv6 adds the IPv6 half of the hard network to what buildHardNode
+// and buildRouter made.
+func (c *Cluster) buildIPv6() error {
+	withLast := func(p netip.Prefix, last byte) netip.Addr {
+		b := p.Addr().As16()
+		b[15] = last
+		return netip.AddrFrom16(b)
+	}
+	addr := func(a netip.Addr, bits int, dev string) []string {
+		return []string{"ip", "-6", "addr", "add", netip.PrefixFrom(a, bits).String(), "dev", dev, "nodad"}
+	}
+	for i, n := range c.Nodes {
+		b := ClusterCIDR6.Addr().As16()
+		b[5] = byte(i + 1)
+		n.PodCIDR6 = netip.PrefixFrom(netip.AddrFrom16(b), 64)
+		n.IP6 = withLast(LANPrefix6, n.IP.As4()[3])
+	}
+	for _, n := range c.Nodes {
+		cmds := [][]string{
+			{"sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"},
+			addr(n.IP6, LANPrefix6.Bits(), "eth0"),
+			addr(n.PodCIDR6.Addr(), 128, "ov0"),
+			{"ip", "-6", "route", "add", FarPrefix6.String(), "via", RouterIP6.String()},
+		}
+		for _, o := range c.Nodes {
+			if o != n {
+				cmds = append(cmds, []string{"ip", "-6", "route", "add", o.PodCIDR6.String(), "via", o.PodCIDR6.Addr().String(), "dev", "ov0", "onlink"})
+			}
+		}
+		gw := withLast(n.PodCIDR6, 1)
+		for j, p := range n.Pods {
+			p.IP6 = withLast(n.PodCIDR6, byte(10+j))
+			hostSide := "p-" + string(rune('a'+j))
+			cmds = append(cmds, addr(gw, 128, hostSide),
+				[]string{"ip", "-6", "route", "add", p.IP6.String() + "/128", "dev", hostSide})
+			if err := nsRun(p.Netns, addr(p.IP6, 128, "eth0"),
+				[]string{"ip", "-6", "route", "add", gw.String(), "dev", "eth0"},
+				[]string{"ip", "-6", "route", "add", "default", "via", gw.String(), "dev", "eth0"},
+			); err != nil {
+				return fmt.Errorf("address pod %s (IPv6): %w", p.Name, err)
+			}
+		}
+		if err := nsRun(n.Netns, cmds...); err != nil {
+			return fmt.Errorf("build IPv6 of %s: %w", n.Name, err)
+		}
+	}
+	if err := nsRun(c.Router,
+		[]string{"sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"},
+		addr(RouterIP6, LANPrefix6.Bits(), "eth0"),
+		addr(withLast(FarPrefix6, 0xfe), FarPrefix6.Bits(), "rc0"),
+	); err != nil {
+		return fmt.Errorf("build router (IPv6): %w", err)
+	}
+	if err := nsRun(c.FarClient, addr(FarClientIP6, FarPrefix6.Bits(), "eth0"),
+		[]string{"ip", "-6", "route", "add", "default", "via", withLast(FarPrefix6, 0xfe).String()},
+	); err != nil {
+		return fmt.Errorf("build far client (IPv6): %w", err)
+	}
+	return nil
+}
+
+// dualStack reports whether the test bed has IPv6 (HardNetwork).
+func (c *Cluster) dualStack() bool { return len(c.Nodes) > 0 && c.Nodes[0].IP6.IsValid() }
+
+// serviceCIDRs is the apiserver's --service-cluster-ip-range.
+func (c *Cluster) serviceCIDRs() string {
+	if c.dualStack() {
+		return ServiceCIDR.String() + "," + ServiceCIDR6.String()
+	}
+	return ServiceCIDR.String()
+}
+
+// clusterCIDRs is the proxies' --cluster-cidr.
+func (c *Cluster) clusterCIDRs() string {
+	if c.dualStack() {
+		return ClusterCIDR.String() + "," + ClusterCIDR6.String()
+	}
+	return ClusterCIDR.String()
 }

@@ -150,7 +150,10 @@ func (c *Cluster) buildNetwork(o Options) error {
 		return fmt.Errorf("route external IPs on the client: %w", err)
 	}
 	if o.HardNetwork {
-		return c.buildRouter()
+		if err := c.buildRouter(); err != nil {
+			return err
+		}
+		return c.buildIPv6()
 	}
 	return nil
 }

@@ -123,8 +123,10 @@ type Node struct {
 	IP      netip.Addr // address on the LAN
 	PodCIDR netip.Prefix
 	Zone    string
-	// OverlayIP (on ov0) and Uplink2IP (on eth1) exist with HardNetwork.
-	OverlayIP, Uplink2IP netip.Addr
+	// With HardNetwork: OverlayIP (on ov0), Uplink2IP (on eth1), and the
+	// IPv6 address on the LAN and pod CIDR.
+	OverlayIP, Uplink2IP, IP6 netip.Addr
+	PodCIDR6                  netip.Prefix
 	// Cgroup is a cgroup v2 directory; pod processes of this node run in it,
 	// and an eBPF proxy attaches its socket hooks to it.
 	Cgroup string
@@ -141,7 +143,9 @@ type Pod struct {
 	Netns string
 	IP    netip.Addr
 	Node  *Node
-	echo  *Process
+	// IP6 is the pod's IPv6 address (HardNetwork only).
+	IP6  netip.Addr
+	echo *Process
 }
 
 // Start builds the test bed: namespaces, control plane, Node objects, pods.

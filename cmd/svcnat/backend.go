@@ -43,7 +43,6 @@ type backendFlags struct {
 	maxServices     int
 	maxBackends     int
 	maxAffinity     int
-	maxNAT          int
 }
 
 func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
@@ -56,7 +55,11 @@ func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
 	fs.IntVar(&f.maxServices, "bpf-map-max-services", ebpf.DefaultMaxServices, "eBPF map size: frontends")
 	fs.IntVar(&f.maxBackends, "bpf-map-max-backends", ebpf.DefaultMaxBackends, "eBPF map size: endpoints")
 	fs.IntVar(&f.maxAffinity, "bpf-map-max-affinity", ebpf.DefaultMaxAffinity, "eBPF map size: session affinity entries")
-	fs.IntVar(&f.maxNAT, "bpf-map-max-nat", ebpf.DefaultMaxNAT, "no longer used: the tc path keeps its flows in conntrack (accepted so that existing configurations start)")
+	// The tc path keeps its flows in conntrack: the flag sizes nothing. It
+	// is accepted, with a warning naming it, so that existing
+	// configurations start.
+	fs.Int("bpf-map-max-nat", 0, "")
+	_ = fs.MarkDeprecated("bpf-map-max-nat", "it is ignored: the eBPF tc path keeps its flows in the kernel's conntrack, sized by nf_conntrack_max")
 }
 
 func (f *backendFlags) iptables(reg prometheus.Registerer, log *slog.Logger) (*iptables.Backend, error) {
@@ -74,7 +77,7 @@ func (f *backendFlags) iptables(reg prometheus.Registerer, log *slog.Logger) (*i
 func (f *backendFlags) ebpf(reg prometheus.Registerer, log *slog.Logger) (*ebpf.Backend, error) {
 	return ebpf.New(ebpf.Options{
 		BPFFSPath: f.bpffsPath, CgroupPath: f.cgroupPath, Interfaces: f.interfaces,
-		MaxServices: f.maxServices, MaxBackends: f.maxBackends, MaxAffinity: f.maxAffinity, MaxNAT: f.maxNAT,
+		MaxServices: f.maxServices, MaxBackends: f.maxBackends, MaxAffinity: f.maxAffinity,
 		Registerer: reg, Logger: log,
 	})
 }

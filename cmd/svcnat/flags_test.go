@@ -3,7 +3,10 @@ package main
 import (
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
+
+	"github.com/spf13/pflag"
 )
 
 // --nodeport-addresses takes kube-proxy's keyword "primary" beside CIDRs.
@@ -27,5 +30,21 @@ func TestMasqueradeBitZeroRefused(t *testing.T) {
 	f := backendFlags{name: backendIptables, masqueradeBit: 0}
 	if _, err := f.iptables(nil, nil); err == nil {
 		t.Error("--masquerade-bit 0 accepted")
+	}
+}
+
+// --bpf-map-max-nat sizes nothing since the tc path's flows live in
+// conntrack: it is accepted, whatever its value, with a warning naming it.
+func TestMaxNATDeprecated(t *testing.T) {
+	var f backendFlags
+	fs := pflag.NewFlagSet("run", pflag.ContinueOnError)
+	var out strings.Builder
+	fs.SetOutput(&out)
+	f.register(fs, backendEBPF)
+	if err := fs.Parse([]string{"--bpf-map-max-nat=1"}); err != nil {
+		t.Fatalf("--bpf-map-max-nat=1 refused: %v", err)
+	}
+	if !strings.Contains(out.String(), "--bpf-map-max-nat has been deprecated") {
+		t.Errorf("no warning naming --bpf-map-max-nat; output %q", out.String())
 	}
 }

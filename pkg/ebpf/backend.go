@@ -49,11 +49,10 @@ type Options struct {
 	// Service info and source range maps (--bpf-map-max-services);
 	// MaxBackends the endpoint, slot and membership maps
 	// (--bpf-map-max-backends); MaxAffinity the session affinity map
-	// (--bpf-map-max-affinity). MaxNAT (--bpf-map-max-nat) sizes nothing
-	// any more and is kept so that existing configurations start: the
-	// flows of the tc path live in conntrack (net.netfilter.nf_conntrack_max),
-	// and what the socket hooks remember per socket is freed with the socket.
-	MaxServices, MaxBackends, MaxAffinity, MaxNAT int
+	// (--bpf-map-max-affinity). The flows of the tc path live in conntrack
+	// (net.netfilter.nf_conntrack_max), and what the socket hooks remember
+	// per socket is freed with the socket.
+	MaxServices, MaxBackends, MaxAffinity int
 	// Registerer, when set, receives the backend's metrics.
 	Registerer prometheus.Registerer
 	// Logger, when set, receives the backend's logs.
@@ -66,7 +65,6 @@ const (
 	DefaultMaxServices = 65536
 	DefaultMaxBackends = 262144
 	DefaultMaxAffinity = 65536
-	DefaultMaxNAT      = 262144
 	// MinLRUEntries is the least size of the maps the datapath fills
 	// itself (LRU hashes): the kernel hands their free entries to CPUs in
 	// batches of 128, so a smaller map evicts live entries at once (Cilium
@@ -128,7 +126,6 @@ func New(opts Options) (*Backend, error) {
 	opts.MaxServices = cmpOr(opts.MaxServices, DefaultMaxServices)
 	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
 	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
-	opts.MaxNAT = cmpOr(opts.MaxNAT, DefaultMaxNAT)
 	for _, f := range []struct {
 		flag     string
 		v, least int

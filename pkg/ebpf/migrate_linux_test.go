@@ -72,7 +72,7 @@ func TestMigration(t *testing.T) {
 	reaches("with the first agent gone")
 
 	// Other sizes.
-	second := start(Options{MaxServices: 1000, MaxBackends: 5000, MaxNAT: 4096})
+	second := start(Options{MaxServices: 1000, MaxBackends: 5000})
 	reaches("after Init with other map sizes, before the first sync")
 	if err := second.Sync(t.Context(), s); err != nil {
 		t.Fatal(err)
@@ -91,7 +91,7 @@ func TestMigration(t *testing.T) {
 
 	// Pins from before layouts were versioned: bare names.
 	renamePins(t, env.bpffs, "")
-	upgraded := start(Options{MaxServices: 1000, MaxBackends: 5000, MaxNAT: 4096})
+	upgraded := start(Options{MaxServices: 1000, MaxBackends: 5000})
 	reaches("after Init over unversioned pins, before the first sync")
 	if err := upgraded.Sync(t.Context(), s); err != nil {
 		t.Fatal(err)
@@ -104,7 +104,7 @@ func TestMigration(t *testing.T) {
 
 	// Another layout: the pins carry another fingerprint.
 	renamePins(t, env.bpffs, "-00000000")
-	third := start(Options{MaxServices: 1000, MaxBackends: 5000, MaxNAT: 4096})
+	third := start(Options{MaxServices: 1000, MaxBackends: 5000})
 	reaches("after Init over another layout, before the first sync")
 	if err := third.Sync(t.Context(), s); err != nil {
 		t.Fatal(err)

@@ -68,6 +68,14 @@ func (w testWriter) Write(b []byte) (int, error) {
 }
 
 func TestServices(t *testing.T) {
+	forEachProxy(t, func(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
+		runSuite(t, b, kind, testbed.Options{PodPorts: testbed.DefaultPodPorts}, scenarios)
+	})
+}
+
+// forEachProxy runs suite in a subtest named after each proxy of
+// SVCNAT_E2E_PROXIES.
+func forEachProxy(t *testing.T, suite func(*testing.T, testbed.Binaries, testbed.ProxyKind)) {
 	kinds, err := testbed.ParseProxyKinds(cmpOr(os.Getenv("SVCNAT_E2E_PROXIES"), string(testbed.SvcnatIptables)))
 	if err != nil {
 		t.Fatal(err)
@@ -84,7 +92,7 @@ func TestServices(t *testing.T) {
 			if kind.IsSvcnat() && svcnatErr != nil {
 				t.Skipf("svcnat binary missing: %v", svcnatErr)
 			}
-			runSuite(t, b, kind)
+			suite(t, b, kind)
 		})
 	}
 }
@@ -96,10 +104,12 @@ func cmpOr(a, b string) string {
 	return b
 }
 
-func runSuite(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind) {
+// runSuite runs scenarios on one test bed made with o, with kind on every
+// node.
+func runSuite(t *testing.T, b testbed.Binaries, kind testbed.ProxyKind, o testbed.Options, scenarios []scenario) {
 	ctx := t.Context()
 	began := time.Now()
-	c := startCluster(t, ctx, b, testbed.Options{PodPorts: testbed.DefaultPodPorts})
+	c := startCluster(t, ctx, b, o)
 	t.Logf("test bed up in %v", time.Since(began).Round(time.Millisecond))
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create namespace %s: %v", ns, err)

@@ -144,6 +144,17 @@ func serve(args []string) error {
 		}
 		srv := &http.Server{
 			Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				// ?bytes=N answers N bytes instead (path MTU tests).
+				if q := r.URL.Query().Get("bytes"); q != "" {
+					n, err := strconv.Atoi(q)
+					if err != nil || n < 0 || n > 1<<30 {
+						http.Error(w, "bytes: want 0 to 2^30", http.StatusBadRequest)
+						return
+					}
+					w.Header().Set("Content-Length", q)
+					_, _ = io.CopyN(w, zeros{}, int64(n))
+					return
+				}
 				w.Header().Set("Content-Type", "application/json")
 				_ = json.NewEncoder(w).Encode(Reply{Pod: *name, Client: r.RemoteAddr, Port: p})
 			}),
@@ -154,6 +165,14 @@ func serve(args []string) error {
 	log.Info("serving", "tcp", tcp, "udp", udp, "http", web)
 	<-ctx.Done()
 	return nil
+}
+
+// zeros reads as an endless run of zero bytes.
+type zeros struct{}
+
+func (zeros) Read(b []byte) (int, error) {
+	clear(b)
+	return len(b), nil
 }
 
 func acceptTCP(l net.Listener, name string, port int, log *slog.Logger) {

@@ -166,7 +166,7 @@ func (c *Cluster) StartAPIServer(ctx context.Context) error {
 	c.apiserver, err = start(procSpec{name: "kube-apiserver", netns: n.Netns, log: c.logPath("kube-apiserver"), args: append([]string{
 		filepath.Join(c.Binaries.K8sDir, "kube-apiserver"),
 		"--etcd-servers=http://127.0.0.1:2379",
-		"--service-cluster-ip-range=" + ServiceCIDR.String(),
+		"--service-cluster-ip-range=" + c.serviceCIDRs(),
 		"--bind-address=0.0.0.0",
 		fmt.Sprintf("--secure-port=%d", APIServerPort),
 		"--advertise-address=" + n.IP.String(),
@@ -227,6 +227,9 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 			}},
 			Spec: corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
 		}
+		if n.IP6.IsValid() {
+			node.Spec.PodCIDRs = append(node.Spec.PodCIDRs, n.PodCIDR6.String())
+		}
 		got, err := c.Kube.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
 		if apierrors.IsAlreadyExists(err) {
 			got, err = c.Kube.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
@@ -237,6 +240,9 @@ func (c *Cluster) registerNodes(ctx context.Context) error {
 		got.Status.Addresses = []corev1.NodeAddress{
 			{Type: corev1.NodeInternalIP, Address: n.IP.String()},
 			{Type: corev1.NodeHostName, Address: n.Name},
+		}
+		if n.IP6.IsValid() {
+			got.Status.Addresses = append(got.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: n.IP6.String()})
 		}
 		got.Status.Conditions = []corev1.NodeCondition{{
 			Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "TestBed",

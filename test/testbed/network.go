@@ -107,17 +107,36 @@ func (c *Cluster) buildNetwork(o Options) error {
 		}
 		c.Nodes = append(c.Nodes, n)
 	}
+	if o.HardNetwork {
+		if _, err := run(c.LAN, "sh", "-c", "ip link add br1 type bridge && ip link set br1 up"); err != nil {
+			return fmt.Errorf("build second lan: %w", err)
+		}
+	}
 	for _, n := range c.Nodes {
-		for _, o := range c.Nodes {
-			if o == n {
-				continue
+		if o.HardNetwork {
+			if err := c.buildHardNode(n); err != nil {
+				return fmt.Errorf("build overlay and second uplink of %s: %w", n.Name, err)
 			}
-			if _, err := run(n.Netns, "ip", "route", "add", o.PodCIDR.String(), "via", o.IP.String()); err != nil {
-				return fmt.Errorf("route pods of %s on %s: %w", o.Name, n.Name, err)
+		} else {
+			for _, o := range c.Nodes {
+				if o == n {
+					continue
+				}
+				if _, err := run(n.Netns, "ip", "route", "add", o.PodCIDR.String(), "via", o.IP.String()); err != nil {
+					return fmt.Errorf("route pods of %s on %s: %w", o.Name, n.Name, err)
+				}
 			}
 		}
 		if _, err := run(n.Netns, "sh", "-c", nodeSysctls); err != nil {
 			return fmt.Errorf("set sysctls on %s: %w", n.Name, err)
+		}
+		if o.HardNetwork {
+			// Source validation on the pod-facing interfaces, as CNIs
+			// that check pod addresses do (Calico sets rp_filter=1 on its
+			// veths; Cilium drops invalid sources on lxc devices).
+			if _, err := run(n.Netns, "sh", "-c", "for d in /proc/sys/net/ipv4/conf/p-*; do echo 1 > $d/rp_filter; done"); err != nil {
+				return fmt.Errorf("validate pod sources on %s: %w", n.Name, err)
+			}
 		}
 	}
 	c.Client = c.ns("client")
@@ -130,21 +149,33 @@ func (c *Cluster) buildNetwork(o Options) error {
 	if _, err := run(c.Client, "ip", "route", "add", ExternalIPRange.String(), "via", c.Nodes[0].IP.String()); err != nil {
 		return fmt.Errorf("route external IPs on the client: %w", err)
 	}
+	if o.HardNetwork {
+		if err := c.buildRouter(); err != nil {
+			return err
+		}
+		return c.buildIPv6()
+	}
 	return nil
 }
 
 // plugLAN connects netns to the LAN bridge with a veth named port on the
 // bridge side and eth0 inside netns.
 func (c *Cluster) plugLAN(netns, port string, addr netip.Prefix) error {
+	return c.plug("br0", port, netns, "eth0", addr)
+}
+
+// plug connects netns to a bridge of the LAN namespace with a veth named
+// port on the bridge side and ifname inside netns.
+func (c *Cluster) plug(bridge, port, netns, ifname string, addr netip.Prefix) error {
 	if err := nsRun(c.LAN,
-		[]string{"ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns},
-		[]string{"ip", "link", "set", port, "master", "br0", "up"},
+		[]string{"ip", "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", netns},
+		[]string{"ip", "link", "set", port, "master", bridge, "up"},
 	); err != nil {
 		return err
 	}
 	return nsRun(netns,
-		[]string{"ip", "addr", "add", addr.String(), "dev", "eth0"},
-		[]string{"ip", "link", "set", "eth0", "up"},
+		[]string{"ip", "addr", "add", addr.String(), "dev", ifname},
+		[]string{"ip", "link", "set", ifname, "up"},
 	)
 }
 

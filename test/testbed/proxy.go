@@ -126,7 +126,7 @@ func (p *Proxy) args() []string {
 		mode := strings.TrimPrefix(string(p.Kind), "kube-proxy-")
 		return []string{filepath.Join(p.c.Binaries.K8sDir, "kube-proxy"),
 			"--kubeconfig=" + p.c.Kubeconfig, "--hostname-override=" + n.Name,
-			"--proxy-mode=" + mode, "--cluster-cidr=" + ClusterCIDR.String(),
+			"--proxy-mode=" + mode, "--cluster-cidr=" + p.c.clusterCIDRs(),
 			"--conntrack-max-per-core=0",
 			"--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
 			"--conntrack-udp-timeout=0", "--conntrack-udp-timeout-stream=0",
@@ -136,7 +136,7 @@ func (p *Proxy) args() []string {
 	default:
 		return append([]string{p.c.Binaries.Svcnat, "run",
 			"--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + n.Name,
-			"--cluster-cidr=" + ClusterCIDR.String(),
+			"--cluster-cidr=" + p.c.clusterCIDRs(),
 			// pprof beside the metrics, in the node namespace only, so the
 			// benchmark can save profiles.
 			"--profiling", "--metrics-bind-address=127.0.0.1:10249",
@@ -239,6 +239,6 @@ func (p *Proxy) Svcnat(ctx context.Context, args ...string) (string, error) {
 // plus extra (for example "--check").
 func (p *Proxy) Dump(ctx context.Context, extra ...string) (string, error) {
 	args := append([]string{"dump", "--log-level=warn", "--kubeconfig=" + p.c.Kubeconfig, "--node-name=" + p.Node.Name,
-		"--cluster-cidr=" + ClusterCIDR.String()}, p.backendArgs()...)
+		"--cluster-cidr=" + p.c.clusterCIDRs()}, p.backendArgs()...)
 	return p.Svcnat(ctx, append(args, extra...)...)
 }

@@ -67,6 +67,11 @@ type Options struct {
 	// kube-scheduler, and containerd and kubelet on every node, with no pod
 	// namespaces (PodsPerNode and PodPorts are ignored).
 	Kubelets bool
+	// HardNetwork adds the hard parts of real networks (hardnet.go): a
+	// VXLAN overlay carrying the pod CIDRs between the nodes, a second
+	// uplink, a router with a 1280-byte hop to a far client, and source
+	// validation on the pod interfaces.
+	HardNetwork bool
 	// Images are docker-archive tars imported on every node in cluster mode
 	// (BuildImages makes the ones every node needs).
 	Images []string
@@ -97,6 +102,10 @@ type Cluster struct {
 	Binaries   Binaries
 	Log        *slog.Logger
 
+	// Router and FarClient are the router and the client behind its
+	// 1280-byte hop (HardNetwork only).
+	Router, FarClient string
+
 	etcd, apiserver *Process
 	apiserverFlags  []string // added to the defaults
 	token           string
@@ -114,6 +123,10 @@ type Node struct {
 	IP      netip.Addr // address on the LAN
 	PodCIDR netip.Prefix
 	Zone    string
+	// With HardNetwork: OverlayIP (on ov0), Uplink2IP (on eth1), and the
+	// IPv6 address on the LAN and pod CIDR.
+	OverlayIP, Uplink2IP, IP6 netip.Addr
+	PodCIDR6                  netip.Prefix
 	// Cgroup is a cgroup v2 directory; pod processes of this node run in it,
 	// and an eBPF proxy attaches its socket hooks to it.
 	Cgroup string
@@ -130,7 +143,9 @@ type Pod struct {
 	Netns string
 	IP    netip.Addr
 	Node  *Node
-	echo  *Process
+	// IP6 is the pod's IPv6 address (HardNetwork only).
+	IP6  netip.Addr
+	echo *Process
 }
 
 // Start builds the test bed: namespaces, control plane, Node objects, pods.

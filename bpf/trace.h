@@ -45,6 +45,7 @@ enum trace_verdict {
 /* svcnat_trace_connect's context: the question, then the answer. */
 struct trace_connect {
 	struct svc_key key;   /* in: the address connected to */
+	__u32 pad0;
 	__u64 netns_cookie;   /* in: the client's network namespace (affinity key) */
 	__u32 slot;           /* in: the slot to choose without affinity */
 	enum trace_verdict verdict; /* out */

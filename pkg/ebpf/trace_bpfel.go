@@ -22,7 +22,7 @@ type traceTraceConnect struct {
 		Proto uint8
 		Pad   uint8
 	}
-	_           [4]byte
+	Pad0        uint32
 	NetnsCookie uint64
 	Slot        uint32
 	Verdict     traceTraceVerdict

@@ -38,6 +38,9 @@ type Query struct {
 	To       netip.AddrPort `json:"to"`
 	Protocol model.Protocol `json:"protocol"`
 	Origin   Origin         `json:"origin"`
+	// Interface is where a packet from outside arrives (eBPF: the tc
+	// program on it runs); empty means the first with svcnat's program.
+	Interface string `json:"interface,omitempty"`
 }
 
 // SourcePort is the client port a synthesized packet carries when the

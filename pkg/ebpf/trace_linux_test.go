@@ -5,7 +5,10 @@ package ebpf
 import (
 	"fmt"
 	"math"
+	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -175,5 +178,140 @@ func TestTraceParity(t *testing.T) {
 	t.Logf("%d traces compared, %d known differences", compared, known)
 	if compared < 130 { // every trace of the cases but the known differences
 		t.Errorf("only %d traces compared", compared)
+	}
+}
+
+// TestTraceLiveState: a trace writes nothing (no conntrack entry, no
+// affinity entry, no counter), while the same packet without the trace
+// mark does (the control that shows the check can fail); a client's
+// affinity entry pins the trace's answer to its endpoint with both
+// backends; and an existing flow is reported with its conntrack entry.
+func TestTraceLiveState(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	env := newTestEnv(t)
+	traceNode(t)
+	eb, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eb.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { eb.Cleanup(t.Context()) })
+	ib, err := iptables.New(iptables.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ib.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ib.Cleanup(t.Context()) })
+	var s *model.State
+	for _, c := range conformance.Cases() {
+		if c.Name == "Affinity" {
+			s = c.State
+		}
+	}
+	if err := eb.Sync(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+	if err := ib.Sync(t.Context(), s); err != nil {
+		t.Fatal(err)
+	}
+
+	kernelState := func() string {
+		n := 0
+		var k svcnatAffinityKey
+		var v svcnatAffinityValue
+		for it := eb.pins.maps[svcnatMapSvcnatAffinity].Iterate(); it.Next(&k, &v); {
+			n++
+		}
+		stats, err := tcStats(eb.tc.Stats)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fmt.Sprintf("%d conntrack entries, %d affinity entries, tc counters %v", len(flows(t)), n, stats)
+	}
+	client := netip.MustParseAddr("198.51.100.5")
+	external := trace.Query{From: netip.AddrPortFrom(client, 0), To: ap("198.51.100.77:8000"), Protocol: model.TCP, Origin: trace.FromOutside}
+	before := kernelState()
+	for _, q := range []trace.Query{
+		external,
+		{From: external.From, To: ap("10.96.0.77:8000"), Protocol: model.TCP, Origin: trace.FromNode},
+		{From: external.From, To: ap("10.96.0.77:8000"), Protocol: model.TCP, Origin: trace.FromPod},
+	} {
+		if _, err := eb.Trace(t.Context(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := kernelState(); after != before {
+		t.Errorf("a trace changed the kernel: before %s, after %s", before, after)
+	}
+
+	// Control: the same kind of packet without the trace mark creates a
+	// flow and an affinity entry.
+	iface, err := net.InterfaceByName("up0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &tcHarness{t: t, prog: eb.tc.SvcnatTcIngress, ifindex: iface.Index, mac: iface.HardwareAddr}
+	live := tuple{src: netip.AddrPortFrom(client, 40001), dst: external.To, proto: protoTCP, syn: true}
+	h.run(live)
+	if kernelState() == before {
+		t.Fatalf("control: a live packet changed nothing either (%s): the check above proves nothing", before)
+	}
+	f, ok := flowOf(t, live)
+	if !ok {
+		t.Fatal("control: no conntrack entry for the live packet")
+	}
+
+	// The live packet pinned the client: a new connection goes to the
+	// same endpoint.
+	r, err := eb.Trace(t.Context(), external)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Outcomes) != 1 || !r.Outcomes[0].Pinned || r.Outcomes[0].Endpoint != f.replySrc || r.Policy.PinnedTo != f.replySrc {
+		t.Errorf("ebpf trace after the live packet to %s: want pinned to it\n%s", f.replySrc, r.Text())
+	}
+	// The live packet's own tuple: the flow exists.
+	q := external
+	q.From = live.src
+	if r, err = eb.Trace(t.Context(), q); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Outcomes) != 1 || r.Outcomes[0].Verdict != trace.Existing || len(r.Flows) != 1 ||
+		!strings.HasPrefix(r.Flows[0].Reply, f.replySrc.String()) {
+		t.Errorf("ebpf trace of the live flow: want it existing with its conntrack entry (reply from %s)\n%s", f.replySrc, r.Text())
+	}
+
+	// iptables: put the client in one endpoint's affinity list (xt_recent
+	// accepts "+ADDR"); the trace follows that list's check rule.
+	lists, err := filepath.Glob("/proc/net/xt_recent/SVCNAT-*")
+	if err != nil || len(lists) != 2 {
+		t.Fatalf("affinity lists %v (%v), want one per endpoint", lists, err)
+	}
+	for _, list := range lists {
+		if err := os.WriteFile(list, []byte("/\n"), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(lists[1], []byte("+"+client.String()+"\n"), 0); err != nil {
+		t.Fatal(err)
+	}
+	r, err = ib.Trace(t.Context(), external)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Outcomes) != 1 || !r.Outcomes[0].Pinned || r.Policy.PinnedTo != r.Outcomes[0].Endpoint {
+		t.Fatalf("iptables trace with the client in %s: want one pinned endpoint\n%s", lists[1], r.Text())
+	}
+	check := fmt.Sprintf("--rcheck --seconds 10800 --reap --name %s ", filepath.Base(lists[1]))
+	if !slices.ContainsFunc(r.Steps, func(s string) bool {
+		return strings.Contains(s, check) && strings.HasSuffix(s, "--to-destination "+r.Outcomes[0].Endpoint.String())
+	}) {
+		t.Errorf("iptables trace: pinned to %s, but no step is the check rule of list %s to it\n%s", r.Outcomes[0].Endpoint, lists[1], r.Text())
 	}
 }

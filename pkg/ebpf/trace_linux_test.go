@@ -38,6 +38,32 @@ func traceNode(t *testing.T) {
 	}
 }
 
+// traceBackends makes the test namespace a node (traceNode) and returns
+// both backends initialised in it, the eBPF one with its tc program on up0;
+// both are cleaned up when the test ends.
+func traceBackends(t *testing.T) (*Backend, *iptables.Backend) {
+	t.Helper()
+	env := newTestEnv(t)
+	traceNode(t)
+	eb, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := eb.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { eb.Cleanup(t.Context()) })
+	ib, err := iptables.New(iptables.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ib.Init(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ib.Cleanup(t.Context()) })
+	return eb, ib
+}
+
 // clients are the sources a parity trace uses per origin and family.
 var clients = map[trace.Origin]map[model.Family][]string{
 	trace.FromPod:     {model.IPv4: {"10.244.1.7"}, model.IPv6: {"fd00:244:1::7"}},
@@ -94,24 +120,7 @@ func TestTraceParity(t *testing.T) {
 	if !netnstest.InNetns(t) {
 		return
 	}
-	env := newTestEnv(t)
-	traceNode(t)
-	eb, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := eb.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { eb.Cleanup(t.Context()) })
-	ib, err := iptables.New(iptables.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ib.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ib.Cleanup(t.Context()) })
+	eb, ib := traceBackends(t)
 
 	compared, known := 0, 0
 	for _, c := range conformance.Cases() {
@@ -190,24 +199,7 @@ func TestTraceLiveState(t *testing.T) {
 	if !netnstest.InNetns(t) {
 		return
 	}
-	env := newTestEnv(t)
-	traceNode(t)
-	eb, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup, Interfaces: []string{"up0"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := eb.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { eb.Cleanup(t.Context()) })
-	ib, err := iptables.New(iptables.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ib.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ib.Cleanup(t.Context()) })
+	eb, ib := traceBackends(t)
 	var s *model.State
 	for _, c := range conformance.Cases() {
 		if c.Name == "Affinity" {

@@ -200,12 +200,7 @@ func TestTraceLiveState(t *testing.T) {
 		return
 	}
 	eb, ib := traceBackends(t)
-	var s *model.State
-	for _, c := range conformance.Cases() {
-		if c.Name == "Affinity" {
-			s = c.State
-		}
-	}
+	s := conformance.CaseState(t, "Affinity")
 	if err := eb.Sync(t.Context(), s); err != nil {
 		t.Fatal(err)
 	}

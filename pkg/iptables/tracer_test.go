@@ -74,16 +74,7 @@ func abs(x float64) float64 {
 	return x
 }
 
-func caseState(t *testing.T, name string) *model.State {
-	t.Helper()
-	for _, c := range conformance.Cases() {
-		if c.Name == name {
-			return c.State
-		}
-	}
-	t.Fatalf("no conformance case %s", name)
-	return nil
-}
+func caseState(t *testing.T, name string) *model.State { return conformance.CaseState(t, name) }
 
 const (
 	node    = "192.168.1.10"

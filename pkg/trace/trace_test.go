@@ -9,16 +9,7 @@ import (
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
-func caseState(t *testing.T, name string) *model.State {
-	t.Helper()
-	for _, c := range conformance.Cases() {
-		if c.Name == name {
-			return c.State
-		}
-	}
-	t.Fatalf("no conformance case %s", name)
-	return nil
-}
+func caseState(t *testing.T, name string) *model.State { return conformance.CaseState(t, name) }
 
 func query(from, to string, proto model.Protocol, o Origin) Query {
 	f, err := netip.ParseAddrPort(from)

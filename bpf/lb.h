@@ -8,6 +8,8 @@
 #include "maps.h"
 
 #define NSEC_PER_SEC 1000000000ULL
+/* lb_select's slot for live traffic: choose at random (trace.h). */
+#define SVCNAT_LB_LIVE 0xffffffff
 
 enum lb_verdict {
 	LB_FORWARD = 0, /* an endpoint was chosen */
@@ -75,10 +77,12 @@ static __always_inline struct backend *lb_slot(__u32 id, __u8 set, __u16 slot, _
  * lb_affinity returns the endpoint client ak was sent to last when session
  * affinity holds: within the timeout, and the endpoint still a member of set
  * (an endpoint removed from the Service is never reached again; adding or
- * removing others does not matter).
+ * removing others does not matter). touch refreshes the entry's last use
+ * (0 for a trace, which changes nothing).
  */
 static __always_inline struct backend *lb_affinity(const struct svc_value *sv, __u8 set,
-						   struct affinity_key *ak, __u64 now, __u32 *backend_id)
+						   struct affinity_key *ak, __u64 now, __u32 *backend_id,
+						   int touch)
 {
 	struct affinity_value *av;
 	struct backend *b;
@@ -91,7 +95,8 @@ static __always_inline struct backend *lb_affinity(const struct svc_value *sv, _
 		return 0;
 	b = lb_member(sv->id, set, av->backend_id);
 	if (b) {
-		av->last_used = now;
+		if (touch)
+			av->last_used = now;
 		*backend_id = av->backend_id;
 	}
 	return b;
@@ -112,11 +117,15 @@ static __always_inline void lb_pin(const struct svc_value *sv, __u8 set, struct 
 /*
  * lb_select chooses an endpoint of set for the Service sv, uniformly at
  * random, or the one client used last when session affinity holds, and
- * copies it to out. Written out with one scratch key, not through the
- * helpers above: the tc programs have no stack to spare.
+ * copies it to out and its id to backend_id. Written out with one scratch
+ * key, not through the helpers above: the tc programs have no stack to
+ * spare. slot is SVCNAT_LB_LIVE for live traffic; a trace (trace.h) names
+ * the slot to take instead of a random one, learns in *pinned whether
+ * affinity chose, and writes nothing.
  */
 static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u8 set,
-						 struct affinity_key *ak, struct backend *out)
+						 struct affinity_key *ak, struct backend *out,
+						 __u32 *backend_id, __u32 slot, __u8 *pinned)
 {
 	__u16 count = lb_count(sv, set);
 	union {
@@ -126,8 +135,9 @@ static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u
 	} k;
 	struct affinity_value *av;
 	struct backend *b;
-	__u32 *backend_id;
+	__u32 *bid;
 	__u64 now;
+	int live = slot == SVCNAT_LB_LIVE;
 
 	if (count == 0)
 		return lb_empty(sv);
@@ -141,22 +151,29 @@ static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u
 			b = bpf_map_lookup_elem(&svcnat_members, &k.mk) ?
 				    bpf_map_lookup_elem(&svcnat_backends, &av->backend_id) : 0;
 			if (b) {
-				av->last_used = now;
+				if (live)
+					av->last_used = now;
+				else
+					*pinned = 1;
 				*out = *b;
+				*backend_id = av->backend_id;
 				return LB_FORWARD;
 			}
 		}
 	}
-	k.sk = (struct slot_key){ .id = sv->id, .slot = bpf_get_prandom_u32() % count, .set = set };
-	backend_id = bpf_map_lookup_elem(&svcnat_slots, &k.sk);
-	if (!backend_id)
+	if (live)
+		slot = bpf_get_prandom_u32();
+	k.sk = (struct slot_key){ .id = sv->id, .slot = slot % count, .set = set };
+	bid = bpf_map_lookup_elem(&svcnat_slots, &k.sk);
+	if (!bid)
 		return LB_REJECT; /* a write in progress; refuse rather than guess */
-	b = bpf_map_lookup_elem(&svcnat_backends, backend_id);
+	b = bpf_map_lookup_elem(&svcnat_backends, bid);
 	if (!b)
 		return LB_REJECT;
 	*out = *b;
-	if (sv->affinity_timeout) {
-		k.nv = (struct affinity_value){ .last_used = now, .backend_id = *backend_id, .set = set };
+	*backend_id = *bid;
+	if (sv->affinity_timeout && live) {
+		k.nv = (struct affinity_value){ .last_used = now, .backend_id = *bid, .set = set };
 		bpf_map_update_elem(&svcnat_affinity, ak, &k.nv, BPF_ANY);
 	}
 	return LB_FORWARD;

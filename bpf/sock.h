@@ -135,7 +135,7 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 				b = lb_member(sv.id, SVCNAT_SET_SERVING, bid);
 		}
 		if (!b)
-			b = lb_affinity(&sv, set, &ak, now, &bid);
+			b = lb_affinity(&sv, set, &ak, now, &bid, 1);
 		if (!b) {
 			b = sock_pick(st, key, &sv, set, count, &bid);
 			if (b)

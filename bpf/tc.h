@@ -34,7 +34,7 @@
 #include <linux/udp.h>
 #include <linux/netfilter/nf_conntrack_tcp.h>
 #include <bpf/bpf_endian.h>
-#include "lb.h"
+#include "trace.h"
 
 /* TCX verdicts (uapi enum tcx_action_base, Linux 6.6). */
 #define SVCNAT_TCX_NEXT (-1)
@@ -446,14 +446,17 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	struct nf_conn *ins;
 	struct backend b;
 	int external, masquerade, failed;
-	__u32 tsize;
-	__u8 set;
+	int trace = is_trace(skb);
+	__u32 tsize, bid = 0;
+	__u8 set, pinned = 0;
 
 	if (sv->kind == SVCNAT_KIND_LOAD_BALANCER && (sv->flags & SVCNAT_F_SOURCE_RANGES)) {
 		struct source_range_key rk = { .prefixlen = 32 + 128, .id = sv->id };
 
 		__builtin_memcpy(rk.addr, p->saddr, 16);
 		if (!bpf_map_lookup_elem(&svcnat_source_ranges, &rk)) {
+			if (trace)
+				return trace_out(skb, TRACE_SOURCE_RANGE, 0, 0, 0, 0, sv->id, 0);
 			count(TC_STAT_SOURCE_RANGE);
 			return SVCNAT_TCX_DROP;
 		}
@@ -461,12 +464,16 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	external = !in_cluster(p->saddr);
 	__builtin_memcpy(ak.client, p->saddr, 16);
 	set = lb_set(sv, external);
-	switch (lb_select(sv, set, &ak, &b)) {
+	switch (lb_select(sv, set, &ak, &b, &bid, trace ? skb->cb[1] : SVCNAT_LB_LIVE, &pinned)) {
 	case LB_FORWARD:
 		break;
 	case LB_REJECT:
+		if (trace)
+			return trace_out(skb, TRACE_REJECT, set, 0, 0, lb_count(sv, set), sv->id, 0);
 		return reject(skb, p);
 	default:
+		if (trace)
+			return trace_out(skb, TRACE_NO_LOCAL, set, 0, 0, 0, sv->id, 0);
 		count(TC_STAT_NO_LOCAL);
 		return SVCNAT_TCX_DROP;
 	}
@@ -483,10 +490,17 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	if (masquerade || !(b.flags & SVCNAT_BACKEND_LOCAL)) {
 		masquerade = masquerade_addr(skb, p, &b, &src);
 		if (masquerade < 0) {
+			if (trace)
+				return trace_out(skb, TRACE_NO_ROUTE, set, 0, bid, lb_count(sv, set), sv->id, 0);
 			count(TC_STAT_NO_ROUTE);
 			return SVCNAT_TCX_DROP;
 		}
 	}
+	/* A trace stops here: everything below writes kernel state. */
+	if (trace)
+		return trace_out(skb, TRACE_FORWARD, set,
+				 (pinned ? TRACE_F_PINNED : 0) | (masquerade > 0 ? TRACE_F_MASQUERADE : 0),
+				 bid, lb_count(sv, set), sv->id, p->v6 ? 0 : src.all[0]);
 
 	tsize = tuple(p, &t);
 	ct = bpf_skb_ct_alloc(skb, &t, tsize, &opts, sizeof(opts));
@@ -536,7 +550,7 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
  * starts a new one, as conntrack would: the old entry is expired so that
  * the lookup that follows drops it.
  */
-static __always_inline int flow_exists(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int flow_exists(struct __sk_buff *skb, const struct pkt *p, int trace)
 {
 	struct bpf_ct_opts opts = { .netns_id = -1, .l4proto = p->proto };
 	struct bpf_sock_tuple t = {};
@@ -556,6 +570,11 @@ static __always_inline int flow_exists(struct __sk_buff *skb, const struct pkt *
 		bpf_ct_release(ct);
 		return 1;
 	}
+	if (trace) {
+		/* A trace's SYN would reopen the flow: show the new one. */
+		bpf_ct_release(ct);
+		return 0;
+	}
 	bpf_ct_change_timeout(ct, 0);
 	bpf_ct_release(ct);
 	count(TC_STAT_REOPENED);
@@ -571,6 +590,7 @@ static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
 	struct svc_key sk = {};
 	struct svc_value *sv;
 	struct pkt p = {};
+	int trace = is_trace(skb);
 
 	/* Frames for other hosts (a flooded LAN) are not ours to answer. */
 	if (skb->pkt_type == PACKET_OTHERHOST)
@@ -588,12 +608,23 @@ static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
 	sk.port = p.dport;
 	sk.proto = p.proto;
 	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
-	if (!sv || flow_exists(skb, &p))
+	if (!sv) {
+		if (trace)
+			return trace_out(skb, TRACE_NOT_SERVICE, 0, 0, 0, 0, 0, 0);
 		return SVCNAT_TCX_NEXT;
+	}
+	if (flow_exists(skb, &p, trace)) {
+		if (trace)
+			return trace_out(skb, TRACE_FLOW_EXISTS, 0, 0, 0, 0, sv->id, 0);
+		return SVCNAT_TCX_NEXT;
+	}
 	/* A TCP flow starts with a SYN; anything else without a flow goes to
 	 * the stack, which answers a NodePort's with a reset. */
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
+		if (trace)
+			return trace_out(skb, TRACE_NOT_SYN, 0, 0, 0, 0, sv->id, 0);
 		return SVCNAT_TCX_NEXT;
+	}
 	return new_flow(skb, &p, sv);
 }
 

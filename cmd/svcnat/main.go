@@ -60,7 +60,7 @@ func newRootCommand() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.config, "config", "", "YAML file whose keys are flag names (without --); flags given on the command line win")
 	root.PersistentFlags().StringVarP(&g.logLevel, "log-level", "v", "info", "log level: debug, info, warn, error, or a number (2 and above is debug)")
-	root.AddCommand(newRunCommand(), newDumpCommand(), newCleanupCommand(), &cobra.Command{
+	root.AddCommand(newRunCommand(), newDumpCommand(), newTraceCommand(), newCleanupCommand(), &cobra.Command{
 		Use:   "version",
 		Short: "Print svcnat's version",
 		Args:  cobra.NoArgs,

@@ -92,6 +92,8 @@ type rule struct {
 	rset             bool
 	rsetName         string
 	comment          string
+	// text is the rule as iptables-save printed it (for traces).
+	text string
 
 	target       string
 	toDest       netip.AddrPort
@@ -207,7 +209,7 @@ func parseRule(s string) (*rule, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &rule{}
+	r := &rule{text: s}
 	neg := false
 	i := 0
 	next := func() (string, error) {

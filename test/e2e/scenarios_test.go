@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/svcnat/svcnat/pkg/trace"
 	"github.com/svcnat/svcnat/test/testbed"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -24,6 +25,7 @@ var scenarios = []scenario{
 	{name: "MultiPort", run: testMultiPort},
 	{name: "NodePortFromClientToEachNode", run: testNodePort},
 	{name: "LoadBalancerIngressAndExternalIPs", run: testLoadBalancer},
+	{name: "LoadBalancerSourceRanges", run: testSourceRanges},
 	{name: "SpreadAcrossAllEndpoints", run: testSpread},
 	{name: "EndpointsAddedRemovedMoved", run: testEndpointChurn},
 	{name: "PortChanged", run: testPortChange},
@@ -100,6 +102,7 @@ func testClusterIP(t *testing.T, e *env) {
 			t.Errorf("from %s: server saw %s, want the pod's own address %s (no masquerade inside the cluster)", from, r.Client, o.IP)
 		}
 	}
+	e.traceAgrees(t, e.c.Nodes[0], e.pod("node1-b").Origin(), trace.FromPod, addr, 10)
 }
 
 func testMultiPort(t *testing.T, e *env) {
@@ -142,6 +145,7 @@ func testNodePort(t *testing.T, e *env) {
 	}
 	// Pods reach node ports too.
 	e.reachesOnly(t, e.pod("node2-c").Origin(), "tcp", nodePort(t, svc, e.c.Nodes[0], 0), "node1-a", "node2-a")
+	e.traceAgrees(t, e.c.Nodes[1], client, trace.FromOutside, nodePort(t, svc, e.c.Nodes[1], 0), 10)
 }
 
 func testLoadBalancer(t *testing.T, e *env) {
@@ -243,6 +247,7 @@ func testNoEndpoints(t *testing.T, e *env) {
 		t.Fatalf("connect to %s with no endpoints: %q after %v, want connection refused within 3s", addr, r.Err, time.Since(start))
 	}
 	t.Logf("connect to %s refused after %v", addr, time.Since(start).Round(time.Millisecond))
+	e.traceAgrees(t, e.c.Nodes[0], from, trace.FromPod, addr, 1)
 }
 
 func testAffinity(t *testing.T, e *env) {
@@ -257,6 +262,7 @@ func testAffinity(t *testing.T, e *env) {
 	for _, from := range []string{"node1-c", "node2-c"} {
 		o := e.pod(from).Origin()
 		e.reachesOnlyOne(t, o, addr, pods)
+		e.traceAgrees(t, e.pod(from).Node, o, trace.FromPod, addr, 10)
 	}
 }
 
@@ -298,6 +304,8 @@ func testExternalLocal(t *testing.T, e *env) {
 	}
 	// node2 has no local endpoint: external traffic to it goes nowhere.
 	e.unreachable(t, client, "tcp", nodePort(t, svc, n2, 0), false)
+	e.traceAgrees(t, n1, client, trace.FromOutside, np1, 10)
+	e.traceAgrees(t, n2, client, trace.FromOutside, nodePort(t, svc, n2, 0), 1)
 
 	hc := func(n *testbed.Node, want int) {
 		addr := netip.AddrPortFrom(n.IP, uint16(svc.Spec.HealthCheckNodePort))

@@ -242,3 +242,9 @@ func (p *Proxy) Dump(ctx context.Context, extra ...string) (string, error) {
 		"--cluster-cidr=" + p.c.clusterCIDRs()}, p.backendArgs()...)
 	return p.Svcnat(ctx, append(args, extra...)...)
 }
+
+// Trace runs `svcnat trace` with the backend flags of the running agent,
+// plus args.
+func (p *Proxy) Trace(ctx context.Context, args ...string) (string, error) {
+	return p.Svcnat(ctx, append(append([]string{"trace", "--log-level=warn"}, p.backendArgs()...), args...)...)
+}

@@ -23,6 +23,19 @@ type Case struct {
 	State *model.State
 }
 
+// CaseState returns a new copy of the state of the case named name, and
+// fails t when there is none.
+func CaseState(t testing.TB, name string) *model.State {
+	t.Helper()
+	for _, c := range Cases() {
+		if c.Name == name {
+			return c.State
+		}
+	}
+	t.Fatalf("no conformance case %s", name)
+	return nil
+}
+
 func addr(s string) netip.Addr     { return netip.MustParseAddr(s) }
 func prefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 

@@ -421,7 +421,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.destroyGone(s)
 	}
 	t := b.rec.written
-	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "frontends", len(t.services),
+	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "changed", dataplane.Changed(s), "frontends", len(t.services),
 		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))
 	if b.entries != nil {
 		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))

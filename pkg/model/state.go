@@ -269,9 +269,10 @@ type State struct {
 	// ServicePorts, keyed by name.
 	ServicePorts map[ServicePortName]*ServicePort `json:"-"`
 	// Change, when set, says which ServicePorts differ from the State of
-	// the previous successful sync (with the same ClusterCIDRs), so that a
-	// backend looks at those only; nil means any part may differ (a full
-	// reconcile). The agent computes it once, for every backend.
+	// the previous successful sync, so that a backend looks at those only
+	// (ClusterCIDRs, always whole, it compares itself); nil means any
+	// ServicePort may differ (a full reconcile). The agent computes it
+	// once, for every backend.
 	Change *Change `json:"-"`
 }
 

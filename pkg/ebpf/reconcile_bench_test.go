@@ -3,6 +3,7 @@ package ebpf
 import (
 	"fmt"
 	"net/netip"
+	"runtime"
 	"testing"
 
 	"github.com/svcnat/svcnat/pkg/model"
@@ -29,7 +30,8 @@ func benchState(n int) *model.State {
 
 // BenchmarkReconcile10k is the reconciler's cost per sync at 10,000
 // Services x 10 endpoints (in-memory maps): one Service's endpoint
-// changes; a new Service, then its endpoints (two syncs).
+// changes; a new Service, then its endpoints (two syncs); and the live
+// heap per Service of the reconciler with its in-memory maps.
 func BenchmarkReconcile10k(b *testing.B) {
 	const n = 10000
 	setup := func(b *testing.B) (*reconciler, *model.State) {
@@ -73,5 +75,24 @@ func BenchmarkReconcile10k(b *testing.B) {
 			s.ServicePorts[sp.Name] = sp
 			sync(b, rec, s, sp.Name)
 		}
+	})
+	b.Run("LiveHeap", func(b *testing.B) {
+		var heap uint64
+		for b.Loop() {
+			s := benchState(n)
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			rec := &reconciler{maps: fakeMaps(1<<20, nil)}
+			if err := rec.sync(s); err != nil {
+				b.Fatal(err)
+			}
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			heap = after.HeapAlloc - before.HeapAlloc
+			runtime.KeepAlive(rec)
+			runtime.KeepAlive(s)
+		}
+		b.ReportMetric(float64(heap)/n, "heapB/service")
 	})
 }

@@ -173,6 +173,11 @@ func cmpOr(v, def int) int {
 	return v
 }
 
+// ErrNotSupported is in the chain of New's error when the kernel lacks a
+// feature the backend needs; any other error of New says nothing about
+// the kernel.
+var ErrNotSupported = ebpf.ErrNotSupported
+
 // probe names the first kernel feature the backend needs that is missing;
 // tc says whether the tc programs are needed too.
 func probe(tc bool) error {

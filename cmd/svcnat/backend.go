@@ -84,7 +84,9 @@ func (f *backendFlags) ebpf(reg prometheus.Registerer, log *slog.Logger) (*ebpf.
 
 // forRun returns the backend the agent programs, and its name. auto tries
 // eBPF (which needs --cgroup-path and the kernel features it probes) and
-// falls back to iptables, saying why.
+// falls back to iptables, saying why, only when the kernel does not
+// support it: any other failure (a bad flag, a metrics clash, a probe that
+// could not tell) is an error, never a silent switch of dataplane.
 func (f *backendFlags) forRun(reg prometheus.Registerer, log *slog.Logger) (rawBackend, string, error) {
 	switch f.name {
 	case backendIptables:
@@ -99,8 +101,10 @@ func (f *backendFlags) forRun(reg prometheus.Registerer, log *slog.Logger) (rawB
 		} else if b, err := f.ebpf(reg, log); err == nil {
 			log.Info("backend auto: using ebpf")
 			return b, backendEBPF, nil
-		} else {
+		} else if errors.Is(err, ebpf.ErrNotSupported) {
 			log.Warn("backend auto: eBPF unavailable, using iptables", "reason", err)
+		} else {
+			return nil, "", fmt.Errorf("backend auto: %w", err)
 		}
 		b, err := f.iptables(reg, log)
 		return b, backendIptables, err

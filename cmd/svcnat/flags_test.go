@@ -1,12 +1,18 @@
 package main
 
 import (
+	"errors"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
+
+	"github.com/svcnat/svcnat/pkg/ebpf"
+	"github.com/svcnat/svcnat/pkg/iptables"
 )
 
 // --nodeport-addresses takes kube-proxy's keyword "primary" beside CIDRs.
@@ -46,5 +52,24 @@ func TestMaxNATDeprecated(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "--bpf-map-max-nat has been deprecated") {
 		t.Errorf("no warning naming --bpf-map-max-nat; output %q", out.String())
+	}
+}
+
+// --backend auto falls back to iptables only when the kernel lacks a
+// feature: an unrelated failure of the eBPF backend (here its metrics
+// clash with ones registered already) is an error, not a silent switch.
+func TestBackendAutoFallsBackOnlyWhenNotSupported(t *testing.T) {
+	if _, err := ebpf.New(ebpf.Options{}); err != nil {
+		t.Skipf("the eBPF backend cannot be created here: %v", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "svcnat_ebpf_map_entries", Help: "clash"}, []string{"other"}))
+	f := backendFlags{name: backendAuto, cgroupPath: "/sys/fs/cgroup", masqueradeBit: iptables.DefaultMasqueradeBit}
+	b, name, err := f.forRun(reg, slog.New(slog.DiscardHandler))
+	if err == nil {
+		t.Fatalf("auto chose %s (%T) despite an error unrelated to kernel support", name, b)
+	}
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		t.Fatalf("a metrics clash reported as not supported: %v", err)
 	}
 }

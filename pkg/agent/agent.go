@@ -107,8 +107,19 @@ type Agent struct {
 	wake        chan struct{}
 
 	// Owned by the loop goroutine.
-	ports    map[types.NamespacedName][]*model.ServicePort
-	triggers map[types.NamespacedName]map[string]time.Time
+	ports map[types.NamespacedName][]*model.ServicePort // as built
+	// conflicts resolves the frontend conflicts among ports; state holds
+	// the resolved ServicePorts, handed to the backend, and changed the
+	// names that differ from what the last successful sync programmed (all
+	// of them when full is set: at start and after a failed sync).
+	conflicts *model.Conflicts
+	state     *model.State
+	changed   map[model.ServicePortName]bool
+	full      bool
+	revision  uint64
+	endpoints int                                          // cluster endpoints in state
+	checked   map[model.ServicePortName]*model.ServicePort // those of state with a health check node port
+	triggers  map[types.NamespacedName]map[string]time.Time
 	// ignored holds, per Service, what its last rebuild left alone on
 	// purpose, so that each is logged and counted once.
 	ignored  map[types.NamespacedName]map[string]bool
@@ -139,25 +150,31 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 		opts.Metrics = NewMetrics(nil)
 	}
 	a := &Agent{
-		opts:     opts,
-		backend:  backend,
-		src:      src,
-		clock:    opts.Clock,
-		log:      opts.Logger,
-		metrics:  opts.Metrics,
-		started:  opts.Clock.Now(),
-		dirty:    map[types.NamespacedName]struct{}{},
-		allDirty: true,
-		gap:      opts.MinSyncInterval,
-		wake:     make(chan struct{}, 1),
-		ports:    map[types.NamespacedName][]*model.ServicePort{},
-		triggers: map[types.NamespacedName]map[string]time.Time{},
-		ignored:  map[types.NamespacedName]map[string]bool{},
+		opts:      opts,
+		backend:   backend,
+		src:       src,
+		clock:     opts.Clock,
+		log:       opts.Logger,
+		metrics:   opts.Metrics,
+		started:   opts.Clock.Now(),
+		dirty:     map[types.NamespacedName]struct{}{},
+		allDirty:  true,
+		gap:       opts.MinSyncInterval,
+		wake:      make(chan struct{}, 1),
+		ports:     map[types.NamespacedName][]*model.ServicePort{},
+		conflicts: model.NewConflicts(),
+		state:     &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}},
+		changed:   map[model.ServicePortName]bool{},
+		full:      true,
+		checked:   map[model.ServicePortName]*model.ServicePort{},
+		triggers:  map[types.NamespacedName]map[string]time.Time{},
+		ignored:   map[types.NamespacedName]map[string]bool{},
 	}
 	// Build canonicalises the cluster CIDRs the way the State holds them.
 	if s, _ := model.Build(&model.Config{ClusterCIDRs: opts.ClusterCIDRs}, nil, nil); s != nil {
 		a.clusterCIDRs = s.ClusterCIDRs
 	}
+	a.state.ClusterCIDRs = a.clusterCIDRs
 	a.health = newHealth(opts.Clock, 2*opts.SyncPeriod, src.Node)
 	a.health.queued()
 	a.svcHealth = newServiceHealth(opts.HealthCheckHost, a.health, opts.Logger)
@@ -358,31 +375,38 @@ func (a *Agent) sync(ctx context.Context) error {
 		}
 	}
 
-	state := &model.State{
-		ClusterCIDRs: a.clusterCIDRs,
-		ServicePorts: map[model.ServicePortName]*model.ServicePort{},
-	}
-	endpoints := 0
-	for _, sps := range a.ports {
-		for _, sp := range sps {
-			state.ServicePorts[sp.Name] = sp
-			endpoints += len(sp.ClusterEndpoints)
+	state := a.state
+	state.Change = nil
+	a.revision++
+	if !a.full {
+		state.Change = &model.Change{Revision: a.revision}
+		for name := range a.changed {
+			if _, ok := state.ServicePorts[name]; ok {
+				state.Change.Updated = append(state.Change.Updated, name)
+			} else {
+				state.Change.Removed = append(state.Change.Removed, name)
+			}
 		}
+		slices.SortFunc(state.Change.Updated, model.ServicePortName.Compare)
+		slices.SortFunc(state.Change.Removed, model.ServicePortName.Compare)
 	}
-	conflicts := model.ResolveConflicts(state)
 	var failed dataplane.PortErrors
 	if err := a.backend.Sync(ctx, state); err != nil && !errors.As(err, &failed) {
 		a.metrics.syncErrors.Inc()
+		a.full = true
 		return fmt.Errorf("program %d service ports: %w", len(state.ServicePorts), err)
 	}
-	a.reportProblems(conflicts, failed)
+	changed := len(a.changed)
+	a.full = false
+	clear(a.changed)
+	a.reportProblems(a.conflicts.Errors(), failed)
 	now := a.clock.Now()
 	for _, t := range a.pending {
 		a.metrics.programmingLatency.Observe(now.Sub(t).Seconds())
 	}
 	a.pending = a.pending[:0]
 	a.health.updated()
-	a.svcHealth.Sync(state)
+	a.svcHealth.Sync(&model.State{ServicePorts: a.checked})
 	if a.opts.Conntrack != nil {
 		if err := a.opts.Conntrack.Clean(state); err != nil {
 			a.log.Error("clean stale udp conntrack entries", "err", err)
@@ -393,9 +417,9 @@ func (a *Agent) sync(ctx context.Context) error {
 	a.metrics.lastSync.Set(float64(now.UnixNano()) / 1e9)
 	a.metrics.services.Set(float64(len(a.ports)))
 	a.metrics.servicePorts.Set(float64(len(state.ServicePorts)))
-	a.metrics.endpoints.Set(float64(endpoints))
+	a.metrics.endpoints.Set(float64(a.endpoints))
 	a.log.Info("synced", "services", len(a.ports), "servicePorts", len(state.ServicePorts),
-		"endpoints", endpoints, "rebuilt", len(keys), "took", took)
+		"endpoints", a.endpoints, "rebuilt", len(keys), "changed", changed, "revision", a.revision, "took", took)
 	return nil
 }
 
@@ -450,7 +474,7 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 		return err
 	}
 	if svc == nil {
-		delete(a.ports, key)
+		a.setPorts(key, nil)
 		delete(a.triggers, key)
 		delete(a.ignored, key)
 		return nil
@@ -478,13 +502,62 @@ func (a *Agent) rebuild(cfg *model.Config, key types.NamespacedName) error {
 	} else {
 		a.ignored[key] = ignored
 	}
+	a.setPorts(key, sps)
+	a.noteTriggers(key, slices)
+	return nil
+}
+
+// setPorts replaces the ServicePorts of one Service and notes which
+// resolved ServicePorts changed. An unchanged ServicePort keeps its old
+// value, so that nothing downstream sees it change.
+func (a *Agent) setPorts(key types.NamespacedName, sps []*model.ServicePort) {
+	gone := map[model.ServicePortName]*model.ServicePort{}
+	for _, sp := range a.ports[key] {
+		gone[sp.Name] = sp
+	}
+	for i, sp := range sps {
+		if old := gone[sp.Name]; old != nil {
+			delete(gone, sp.Name)
+			if old.Identical(sp) {
+				sps[i] = old
+				continue
+			}
+		}
+		a.setPort(sp.Name, sp)
+	}
+	for name := range gone {
+		a.setPort(name, nil)
+	}
 	if len(sps) == 0 {
 		delete(a.ports, key)
 	} else {
 		a.ports[key] = sps
 	}
-	a.noteTriggers(key, slices)
-	return nil
+}
+
+// setPort replaces one built ServicePort (nil removes it) and updates the
+// resolved ServicePorts its frontends concern.
+func (a *Agent) setPort(name model.ServicePortName, sp *model.ServicePort) {
+	for _, n := range a.conflicts.Set(name, sp) {
+		r, prev := a.conflicts.Resolved(n), a.state.ServicePorts[n]
+		if r == nil && prev == nil || r != nil && prev != nil && r.Identical(prev) {
+			continue
+		}
+		a.changed[n] = true
+		delete(a.checked, n)
+		if prev != nil {
+			a.endpoints -= len(prev.ClusterEndpoints)
+		}
+		if r == nil {
+			delete(a.state.ServicePorts, n)
+			continue
+		}
+		a.state.ServicePorts[n] = r
+		a.endpoints += len(r.ClusterEndpoints)
+		if r.HealthCheckNodePort != 0 {
+			a.checked[n] = r
+		}
+	}
 }
 
 // triggerAnnotation is set by the EndpointSlice controller to when the

@@ -120,6 +120,10 @@ func (b *fakeBackend) Init(context.Context) error { return nil }
 
 func (b *fakeBackend) Sync(_ context.Context, s *model.State) error {
 	cp := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
+	if s.Change != nil {
+		c := *s.Change
+		cp.Change = &c
+	}
 	b.mu.Lock()
 	var err error
 	if len(b.errs) > 0 {
@@ -277,6 +281,15 @@ func names(s *model.State) []string {
 	return out
 }
 
+// change describes what a synced state says changed: "full", or the
+// updated and removed ServicePorts.
+func change(s *model.State) string {
+	if s.Change == nil {
+		return "full"
+	}
+	return fmt.Sprintf("updated %v removed %v", s.Change.Updated, s.Change.Removed)
+}
+
 func TestNoSyncBeforeCachesSynced(t *testing.T) {
 	h := newHarness(t)
 	k := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
@@ -294,8 +307,12 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	h := newHarness(t)
 	web := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
 	h.cachesSynced()
-	if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
+	first := h.waitSync()
+	if got := names(first); !slices.Equal(got, []string{"ns/web=1"}) {
 		t.Fatalf("first sync programmed %v", got)
+	}
+	if got := change(first); got != "full" {
+		t.Errorf("first sync's change: %s, want full", got)
 	}
 	h.waitArmed(30 * time.Second) // the periodic reconcile
 	h.src.takeReads()
@@ -313,9 +330,13 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	h.advanceTo(999 * time.Millisecond)
 	h.noSync()
 	h.advanceTo(time.Second)
-	got := names(h.waitSync())
+	coalesced := h.waitSync()
+	got := names(coalesced)
 	if want := []string{"ns/api0=2", "ns/api1=2", "ns/api2=2", "ns/web=1"}; !slices.Equal(got, want) {
 		t.Errorf("coalesced sync programmed %v, want %v", got, want)
+	}
+	if got, want := change(coalesced), "updated [ns/api0 ns/api1 ns/api2] removed []"; got != want {
+		t.Errorf("coalesced sync's change: %s, want %s", got, want)
 	}
 	h.noSync()
 	reads := h.src.takeReads()
@@ -330,8 +351,12 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	h.a.ServiceChanged(keys[1])
 	h.waitArmed(2 * time.Second)
 	h.advanceTo(2 * time.Second)
-	if got, want := names(h.waitSync()), []string{"ns/api0=2", "ns/api2=2", "ns/web=1"}; !slices.Equal(got, want) {
+	deleted := h.waitSync()
+	if got, want := names(deleted), []string{"ns/api0=2", "ns/api2=2", "ns/web=1"}; !slices.Equal(got, want) {
 		t.Errorf("after delete programmed %v, want %v", got, want)
+	}
+	if got, want := change(deleted), "updated [] removed [ns/api1]"; got != want {
+		t.Errorf("delete sync's change: %s, want %s", got, want)
 	}
 	if reads := h.src.takeReads(); !maps.Equal(reads, map[types.NamespacedName]int{keys[1]: 1}) {
 		t.Errorf("services rebuilt after delete: %v, want only %v", reads, keys[1])
@@ -340,8 +365,12 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	// The periodic reconcile programs everything again without rebuilding.
 	h.waitArmed(32 * time.Second)
 	h.advanceTo(32 * time.Second)
-	if got := names(h.waitSync()); len(got) != 3 {
+	periodic := h.waitSync()
+	if got := names(periodic); len(got) != 3 {
 		t.Errorf("periodic sync programmed %v", got)
+	}
+	if got, want := change(periodic), "updated [] removed []"; got != want {
+		t.Errorf("periodic sync's change: %s, want %s", got, want)
 	}
 	if reads := h.src.takeReads(); len(reads) != 0 {
 		t.Errorf("periodic sync rebuilt %v, want nothing", reads)
@@ -352,7 +381,9 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	h.a.AllChanged()
 	h.waitArmed(33 * time.Second)
 	h.advanceTo(33 * time.Second)
-	h.waitSync()
+	if got, want := change(h.waitSync()), "updated [] removed []"; got != want {
+		t.Errorf("AllChanged sync's change: %s, want %s (nothing differs)", got, want)
+	}
 	if reads := h.src.takeReads(); len(reads) != 3 {
 		t.Errorf("AllChanged rebuilt %v, want every Service", reads)
 	}
@@ -377,8 +408,12 @@ func TestRetriesWithBackoff(t *testing.T) {
 		h.advanceTo(at - time.Millisecond)
 		h.noSync()
 		h.advanceTo(at)
-		if got := names(h.waitSync()); !slices.Equal(got, []string{"ns/web=1"}) {
+		s := h.waitSync()
+		if got := names(s); !slices.Equal(got, []string{"ns/web=1"}) {
 			t.Errorf("retry at %v programmed %v", at, got)
+		}
+		if got := change(s); got != "full" {
+			t.Errorf("retry at %v after a failed sync: change %s, want full", at, got)
 		}
 	}
 	// Success: back to the periodic schedule.

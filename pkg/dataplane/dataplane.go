@@ -19,9 +19,15 @@ type Backend interface {
 	// a previous run left programmed, without removing it: traffic through
 	// Services keeps flowing while the agent restarts. Idempotent.
 	Init(ctx context.Context) error
-	// Sync makes the kernel match s. It writes only what differs from the
-	// last successful Sync, and rewrites everything after a failure.
-	// Idempotent and safe to retry. On error, what was programmed before is
+	// Sync makes the kernel match s. When s.Change is set, it looks only
+	// at the ServicePorts it names, relative to the last successful Sync:
+	// its cost follows the change, not the state. A Change that names none
+	// is the periodic reconcile: it checks that the kernel still holds what
+	// was written and repairs what differs. Without a Change, Sync compares
+	// everything. It writes only what differs, and rewrites everything
+	// after a failure. Idempotent and safe to retry. Sync does not modify
+	// s, and the caller does not modify the ServicePorts of s afterwards
+	// (it replaces them), so a backend may keep pointers to them. On error, what was programmed before is
 	// either kept or replaced whole per ServicePort, never half-written.
 	//
 	// A ServicePort the backend cannot program (a full map, say) fails
@@ -54,4 +60,13 @@ func (e PortErrors) Error() string {
 		parts[i] = fmt.Sprintf("%s: %v", n, e[n])
 	}
 	return fmt.Sprintf("%d service ports not programmed: %s", len(e), strings.Join(parts, "; "))
+}
+
+// Changed is how many ServicePorts s.Change names, or "all" without one,
+// for logs.
+func Changed(s *model.State) string {
+	if s.Change == nil {
+		return "all"
+	}
+	return fmt.Sprint(len(s.Change.Updated) + len(s.Change.Removed))
 }

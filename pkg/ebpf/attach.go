@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -345,25 +344,24 @@ func sweepFlows(f *staleFlows) (uint, error) {
 // A sweep is wanted at the first request and whenever a ServicePort
 // changed or went since the last one.
 type flowSweeper struct {
-	log  *slog.Logger
-	last map[model.ServicePortName]*model.ServicePort // clones, as last requested
+	log       *slog.Logger
+	requested bool // a sweep was requested before
 
 	mu      sync.Mutex
 	pending *staleFlows
 	done    chan struct{} // closed when the running sweeps end; nil when idle
 }
 
-// request starts a sweep against s when it differs from the last request
-// (or there was none). It does not wait for it.
+// request starts a sweep against s unless s.Change says nothing changed
+// since the last request. It does not wait for it. The ServicePorts of s
+// are not modified once synced (dataplane.Backend), so the sweep reads them
+// without copying.
 func (w *flowSweeper) request(s *model.State) {
-	if w.last != nil && len(w.last) == len(s.ServicePorts) && w.unchanged(s) {
+	if w.requested && s.Change != nil && s.Change.Empty() {
 		return
 	}
-	w.last = make(map[model.ServicePortName]*model.ServicePort, len(s.ServicePorts))
-	for name, sp := range s.ServicePorts {
-		w.last[name] = sp.Clone()
-	}
-	f := newStaleFlows(w.last)
+	w.requested = true
+	f := newStaleFlows(s.ServicePorts)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.pending = f
@@ -371,15 +369,6 @@ func (w *flowSweeper) request(s *model.State) {
 		w.done = make(chan struct{})
 		go w.run(w.done)
 	}
-}
-
-func (w *flowSweeper) unchanged(s *model.State) bool {
-	for name, sp := range s.ServicePorts {
-		if old, ok := w.last[name]; !ok || !old.Equal(sp) || !slices.Equal(old.ServingEndpoints, sp.ServingEndpoints) {
-			return false
-		}
-	}
-	return true
 }
 
 func (w *flowSweeper) run(done chan struct{}) {

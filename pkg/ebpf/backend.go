@@ -170,6 +170,11 @@ func cmpOr(v, def int) int {
 	return v
 }
 
+// ErrNotSupported is in the chain of New's error when the kernel lacks a
+// feature the backend needs; any other error of New says nothing about
+// the kernel.
+var ErrNotSupported = ebpf.ErrNotSupported
+
 // probe names the first kernel feature the backend needs that is missing;
 // tc says whether the tc programs are needed too.
 func probe(tc bool) error {
@@ -418,7 +423,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 		b.destroyGone(s)
 	}
 	t := b.rec.written
-	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "frontends", len(t.services),
+	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "changed", dataplane.Changed(s), "frontends", len(t.services),
 		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))
 	if b.entries != nil {
 		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))

@@ -201,7 +201,8 @@ func (n *ids) release(t *table) {
 // fragment is the entries one ServicePort owns. Backends are shared and
 // counted separately.
 type fragment struct {
-	sp           *model.ServicePort // a copy of what was encoded
+	name         model.ServicePortName
+	udp          bool // the ServicePort's protocol is UDP
 	id           uint32
 	info         svcnatSvcInfo
 	services     map[svcnatSvcKey]svcnatSvcValue
@@ -241,11 +242,11 @@ func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment
 func claimFrontends(f *fragment, owner map[svcnatSvcKey]model.ServicePortName) error {
 	for key := range f.services {
 		if other, dup := owner[key]; dup {
-			return fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", f.sp.Name, addrString(key.Addr), ntohs(key.Port), other)
+			return fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", f.name, addrString(key.Addr), ntohs(key.Port), other)
 		}
 	}
 	for key := range f.services {
-		owner[key] = f.sp.Name
+		owner[key] = f.name
 	}
 	return nil
 }
@@ -276,7 +277,8 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 	}
 	id := n.services.get(sp.Name)
 	f := &fragment{
-		sp:           sp.Clone(),
+		name:         sp.Name,
+		udp:          proto == protoUDP,
 		id:           id,
 		info:         info,
 		services:     make(map[svcnatSvcKey]svcnatSvcValue, len(sp.Frontends)),

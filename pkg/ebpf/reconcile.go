@@ -205,11 +205,10 @@ type reconciler struct {
 	// may still point at them; removedUDP those a UDP ServicePort used:
 	// connected sockets may still point at them.
 	removed, removedUDP []svcnatBackend
-	// failed are the ServicePorts the last full sync could not program,
-	// as they were then; an incremental sync leaves them failed while
-	// they stay the same and nothing was removed.
-	failed   dataplane.PortErrors
-	failedSP map[model.ServicePortName]*model.ServicePort
+	// failed are the ServicePorts the last full sync could not program;
+	// an incremental sync leaves them failed while they stay the same and
+	// nothing was removed.
+	failed dataplane.PortErrors
 }
 
 // sync makes the maps hold s. A ServicePort that cannot be encoded, claims
@@ -219,12 +218,13 @@ type reconciler struct {
 // old or the new entries or a mix the datapath can use (every slot below a
 // count exists); the next sync repairs them.
 //
-// A sync that changes no ServicePort (the periodic full reconcile) reads
-// the maps back and rewrites what differs, so that entries changed or
-// deleted by hand are repaired.
+// With s.Change set, sync encodes only the ServicePorts it names; one that
+// changes nothing (the periodic reconcile) reads the maps back and rewrites
+// what differs, so that entries changed or deleted by hand are repaired.
+// Without, it encodes everything and compares it with the maps.
 func (r *reconciler) sync(s *model.State) error {
 	r.removed, r.removedUDP = nil, nil
-	if r.written != nil {
+	if r.written != nil && s.Change != nil {
 		switch err := r.syncChanges(s); {
 		case errors.Is(err, errUnchanged) && len(r.failed) > 0:
 			// The periodic sync tries the failed ServicePorts again.
@@ -278,10 +278,7 @@ func (r *reconciler) syncAll(s *model.State) error {
 		}
 		r.noteRemoved(cur, want)
 		r.written, r.frags, r.refs = want, frags, map[uint32]int{}
-		r.failed, r.failedSP = failed, map[model.ServicePortName]*model.ServicePort{}
-		for name := range failed {
-			r.failedSP[name] = s.ServicePorts[name].Clone()
-		}
+		r.failed = failed
 		for _, f := range frags {
 			for bid := range f.backends {
 				r.refs[bid]++
@@ -386,8 +383,8 @@ func shrank(cur, want *table) bool {
 		unionLen(want.sourceRanges, cur.sourceRanges) > len(want.sourceRanges)
 }
 
-// syncChanges writes the entries of the ServicePorts that differ from the
-// last sync: old holds what they replace, next what replaces it.
+// syncChanges writes the entries of the ServicePorts s.Change names: old
+// holds what they replace, next what replaces it.
 func (r *reconciler) syncChanges(s *model.State) error {
 	old, next := newTable(), newTable()
 	replaced := map[uint32]bool{} // ids of ServicePorts changed or removed
@@ -395,14 +392,17 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	var removed []*fragment
 	delta := map[uint32]int{}
 	usedByUDP := map[uint32]bool{} // backends that changed or removed UDP ServicePorts named
-	for name, sp := range s.ServicePorts {
-		prev := r.frags[name]
-		if prev != nil && sameEntries(prev.sp, sp) {
-			continue
+	drop := func(prev *fragment) {
+		replaced[prev.id] = true
+		maps.Copy(old.services, prev.services)
+		addOwnEntries(old, prev)
+		for bid := range prev.backends {
+			delta[bid]--
+			usedByUDP[bid] = usedByUDP[bid] || prev.udp
 		}
-		if failed := r.failedSP[name]; prev == nil && failed != nil && sameEntries(failed, sp) {
-			continue // still fails: a full sync tries it again
-		}
+	}
+	for _, name := range s.Change.Updated {
+		sp := s.ServicePorts[name]
 		f, err := encodeServicePort(sp, r.ids)
 		if err != nil {
 			return errSyncAll // it fails alone there
@@ -419,25 +419,13 @@ func (r *reconciler) syncChanges(s *model.State) error {
 			next.backends[bid] = b
 		}
 		frags[name] = f
-		if prev != nil {
-			replaced[prev.id] = true
-			maps.Copy(old.services, prev.services)
-			addOwnEntries(old, prev)
-			for bid := range prev.backends {
-				delta[bid]--
-				usedByUDP[bid] = usedByUDP[bid] || prev.sp.Protocol == model.UDP
-			}
+		if prev := r.frags[name]; prev != nil {
+			drop(prev)
 		}
 	}
-	for name, prev := range r.frags {
-		if _, ok := s.ServicePorts[name]; !ok {
-			replaced[prev.id] = true
-			maps.Copy(old.services, prev.services)
-			addOwnEntries(old, prev)
-			for bid := range prev.backends {
-				delta[bid]--
-				usedByUDP[bid] = usedByUDP[bid] || prev.sp.Protocol == model.UDP
-			}
+	for _, name := range s.Change.Removed {
+		if prev := r.frags[name]; prev != nil {
+			drop(prev)
 			removed = append(removed, prev)
 		}
 	}
@@ -466,7 +454,7 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	if cidrs := encodeClusterCIDRs(s.ClusterCIDRs); !maps.Equal(cidrs, r.written.clusterCIDRs) {
 		old.clusterCIDRs, next.clusterCIDRs = r.written.clusterCIDRs, cidrs
 	}
-	if len(frags) == 0 && len(removed) == 0 && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
+	if s.Change.Empty() && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
 		return errUnchanged
 	}
 	if len(removed) > 0 && len(r.failed) > 0 {
@@ -488,15 +476,12 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	replaceEntries(r.written.sourceRanges, old.sourceRanges, next.sourceRanges)
 	replaceEntries(r.written.clusterCIDRs, old.clusterCIDRs, next.clusterCIDRs)
 	for _, f := range removed {
-		delete(r.frags, f.sp.Name)
+		delete(r.frags, f.name)
 		r.ids.services.forget(f.id)
 	}
 	maps.Copy(r.frags, frags)
-	for name := range r.failed {
-		if sp, ok := s.ServicePorts[name]; !ok || !sameEntries(r.failedSP[name], sp) {
-			delete(r.failed, name)
-			delete(r.failedSP, name)
-		}
+	for _, name := range slices.Concat(s.Change.Updated, s.Change.Removed) {
+		delete(r.failed, name)
 	}
 	for bid, d := range delta {
 		if r.refs[bid] += d; r.refs[bid] <= 0 {
@@ -538,11 +523,4 @@ func replaceEntries[K comparable, V any](dst, old, next map[K]V) {
 		delete(dst, k)
 	}
 	maps.Copy(dst, next)
-}
-
-// sameEntries reports whether two versions of a ServicePort encode to the
-// same map entries: they program the same dataplane and, for UDP, name the
-// same serving endpoints (setServing memberships).
-func sameEntries(a, b *model.ServicePort) bool {
-	return a.Equal(b) && (a.Protocol != model.UDP || slices.Equal(a.ServingEndpoints, b.ServingEndpoints))
 }

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
@@ -12,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
+	"github.com/svcnat/svcnat/pkg/dataplane/conformance"
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
@@ -404,7 +406,9 @@ func TestReconcilerIncremental(t *testing.T) {
 			if t.Failed() {
 				t.Fatalf("seed %d step %d", seed, step)
 			}
+			prev := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
 			mutate(r, s, randomState(r, 40))
+			s = conformance.WithChange(prev, s)
 		}
 	}
 }
@@ -456,26 +460,30 @@ func TestReconcilerFailedStayIncremental(t *testing.T) {
 	}
 	rec.maps = &ms2
 	// Change one programmed ServicePort: a policy flip.
+	prev := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
 	for _, sp := range s.Sorted() {
 		if failed[sp.Name] == nil {
+			sp = sp.Clone()
 			sp.InternalTrafficLocal = !sp.InternalTrafficLocal
+			s.ServicePorts[sp.Name] = sp
 			break
 		}
 	}
 	var again dataplane.PortErrors
-	if err := rec.sync(s); !errors.As(err, &again) || len(again) != len(failed) {
+	if err := rec.sync(conformance.WithChange(prev, s)); !errors.As(err, &again) || len(again) != len(failed) {
 		t.Fatalf("incremental sync: %v, want the same %d PortErrors", err, len(failed))
 	}
 	if reads != 0 {
 		t.Errorf("an incremental sync beside a failed ServicePort read the maps %d times", reads)
 	}
 	// Remove every programmed ServicePort: the failed ones fit now.
+	prev = &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
 	for name := range s.ServicePorts {
 		if failed[name] == nil {
 			delete(s.ServicePorts, name)
 		}
 	}
-	err := rec.sync(s)
+	err := rec.sync(conformance.WithChange(prev, s))
 	if errors.As(err, &again) && len(again) >= len(failed) {
 		t.Fatalf("after the others were removed, still %d failed: %v", len(again), err)
 	}

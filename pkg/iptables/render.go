@@ -168,15 +168,11 @@ type renderOptions struct {
 }
 
 // renderCache keeps what each ServicePort contributed to the last render,
-// so that the next render formats only the ServicePorts that changed.
+// so that the next render formats only the ServicePorts its State's Change
+// names.
 type renderCache struct {
 	cidrs     []netip.Prefix
-	fragments map[model.ServicePortName]cachedFragment
-}
-
-type cachedFragment struct {
-	sp   *model.ServicePort // a copy: callers may change theirs
-	frag *fragment
+	fragments map[model.ServicePortName]*fragment
 }
 
 // render is Render, reusing and refreshing cache when it is not nil.
@@ -194,10 +190,16 @@ func render(s *model.State, family model.Family, o renderOptions, cache *renderC
 			r.cidrs = append(r.cidrs, c)
 		}
 	}
-	reuse := cache != nil && slices.Equal(cache.cidrs, r.cidrs)
-	var next map[model.ServicePortName]cachedFragment
+	reuse := cache != nil && s.Change != nil && slices.Equal(cache.cidrs, r.cidrs)
 	if cache != nil {
-		next = make(map[model.ServicePortName]cachedFragment, len(s.ServicePorts))
+		if !reuse {
+			cache.cidrs, cache.fragments = r.cidrs, map[model.ServicePortName]*fragment{}
+		}
+		if s.Change != nil {
+			for _, name := range slices.Concat(s.Change.Updated, s.Change.Removed) {
+				delete(cache.fragments, name)
+			}
+		}
 	}
 	// Map order is fine: leaf entries are sorted, and merging keeps the
 	// order of one ServicePort's entries.
@@ -205,25 +207,17 @@ func render(s *model.State, family model.Family, o renderOptions, cache *renderC
 		if sp.Name.Family != family {
 			continue
 		}
-		var cached cachedFragment
-		if reuse {
-			if c, ok := cache.fragments[sp.Name]; ok && c.sp.Equal(sp) {
-				cached = c
-			}
-		}
-		if cached.frag == nil {
-			cached.frag = r.servicePort(sp)
-			if cache != nil {
-				cached.sp = sp.Clone()
-			}
-		}
+		var frag *fragment
 		if cache != nil {
-			next[sp.Name] = cached
+			frag = cache.fragments[sp.Name]
 		}
-		r.merge(cached.frag)
-	}
-	if cache != nil {
-		cache.cidrs, cache.fragments = r.cidrs, next
+		if frag == nil {
+			frag = r.servicePort(sp)
+			if cache != nil {
+				cache.fragments[sp.Name] = frag
+			}
+		}
+		r.merge(frag)
 	}
 	r.shared()
 	for _, table := range []string{tableNAT, tableFilter} {

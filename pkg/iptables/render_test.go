@@ -128,8 +128,8 @@ func FuzzParse(f *testing.F) {
 }
 
 // TestRenderCache checks that rendering with the cache of earlier renders
-// gives what rendering from scratch gives, also when the caller changes a
-// ServicePort it passed before.
+// gives what rendering from scratch gives, when the state's Change names
+// the ServicePorts replaced since the last render, and without a Change.
 func TestRenderCache(t *testing.T) {
 	var cache renderCache
 	check := func(s *model.State, what string) {
@@ -142,20 +142,25 @@ func TestRenderCache(t *testing.T) {
 		}
 	}
 	cases := conformance.Cases()
+	prev := &model.State{}
 	for _, c := range cases {
-		check(c.State, c.Name)
+		check(conformance.WithChange(prev, c.State), c.Name)
+		prev = c.State
 	}
 	all := cases[len(cases)-1].State
 	check(all, "All")
-	for _, sp := range all.ServicePorts {
+	next := &model.State{ClusterCIDRs: all.ClusterCIDRs, ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for name, sp := range all.ServicePorts {
+		sp = sp.Clone()
 		sp.ClusterEndpoints = sp.ClusterEndpoints[:len(sp.ClusterEndpoints)/2]
 		if len(sp.Frontends) > 0 {
 			sp.Frontends[0].Port++
 		}
+		next.ServicePorts[name] = sp
 	}
-	check(all, "All, changed in place")
-	all.ClusterCIDRs = all.ClusterCIDRs[:1]
-	check(all, "All, one cluster CIDR less")
+	check(conformance.WithChange(all, next), "All, changed")
+	next.ClusterCIDRs = next.ClusterCIDRs[:1]
+	check(conformance.WithChange(next, next), "All, one cluster CIDR less")
 }
 
 func TestTokenize(t *testing.T) {

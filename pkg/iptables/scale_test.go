@@ -106,15 +106,19 @@ func BenchmarkParse10k(b *testing.B) {
 }
 
 // BenchmarkRenderOneChange10k renders 10,000 Services after one changed,
-// with the cache a Backend keeps between syncs.
+// with the cache a Backend keeps between syncs and the Change the agent
+// hands over.
 func BenchmarkRenderOneChange10k(b *testing.B) {
 	s := bigState(10000, 10)
 	var cache renderCache
 	render(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, &cache)
-	sp := s.ServicePorts[model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}]
+	name := model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}
+	s.Change = &model.Change{Updated: []model.ServicePortName{name}}
 	b.ReportAllocs()
 	for b.Loop() {
+		sp := s.ServicePorts[name].Clone()
 		sp.ClusterEndpoints[0].Port++
+		s.ServicePorts[name] = sp
 		render(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, &cache)
 	}
 }

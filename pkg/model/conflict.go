@@ -66,24 +66,137 @@ type frontendKey struct {
 // the order of the input. ServicePorts that lose a frontend are replaced in
 // s.ServicePorts by pruned copies (see ServicePort.prune), or removed when
 // no frontend is left; the others, and the ServicePorts themselves, are not
-// modified. Cost: one map entry per
-// frontend.
+// modified. It is Conflicts applied to the whole State at once.
 func ResolveConflicts(s *State) []error {
-	winners := make(map[frontendKey]claim)
-	var losers []claim
+	c := NewConflicts()
 	for _, sp := range s.ServicePorts {
+		c.Set(sp.Name, sp)
+	}
+	for name := range c.lossy() {
+		if sp := c.Resolved(name); sp != nil {
+			s.ServicePorts[name] = sp
+		} else {
+			delete(s.ServicePorts, name)
+		}
+	}
+	return c.Errors()
+}
+
+// Conflicts resolves frontend conflicts incrementally, with the result of
+// ResolveConflicts: Set changes one ServicePort at a cost that follows its
+// frontends and their claims, not the number of ServicePorts.
+type Conflicts struct {
+	sps    map[ServicePortName]*ServicePort
+	claims map[frontendKey][]claim
+	// contested are the keys with more than one claim.
+	contested map[frontendKey]bool
+}
+
+// NewConflicts returns an empty Conflicts.
+func NewConflicts() *Conflicts {
+	return &Conflicts{sps: map[ServicePortName]*ServicePort{}, claims: map[frontendKey][]claim{}, contested: map[frontendKey]bool{}}
+}
+
+func keyOf(sp *ServicePort, fe Frontend) frontendKey { return frontendKey{fe.IP, fe.Port, sp.Protocol} }
+
+// Set replaces the ServicePort called name with sp (nil removes it), and
+// returns the names of the ServicePorts whose Resolved form may have
+// changed: name itself and those sharing a frontend with its old or new
+// version. sp is not modified and must not be modified while it is set.
+func (c *Conflicts) Set(name ServicePortName, sp *ServicePort) []ServicePortName {
+	affected := []ServicePortName{name}
+	touch := func(k frontendKey) {
+		for _, cl := range c.claims[k] {
+			if cl.sp.Name != name {
+				affected = append(affected, cl.sp.Name)
+			}
+		}
+		if len(c.claims[k]) > 1 {
+			c.contested[k] = true
+		} else {
+			delete(c.contested, k)
+		}
+	}
+	if old := c.sps[name]; old != nil {
+		for _, fe := range old.Frontends {
+			k := keyOf(old, fe)
+			c.claims[k] = slices.DeleteFunc(c.claims[k], func(cl claim) bool { return cl.sp == old })
+			if len(c.claims[k]) == 0 {
+				delete(c.claims, k)
+			}
+			touch(k)
+		}
+		delete(c.sps, name)
+	}
+	if sp != nil {
+		c.sps[name] = sp
 		for _, fe := range sp.Frontends {
-			k := frontendKey{fe.IP, fe.Port, sp.Protocol}
-			c := claim{sp, fe}
-			w, taken := winners[k]
-			switch {
-			case !taken:
-				winners[k] = c
-			case c.compare(w) < 0:
-				winners[k] = c
-				losers = append(losers, w)
-			default:
-				losers = append(losers, c)
+			k := keyOf(sp, fe)
+			c.claims[k] = append(c.claims[k], claim{sp, fe})
+			touch(k)
+		}
+	}
+	slices.SortFunc(affected, ServicePortName.Compare)
+	return slices.Compact(affected)
+}
+
+func (c *Conflicts) winner(k frontendKey) claim {
+	return slices.MinFunc(c.claims[k], claim.compare)
+}
+
+// Resolved returns the ServicePort called name without the frontends it
+// loses: the one Set, a pruned copy, or nil when it loses every frontend
+// or is not set.
+func (c *Conflicts) Resolved(name ServicePortName) *ServicePort {
+	sp := c.sps[name]
+	if sp == nil {
+		return nil
+	}
+	var lost []Frontend
+	for _, fe := range sp.Frontends {
+		k := keyOf(sp, fe)
+		if c.contested[k] {
+			if w := c.winner(k); w.sp != sp || w.fe != fe {
+				lost = append(lost, fe)
+			}
+		}
+	}
+	if len(lost) == 0 {
+		return sp
+	}
+	out := sp.Clone()
+	out.Frontends = slices.DeleteFunc(out.Frontends, func(f Frontend) bool { return slices.Contains(lost, f) })
+	if len(out.Frontends) == 0 {
+		return nil
+	}
+	out.prune()
+	return out
+}
+
+// lossy returns the names of the ServicePorts that lose a frontend.
+func (c *Conflicts) lossy() map[ServicePortName]bool {
+	out := map[ServicePortName]bool{}
+	for k := range c.contested {
+		w := c.winner(k)
+		for _, cl := range c.claims[k] {
+			if cl != w {
+				out[cl.sp.Name] = true
+			}
+		}
+	}
+	return out
+}
+
+// Errors returns a *ConflictError for each claim dropped in favour of
+// another ServicePort's, in precedence and name order. Its cost follows the
+// contested frontends.
+func (c *Conflicts) Errors() []error {
+	var losers []claim
+	for k := range c.contested {
+		w := c.winner(k)
+		for _, cl := range c.claims[k] {
+			if cl != w {
+				losers = append(losers, cl)
 			}
 		}
 	}
@@ -91,27 +204,15 @@ func ResolveConflicts(s *State) []error {
 		return nil
 	}
 	slices.SortFunc(losers, claim.compare)
-	errs := make([]error, 0, len(losers))
-	dropped := map[ServicePortName][]Frontend{}
+	var errs []error
 	for _, l := range losers {
-		w := winners[frontendKey{l.fe.IP, l.fe.Port, l.sp.Protocol}]
-		dropped[l.sp.Name] = append(dropped[l.sp.Name], l.fe)
+		w := c.winner(keyOf(l.sp, l.fe))
 		if w.sp.Name == l.sp.Name {
 			// One Service listing its own ClusterIP as an externalIP, say:
 			// nothing is lost, the traffic goes to the same place.
 			continue
 		}
 		errs = append(errs, &ConflictError{Protocol: l.sp.Protocol, Loser: l.sp.Name, Lost: l.fe, Winner: w.sp.Name, Won: w.fe.Kind})
-	}
-	for name, fes := range dropped {
-		sp := s.ServicePorts[name].Clone()
-		sp.Frontends = slices.DeleteFunc(sp.Frontends, func(f Frontend) bool { return slices.Contains(fes, f) })
-		if len(sp.Frontends) == 0 {
-			delete(s.ServicePorts, name)
-			continue
-		}
-		sp.prune()
-		s.ServicePorts[name] = sp
 	}
 	return errs
 }

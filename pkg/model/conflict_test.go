@@ -2,6 +2,8 @@ package model
 
 import (
 	"errors"
+	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -128,5 +130,56 @@ func TestResolveConflictsSameKindLowerNameWins(t *testing.T) {
 	bfe := st.ServicePorts[ServicePortName{Namespace: "ns", Name: "b", Port: "http", Family: IPv4}].Frontends
 	if len(bfe) != 1 || bfe[0].Kind != ClusterIP {
 		t.Errorf("ns/b frontends %v, want its ClusterIP only", bfe)
+	}
+}
+
+// Conflicts, fed one change at a time in any order, ends where
+// ResolveConflicts on the final state ends, and names every ServicePort
+// whose resolved form changed.
+func TestConflictsIncremental(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	kinds := []FrontendKind{ClusterIP, NodePort, LoadBalancer, ExternalIP}
+	random := func(i int) *ServicePort {
+		sp := &ServicePort{
+			Name:             ServicePortName{Namespace: "ns", Name: string(rune('a' + i)), Family: IPv4},
+			Protocol:         []Protocol{TCP, UDP}[rng.IntN(2)],
+			ClusterEndpoints: []Endpoint{{IP: netip.MustParseAddr("10.244.0.1"), Port: 80}},
+		}
+		for range 1 + rng.IntN(3) {
+			ip := netip.AddrFrom4([4]byte{10, 96, 0, byte(rng.IntN(4))})
+			sp.Frontends = append(sp.Frontends, Frontend{Kind: kinds[rng.IntN(4)], IP: ip, Port: 80})
+		}
+		slices.SortFunc(sp.Frontends, Frontend.Compare)
+		sp.Frontends = slices.Compact(sp.Frontends)
+		return sp
+	}
+	c := NewConflicts()
+	current := map[ServicePortName]*ServicePort{}
+	resolved := map[ServicePortName]*ServicePort{}
+	for step := range 500 {
+		i := rng.IntN(8)
+		name := ServicePortName{Namespace: "ns", Name: string(rune('a' + i)), Family: IPv4}
+		var sp *ServicePort
+		if rng.IntN(4) > 0 {
+			sp = random(i)
+			current[name] = sp
+		} else {
+			delete(current, name)
+		}
+		for _, n := range c.Set(name, sp) {
+			if r := c.Resolved(n); r != nil {
+				resolved[n] = r
+			} else {
+				delete(resolved, n)
+			}
+		}
+		want := &State{ServicePorts: maps.Clone(current)}
+		wantErrs := ResolveConflicts(want)
+		if d := Diff(want, &State{ServicePorts: resolved}); len(d) != 0 {
+			t.Fatalf("step %d: incremental result differs from ResolveConflicts: %v", step, d)
+		}
+		if got := c.Errors(); fmt.Sprint(got) != fmt.Sprint(wantErrs) {
+			t.Fatalf("step %d: errors %v, want %v", step, got, wantErrs)
+		}
 	}
 }

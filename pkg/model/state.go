@@ -254,6 +254,13 @@ func (sp *ServicePort) Equal(o *ServicePort) bool {
 		sp.HealthCheckNodePort == o.HealthCheckNodePort
 }
 
+// Identical reports whether two ServicePorts are equal in every field,
+// the agent-only ones included.
+func (sp *ServicePort) Identical(o *ServicePort) bool {
+	return sp.Equal(o) && slices.Equal(sp.ServingEndpoints, o.ServingEndpoints) &&
+		slices.Equal(sp.LocalReadyEndpoints, o.LocalReadyEndpoints)
+}
+
 // State is the desired dataplane of one node.
 type State struct {
 	// ClusterCIDRs are the pod CIDRs; internal traffic from outside them is
@@ -261,7 +268,26 @@ type State struct {
 	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs,omitempty"`
 	// ServicePorts, keyed by name.
 	ServicePorts map[ServicePortName]*ServicePort `json:"-"`
+	// Change, when set, says which ServicePorts differ from the State of
+	// the previous successful sync, so that a backend looks at those only
+	// (ClusterCIDRs, always whole, it compares itself); nil means any
+	// ServicePort may differ (a full reconcile). The agent computes it
+	// once, for every backend.
+	Change *Change `json:"-"`
 }
+
+// Change lists the ServicePorts of a State that differ from the previous
+// one.
+type Change struct {
+	// Revision numbers the agent's syncs, for logs.
+	Revision uint64
+	// Updated are added or changed: State.ServicePorts holds their value.
+	// Removed are gone from State.ServicePorts.
+	Updated, Removed []ServicePortName
+}
+
+// Empty reports whether c changes no ServicePort.
+func (c *Change) Empty() bool { return len(c.Updated) == 0 && len(c.Removed) == 0 }
 
 // Sorted returns the ServicePorts ordered by name.
 func (s *State) Sorted() []*ServicePort {

@@ -1,4 +1,4 @@
-//go:build linux
+//go:build linux && e2e
 
 // Package e2e runs svcnat (and upstream kube-proxy, as the reference) on the
 // test bed of package testbed: a real etcd and kube-apiserver, node and pod

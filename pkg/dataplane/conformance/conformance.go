@@ -207,9 +207,9 @@ func Run(t *testing.T, newBackend func(t *testing.T) dataplane.Backend) {
 			b := start(t, newBackend)
 			sync(t, b, c.State)
 			expect(t, b, c.State)
-			sync(t, b, c.State)
+			sync(t, b, WithChange(c.State, c.State))
 			expect(t, b, c.State)
-			sync(t, b, &model.State{})
+			sync(t, b, WithChange(c.State, &model.State{}))
 			expect(t, b, &model.State{})
 		})
 	}
@@ -217,6 +217,9 @@ func Run(t *testing.T, newBackend func(t *testing.T) dataplane.Backend) {
 		b := start(t, newBackend)
 		steps := partialSteps()
 		for i, s := range steps {
+			if i > 0 {
+				s = WithChange(steps[i-1], s)
+			}
 			sync(t, b, s)
 			if !expect(t, b, s) {
 				t.Fatalf("after step %d", i)
@@ -290,6 +293,24 @@ func start(t *testing.T, newBackend func(t *testing.T) dataplane.Backend) datapl
 		}
 	})
 	return b
+}
+
+// WithChange returns next with its Change set to the ServicePorts that
+// differ from prev, as the agent hands a state to a backend after prev was
+// programmed.
+func WithChange(prev, next *model.State) *model.State {
+	c := &model.Change{}
+	for _, sp := range next.Sorted() {
+		if p, ok := prev.ServicePorts[sp.Name]; !ok || !p.Identical(sp) {
+			c.Updated = append(c.Updated, sp.Name)
+		}
+	}
+	for _, sp := range prev.Sorted() {
+		if _, ok := next.ServicePorts[sp.Name]; !ok {
+			c.Removed = append(c.Removed, sp.Name)
+		}
+	}
+	return &model.State{ClusterCIDRs: next.ClusterCIDRs, ServicePorts: next.ServicePorts, Change: c}
 }
 
 func sync(t *testing.T, b dataplane.Backend, s *model.State) {

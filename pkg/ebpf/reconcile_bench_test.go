@@ -1,0 +1,98 @@
+package ebpf
+
+import (
+	"fmt"
+	"net/netip"
+	"runtime"
+	"testing"
+
+	"github.com/svcnat/svcnat/pkg/model"
+)
+
+// benchState is n ClusterIP Services of one TCP port with 10 endpoints
+// each.
+func benchState(n int) *model.State {
+	s := &model.State{ServicePorts: make(map[model.ServicePortName]*model.ServicePort, n)}
+	for i := range n {
+		sp := &model.ServicePort{
+			Name:      model.ServicePortName{Namespace: "ns", Name: fmt.Sprintf("svc%d", i), Port: "http", Family: model.IPv4},
+			Protocol:  model.TCP,
+			Frontends: []model.Frontend{{Kind: model.ClusterIP, IP: netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}), Port: 80}},
+		}
+		for j := range 10 {
+			k := i*10 + j
+			sp.ClusterEndpoints = append(sp.ClusterEndpoints, model.Endpoint{IP: netip.AddrFrom4([4]byte{10, byte(128 + k>>16), byte(k >> 8), byte(k)}), Port: 8080})
+		}
+		s.ServicePorts[sp.Name] = sp
+	}
+	return s
+}
+
+// BenchmarkReconcile10k is the reconciler's cost per sync at 10,000
+// Services x 10 endpoints (in-memory maps): one Service's endpoint
+// changes; a new Service, then its endpoints (two syncs); and the live
+// heap per Service of the reconciler with its in-memory maps.
+func BenchmarkReconcile10k(b *testing.B) {
+	const n = 10000
+	setup := func(b *testing.B) (*reconciler, *model.State) {
+		rec := &reconciler{maps: fakeMaps(1<<20, nil)}
+		s := benchState(n)
+		if err := rec.sync(s); err != nil {
+			b.Fatal(err)
+		}
+		return rec, s
+	}
+	sync := func(b *testing.B, rec *reconciler, s *model.State, updated ...model.ServicePortName) {
+		s.Change = &model.Change{Updated: updated}
+		if err := rec.sync(s); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("OneServiceChange", func(b *testing.B) {
+		rec, s := setup(b)
+		name := model.ServicePortName{Namespace: "ns", Name: "svc77", Port: "http", Family: model.IPv4}
+		b.ReportAllocs()
+		for b.Loop() {
+			sp := s.ServicePorts[name].Clone()
+			sp.ClusterEndpoints[0].Port ^= 1
+			s.ServicePorts[name] = sp
+			sync(b, rec, s, name)
+		}
+	})
+	b.Run("NewServiceThenSlice", func(b *testing.B) {
+		rec, s := setup(b)
+		b.ReportAllocs()
+		for i := n; b.Loop(); i++ {
+			sp := benchState(1).ServicePorts[model.ServicePortName{Namespace: "ns", Name: "svc0", Port: "http", Family: model.IPv4}]
+			sp.Name.Name = fmt.Sprintf("svc%d", i)
+			sp.Frontends[0].IP = netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)})
+			eps := sp.ClusterEndpoints
+			sp.ClusterEndpoints = nil
+			s.ServicePorts[sp.Name] = sp
+			sync(b, rec, s, sp.Name)
+			sp = sp.Clone()
+			sp.ClusterEndpoints = eps
+			s.ServicePorts[sp.Name] = sp
+			sync(b, rec, s, sp.Name)
+		}
+	})
+	b.Run("LiveHeap", func(b *testing.B) {
+		var heap uint64
+		for b.Loop() {
+			s := benchState(n)
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			rec := &reconciler{maps: fakeMaps(1<<20, nil)}
+			if err := rec.sync(s); err != nil {
+				b.Fatal(err)
+			}
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			heap = after.HeapAlloc - before.HeapAlloc
+			runtime.KeepAlive(rec)
+			runtime.KeepAlive(s)
+		}
+		b.ReportMetric(float64(heap)/n, "heapB/service")
+	})
+}

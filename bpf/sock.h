@@ -151,7 +151,11 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	if (!b)
 		return LB_REJECT;
 	*out = *b;
-	if (!st || (peer && peer->id == sv.id && peer->backend_id == bid))
+	if (st && peer && peer->id == sv.id && peer->backend_id == bid)
+		return LB_FORWARD;
+	/* The socket's first translation to this endpoint: a new connection. */
+	count_connection(sv.id, bid);
+	if (!st)
 		return LB_FORWARD;
 	if (!peer) {
 		__u32 i = st->next % SVCNAT_SOCK_PEERS;

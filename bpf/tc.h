@@ -446,7 +446,7 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	struct nf_conn *ins;
 	struct backend b;
 	int external, masquerade, failed;
-	__u32 tsize;
+	__u32 tsize, bid = 0;
 	__u8 set;
 
 	if (sv->kind == SVCNAT_KIND_LOAD_BALANCER && (sv->flags & SVCNAT_F_SOURCE_RANGES)) {
@@ -461,7 +461,7 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	external = !in_cluster(p->saddr);
 	__builtin_memcpy(ak.client, p->saddr, 16);
 	set = lb_set(sv, external);
-	switch (lb_select(sv, set, &ak, &b)) {
+	switch (lb_select(sv, set, &ak, &b, &bid)) {
 	case LB_FORWARD:
 		break;
 	case LB_REJECT:
@@ -527,6 +527,7 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	}
 	bpf_ct_release(ins);
 	count(TC_STAT_NEW_FLOW);
+	count_connection(sv->id, bid);
 	return SVCNAT_TCX_NEXT;
 }
 
@@ -588,7 +589,10 @@ static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
 	sk.port = p.dport;
 	sk.proto = p.proto;
 	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
-	if (!sv || flow_exists(skb, &p))
+	if (!sv)
+		return SVCNAT_TCX_NEXT;
+	counter_add(sv->id, 0, 0, 1, skb->len - l3off);
+	if (flow_exists(skb, &p))
 		return SVCNAT_TCX_NEXT;
 	/* A TCP flow starts with a SYN; anything else without a flow goes to
 	 * the stack, which answers a NodePort's with a reset. */

@@ -151,11 +151,7 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	if (!b)
 		return LB_REJECT;
 	*out = *b;
-	if (st && peer && peer->id == sv.id && peer->backend_id == bid)
-		return LB_FORWARD;
-	/* The socket's first translation to this endpoint: a new connection. */
-	count_connection(sv.id, bid);
-	if (!st)
+	if (!st || (peer && peer->id == sv.id && peer->backend_id == bid))
 		return LB_FORWARD;
 	if (!peer) {
 		__u32 i = st->next % SVCNAT_SOCK_PEERS;
@@ -169,6 +165,8 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	peer->backend_port = b->port;
 	peer->id = sv.id;
 	peer->backend_id = bid;
+	/* The socket's first translation to this endpoint: a new connection. */
+	count_connection(sv.id, bid);
 	return LB_FORWARD;
 }
 

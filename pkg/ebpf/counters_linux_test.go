@@ -98,10 +98,10 @@ func TestCountersSocketHooks(t *testing.T) {
 	}
 	// 3 connected sockets and one unconnected socket sending 4 datagrams.
 	if dnsC.Connections != 4 || dnsC.Endpoints["10.244.1.2:8080"] != 4 {
-		t.Errorf("dns: %+v endpoints %v, want 4 connections, all to 10.244.1.2:8080", dnsC.Counters, dnsC.Endpoints)
+		t.Errorf("dns: %d connections, endpoints %v; want 4, all to 10.244.1.2:8080", dnsC.Connections, dnsC.Endpoints)
 	}
 	if idleC.Connections != 0 || idleC.Endpoints["10.244.1.3:8080"] != 0 || len(idleC.Endpoints) != 1 {
-		t.Errorf("idle: %+v endpoints %v, want a zero row for its endpoint", idleC.Counters, idleC.Endpoints)
+		t.Errorf("idle: %d connections, endpoints %v; want a zero row for its endpoint", idleC.Connections, idleC.Endpoints)
 	}
 	if *webC.Packets != 0 || *webC.Bytes != 0 {
 		t.Errorf("web: the socket hooks counted %d packets, %d bytes; they see none", *webC.Packets, *webC.Bytes)
@@ -116,7 +116,7 @@ func TestCountersSocketHooks(t *testing.T) {
 	}
 	c = readCounters(t, env)
 	if got := c[web.Name]; got.Connections != conns || len(got.Endpoints) != 1 || got.Endpoints["10.244.1.2:8080"] != reached["10.244.1.2:8080"] {
-		t.Errorf("web after removing 10.244.1.3:8080: %+v endpoints %v", got.Counters, got.Endpoints)
+		t.Errorf("web after removing 10.244.1.3:8080: %d connections, endpoints %v", got.Connections, got.Endpoints)
 	}
 	// web, its endpoint, dns, its endpoint; idle's rows were never made.
 	if rows, err := counterKeys(b.objs.SvcnatCounters); err != nil || len(rows) != 4 {

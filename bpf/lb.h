@@ -115,6 +115,42 @@ static __always_inline void lb_pin(const struct svc_value *sv, __u8 set, struct 
 }
 
 /*
+ * counter_add adds to the counters of Service port id (backend_id 0) or of
+ * one of its endpoints on this CPU, making the row when it is missing (the
+ * agent deletes the rows of what is gone). Never fails the caller: a full
+ * map loses the count, not the packet.
+ */
+static __always_inline void counter_add(__u32 id, __u32 backend_id, __u64 connections, __u64 packets,
+					__u64 bytes)
+{
+	struct counter_key k = { .id = id, .backend_id = backend_id };
+	struct counter_value *c = bpf_map_lookup_elem(&svcnat_counters, &k);
+
+	if (!c) {
+		struct counter_value v = { .connections = connections, .packets = packets, .bytes = bytes };
+
+		if (!bpf_map_update_elem(&svcnat_counters, &k, &v, BPF_NOEXIST))
+			return;
+		c = bpf_map_lookup_elem(&svcnat_counters, &k); /* made by another CPU meanwhile */
+		if (!c)
+			return;
+	}
+	c->connections += connections;
+	c->packets += packets;
+	c->bytes += bytes;
+}
+
+/* count_connection counts a new connection of Service port id to endpoint
+ * backend_id. A global function: the verifier checks it once, not again
+ * on every path of the caller that reaches it. */
+__attribute__((noinline)) int count_connection(__u32 id, __u32 backend_id)
+{
+	counter_add(id, 0, 1, 0, 0);
+	counter_add(id, backend_id, 1, 0, 0);
+	return 0;
+}
+
+/*
  * lb_select chooses an endpoint of set for the Service sv, uniformly at
  * random, or the one client used last when session affinity holds, and
  * copies it to out and its id to backend_id. Written out with one scratch

@@ -94,4 +94,13 @@ struct {
 
 /* --- end of desired-state and socket maps --- */
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, struct counter_key);
+	__type(value, struct counter_value);
+	__uint(max_entries, 65536 + 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svcnat_counters SEC(".maps");
+
 #endif /* SVCNAT_MAPS_H */

@@ -165,6 +165,8 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	peer->backend_port = b->port;
 	peer->id = sv.id;
 	peer->backend_id = bid;
+	/* The socket's first translation to this endpoint: a new connection. */
+	count_connection(sv.id, bid);
 	return LB_FORWARD;
 }
 

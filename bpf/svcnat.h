@@ -163,6 +163,28 @@ struct sock_state {
 
 /* --- end of desired-state and socket maps --- */
 
+/*
+ * Counters (svcnat_counters, per CPU, written by the datapath alone): one
+ * row per Service port (backend_id 0) and one per Service port and
+ * endpoint. connections counts translations of a new connection to an
+ * endpoint: by the socket hooks, a socket's first connect() or sendmsg()
+ * to a frontend (or a change of its endpoint); by the tc programs, a flow
+ * whose conntrack entry they created. packets and bytes (IP header
+ * included) count what the tc programs see: packets arriving on the
+ * node's interfaces for a frontend, client to Service only, on the Service
+ * port's row only. The socket hooks see no packets.
+ */
+struct counter_key {
+	__u32 id;         /* ServicePort id */
+	__u32 backend_id; /* endpoint id; 0 for the Service port itself */
+};
+
+struct counter_value {
+	__u64 connections;
+	__u64 packets;
+	__u64 bytes;
+};
+
 /* ---- tc path (tc.h), begin ---- */
 
 /*

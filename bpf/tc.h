@@ -541,6 +541,7 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	}
 	bpf_ct_release(ins);
 	count(TC_STAT_NEW_FLOW);
+	count_connection(sv->id, bid);
 	return SVCNAT_TCX_NEXT;
 }
 
@@ -613,6 +614,8 @@ static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
 			return trace_out(skb, TRACE_NOT_SERVICE, 0, 0, 0, 0, 0, 0);
 		return SVCNAT_TCX_NEXT;
 	}
+	if (!trace)
+		counter_add(sv->id, 0, 0, 1, skb->len - l3off);
 	if (flow_exists(skb, &p, trace)) {
 		if (trace)
 			return trace_out(skb, TRACE_FLOW_EXISTS, 0, 0, 0, 0, sv->id, 0);

@@ -90,14 +90,18 @@ func dump(ctx context.Context, f *dumpFlags, out io.Writer, log *slog.Logger) er
 	if err != nil {
 		return fmt.Errorf("dump %s backend: %w", name, err)
 	}
-	if f.output == "json" {
-		return writeJSON(out, got)
+	counters, err := readCounters(ctx, b)
+	if err != nil {
+		return fmt.Errorf("dump %s backend: %w", name, err)
 	}
-	return writeTable(out, got)
+	if f.output == "json" {
+		return writeJSON(out, got, counters)
+	}
+	return writeTable(out, got, counters)
 }
 
-func writeJSON(out io.Writer, s *model.State) error {
-	data, err := json.MarshalIndent(s, "", "  ")
+func writeJSON(out io.Writer, s *model.State, c portCounters) error {
+	data, err := json.MarshalIndent(newDumpJSON(s, c), "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
@@ -106,19 +110,21 @@ func writeJSON(out io.Writer, s *model.State) error {
 }
 
 // writeTable prints one row per Service port and family: its frontends,
-// the endpoints it may reach (local ones marked), and the policies that
-// change which endpoints serve which traffic.
-func writeTable(out io.Writer, s *model.State) error {
+// the endpoints it may reach (local ones marked), the new connections
+// counted (CONNS; per endpoint in brackets) and, where the datapath sees
+// them, packets and bytes, and the policies that change which endpoints
+// serve which traffic. c is nil when the backend counts nothing.
+func writeTable(out io.Writer, s *model.State, c portCounters) error {
 	var buf bytes.Buffer
 	tw := tabwriter.NewWriter(&buf, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE\tPROTO\tFRONTENDS\tENDPOINTS\tNOTES")
+	fmt.Fprintln(tw, "SERVICE\tPROTO\tFRONTENDS\tENDPOINTS\tCONNS\tPACKETS/BYTES\tNOTES")
 	for _, sp := range s.Sorted() {
 		fes := make([]string, len(sp.Frontends))
 		for i, fe := range sp.Frontends {
 			fes[i] = fe.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", sp.Name, sp.Protocol, strings.Join(fes, ", "),
-			endpointsCell(sp), strings.Join(notes(sp), "; "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sp.Name, sp.Protocol, strings.Join(fes, ", "),
+			endpointsCell(sp, c), c.connectionsCell(sp.Name), c.trafficCell(sp.Name), strings.Join(notes(sp), "; "))
 	}
 	if len(s.ClusterCIDRs) > 0 {
 		cidrs := make([]string, len(s.ClusterCIDRs))
@@ -139,7 +145,7 @@ func writeTable(out io.Writer, s *model.State) error {
 	return nil
 }
 
-func endpointsCell(sp *model.ServicePort) string {
+func endpointsCell(sp *model.ServicePort, c portCounters) string {
 	all := slices.Concat(sp.ClusterEndpoints, sp.LocalEndpoints)
 	slices.SortFunc(all, model.Endpoint.Compare)
 	all = slices.Compact(all)
@@ -152,6 +158,7 @@ func endpointsCell(sp *model.ServicePort) string {
 		if ep.Local {
 			cells[i] += " (local)"
 		}
+		cells[i] += c.endpointSuffix(sp.Name, ep)
 	}
 	return strings.Join(cells, ", ")
 }

@@ -88,7 +88,7 @@ func dumpState() *model.State {
 
 func TestDumpTable(t *testing.T) {
 	var out bytes.Buffer
-	if err := writeTable(&out, dumpState()); err != nil {
+	if err := writeTable(&out, dumpState(), nil); err != nil {
 		t.Fatal(err)
 	}
 	golden(t, "dump.table", out.Bytes())
@@ -96,7 +96,7 @@ func TestDumpTable(t *testing.T) {
 
 func TestDumpJSONRoundTrips(t *testing.T) {
 	var out bytes.Buffer
-	if err := writeJSON(&out, dumpState()); err != nil {
+	if err := writeJSON(&out, dumpState(), nil); err != nil {
 		t.Fatal(err)
 	}
 	golden(t, "dump.json", out.Bytes())

@@ -23,6 +23,7 @@ import (
 
 	"github.com/svcnat/svcnat/pkg/agent"
 	"github.com/svcnat/svcnat/pkg/conntrack"
+	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
 	"github.com/svcnat/svcnat/pkg/nodeaddr"
 	"github.com/svcnat/svcnat/pkg/watch"
@@ -94,6 +95,7 @@ type runFlags struct {
 	metricsBindAddress string
 	healthzBindAddress string
 	profiling          bool
+	endpointCounters   bool
 	takeOverFrom       string
 }
 
@@ -118,6 +120,7 @@ func newRunCommand() *cobra.Command {
 	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles; with iptables each also compares every svcnat chain in the kernel with what svcnat wrote and repairs outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
+	fs.BoolVar(&f.endpointCounters, "metrics-endpoint-counters", false, "also export the datapath's connection counters per endpoint on /metrics (svcnat_endpoint_connections_total: one series per Service port and endpoint)")
 	fs.StringVar(&f.takeOverFrom, "take-over-from", "", "kube-proxy: once svcnat's dataplane is programmed and reads back as programmed, remove kube-proxy's iptables chains and nftables tables (and again every --sync-period if they reappear); conntrack entries stay, so established connections keep working")
 	fs.StringVar(&f.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of the /healthz and /livez endpoints; empty disables them")
 	return cmd
@@ -152,6 +155,13 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	if err := backend.Init(ctx); err != nil {
 		return fmt.Errorf("init %s backend: %w", backendName, err)
 	}
+	if r, ok := backend.(dataplane.CounterReader); ok {
+		reg.MustRegister(agent.NewCounterCollector(r, f.endpointCounters, log))
+	}
+	var families []model.Family
+	if fb, ok := backend.(interface{ Families() []model.Family }); ok {
+		families = fb.Families()
+	}
 
 	w, err := watch.New(client, cfg.NodeName, 0, log)
 	if err != nil {
@@ -167,6 +177,7 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 		MinSyncInterval:   f.minSyncPeriod,
 		SyncPeriod:        f.syncPeriod,
 		BackendName:       backendName,
+		IPFamilies:        families,
 		Conntrack:         conntrack.NewCleaner(log),
 		Metrics:           agent.NewMetrics(reg),
 		Logger:            log,

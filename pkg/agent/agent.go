@@ -73,6 +73,9 @@ type Options struct {
 	RetryBackoff time.Duration
 	// BackendName is reported in the backend info metric.
 	BackendName string
+	// IPFamilies are the families the backend programs, for the ip_family
+	// label of kube-proxy's metrics; nil means IPv4 and IPv6.
+	IPFamilies []model.Family
 	// Conntrack, when set, is called after each successful sync.
 	Conntrack ConntrackCleaner
 	// HealthCheckHost is the address the healthCheckNodePort servers listen
@@ -123,7 +126,7 @@ type Agent struct {
 	// ignored holds, per Service, what its last rebuild left alone on
 	// purpose, so that each is logged and counted once.
 	ignored  map[types.NamespacedName]map[string]bool
-	pending  []time.Time // trigger times not yet programmed
+	pending  []trigger // slice changes not yet programmed
 	failures int
 	problems map[string]bool // conflicts and failed ServicePorts last reported
 }
@@ -148,6 +151,9 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 	}
 	if opts.Metrics == nil {
 		opts.Metrics = NewMetrics(nil)
+	}
+	if opts.IPFamilies == nil {
+		opts.IPFamilies = []model.Family{model.IPv4, model.IPv6}
 	}
 	a := &Agent{
 		opts:      opts,
@@ -391,8 +397,10 @@ func (a *Agent) sync(ctx context.Context) error {
 		slices.SortFunc(state.Change.Removed, model.ServicePortName.Compare)
 	}
 	var failed dataplane.PortErrors
+	full := state.Change == nil // every ServicePort programmed, as kube-proxy's full sync
 	if err := a.backend.Sync(ctx, state); err != nil && !errors.As(err, &failed) {
 		a.metrics.syncErrors.Inc()
+		a.metrics.kubeProxy.observeSync(a.opts.IPFamilies, a.clock.Now().Sub(start), full)
 		a.full = true
 		return fmt.Errorf("program %d service ports: %w", len(state.ServicePorts), err)
 	}
@@ -402,8 +410,10 @@ func (a *Agent) sync(ctx context.Context) error {
 	a.reportProblems(a.conflicts.Errors(), failed)
 	now := a.clock.Now()
 	for _, t := range a.pending {
-		a.metrics.programmingLatency.Observe(now.Sub(t).Seconds())
+		a.metrics.programmingLatency.Observe(now.Sub(t.at).Seconds())
 	}
+	a.metrics.kubeProxy.observeSync(a.opts.IPFamilies, now.Sub(start), full)
+	a.metrics.kubeProxy.synced(a.opts.IPFamilies, now, state, a.pending)
 	a.pending = a.pending[:0]
 	a.health.updated()
 	a.svcHealth.Sync(&model.State{ServicePorts: a.checked})
@@ -581,7 +591,7 @@ func (a *Agent) noteTriggers(key types.NamespacedName, slices []*discoveryv1.End
 		}
 		seen[s.Name] = t
 		if t.After(a.started) && !t.Equal(old[s.Name]) {
-			a.pending = append(a.pending, t)
+			a.pending = append(a.pending, trigger{at: t, family: model.Family(s.AddressType)})
 		}
 	}
 	if len(seen) == 0 {

@@ -18,6 +18,7 @@ type Metrics struct {
 	backendInfo        *prometheus.GaugeVec
 	frontendConflicts  prometheus.Gauge
 	servicePortsFailed prometheus.Gauge
+	kubeProxy          *kubeProxyMetrics
 }
 
 // NewMetrics creates the agent's metrics and registers them with reg
@@ -77,8 +78,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Service ports the backend could not program in the last sync, every other one being programmed " +
 				"(named in the log and by svcnat dump --check).",
 		}),
+		kubeProxy: newKubeProxyMetrics(),
 	}
 	if reg != nil {
+		reg.MustRegister(m.kubeProxy.collectors()...)
 		reg.MustRegister(m.syncDuration, m.programmingLatency, m.syncErrors, m.invalidObjects, m.ignoredObjects,
 			m.lastSync, m.services, m.servicePorts, m.endpoints, m.backendInfo, m.frontendConflicts, m.servicePortsFailed)
 	}

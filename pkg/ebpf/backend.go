@@ -95,6 +95,8 @@ type Backend struct {
 	// sweeper forgets the conntrack entries of flows the state no longer
 	// allows.
 	sweeper flowSweeper
+	// countersPruned is when the counter map was last pruned (counters.go).
+	countersPruned time.Time
 }
 
 var _ dataplane.Backend = (*Backend)(nil)
@@ -260,6 +262,9 @@ func (b *Backend) Init(ctx context.Context) error {
 		}
 		b.objs, b.pins = objs, pins
 		b.rec = &reconciler{maps: b.mapSet(objs)}
+		if err := b.pruneCountersAtInit(); err != nil {
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
 	}
 	if b.destroyer == nil {
 		d, err := newSocketDestroyer(b.pins)
@@ -379,6 +384,7 @@ func (b *Backend) sizes() map[string]int {
 		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
 		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
 		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
+		svcnatMapSvcnatCounters:     b.opts.MaxServices + b.opts.MaxBackends,
 	}
 }
 
@@ -422,6 +428,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	if b.destroyer != nil {
 		b.destroyGone(s)
 	}
+	b.pruneCountersAfterSync()
 	t := b.rec.written
 	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "changed", dataplane.Changed(s), "frontends", len(t.services),
 		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))

@@ -43,6 +43,19 @@ type svcnatCidrKey struct {
 	Addr      [16]uint8
 }
 
+type svcnatCounterKey struct {
+	_         structs.HostLayout
+	Id        uint32
+	BackendId uint32
+}
+
+type svcnatCounterValue struct {
+	_           structs.HostLayout
+	Connections uint64
+	Packets     uint64
+	Bytes       uint64
+}
+
 type svcnatMemberKey struct {
 	_         structs.HostLayout
 	Id        uint32
@@ -119,6 +132,7 @@ const (
 	svcnatMapSvcnatAffinity      = "svcnat_affinity"
 	svcnatMapSvcnatBackends      = "svcnat_backends"
 	svcnatMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
+	svcnatMapSvcnatCounters      = "svcnat_counters"
 	svcnatMapSvcnatMembers       = "svcnat_members"
 	svcnatMapSvcnatServices      = "svcnat_services"
 	svcnatMapSvcnatSlots         = "svcnat_slots"
@@ -194,6 +208,7 @@ type svcnatMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatCounters     *ebpf.MapSpec `ebpf:"svcnat_counters"`
 	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
@@ -231,6 +246,7 @@ type svcnatMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatCounters     *ebpf.Map `ebpf:"svcnat_counters"`
 	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
@@ -244,6 +260,7 @@ func (m *svcnatMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
+		m.SvcnatCounters,
 		m.SvcnatMembers,
 		m.SvcnatServices,
 		m.SvcnatSlots,

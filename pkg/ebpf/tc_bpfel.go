@@ -35,6 +35,7 @@ const (
 	tcMapSvcnatAffinity     = "svcnat_affinity"
 	tcMapSvcnatBackends     = "svcnat_backends"
 	tcMapSvcnatClusterCidrs = "svcnat_cluster_cidrs"
+	tcMapSvcnatCounters     = "svcnat_counters"
 	tcMapSvcnatMembers      = "svcnat_members"
 	tcMapSvcnatRejectBuf    = "svcnat_reject_buf"
 	tcMapSvcnatServices     = "svcnat_services"
@@ -100,6 +101,7 @@ type tcMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatCounters     *ebpf.MapSpec `ebpf:"svcnat_counters"`
 	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
 	SvcnatRejectBuf    *ebpf.MapSpec `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
@@ -139,6 +141,7 @@ type tcMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatCounters     *ebpf.Map `ebpf:"svcnat_counters"`
 	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
 	SvcnatRejectBuf    *ebpf.Map `ebpf:"svcnat_reject_buf"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
@@ -154,6 +157,7 @@ func (m *tcMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
+		m.SvcnatCounters,
 		m.SvcnatMembers,
 		m.SvcnatRejectBuf,
 		m.SvcnatServices,

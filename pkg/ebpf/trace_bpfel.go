@@ -54,6 +54,7 @@ const (
 	traceMapSvcnatAffinity      = "svcnat_affinity"
 	traceMapSvcnatBackends      = "svcnat_backends"
 	traceMapSvcnatClusterCidrs  = "svcnat_cluster_cidrs"
+	traceMapSvcnatCounters      = "svcnat_counters"
 	traceMapSvcnatMembers       = "svcnat_members"
 	traceMapSvcnatServices      = "svcnat_services"
 	traceMapSvcnatSlots         = "svcnat_slots"
@@ -115,6 +116,7 @@ type traceMapSpecs struct {
 	SvcnatAffinity     *ebpf.MapSpec `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.MapSpec `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.MapSpec `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatCounters     *ebpf.MapSpec `ebpf:"svcnat_counters"`
 	SvcnatMembers      *ebpf.MapSpec `ebpf:"svcnat_members"`
 	SvcnatServices     *ebpf.MapSpec `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.MapSpec `ebpf:"svcnat_slots"`
@@ -152,6 +154,7 @@ type traceMaps struct {
 	SvcnatAffinity     *ebpf.Map `ebpf:"svcnat_affinity"`
 	SvcnatBackends     *ebpf.Map `ebpf:"svcnat_backends"`
 	SvcnatClusterCidrs *ebpf.Map `ebpf:"svcnat_cluster_cidrs"`
+	SvcnatCounters     *ebpf.Map `ebpf:"svcnat_counters"`
 	SvcnatMembers      *ebpf.Map `ebpf:"svcnat_members"`
 	SvcnatServices     *ebpf.Map `ebpf:"svcnat_services"`
 	SvcnatSlots        *ebpf.Map `ebpf:"svcnat_slots"`
@@ -165,6 +168,7 @@ func (m *traceMaps) Close() error {
 		m.SvcnatAffinity,
 		m.SvcnatBackends,
 		m.SvcnatClusterCidrs,
+		m.SvcnatCounters,
 		m.SvcnatMembers,
 		m.SvcnatServices,
 		m.SvcnatSlots,

@@ -588,9 +588,10 @@ func (ft *familyTables) restoreText(ctx context.Context, payload string) error {
 	return nil
 }
 
-// saveTable returns iptables-save output for one table.
-func (ft *familyTables) saveTable(ctx context.Context, table string) (string, error) {
-	cmd := exec.CommandContext(ctx, ft.save, "-t", table)
+// saveTable returns iptables-save output for one table, with the save
+// binary's extra flags (-c: with counters).
+func (ft *familyTables) saveTable(ctx context.Context, table string, flags ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, ft.save, append([]string{"-t", table}, flags...)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()

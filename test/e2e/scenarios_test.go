@@ -43,6 +43,7 @@ var scenarios = []scenario{
 	{name: "HealthCheckDrainsTerminating", run: testHealthCheckDrains},
 	{name: "UDPFlowToTerminatingKept", run: testUDPFlowToTerminatingKept, skip: udpDrainSkip},
 	{name: "DumpCheckUDPLocalAndMixedLocality", run: testDumpCheckParity, skip: onlySvcnat("dump --check")},
+	{name: "DumpCountersMoveWithConnections", run: testDumpCounters, skip: onlySvcnat("svcnat dump's counters")},
 	{name: "AgentKilledWhileStreaming", run: testAgentRestart},
 	{name: "APIServerDown30s", run: testAPIServerDown},
 	{name: "DumpCheckDetectsDeletedRule", run: testDumpDrift, skip: dumpDriftSkip},

@@ -52,9 +52,11 @@ var suites = map[string]suite{
 		target: "conformance-full",
 		focus: `\[sig-network\] (Services|Conntrack|Networking Granular Checks: Services|Traffic Distribution) ` +
 			`|\[sig-network\] (API Server|DNS) .*\[Conformance\]`,
-		skips: []skip{{`\[sig-network\] DNS `,
-			"needs upstream's jessie-dnsutils image (no registry here) and a full cluster DNS (pod, SRV and PTR records, forwarding); " +
-				"the test bed's DNS answers only Services' A records"}},
+		skips: []skip{
+			{`\[sig-network\] DNS `, "needs upstream's jessie-dnsutils image (no registry here) and a full cluster DNS (pod, SRV and PTR records, " +
+				"forwarding); the test bed's DNS answers only Services' A records"},
+			{`\[Feature:SCTPConnectivity\]`, "this machine's kernel has no SCTP (CONFIG_IP_SCTP is not set): the test's SCTP servers exit at start"},
+		},
 		// Three zones: the Traffic Distribution tests need them.
 		nodes: 3, timeout: 100 * time.Minute,
 	},
@@ -65,7 +67,7 @@ func main() {
 		proxies, suiteName, out, e2eBin, ginkgo, svcnat, echo string
 		procs, jobs                                           int
 		check                                                 bool
-		jsonOut                                               string
+		jsonOut, from                                         string
 	)
 	flag.StringVar(&proxies, "proxies", "svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables", "proxies to run the tests against")
 	flag.StringVar(&suiteName, "suite", "conformance", "the tests: conformance ([sig-network] Services [Conformance]) or full (every upstream test of the proxies)")
@@ -77,6 +79,7 @@ func main() {
 	flag.IntVar(&procs, "procs", 1, "ginkgo's parallel processes per proxy ([Serial] tests run alone at the end)")
 	flag.IntVar(&jobs, "jobs", 1, "proxies tested at the same time, each on a cluster of its own")
 	flag.BoolVar(&check, "check", false, "exit 1 when a test failed with some proxy")
+	flag.StringVar(&from, "from", "", "write the report from the JSON results (-json) of earlier runs in this directory, one PROXY.json per proxy, instead of running")
 	flag.StringVar(&jsonOut, "json", "", "write the results as JSON here instead of the report (how -jobs runs each proxy in a process of its own)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -92,7 +95,7 @@ func main() {
 		}
 		return
 	}
-	failed, err := run(log, proxies, suiteName, s, out, e2eBin, ginkgo, svcnat, echo, procs, jobs)
+	failed, err := run(log, proxies, suiteName, s, from, out, e2eBin, ginkgo, svcnat, echo, procs, jobs)
 	if err != nil {
 		log.Error("conformance", "err", err)
 		os.Exit(1)
@@ -113,15 +116,18 @@ type proxyRun struct {
 // tests that failed ("proxy: test"). With jobs > 1 every proxy runs in a
 // child process of its own (-json), at most jobs at a time, as the test bed
 // makes one cluster per process.
-func run(log *slog.Logger, proxies, suiteName string, s suite, out, e2eBin, ginkgo, svcnat, echo string, procs, jobs int) ([]string, error) {
+func run(log *slog.Logger, proxies, suiteName string, s suite, from, out, e2eBin, ginkgo, svcnat, echo string, procs, jobs int) ([]string, error) {
 	kinds, err := testbed.ParseProxyKinds(proxies)
 	if err != nil {
 		return nil, err
 	}
 	var runs map[testbed.ProxyKind]proxyRun
-	if jobs <= 1 {
+	switch {
+	case from != "":
+		runs, err = readRuns(from, kinds, s)
+	case jobs <= 1:
 		runs, err = runProxies(log, kinds, s, e2eBin, ginkgo, svcnat, echo, procs)
-	} else {
+	default:
 		runs, err = runChildren(log, kinds, jobs, suiteName, e2eBin, ginkgo, svcnat, echo, procs)
 	}
 	if err != nil {
@@ -162,6 +168,38 @@ func runJSON(log *slog.Logger, proxies string, s suite, out, e2eBin, ginkgo, svc
 	return os.WriteFile(out, b, 0o644)
 }
 
+// readRuns reads the results that -json wrote, dir/PROXY.json, marking the
+// tests the suite leaves out.
+func readRuns(dir string, kinds []testbed.ProxyKind, s suite) (map[testbed.ProxyKind]proxyRun, error) {
+	runs := map[testbed.ProxyKind]proxyRun{}
+	for _, kind := range kinds {
+		r, err := readRun(filepath.Join(dir, string(kind)+".json"), kind)
+		if err != nil {
+			return nil, err
+		}
+		s.markSkips(r.Results)
+		runs[kind] = r
+	}
+	return runs, nil
+}
+
+// readRun reads one proxy's results from a file -json wrote.
+func readRun(file string, kind testbed.ProxyKind) (proxyRun, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return proxyRun{}, fmt.Errorf("read the results of %s: %w", kind, err)
+	}
+	var got map[testbed.ProxyKind]proxyRun
+	if err := json.Unmarshal(b, &got); err != nil {
+		return proxyRun{}, fmt.Errorf("read the results of %s: %w", kind, err)
+	}
+	r, ok := got[kind]
+	if !ok {
+		return proxyRun{}, fmt.Errorf("read the results of %s: %s holds none", kind, file)
+	}
+	return r, nil
+}
+
 // runChildren runs every proxy in a child process, at most jobs at a time.
 func runChildren(log *slog.Logger, kinds []testbed.ProxyKind, jobs int, suiteName, e2eBin, ginkgo, svcnat, echo string, procs int) (map[testbed.ProxyKind]proxyRun, error) {
 	self, err := os.Executable()
@@ -192,12 +230,9 @@ func runChildren(log *slog.Logger, kinds []testbed.ProxyKind, jobs int, suiteNam
 			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 			log.Info("starting", "proxy", kind)
 			err := cmd.Run()
-			var got map[testbed.ProxyKind]proxyRun
+			var r proxyRun
 			if err == nil {
-				var b []byte
-				if b, err = os.ReadFile(file); err == nil {
-					err = json.Unmarshal(b, &got)
-				}
+				r, err = readRun(file, kind)
 			}
 			mu.Lock()
 			defer mu.Unlock()
@@ -205,7 +240,7 @@ func runChildren(log *slog.Logger, kinds []testbed.ProxyKind, jobs int, suiteNam
 				errs = append(errs, fmt.Errorf("run with %s: %w", kind, err))
 				return
 			}
-			runs[kind] = got[kind]
+			runs[kind] = r
 		})
 	}
 	wg.Wait()
@@ -328,6 +363,13 @@ func runProxy(ctx context.Context, log *slog.Logger, b testbed.Binaries, images 
 	if err != nil {
 		return nil, fmt.Errorf("e2e.test (%v): %w", runErr, err)
 	}
+	s.markSkips(rs)
+	return rs, nil
+}
+
+// markSkips marks the results of the tests the suite leaves out as skipped,
+// with the reason.
+func (s suite) markSkips(rs map[string]result) {
 	for name := range rs {
 		for _, sk := range s.skips {
 			if regexp.MustCompile(sk.pattern).MatchString(name) {
@@ -335,7 +377,6 @@ func runProxy(ctx context.Context, log *slog.Logger, b testbed.Binaries, images 
 			}
 		}
 	}
-	return rs, nil
 }
 
 type junitSuites struct {

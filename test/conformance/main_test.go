@@ -80,3 +80,29 @@ func TestReadJUnitAndReport(t *testing.T) {
 		t.Errorf("report lists a test as a difference where svcnat does as kube-proxy:\n%s", md)
 	}
 }
+
+// -from: the results a child wrote with -json read back, the tests the suite
+// leaves out marked skipped with the reason, whatever their outcome was.
+func TestReadRuns(t *testing.T) {
+	dir := t.TempDir()
+	sctp := "[sig-network] Networking Granular Checks: Services should function for pod-Service: sctp [Feature:SCTPConnectivity]"
+	udp := "[sig-network] Networking Granular Checks: Services should function for pod-Service: udp"
+	b := []byte(`{"svcnat-ebpf":{"Results":{"` + sctp + `":{"Status":"failed","Message":"timed out"},"` + udp + `":{"Status":"passed"}},"Took":60000000000}}`)
+	if err := os.WriteFile(filepath.Join(dir, "svcnat-ebpf.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	runs, err := readRuns(dir, []testbed.ProxyKind{testbed.SvcnatEBPF}, suites["full"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := runs[testbed.SvcnatEBPF]
+	if r.Took.Seconds() != 60 || r.Results[udp].Status != "passed" {
+		t.Errorf("read %+v", r)
+	}
+	if got := r.Results[sctp]; got.Status != "skipped" || !strings.Contains(got.Message, "no SCTP") {
+		t.Errorf("the SCTP test: got %+v, want skipped for the kernel's lack of SCTP", got)
+	}
+	if _, err := readRuns(dir, []testbed.ProxyKind{testbed.KubeProxyIptables}, suites["full"]); err == nil {
+		t.Error("read the results of a proxy that has no file")
+	}
+}

@@ -10,7 +10,7 @@ LDFLAGS := -X main.version=$(VERSION)
 # svcnat-iptables, svcnat-ebpf, kube-proxy-iptables, kube-proxy-nftables).
 E2E_PROXIES ?= svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables
 
-.PHONY: help build echoserver votingapp setup generate check-generated lint unit e2e test demo bench bench-short bench-go image conformance clean
+.PHONY: help build echoserver votingapp setup generate check-generated lint unit e2e test demo bench bench-short bench-go image conformance conformance-full conformance-ci clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,7 +52,7 @@ e2e: build echoserver votingapp ## end-to-end suite against a real kube-apiserve
 		SVCNAT_VOTINGAPP_BIN_DIR=$(CURDIR)/bin/voting-app \
 		$(GO) test -tags e2e -count=1 -timeout 75m -v ./test/e2e/...
 
-test: lint check-generated unit e2e ## everything CI runs
+test: lint check-generated unit e2e conformance-ci ## everything CI runs
 
 demo: setup build echoserver votingapp ## run the voting app on the test bed (root); DEMO_FLAGS=--once to tear down at once
 	$(GO) build -o bin/demo ./test/testbed/cmd/demo
@@ -63,6 +63,14 @@ CONFORMANCE_FLAGS ?=
 conformance: build echoserver ## upstream's Services [Conformance] e2e tests with svcnat (both backends) and kube-proxy; writes docs/conformance.md (root)
 	scripts/k8s-bins.sh e2e
 	$(GO) run ./test/conformance -svcnat bin/svcnat -echoserver bin/echoserver -out docs/conformance.md $(CONFORMANCE_FLAGS)
+
+conformance-full: build echoserver ## every upstream test of the proxies' behaviour (Services, Conntrack, ...), 3 nodes; writes docs/conformance.md (root; about 2 hours)
+	scripts/k8s-bins.sh e2e
+	$(GO) run ./test/conformance -suite full -procs 2 -jobs 2 -svcnat bin/svcnat -echoserver bin/echoserver -out docs/conformance.md $(CONFORMANCE_FLAGS)
+
+conformance-ci: build echoserver ## the Services [Conformance] tests with both svcnat backends; fails on a failed test (root; part of make test)
+	scripts/k8s-bins.sh e2e
+	$(GO) run ./test/conformance -proxies svcnat-iptables,svcnat-ebpf -check -svcnat bin/svcnat -echoserver bin/echoserver -out bin/conformance-ci.md
 
 # The side-by-side benchmark of issue 5 (about an hour): svcnat's backends and
 # upstream kube-proxy at 1k, 5k and 10k Services, report and plots in docs/bench.

@@ -20,9 +20,11 @@ if ((${#missing[@]})); then
 	mkdir -p "$dir"
 	go build -o "$dir/" "${missing[@]}"
 fi
-# With the argument "e2e": upstream's e2e.test and its test image's agnhost
-# (the image's Debian root has the libc it links), for `make conformance`.
+# With the argument "e2e": upstream's e2e.test, the ginkgo CLI that runs it in
+# parallel, and its test image's agnhost (the image's Debian root has the libc
+# it links), for `make conformance`.
 if [[ ${1:-} == e2e ]]; then
+	[[ -x $dir/ginkgo ]] || GOFLAGS=-mod=mod go build -o "$dir/ginkgo" github.com/onsi/ginkgo/v2/ginkgo
 	[[ -x $dir/agnhost ]] || go build -o "$dir/agnhost" k8s.io/kubernetes/test/images/agnhost
 	[[ -x $dir/e2e.test ]] || GOFLAGS=-mod=mod go test -c -o "$dir/e2e.test" k8s.io/kubernetes/test/e2e
 fi

@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(iptables nftables conntrack ipset iproute2 clang-16 llvm-16 libbpf-dev
 	linux-libc-dev bpftool etcd-server socat curl make
 	redis-server postgresql chromium # the voting app: its servers, and the browser that checks it
-	containerd runc containernetworking-plugins busybox-static netcat-openbsd) # the test bed's real nodes
+	containerd runc containernetworking-plugins busybox-static netcat-openbsd wget) # the test bed's real nodes
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -90,20 +90,33 @@ func BuildSvcnatImage(dir, svcnat string, tags ...string) (string, error) {
 }
 
 // BuildAgnhostImage writes upstream's test image (AgnhostImage) into dir
-// and returns the tar file: the agnhost binary (built from
-// k8s.io/kubernetes/test/images/agnhost) as its entrypoint, dash, curl and
-// OpenBSD netcat from this machine's Debian packages, as upstream's image
-// has them for the commands tests run in it, and busybox's other applets.
+// and returns the tar file (see agnhostSpec).
 func BuildAgnhostImage(dir, agnhost string) (string, error) {
-	// dash as /bin/sh: Debian's busybox shell runs its own applets before
-	// the programs in $PATH, so curl and nc would be busybox's.
-	root, err := debianRoot(filepath.Join(dir, "agnhost-root"), "dash", "curl", "netcat-openbsd")
+	s, err := agnhostSpec(dir, agnhost)
 	if err != nil {
 		return "", err
 	}
+	tar := filepath.Join(dir, "agnhost.tar")
+	return tar, imagebuild.WriteFile(tar, s)
+}
+
+// agnhostSpec is upstream's test image: the agnhost binary (built from
+// k8s.io/kubernetes/test/images/agnhost) as its entrypoint; dash, curl,
+// OpenBSD netcat and GNU wget from this machine's Debian packages, as
+// upstream's image has them for the commands tests run in it; and busybox's
+// other applets. Its root is made in dir.
+func agnhostSpec(dir, agnhost string) (imagebuild.Spec, error) {
+	// dash as /bin/sh: Debian's busybox shell runs its own applets before
+	// the programs in $PATH, so curl and nc would be busybox's. GNU wget:
+	// Debian's static busybox 1.35 wget dies of SIGSEGV with -T, which
+	// upstream's checks that a Service is up use ("wget -q -O - -T 1").
+	root, err := debianRoot(filepath.Join(dir, "agnhost-root"), "dash", "curl", "netcat-openbsd", "wget")
+	if err != nil {
+		return imagebuild.Spec{}, err
+	}
 	s, err := busyboxSpec(AgnhostImage)
 	if err != nil {
-		return "", err
+		return imagebuild.Spec{}, err
 	}
 	for link := range s.Links {
 		if _, err := os.Lstat(filepath.Join(root, link)); err == nil {
@@ -113,8 +126,7 @@ func BuildAgnhostImage(dir, agnhost string) (string, error) {
 	s.Root = root
 	s.Files["/agnhost"] = agnhost
 	s.Entrypoint, s.Cmd = []string{"/agnhost"}, nil
-	tar := filepath.Join(dir, "agnhost.tar")
-	return tar, imagebuild.WriteFile(tar, s)
+	return s, nil
 }
 
 // debianRoot makes an image root in dir from the installed Debian packages

@@ -19,9 +19,9 @@ enum lb_verdict {
 
 /*
  * lb_set returns the endpoint set a frontend leads to. external_client is true
- * for traffic from outside the node and outside the cluster CIDRs; traffic from
- * this node or a pod goes to the cluster set even with externalTrafficPolicy
- * Local, as kube-proxy short-circuits it.
+ * for traffic from another host (the tc path); traffic from this node or one
+ * of its pods (the socket hooks) goes to the cluster set even with
+ * externalTrafficPolicy Local, as kube-proxy short-circuits it.
  */
 static __always_inline __u8 lb_set(const struct svc_value *sv, int external_client)
 {

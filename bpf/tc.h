@@ -463,7 +463,15 @@ static __attribute__((noinline)) int new_flow(struct __sk_buff *skb, const struc
 	}
 	external = !in_cluster(p->saddr);
 	__builtin_memcpy(ak.client, p->saddr, 16);
-	set = lb_set(sv, external);
+	/* Every packet here came from another host, a pod of another node
+	 * included: an external client of this node's NodePort, LoadBalancer
+	 * IP or externalIP. Only this node's own sockets (the cgroup hooks)
+	 * are short-circuited to the cluster set under a Local policy;
+	 * kube-proxy's cluster-CIDR short-circuit sends a remote pod to an
+	 * endpoint that answers it directly, past this node's NAT, and the
+	 * connection breaks (upstream e2e: "fallback to local terminating
+	 * endpoints ... externalTrafficPolicy=Local"). */
+	set = lb_set(sv, 1);
 	switch (lb_select(sv, set, &ak, &b, &bid, trace ? skb->cb[1] : SVCNAT_LB_LIVE, &pinned)) {
 	case LB_FORWARD:
 		break;

@@ -399,6 +399,7 @@ func TestTCPrograms(t *testing.T) {
 	v6 := withFrontend(sp("v6", model.IPv6, model.TCP, "fd00:96::1", 80, endpoint("fd00:244:2::5", 8080)), model.NodePort, "[2001:db8::1]:30080")
 	moving := withFrontend(sp("moving", model.IPv4, model.UDP, "10.96.0.8", 53, local("10.244.1.2", 53)), model.ExternalIP, "203.0.113.40:53")
 	all := stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, empty6, noLocal, v6, moving)
+	all.ClusterCIDRs = []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}
 	if err := b.Sync(t.Context(), all); err != nil {
 		t.Fatal(err)
 	}
@@ -514,9 +515,14 @@ func TestTCPrograms(t *testing.T) {
 		}
 	})
 	t.Run("Local policy without local endpoints drops", func(t *testing.T) {
-		in := tuple{src: client, dst: ap("192.0.2.1:30098"), proto: protoTCP, syn: true}
-		if ret, _ := h.run(in); ret != tcxDrop {
-			t.Errorf("verdict %d, want drop", ret)
+		// A pod of another node (in the cluster CIDRs) is an external
+		// client of this node's NodePort too: no short-circuit to the
+		// cluster set, which only this node's own sockets get.
+		for _, src := range []netip.AddrPort{client, ap("10.244.2.9:40000")} {
+			in := tuple{src: src, dst: ap("192.0.2.1:30098"), proto: protoTCP, syn: true}
+			if ret, _ := h.run(in); ret != tcxDrop {
+				t.Errorf("from %s: verdict %d, want drop", src, ret)
+			}
 		}
 	})
 	t.Run("a TCP packet other than a SYN starts no flow", func(t *testing.T) {
@@ -581,6 +587,7 @@ func TestTCPrograms(t *testing.T) {
 		taker := withFrontend(sp("taker", model.IPv4, model.UDP, "10.96.0.9", 53, local("10.244.1.9", 53)), model.ExternalIP, "203.0.113.40:53")
 		lbRanges.SourceRanges = []netip.Prefix{netip.MustParsePrefix("198.51.100.10/32")}
 		next := stateOf(npLocal, npRemote, lbRanges, sticky, spread, empty, empty6, noLocal, v6, moving, taker)
+		next.ClusterCIDRs = all.ClusterCIDRs
 		if err := b.Sync(t.Context(), next); err != nil {
 			t.Fatal(err)
 		}

@@ -5,8 +5,8 @@
 // a node namespace, pods running the echo server, and one proxy at a time on
 // the node, all on the same loaded apiserver.
 //
-//	go run ./test/bench -sizes 1000,5000,10000 -out docs/bench
-//	go run ./test/bench -short -out /tmp/bench
+//	cd test/bench && go run . -sizes 1000,5000,10000 -out ../../docs/bench
+//	cd test/bench && go run . -short -out /tmp/bench
 //
 // For each number of Services (each with one TCP port and an EndpointSlice of
 // 10 endpoints) and each proxy it measures the initial programming time, the

@@ -52,6 +52,8 @@ type config struct {
 	idle    time.Duration
 	workers int
 	probes  int
+	rounds  int
+	bursts  int
 	plots   bool
 	merge   bool
 	warm    bool
@@ -63,7 +65,7 @@ func shortConfig(out string) config {
 	return config{
 		sizes: []int{100}, proxies: []testbed.ProxyKind{testbed.SvcnatIptables}, out: out,
 		cap: 2 * time.Minute, changes: 20, pairs: 300, burst: 100, idle: 3 * time.Second,
-		workers: 32, probes: 2,
+		workers: 32, probes: 4, rounds: 3, bursts: 1,
 	}
 }
 
@@ -101,7 +103,10 @@ func parseFlags(args []string) (config, error) {
 	proxies := fs.String("proxies", "svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables", "comma-separated proxies to measure, one at a time")
 	out := fs.String("out", "docs/bench", "directory for results.json, results.md and the plots")
 	capD := fs.Duration("cap", 10*time.Minute, "limit on initial programming (and on any single change)")
-	changes := fs.Int("changes", 25, "EndpointSlice changes timed for the programming latency")
+	changes := fs.Int("changes", 25, "EndpointSlice changes timed for the programming latency, one at a time")
+	rounds := fs.Int("rounds", 10, "new Services timed (Service, then its EndpointSlice), and steps of the rolling update")
+	bursts := fs.Int("bursts", 3, "bursts timed, each changing every probe Service 10 ms apart")
+	probes := fs.Int("probes", 10, "probe Services (a burst changes each of them once)")
 	pairs := fs.Int("pairs", 2000, "pairs of new connections (Service, direct) for the connection latency")
 	burst := fs.Int("burst", 1000, "EndpointSlice changes in the burst")
 	idle := fs.Duration("idle", 10*time.Second, "window for idle CPU")
@@ -119,7 +124,7 @@ func parseFlags(args []string) (config, error) {
 		return cfg, nil
 	}
 	cfg := config{out: *out, cap: *capD, changes: *changes, pairs: *pairs, burst: *burst, idle: *idle,
-		workers: *workers, probes: 3, plots: !*noPlots, merge: *merge, warm: *warm, render: *render}
+		workers: *workers, probes: *probes, rounds: *rounds, bursts: *bursts, plots: !*noPlots, merge: *merge, warm: *warm, render: *render}
 	for f := range strings.SplitSeq(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > 60000 {
@@ -138,6 +143,9 @@ func parseFlags(args []string) (config, error) {
 	}
 	if cfg.changes < 1 || cfg.changes > 1000 || cfg.pairs < 10 || cfg.pairs > maxPairs || cfg.burst < 1 || cfg.workers < 1 || cfg.workers > 256 {
 		return config{}, errors.New("-changes in [1,1000], -pairs in [10,20000], -burst >= 1 and -workers in [1,256] please")
+	}
+	if cfg.rounds < 1 || cfg.rounds > 1000 || cfg.bursts < 1 || cfg.bursts > 100 || cfg.probes < 2 || cfg.probes > maxTargets {
+		return config{}, fmt.Errorf("-rounds in [1,1000], -bursts in [1,100] and -probes in [2,%d] please", maxTargets)
 	}
 	return cfg, nil
 }
@@ -166,7 +174,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 	}
 
 	c, err := testbed.Start(ctx, testbed.Options{
-		Nodes: 1, PodsPerNode: 1 + 2, // one client pod, two backends
+		Nodes: 1, PodsPerNode: 1 + 4, // one client pod; probe Services use two backends, the rolling update four
 		PodPorts: testbed.PodPorts{TCP: []int{servicePort}},
 		Binaries: bins, HandleSignals: true, Logger: log,
 	})
@@ -188,9 +196,10 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 	b := &bench{
 		c: c, w: &workload{kube: kube, workers: cfg.workers},
 		backends: pods[1:3],
-		p:        params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm},
-		capped:   map[testbed.ProxyKind]int{},
-		out:      cfg.out,
+		p: params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm,
+			rounds: cfg.rounds, burstRounds: cfg.bursts},
+		capped: map[testbed.ProxyKind]int{},
+		out:    cfg.out,
 	}
 	// A cold start already over the cap (in the results merged with) is not
 	// tried again at that size or above.
@@ -206,6 +215,9 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 			return nil, err
 		}
 		b.probes = append(b.probes, p)
+	}
+	if b.roll, err = b.w.createRolling(ctx, "rolling", pods[1:5], 2); err != nil {
+		return nil, err
 	}
 	if b.prober, err = startProber(pods[0].Origin()); err != nil {
 		return nil, err

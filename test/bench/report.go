@@ -5,6 +5,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -236,6 +237,7 @@ func (r *Report) markdown(plots []string) []byte {
 		if len(notes) > 0 {
 			fmt.Fprintf(&b, "\n%s\n", strings.Join(notes, "\n"))
 		}
+		b.WriteString(r.patternTable(n))
 	}
 	b.WriteString(r.targets())
 	if len(plots) > 0 {
@@ -258,6 +260,25 @@ Services point at real echo servers in pod namespaces):
 - **programming latency**: EndpointSlice update (the probe Service moves to
   the other pod) until the first new connection through the Service reaches the
   new pod, one change at a time, 1 s apart; nearest-rank percentiles.
+- **programming latency by pattern** (each from the write until a new
+  connection through the Service shows it; attempts start every 2 ms, 5 ms per
+  Service in a burst, and overlap, so one that hangs on a SYN the proxy does
+  not yet translate does not delay the next):
+  - *move*: the figure above;
+  - *new Service, then its EndpointSlice*: a Service is created, then at once
+    its slice with one real pod; timed from the slice's creation until the
+    first connection through the ClusterIP succeeds; then both are deleted;
+    rounds 1 s apart;
+  - *burst*: every probe Service moves to its other pod, one write 10 ms after
+    the other (or right after the previous write returned, when that took
+    longer); each change timed from its own write;
+  - *rolling update*: a Service with two ready pods out of four, replaced one
+    at a time as a Deployment does: the new pod becomes ready in one write, and
+    right after it the old one becomes terminating (not ready, serving) in a
+    second; "new pod reached" is timed from the first write until a connection
+    reaches the new pod, "old pod gone" from the second until the first
+    connection started after the last one the old pod answered (and then
+    300 ms without it); steps 1 s apart.
 - **new connection**: connect() until the server's first line, closed with a
   reset, alternating through the Service and directly to the same pod (A B A B);
   overhead = median via Service / median direct - 1. In kube-proxy's iptables
@@ -273,6 +294,43 @@ Services point at real echo servers in pod namespaces):
   the node namespace; nftables rules and set/map elements (nft -j list ruleset);
   entries of the eBPF agent's pinned hash maps.
 `
+
+// patternTable is the programming latency of every pattern at n Services,
+// p50 / p99 / max per proxy.
+func (r *Report) patternTable(n int) string {
+	var b strings.Builder
+	var rows []string
+	for _, kind := range allProxies {
+		res := r.find(kind, n)
+		if res == nil || len(res.Patterns) == 0 {
+			continue
+		}
+		cells := []string{string(kind)}
+		for _, pat := range patterns {
+			cell := "n/a"
+			if p := res.patternOf(pat.name); p != nil {
+				cell = fmt.Sprintf("%s / %s / %s", ms(p.P50Ms), ms(p.P99Ms), ms(p.MaxMs))
+				if p.Timeouts > 0 {
+					cell += fmt.Sprintf(" (%d not seen)", p.Timeouts)
+				}
+			}
+			cells = append(cells, cell)
+		}
+		rows = append(rows, "| "+strings.Join(cells, " | ")+" |\n")
+	}
+	if len(rows) == 0 {
+		return ""
+	}
+	b.WriteString("\nProgramming latency by pattern, p50 / p99 / max (ms):\n\n| proxy |")
+	for _, pat := range patterns {
+		b.WriteString(" " + pat.label + " |")
+	}
+	b.WriteString("\n|---|" + strings.Repeat("---|", len(patterns)) + "\n")
+	for _, row := range rows {
+		b.WriteString(row)
+	}
+	return b.String()
+}
 
 func (res *Result) cells() []string {
 	const na = "n/a"
@@ -430,6 +488,30 @@ func (r *Report) targets() string {
 			default:
 				line(what, 2*sr.InitSeconds <= kr.InitSeconds, fmt.Sprintf("%.1f s against %.1f s", sr.InitSeconds, kr.InitSeconds))
 			}
+		}
+	}
+	// Issue 8's absolute targets for the eBPF backend.
+	if e := get(testbed.SvcnatEBPF); !e.measured() {
+		unknown("svcnat-ebpf: programming latency p50 at most 45 ms, initial programming at most 2 s", why(testbed.SvcnatEBPF))
+	} else {
+		line("programming latency p50 of svcnat-ebpf (changes 1 s apart) at most 45 ms", e.LatencyP50Ms <= 45, ms(e.LatencyP50Ms)+" ms")
+		line("initial programming of svcnat-ebpf at most 2 s", !e.InitCapped && e.InitSeconds <= 2, fmt.Sprintf("%.1f s", e.InitSeconds))
+	}
+	// Issue 11's targets, pattern by pattern.
+	for _, t := range []struct {
+		k          testbed.ProxyKind
+		pct, limit float64
+	}{{testbed.SvcnatEBPF, 50, 10}, {testbed.SvcnatEBPF, 99, 50}, {testbed.SvcnatIptables, 90, 1000}} {
+		res := get(t.k)
+		for _, pat := range patterns {
+			what := fmt.Sprintf("programming latency p%.0f of %s at most %s ms, %s", t.pct, t.k, ms(t.limit), pat.label)
+			p := res.patternOf(pat.name)
+			if p == nil {
+				unknown(what, cmp.Or(why(t.k), "pattern not measured"))
+				continue
+			}
+			v := map[float64]float64{50: p.P50Ms, 90: p.P90Ms, 99: p.P99Ms}[t.pct]
+			line(what, v <= t.limit && p.Timeouts == 0, fmt.Sprintf("%s ms over %d changes", ms(v), p.Samples+p.Timeouts))
 		}
 	}
 	if !slices.ContainsFunc(r.Results, func(res Result) bool { return len(res.Profiles) > 0 }) {

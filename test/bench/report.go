@@ -241,7 +241,7 @@ func (r *Report) markdown(plots []string) []byte {
 	}
 	b.WriteString(r.targets())
 	if len(plots) > 0 {
-		b.WriteString("\n## Plots\n\nx: number of Services; one line per proxy.\n\n")
+		b.WriteString("\n## Plots\n\nx: number of Services; one line per proxy (latency-by-pattern: the largest size, one column of points per pattern).\n\n")
 		for _, p := range plots {
 			fmt.Fprintf(&b, "![%s](%s)\n", strings.TrimSuffix(p, ".png"), p)
 		}

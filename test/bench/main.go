@@ -58,6 +58,8 @@ type config struct {
 	merge   bool
 	warm    bool
 	render  bool
+	// conditions says what else ran on the machine, for the report.
+	conditions string
 }
 
 // shortConfig is the CI variant: small, one proxy, no plots.
@@ -114,17 +116,18 @@ func parseFlags(args []string) (config, error) {
 	merge := fs.Bool("merge", false, "keep results of other proxies and sizes already in -out/results.json")
 	noPlots := fs.Bool("no-plots", false, "skip the PNG plots")
 	render := fs.Bool("render", false, "only rewrite results.md and the plots from -out/results.json")
+	conditions := fs.String("conditions", "", "what else ran on the machine during the run, written into the report")
 	warm := fs.Bool("warm", true, "when a proxy's cold start is over -cap, measure the rest warm (Services added while it runs); larger sizes then skip its cold start")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
 	}
 	if *short {
 		cfg := shortConfig(*out)
-		cfg.merge = *merge
+		cfg.merge, cfg.conditions = *merge, *conditions
 		return cfg, nil
 	}
 	cfg := config{out: *out, cap: *capD, changes: *changes, pairs: *pairs, burst: *burst, idle: *idle,
-		workers: *workers, probes: *probes, rounds: *rounds, bursts: *bursts, plots: !*noPlots, merge: *merge, warm: *warm, render: *render}
+		workers: *workers, probes: *probes, rounds: *rounds, bursts: *bursts, plots: !*noPlots, merge: *merge, warm: *warm, render: *render, conditions: *conditions}
 	for f := range strings.SplitSeq(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > 60000 {
@@ -167,6 +170,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 		return nil, fmt.Errorf("make output directory: %w", err)
 	}
 	rep := &Report{Machine: describeMachine(ctx, bins)}
+	rep.Machine.Conditions = cfg.conditions
 	if cfg.merge {
 		if err := rep.loadPrevious(cfg.out); err != nil {
 			return nil, err

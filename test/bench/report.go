@@ -40,6 +40,8 @@ type Machine struct {
 	Iptables  string `json:"iptables"`
 	KubeProxy string `json:"kubeProxy"`
 	Svcnat    string `json:"svcnat"`
+	// Conditions says what else ran on the machine (-conditions).
+	Conditions string `json:"conditions,omitempty"`
 }
 
 func describeMachine(ctx context.Context, b testbed.Binaries) Machine {
@@ -120,6 +122,7 @@ func renderOnly(cfg config) error {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return fmt.Errorf("decode results: %w", err)
 	}
+	r.Machine.Conditions = cmp.Or(cfg.conditions, r.Machine.Conditions)
 	for i := range r.Results {
 		r.Results[i].Profiles = slices.DeleteFunc(r.Results[i].Profiles, func(p string) bool {
 			b, err := os.ReadFile(filepath.Join(cfg.out, p))
@@ -204,6 +207,7 @@ func (r *Report) markdown(plots []string) []byte {
 		{"date (UTC)", m.Date}, {"CPU", fmt.Sprintf("%s, %d cores", m.CPU, m.Cores)},
 		{"memory", fmt.Sprintf("%d GiB", m.MemoryGiB)}, {"kernel", m.Kernel}, {"OS", m.OS},
 		{"Go", m.Go}, {"iptables", m.Iptables}, {"kube-proxy", m.KubeProxy}, {"svcnat", m.Svcnat},
+		{"conditions", cmp.Or(m.Conditions, "not stated")},
 	} {
 		fmt.Fprintf(&b, "| %s | %s |\n", kv[0], mdEscape(kv[1]))
 	}

@@ -39,6 +39,7 @@ lint: ## gofmt, go vet, staticcheck
 	$(GO) vet -tags e2e ./...
 	$(GO) tool staticcheck -tags e2e ./...
 	cd examples/voting-app && $(GO) vet ./... && $$($(GO) -C $(CURDIR) tool -n staticcheck) ./...
+	cd test/bench && $(GO) vet ./... && $$($(GO) -C $(CURDIR) tool -n staticcheck) ./...
 
 unit: ## unit tests, and privileged tests in their own namespaces when root
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /test/e2e)
@@ -46,6 +47,7 @@ unit: ## unit tests, and privileged tests in their own namespaces when root
 	# so that svcnat's go.mod never depends on k8s.io/kubernetes).
 	cd pkg/model/kporacle && $(GO) test -count=1 ./...
 	cd examples/voting-app && $(GO) test -count=1 ./...
+	cd test/bench && $(GO) test -count=1 ./...
 
 e2e: build echoserver votingapp ## end-to-end suite against a real kube-apiserver (root)
 	SVCNAT_E2E_PROXIES=$(E2E_PROXIES) SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
@@ -77,11 +79,11 @@ conformance-ci: build echoserver ## the Services [Conformance] tests with both s
 BENCH_FLAGS ?= -sizes 1000,5000,10000 -cap 5m
 bench: setup build echoserver ## svcnat vs kube-proxy side by side on the test bed (root)
 	SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
-		$(GO) run ./test/bench -out docs/bench $(BENCH_FLAGS)
+		$(GO) -C test/bench run . -out $(CURDIR)/docs/bench $(BENCH_FLAGS)
 
 bench-short: build echoserver ## the benchmark harness at 100 Services, svcnat-iptables only (root; about a minute)
 	SVCNAT_BIN=$(CURDIR)/bin/svcnat SVCNAT_ECHOSERVER_BIN=$(CURDIR)/bin/echoserver \
-		$(GO) test -count=1 -run TestShort -v ./test/bench
+		$(GO) -C test/bench test -count=1 -timeout 20m -run TestShort -v .
 
 bench-go: ## Go benchmarks: render, sync and one-Service change at 10k Services, model build, eBPF maps
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./pkg/...

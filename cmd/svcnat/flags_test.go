@@ -4,9 +4,12 @@ import (
 	"errors"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
@@ -71,5 +74,45 @@ func TestBackendAutoFallsBackOnlyWhenNotSupported(t *testing.T) {
 	}
 	if errors.Is(err, ebpf.ErrNotSupported) {
 		t.Fatalf("a metrics clash reported as not supported: %v", err)
+	}
+}
+
+// --min-sync-period defaults by backend (1 s for iptables, 10 ms for eBPF);
+// a value on the command line or in the config file wins for both.
+func TestMinSyncPeriodDefault(t *testing.T) {
+	cfgFile := filepath.Join(t.TempDir(), "svcnat.yaml")
+	if err := os.WriteFile(cfgFile, []byte("min-sync-period: 250ms\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args    []string
+		file    string
+		backend string
+		want    time.Duration
+	}{
+		{nil, "", backendIptables, time.Second},
+		{nil, "", backendEBPF, 10 * time.Millisecond},
+		{[]string{"--min-sync-period=2s"}, "", backendEBPF, 2 * time.Second},
+		{[]string{"--min-sync-period=5ms"}, "", backendIptables, 5 * time.Millisecond},
+		{nil, cfgFile, backendEBPF, 250 * time.Millisecond},
+		{nil, cfgFile, backendIptables, 250 * time.Millisecond},
+	} {
+		run, _, err := newRootCommand().Find([]string{"run"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := run.ParseFlags(c.args); err != nil {
+			t.Fatal(err)
+		}
+		if err := applyConfigFile(run.Flags(), c.file); err != nil {
+			t.Fatal(err)
+		}
+		given, err := run.Flags().GetDuration("min-sync-period")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := minSyncPeriod(given, run.Flags().Changed("min-sync-period"), c.backend); got != c.want {
+			t.Errorf("args %v, config file %q, backend %s: min sync period %v, want %v", c.args, c.file, c.backend, got, c.want)
+		}
 	}
 }

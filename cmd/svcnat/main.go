@@ -119,7 +119,7 @@ func applyConfigFile(flags *pflag.FlagSet, path string) error {
 		default:
 			s = fmt.Sprint(v)
 		}
-		if err := f.Value.Set(s); err != nil {
+		if err := flags.Set(key, s); err != nil { // marks the flag Changed, as on the command line
 			return fmt.Errorf("config file %s: key %s: %w", path, key, err)
 		}
 	}

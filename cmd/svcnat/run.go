@@ -91,6 +91,7 @@ type runFlags struct {
 	node               nodeFlags
 	backend            backendFlags
 	minSyncPeriod      time.Duration
+	minSyncPeriodSet   bool // given on the command line or in the config file
 	syncPeriod         time.Duration
 	metricsBindAddress string
 	healthzBindAddress string
@@ -110,13 +111,14 @@ func newRunCommand() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
+			f.minSyncPeriodSet = cmd.Flags().Changed("min-sync-period")
 			return run(ctx, f, slog.Default())
 		},
 	}
 	fs := cmd.Flags()
 	f.node.register(fs)
 	f.backend.register(fs, backendIptables)
-	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", time.Second, "least time between two syncs; changes within it are programmed together")
+	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", 0, "least time between two syncs; changes within it are programmed together (default 1s with the iptables backend, whose every sync runs iptables-restore; 10ms with ebpf, whose map writes take microseconds)")
 	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles; with iptables each also compares every svcnat chain in the kernel with what svcnat wrote and repairs outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
@@ -174,7 +176,7 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 		NodePortPrimary:   cfg.NodePortPrimary,
 		ClusterCIDRs:      cfg.ClusterCIDRs,
 		NodeAddresses:     func() []netip.Addr { return addrs.Current() },
-		MinSyncInterval:   f.minSyncPeriod,
+		MinSyncInterval:   minSyncPeriod(f.minSyncPeriod, f.minSyncPeriodSet, backendName),
 		SyncPeriod:        f.syncPeriod,
 		BackendName:       backendName,
 		IPFamilies:        families,
@@ -218,6 +220,24 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	}
 	log.Info("svcnat stopping; programmed rules stay in place")
 	return nil
+}
+
+// minSyncPeriod is --min-sync-period when given, else the default of the
+// backend in use: a sync of the iptables backend runs iptables-restore, which
+// costs hundreds of milliseconds at 10,000 Services, so changes wait up to 1 s
+// to be written together (kube-proxy's default, for the same reason); the
+// eBPF backend writes a change to its maps in microseconds, so changes that
+// follow each other (a new Service, then its EndpointSlice; a rolling update)
+// wait only 10 ms.
+func minSyncPeriod(given time.Duration, set bool, backend string) time.Duration {
+	switch {
+	case set:
+		return given
+	case backend == backendEBPF:
+		return 10 * time.Millisecond
+	default:
+		return time.Second
+	}
 }
 
 // serve listens on every non-empty address and serves its handler. A port

@@ -114,7 +114,11 @@ func (n ServicePortName) Compare(o ServicePortName) int {
 //   - External traffic (other frontends) goes to ExternalEndpoints(), except
 //     that with ExternalTrafficLocal, traffic whose source is in the State's
 //     ClusterCIDRs or is this node itself goes to ClusterEndpoints (as
-//     kube-proxy short-circuits it).
+//     kube-proxy short-circuits it). The eBPF backend short-circuits only
+//     this node and its pods (its socket hooks): a pod of another node
+//     reaching this node's frontend is external there, where the
+//     short-circuit would send it to an endpoint that answers it past
+//     this node's NAT.
 //   - When the chosen set is empty, the packet is rejected (ICMP port
 //     unreachable) if ClusterEndpoints is empty too, and dropped otherwise
 //     (a Local policy with no local endpoint): see NoEndpoints.

@@ -63,6 +63,21 @@ func TestShort(t *testing.T) {
 		{"burst", r.BurstChanges == cfg.burst && r.BurstConvergeSeconds > 0 && r.BurstWriteSeconds > 0 && r.BurstConvergeSeconds >= r.BurstWriteSeconds},
 		{"programmed", r.Rules > r.Services && r.Chains > 0},
 		{"date", r.Date != "" && rep.Machine.Cores > 0 && rep.Machine.Kernel != ""},
+		{"patterns", len(r.Patterns) == len(patterns)},
+	}
+	for i, p := range r.Patterns {
+		want := cfg.rounds
+		switch p.Name {
+		case patMove:
+			want = cfg.changes
+		case patBurst:
+			want = cfg.bursts * cfg.probes
+		}
+		checks = append(checks, struct {
+			what string
+			ok   bool
+		}{"pattern " + p.Name, p.Name == patterns[i].name && p.Samples == want && p.Timeouts == 0 &&
+			p.P50Ms >= 0 && p.P50Ms <= p.P90Ms && p.P90Ms <= p.P99Ms && p.P99Ms <= p.MaxMs && p.MaxMs < 1000*limit})
 	}
 	for _, c := range checks {
 		if !c.ok {
@@ -163,4 +178,33 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
+}
+
+// The report has a row of p50 / p99 / max per pattern, and judges issue
+// 11's targets pattern by pattern.
+func TestPatternReport(t *testing.T) {
+	var tm timings
+	for _, d := range []time.Duration{3, 1, 2, 40, 5} {
+		tm.add(d * time.Millisecond)
+	}
+	tm.timeouts = 1
+	p := tm.pattern(patBurst)
+	if p.Samples != 5 || p.Timeouts != 1 || p.P50Ms != 3 || p.P99Ms != 40 || p.MaxMs != 40 {
+		t.Fatalf("pattern = %+v", p)
+	}
+	var r Report
+	r.add(Result{Proxy: "svcnat-ebpf", Services: 10000, InitSeconds: 1.5, LatencyChanges: 1, LatencyP50Ms: 4,
+		Patterns: []Pattern{{Name: patMove, Samples: 1, P50Ms: 4, P90Ms: 4, P99Ms: 4, MaxMs: 4}, p}})
+	md := string(r.markdown(nil))
+	for _, want := range []string{
+		"| svcnat-ebpf | 4.0 / 4.0 / 4.0 | n/a | 3.0 / 40 / 40 (1 not seen) | n/a | n/a |",
+		"programming latency p50 of svcnat-ebpf at most 10 ms, burst: changes 10 ms apart: **MISSED** (3.0 ms over 6 changes)",
+		"programming latency p99 of svcnat-ebpf at most 50 ms, move a Service's endpoint, changes 1 s apart: **met**",
+		"programming latency p50 of svcnat-ebpf at most 10 ms, rolling update: new pod reached: **not measured**",
+		"initial programming of svcnat-ebpf at most 2 s: **met**",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
 }

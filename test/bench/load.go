@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -185,48 +186,151 @@ func (w *workload) hide(ctx context.Context, on bool, from, to int) error {
 	})
 }
 
-// probeService is a Service whose single endpoint is a real pod.
+// probeService is a Service whose endpoints are real pods.
 type probeService struct {
 	name      string
 	clusterIP netip.Addr
 	slice     *discoveryv1.EndpointSlice
-	pod       *testbed.Pod // the pod it currently points at
+	pod       *testbed.Pod // the pod it currently points at (single-endpoint probes)
 }
 
 func (p *probeService) addr() string {
 	return netip.AddrPortFrom(p.clusterIP, servicePort).String()
 }
 
-// createProbe creates a probe Service pointing at pod.
-func (w *workload) createProbe(ctx context.Context, name string, pod *testbed.Pod) (*probeService, error) {
+// createService creates a Service without endpoints and returns it with
+// its ClusterIP.
+func (w *workload) createService(ctx context.Context, name string) (*probeService, error) {
 	svc, err := w.kube.CoreV1().Services(benchNamespace).Create(ctx, service(name), metav1.CreateOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("create probe service %s: %w", name, err)
+		return nil, fmt.Errorf("create service %s: %w", name, err)
 	}
 	ip, err := netip.ParseAddr(svc.Spec.ClusterIP)
 	if err != nil {
-		return nil, fmt.Errorf("probe service %s: cluster IP %q: %w", name, svc.Spec.ClusterIP, err)
+		return nil, fmt.Errorf("service %s: cluster IP %q: %w", name, svc.Spec.ClusterIP, err)
 	}
-	p := &probeService{name: name, clusterIP: ip}
-	slice := testbed.EndpointSlice(benchNamespace, name, name+"-1",
-		[]discoveryv1.EndpointPort{testbed.SlicePort(portName, corev1.ProtocolTCP, servicePort)}, pod.Endpoint(testbed.Ready))
-	if p.slice, err = w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, slice, metav1.CreateOptions{}); err != nil {
-		return nil, fmt.Errorf("create endpointslice of probe service %s: %w", name, err)
+	return &probeService{name: name, clusterIP: ip}, nil
+}
+
+// createSlice creates the Service's EndpointSlice with the given endpoints
+// and returns the time just before the write was sent.
+func (w *workload) createSlice(ctx context.Context, p *probeService, eps ...discoveryv1.Endpoint) (time.Time, error) {
+	slice := testbed.EndpointSlice(benchNamespace, p.name, p.name+"-1",
+		[]discoveryv1.EndpointPort{testbed.SlicePort(portName, corev1.ProtocolTCP, servicePort)}, eps...)
+	t0 := time.Now()
+	got, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, slice, metav1.CreateOptions{})
+	if err != nil {
+		return t0, fmt.Errorf("create endpointslice of service %s: %w", p.name, err)
+	}
+	p.slice = got
+	return t0, nil
+}
+
+// deleteService deletes the Service and its EndpointSlice (no controller
+// does it here).
+func (w *workload) deleteService(ctx context.Context, p *probeService) error {
+	if err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Delete(ctx, p.name+"-1", metav1.DeleteOptions{}); err != nil {
+		return fmt.Errorf("delete endpointslice of service %s: %w", p.name, err)
+	}
+	if err := w.kube.CoreV1().Services(benchNamespace).Delete(ctx, p.name, metav1.DeleteOptions{}); err != nil {
+		return fmt.Errorf("delete service %s: %w", p.name, err)
+	}
+	return nil
+}
+
+// createProbe creates a probe Service pointing at pod.
+func (w *workload) createProbe(ctx context.Context, name string, pod *testbed.Pod) (*probeService, error) {
+	p, err := w.createService(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := w.createSlice(ctx, p, pod.Endpoint(testbed.Ready)); err != nil {
+		return nil, err
 	}
 	p.pod = pod
 	return p, nil
 }
 
-// point updates the probe Service's slice to the given pod and returns the
-// time just before the write was sent.
-func (w *workload) point(ctx context.Context, p *probeService, pod *testbed.Pod) (time.Time, error) {
+// setEndpoints rewrites the Service's slice and returns the time just
+// before the write was sent.
+func (w *workload) setEndpoints(ctx context.Context, p *probeService, eps ...discoveryv1.Endpoint) (time.Time, error) {
 	s := p.slice.DeepCopy()
-	s.Endpoints = []discoveryv1.Endpoint{pod.Endpoint(testbed.Ready)}
+	s.Endpoints = eps
 	t0 := time.Now()
 	got, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Update(ctx, s, metav1.UpdateOptions{})
 	if err != nil {
-		return t0, fmt.Errorf("point probe service %s at %s: %w", p.name, pod.Name, err)
+		return t0, fmt.Errorf("update endpointslice of service %s: %w", p.name, err)
 	}
-	p.slice, p.pod = got, pod
+	p.slice = got
 	return t0, nil
+}
+
+// point updates the probe Service's slice to the given pod and returns the
+// time just before the write was sent.
+func (w *workload) point(ctx context.Context, p *probeService, pod *testbed.Pod) (time.Time, error) {
+	t0, err := w.setEndpoints(ctx, p, pod.Endpoint(testbed.Ready))
+	if err == nil {
+		p.pod = pod
+	}
+	return t0, err
+}
+
+// rollingService is a Deployment's Service, as a rolling update rewrites
+// it: replicas ready pods out of pods, replaced one by one.
+type rollingService struct {
+	*probeService
+	pods  []*testbed.Pod
+	ready []*testbed.Pod // oldest first
+	next  int            // index in pods of the next new pod
+}
+
+// createRolling creates the rolling Service with the first replicas pods
+// ready.
+func (w *workload) createRolling(ctx context.Context, name string, pods []*testbed.Pod, replicas int) (*rollingService, error) {
+	if replicas+2 > len(pods) { // the ready ones, one terminating, one new
+		return nil, fmt.Errorf("rolling service %s: %d replicas need %d pods, not %d", name, replicas, replicas+2, len(pods))
+	}
+	p, err := w.createService(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	r := &rollingService{probeService: p, pods: pods, ready: slices.Clone(pods[:replicas]), next: replicas}
+	_, err = w.createSlice(ctx, p, r.endpoints(nil)...)
+	return r, err
+}
+
+// endpoints returns the slice's endpoints: the ready pods, then old as
+// serving and terminating when it is not nil.
+func (r *rollingService) endpoints(old *testbed.Pod) []discoveryv1.Endpoint {
+	var eps []discoveryv1.Endpoint
+	for _, p := range r.ready {
+		if p != old {
+			eps = append(eps, p.Endpoint(testbed.Ready))
+		}
+	}
+	if old != nil {
+		eps = append(eps, old.Endpoint(testbed.ServingTerminating))
+	}
+	return eps
+}
+
+// step replaces the oldest ready pod as a Deployment does: the new pod
+// becomes ready (the previous step's terminating pod is gone by then), then
+// the old one terminates, written as soon as the first write returned. It
+// returns the time before each write.
+func (w *workload) step(ctx context.Context, r *rollingService) (addedAt, oldAt time.Time, err error) {
+	added, old := r.upcoming()
+	r.next++
+	r.ready = append(r.ready, added)
+	if addedAt, err = w.setEndpoints(ctx, r.probeService, r.endpoints(nil)...); err != nil {
+		return addedAt, oldAt, err
+	}
+	oldAt, err = w.setEndpoints(ctx, r.probeService, r.endpoints(old)...)
+	r.ready = slices.DeleteFunc(r.ready, func(p *testbed.Pod) bool { return p == old })
+	return addedAt, oldAt, err
+}
+
+// upcoming returns the pods the next step adds and replaces.
+func (r *rollingService) upcoming() (added, old *testbed.Pod) {
+	return r.pods[r.next%len(r.pods)], r.ready[0]
 }

@@ -5,8 +5,8 @@
 // a node namespace, pods running the echo server, and one proxy at a time on
 // the node, all on the same loaded apiserver.
 //
-//	go run ./test/bench -sizes 1000,5000,10000 -out docs/bench
-//	go run ./test/bench -short -out /tmp/bench
+//	cd test/bench && go run . -sizes 1000,5000,10000 -out ../../docs/bench
+//	cd test/bench && go run . -short -out /tmp/bench
 //
 // For each number of Services (each with one TCP port and an EndpointSlice of
 // 10 endpoints) and each proxy it measures the initial programming time, the
@@ -52,10 +52,14 @@ type config struct {
 	idle    time.Duration
 	workers int
 	probes  int
+	rounds  int
+	bursts  int
 	plots   bool
 	merge   bool
 	warm    bool
 	render  bool
+	// conditions says what else ran on the machine, for the report.
+	conditions string
 }
 
 // shortConfig is the CI variant: small, one proxy, no plots.
@@ -63,7 +67,7 @@ func shortConfig(out string) config {
 	return config{
 		sizes: []int{100}, proxies: []testbed.ProxyKind{testbed.SvcnatIptables}, out: out,
 		cap: 2 * time.Minute, changes: 20, pairs: 300, burst: 100, idle: 3 * time.Second,
-		workers: 32, probes: 2,
+		workers: 32, probes: 4, rounds: 3, bursts: 1,
 	}
 }
 
@@ -101,7 +105,10 @@ func parseFlags(args []string) (config, error) {
 	proxies := fs.String("proxies", "svcnat-iptables,svcnat-ebpf,kube-proxy-iptables,kube-proxy-nftables", "comma-separated proxies to measure, one at a time")
 	out := fs.String("out", "docs/bench", "directory for results.json, results.md and the plots")
 	capD := fs.Duration("cap", 10*time.Minute, "limit on initial programming (and on any single change)")
-	changes := fs.Int("changes", 25, "EndpointSlice changes timed for the programming latency")
+	changes := fs.Int("changes", 25, "EndpointSlice changes timed for the programming latency, one at a time")
+	rounds := fs.Int("rounds", 10, "new Services timed (Service, then its EndpointSlice), and steps of the rolling update")
+	bursts := fs.Int("bursts", 3, "bursts timed, each changing every probe Service 10 ms apart")
+	probes := fs.Int("probes", 10, "probe Services (a burst changes each of them once)")
 	pairs := fs.Int("pairs", 2000, "pairs of new connections (Service, direct) for the connection latency")
 	burst := fs.Int("burst", 1000, "EndpointSlice changes in the burst")
 	idle := fs.Duration("idle", 10*time.Second, "window for idle CPU")
@@ -109,17 +116,18 @@ func parseFlags(args []string) (config, error) {
 	merge := fs.Bool("merge", false, "keep results of other proxies and sizes already in -out/results.json")
 	noPlots := fs.Bool("no-plots", false, "skip the PNG plots")
 	render := fs.Bool("render", false, "only rewrite results.md and the plots from -out/results.json")
+	conditions := fs.String("conditions", "", "what else ran on the machine during the run, written into the report")
 	warm := fs.Bool("warm", true, "when a proxy's cold start is over -cap, measure the rest warm (Services added while it runs); larger sizes then skip its cold start")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
 	}
 	if *short {
 		cfg := shortConfig(*out)
-		cfg.merge = *merge
+		cfg.merge, cfg.conditions = *merge, *conditions
 		return cfg, nil
 	}
 	cfg := config{out: *out, cap: *capD, changes: *changes, pairs: *pairs, burst: *burst, idle: *idle,
-		workers: *workers, probes: 3, plots: !*noPlots, merge: *merge, warm: *warm, render: *render}
+		workers: *workers, probes: *probes, rounds: *rounds, bursts: *bursts, plots: !*noPlots, merge: *merge, warm: *warm, render: *render, conditions: *conditions}
 	for f := range strings.SplitSeq(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > 60000 {
@@ -138,6 +146,9 @@ func parseFlags(args []string) (config, error) {
 	}
 	if cfg.changes < 1 || cfg.changes > 1000 || cfg.pairs < 10 || cfg.pairs > maxPairs || cfg.burst < 1 || cfg.workers < 1 || cfg.workers > 256 {
 		return config{}, errors.New("-changes in [1,1000], -pairs in [10,20000], -burst >= 1 and -workers in [1,256] please")
+	}
+	if cfg.rounds < 1 || cfg.rounds > 1000 || cfg.bursts < 1 || cfg.bursts > 100 || cfg.probes < 2 || cfg.probes > maxTargets {
+		return config{}, fmt.Errorf("-rounds in [1,1000], -bursts in [1,100] and -probes in [2,%d] please", maxTargets)
 	}
 	return cfg, nil
 }
@@ -159,6 +170,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 		return nil, fmt.Errorf("make output directory: %w", err)
 	}
 	rep := &Report{Machine: describeMachine(ctx, bins)}
+	rep.Machine.Conditions = cfg.conditions
 	if cfg.merge {
 		if err := rep.loadPrevious(cfg.out); err != nil {
 			return nil, err
@@ -166,7 +178,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 	}
 
 	c, err := testbed.Start(ctx, testbed.Options{
-		Nodes: 1, PodsPerNode: 1 + 2, // one client pod, two backends
+		Nodes: 1, PodsPerNode: 1 + 4, // one client pod; probe Services use two backends, the rolling update four
 		PodPorts: testbed.PodPorts{TCP: []int{servicePort}},
 		Binaries: bins, HandleSignals: true, Logger: log,
 	})
@@ -188,9 +200,10 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 	b := &bench{
 		c: c, w: &workload{kube: kube, workers: cfg.workers},
 		backends: pods[1:3],
-		p:        params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm},
-		capped:   map[testbed.ProxyKind]int{},
-		out:      cfg.out,
+		p: params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm,
+			rounds: cfg.rounds, burstRounds: cfg.bursts},
+		capped: map[testbed.ProxyKind]int{},
+		out:    cfg.out,
 	}
 	// A cold start already over the cap (in the results merged with) is not
 	// tried again at that size or above.
@@ -206,6 +219,9 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 			return nil, err
 		}
 		b.probes = append(b.probes, p)
+	}
+	if b.roll, err = b.w.createRolling(ctx, "rolling", pods[1:5], 2); err != nil {
+		return nil, err
 	}
 	if b.prober, err = startProber(pods[0].Origin()); err != nil {
 		return nil, err

@@ -43,6 +43,9 @@ type Result struct {
 	LatencyP99Ms    float64 `json:"latencyP99Ms"`
 	LatencyChanges  int     `json:"latencyChanges"`
 	LatencyTimeouts int     `json:"latencyTimeouts"`
+	// Patterns are the programming latencies of the patterns users make
+	// (patterns.go), the move above included.
+	Patterns []Pattern `json:"patterns,omitempty"`
 
 	// New-connection latency (connect to first byte), interleaved through
 	// the Service and directly to the same pod.
@@ -98,6 +101,9 @@ type params struct {
 	idle    time.Duration
 	// warm measures proxies whose cold start is over the cap warm.
 	warm bool
+	// rounds of the new-Service pattern and steps of the rolling update;
+	// burstRounds bursts, each changing every probe Service once.
+	rounds, burstRounds int
 }
 
 // bench holds what every measurement shares.
@@ -105,6 +111,7 @@ type bench struct {
 	c      *testbed.Cluster
 	w      *workload
 	probes []*probeService
+	roll   *rollingService
 	// backends are the pods probe Services point at; origin is where the
 	// probe connections start.
 	backends []*testbed.Pod
@@ -166,8 +173,9 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 	}
 	proxy := b.c.Nodes[0].Proxy
 
-	// 2. Network programming latency.
-	var lat []float64
+	// 2. Network programming latency: one change at a time, then the
+	// patterns users make.
+	var move timings
 	for i := range b.p.changes {
 		p := b.probes[i%len(b.probes)]
 		d, err := b.reprogram(ctx, p, b.other(p), b.p.cap)
@@ -175,25 +183,46 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 			if ctx.Err() != nil {
 				return res, ctx.Err()
 			}
-			res.LatencyTimeouts++
+			move.timeouts++
 			log.Warn("change not seen", "probe", p.name, "err", err)
 			// Later changes must start from a known endpoint: wait once more.
-			if _, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: p.pod.Name, Timeout: b.p.cap, Interval: 20 * time.Millisecond}); err != nil {
-				return res, fmt.Errorf("probe %s never reached %s: %w", p.name, p.pod.Name, err)
+			if err := b.settle(ctx, p); err != nil {
+				return res, err
 			}
 			continue
 		}
-		lat = append(lat, d.Seconds()*1000)
+		move.add(d)
 		time.Sleep(time.Second) // changes arrive one at a time, not as a burst
 	}
-	res.LatencyChanges = len(lat) + res.LatencyTimeouts
-	if len(lat) > 0 {
-		res.LatencyP50Ms, res.LatencyP90Ms, res.LatencyP99Ms = percentile(lat, 50), percentile(lat, 90), percentile(lat, 99)
-	}
+	mp := move.pattern(patMove)
+	res.LatencyChanges, res.LatencyTimeouts = mp.Samples+mp.Timeouts, mp.Timeouts
+	res.LatencyP50Ms, res.LatencyP90Ms, res.LatencyP99Ms = mp.P50Ms, mp.P90Ms, mp.P99Ms
 	if res.LatencyTimeouts > 0 {
 		res.note("%d of %d changes not seen within %v (left out of the percentiles)", res.LatencyTimeouts, res.LatencyChanges, b.p.cap)
 	}
 	log.Info("programming latency", "p50ms", res.LatencyP50Ms, "p90ms", res.LatencyP90Ms, "p99ms", res.LatencyP99Ms)
+	res.Patterns = append(res.Patterns, mp)
+	newSvc, err := b.newServices(ctx, fmt.Sprintf("%s-%d", kind, services))
+	res.Patterns = append(res.Patterns, newSvc)
+	if err != nil {
+		return res, fmt.Errorf("new services: %w", err)
+	}
+	burst, err := b.bursts(ctx)
+	res.Patterns = append(res.Patterns, burst)
+	if err != nil {
+		return res, fmt.Errorf("bursts: %w", err)
+	}
+	added, gone, err := b.rolling(ctx)
+	res.Patterns = append(res.Patterns, added, gone)
+	if err != nil {
+		return res, fmt.Errorf("rolling update: %w", err)
+	}
+	for _, p := range res.Patterns {
+		if p.Timeouts > 0 && p.Name != patMove {
+			res.note("%s: %d of %d changes not seen within %v (left out of the percentiles)", p.Name, p.Timeouts, p.Timeouts+p.Samples, b.p.cap)
+		}
+		log.Info("pattern", "name", p.Name, "p50ms", p.P50Ms, "p99ms", p.P99Ms, "maxms", p.MaxMs, "samples", p.Samples)
+	}
 
 	// 3. Steady state: memory and idle CPU.
 	cpu0, err := cpuSeconds(proxy.PID())
@@ -265,7 +294,7 @@ func (b *bench) waitProbes(ctx context.Context, deadline time.Time) (bool, error
 			if left <= 0 {
 				return false, nil
 			}
-			resp, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: p.pod.Name, Timeout: min(left, 5*time.Second), Interval: 5 * time.Millisecond})
+			resp, err := b.prober.do(ctx, proberRequest{Op: "watch", Targets: []watchTarget{{Addr: p.addr(), Want: p.pod.Name}}, Timeout: min(left, 5*time.Second), Interval: 5 * time.Millisecond})
 			if err == nil {
 				break
 			}
@@ -334,24 +363,15 @@ func (b *bench) other(p *probeService) *testbed.Pod {
 // reprogram points a probe Service at pod and returns how long until a
 // connection through the Service first reached it.
 func (b *bench) reprogram(ctx context.Context, p *probeService, pod *testbed.Pod, limit time.Duration) (time.Duration, error) {
-	type answer struct {
-		resp proberResponse
-		err  error
-	}
-	ch := make(chan answer, 1)
-	go func() {
-		r, err := b.prober.do(ctx, proberRequest{Op: "until", Addr: p.addr(), Want: pod.Name, Timeout: limit, Interval: 2 * time.Millisecond})
-		ch <- answer{r, err}
-	}()
-	t0, err := b.w.point(ctx, p, pod)
-	a := <-ch
+	var t0 time.Time
+	res, err := b.during(ctx, limit, minInterval, []watchTarget{{Addr: p.addr(), Want: pod.Name}}, func() (err error) {
+		t0, err = b.w.point(ctx, p, pod)
+		return err
+	})
 	if err != nil {
 		return 0, err
 	}
-	if a.err != nil {
-		return 0, a.err
-	}
-	return time.Unix(0, a.resp.OKAt).Sub(t0), nil
+	return seen(res[0], t0)
 }
 
 func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Result) error {

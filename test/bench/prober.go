@@ -12,6 +12,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -31,27 +33,52 @@ const roleEnv = "SVCNAT_BENCH_ROLE"
 
 // proberRequest is one job for the prober.
 type proberRequest struct {
-	// Op is "until" (connect to Addr repeatedly until Want answers) or
-	// "ab" (Pairs pairs of new connections, alternating Addr and Direct).
-	Op     string `json:"op"`
-	Addr   string `json:"addr"`
-	Direct string `json:"direct,omitempty"`
-	// Want is the pod that must answer; empty accepts any.
+	// Op is "watch" (connect to each of Targets repeatedly until it shows
+	// the change it waits for) or "ab" (Pairs pairs of new connections,
+	// alternating Addr and Direct).
+	Op      string        `json:"op"`
+	Targets []watchTarget `json:"targets,omitempty"`
+	Addr    string        `json:"addr,omitempty"`
+	Direct  string        `json:"direct,omitempty"`
+	// Want is the pod that must answer ("ab"); empty accepts any.
 	Want string `json:"want,omitempty"`
 	// Timeout bounds the whole job.
 	Timeout time.Duration `json:"timeout"`
-	// Interval is the pause between "until" attempts.
+	// Interval is the pause between the starts of two "watch" attempts
+	// on one target. Attempts overlap: one that hangs (a SYN dropped
+	// or rejected before the Service is programmed waits for its
+	// retransmission) does not delay the next.
 	Interval time.Duration `json:"interval,omitempty"`
 	Pairs    int           `json:"pairs,omitempty"`
+}
+
+// watchTarget is one Service address a "watch" connects to, and what it
+// waits for there: Want answering once (empty: any pod), and, when Gone is
+// set, Gone no longer answering (no answer from it for goneQuiet).
+type watchTarget struct {
+	Addr string `json:"addr"`
+	Want string `json:"want,omitempty"`
+	Gone string `json:"gone,omitempty"`
+}
+
+// watchResult is what a "watch" saw at one target, as wall-clock Unix
+// nanoseconds.
+type watchResult struct {
+	// OKAt: the first answer from Want arrived.
+	OKAt int64 `json:"okAt,omitempty"`
+	// GoneAt: the first attempt started after the last one Gone answered
+	// (the first attempt when Gone never answered).
+	GoneAt   int64  `json:"goneAt,omitempty"`
+	Attempts int    `json:"attempts"`
+	Err      string `json:"err,omitempty"`
 }
 
 // proberResponse is the prober's answer to one request.
 type proberResponse struct {
 	Err string `json:"err,omitempty"`
-	// OKAt is the wall-clock time (Unix nanoseconds) at which Want first
-	// answered ("until").
-	OKAt     int64 `json:"okAt,omitempty"`
-	Attempts int   `json:"attempts"`
+	// Targets are the "watch" results, in the order of the request.
+	Targets  []watchResult `json:"targets,omitempty"`
+	Attempts int           `json:"attempts"`
 	// Service and Direct are the durations of the "ab" connections, from
 	// connect() to the server's first line, in nanoseconds.
 	Service []int64 `json:"service,omitempty"`
@@ -66,6 +93,12 @@ const (
 	minInterval       = 2 * time.Millisecond
 	maxPairs          = 20000
 	maxJob            = 15 * time.Minute
+	maxTargets        = 64
+	// goneQuiet is how long Gone must stay silent; longer than an attempt
+	// lasts, so no attempt started before it can still be answered by Gone.
+	goneQuiet = 300 * time.Millisecond
+	// maxInflight bounds the overlapping attempts of one target.
+	maxInflight = 128
 )
 
 // runProber serves requests from stdin until it is closed.
@@ -91,19 +124,26 @@ func serveRequest(req proberRequest) proberResponse {
 	timeout := min(max(req.Timeout, time.Second), maxJob)
 	deadline := time.Now().Add(timeout)
 	switch req.Op {
-	case "until":
-		interval := max(req.Interval, minInterval)
-		var resp proberResponse
-		for time.Now().Before(deadline) {
-			resp.Attempts++
-			pod, err := connectOnce(req.Addr, min(maxAttemptTimeout, time.Until(deadline)))
-			if err == nil && (req.Want == "" || pod == req.Want) {
-				resp.OKAt = time.Now().UnixNano()
-				return resp
-			}
-			time.Sleep(interval)
+	case "watch":
+		if len(req.Targets) == 0 || len(req.Targets) > maxTargets {
+			return proberResponse{Err: fmt.Sprintf("watch: %d targets, want 1 to %d", len(req.Targets), maxTargets)}
 		}
-		resp.Err = fmt.Sprintf("%s did not answer from %q within %v (%d attempts)", req.Addr, req.Want, timeout, resp.Attempts)
+		resp := proberResponse{Targets: make([]watchResult, len(req.Targets))}
+		var wg sync.WaitGroup
+		for i, t := range req.Targets {
+			wg.Go(func() { resp.Targets[i] = watch(t, max(req.Interval, minInterval), deadline) })
+		}
+		wg.Wait()
+		var errs []string
+		for _, r := range resp.Targets {
+			resp.Attempts += r.Attempts
+			if r.Err != "" {
+				errs = append(errs, r.Err)
+			}
+		}
+		if len(errs) > 0 {
+			resp.Err = strings.Join(errs, "; ")
+		}
 		return resp
 	case "ab":
 		var resp proberResponse
@@ -132,6 +172,79 @@ func serveRequest(req proberRequest) proberResponse {
 	default:
 		return proberResponse{Err: fmt.Sprintf("unknown op %q", req.Op)}
 	}
+}
+
+// watch starts an attempt on t every interval, overlapping, until t shows
+// what it waits for or the deadline passes.
+func watch(t watchTarget, interval time.Duration, deadline time.Time) watchResult {
+	var (
+		mu       sync.Mutex
+		res      watchResult
+		okAt     time.Time
+		starts   []time.Time // of every attempt, ascending
+		lastGone time.Time   // start of the latest attempt Gone answered
+		inflight sync.WaitGroup
+	)
+	slots := make(chan struct{}, maxInflight)
+	done := func(now time.Time) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if okAt.IsZero() {
+			return false
+		}
+		if t.Gone == "" {
+			return true
+		}
+		// Every attempt started within goneQuiet has had the time to be
+		// answered by Gone, and none was.
+		return len(starts) > 0 && now.Sub(starts[0]) >= goneQuiet && now.Sub(lastGone) >= goneQuiet
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for now := time.Now(); now.Before(deadline) && !done(now); now = <-tick.C {
+		select {
+		case slots <- struct{}{}:
+		default:
+			continue // maxInflight attempts hang already
+		}
+		start := time.Now()
+		mu.Lock()
+		starts = append(starts, start)
+		mu.Unlock()
+		inflight.Go(func() {
+			defer func() { <-slots }()
+			pod, err := connectOnce(t.Addr, min(maxAttemptTimeout, max(time.Until(deadline), time.Millisecond)))
+			end := time.Now()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if (t.Want == "" || pod == t.Want) && (okAt.IsZero() || end.Before(okAt)) {
+				okAt = end
+			}
+			if t.Gone != "" && pod == t.Gone && start.After(lastGone) {
+				lastGone = start
+			}
+		})
+	}
+	inflight.Wait()
+	res.Attempts = len(starts)
+	if !okAt.IsZero() {
+		res.OKAt = okAt.UnixNano()
+	}
+	if i, _ := slices.BinarySearchFunc(starts, lastGone, func(s, g time.Time) int { return s.Compare(g) }); t.Gone != "" && i < len(starts) {
+		if starts[i].Equal(lastGone) {
+			i++
+		}
+		if i < len(starts) {
+			res.GoneAt = starts[i].UnixNano()
+		}
+	}
+	if !done(time.Now()) {
+		res.Err = fmt.Sprintf("%s: within the deadline, %q did not answer or %q still answered (%d attempts)", t.Addr, t.Want, t.Gone, res.Attempts)
+	}
+	return res
 }
 
 // connectOnce opens a TCP connection, reads the echo server's greeting and

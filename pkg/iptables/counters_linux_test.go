@@ -5,7 +5,6 @@ package iptables
 import (
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
 	"github.com/svcnat/svcnat/pkg/model"
@@ -20,17 +19,8 @@ func TestCounters(t *testing.T) {
 			if !netnstest.InNetns(t) {
 				return
 			}
-			topo := setupTopology(t)
-			pod1, pod2 := topo.pods["10.244.1.2"], topo.pods["10.244.1.3"]
-			serve(t, pod1, "pod1", model.TCP, 8080)
-			serve(t, pod2, "pod2", model.TCP, 8080)
-			serve(t, pod2, "pod2", model.UDP, 5353)
-			b := initBackend(t, mode)
-			s := trafficState()
-			if err := b.Sync(t.Context(), s); err != nil {
-				t.Fatal(err)
-			}
-			time.Sleep(200 * time.Millisecond) // socat listening
+			topo, b := programTraffic(t, mode)
+			pod1 := topo.pods["10.244.1.2"]
 
 			const webConns, dnsFlows, npConns = 10, 2, 3
 			reached := map[string]uint64{}

@@ -141,6 +141,23 @@ func trafficState() *model.State {
 	return s
 }
 
+// programTraffic builds the topology with its servers listening (pod1 TCP
+// 8080, pod2 TCP 8080 and UDP 5353) and a backend of mode holding
+// trafficState.
+func programTraffic(t *testing.T, mode string) (*topology, *Backend) {
+	topo := setupTopology(t)
+	pod1, pod2 := topo.pods["10.244.1.2"], topo.pods["10.244.1.3"]
+	serve(t, pod1, "pod1", model.TCP, 8080)
+	serve(t, pod2, "pod2", model.TCP, 8080)
+	serve(t, pod2, "pod2", model.UDP, 5353)
+	b := initBackend(t, mode)
+	if err := b.Sync(t.Context(), trafficState()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // socat listening
+	return topo, b
+}
+
 // TestTraffic sends real TCP and UDP through the programmed rules.
 func TestTraffic(t *testing.T) {
 	for _, mode := range []string{ModeNFT, ModeLegacy} {
@@ -148,16 +165,8 @@ func TestTraffic(t *testing.T) {
 			if !netnstest.InNetns(t) {
 				return
 			}
-			topo := setupTopology(t)
+			topo, _ := programTraffic(t, mode)
 			pod1, pod2 := topo.pods["10.244.1.2"], topo.pods["10.244.1.3"]
-			serve(t, pod1, "pod1", model.TCP, 8080)
-			serve(t, pod2, "pod2", model.TCP, 8080)
-			serve(t, pod2, "pod2", model.UDP, 5353)
-			b := initBackend(t, mode)
-			if err := b.Sync(t.Context(), trafficState()); err != nil {
-				t.Fatal(err)
-			}
-			time.Sleep(200 * time.Millisecond) // socat listening
 
 			t.Run("ClusterIPFromPodReachesEveryEndpoint", func(t *testing.T) {
 				seen := map[string]bool{}

@@ -90,6 +90,10 @@ type proberResponse struct {
 // Attempts are bounded even when a request asks for more.
 const (
 	maxAttemptTimeout = 200 * time.Millisecond
+	// abAttemptTimeout bounds one connection of the latency comparison:
+	// long enough for a SYN retransmit (1 s), which a loaded machine
+	// causes and users see, to count as a slow sample, not a failure.
+	abAttemptTimeout = 3 * time.Second
 	minInterval       = 2 * time.Millisecond
 	maxPairs          = 20000
 	maxJob            = 15 * time.Minute
@@ -159,7 +163,7 @@ func serveRequest(req proberRequest) proberResponse {
 			}{{req.Addr, &resp.Service}, {req.Direct, &resp.Direct}} {
 				resp.Attempts++
 				start := time.Now()
-				pod, err := connectOnce(target.addr, maxAttemptTimeout)
+				pod, err := connectOnce(target.addr, abAttemptTimeout)
 				d := time.Since(start)
 				if err != nil || (req.Want != "" && pod != req.Want) {
 					resp.Failed++

@@ -94,10 +94,10 @@ const (
 	// long enough for a SYN retransmit (1 s), which a loaded machine
 	// causes and users see, to count as a slow sample, not a failure.
 	abAttemptTimeout = 3 * time.Second
-	minInterval       = 2 * time.Millisecond
-	maxPairs          = 20000
-	maxJob            = 15 * time.Minute
-	maxTargets        = 64
+	minInterval      = 2 * time.Millisecond
+	maxPairs         = 20000
+	maxJob           = 15 * time.Minute
+	maxTargets       = 64
 	// goneQuiet is how long Gone must stay silent; longer than an attempt
 	// lasts, so no attempt started before it can still be answered by Gone.
 	goneQuiet = 300 * time.Millisecond

@@ -47,11 +47,16 @@ static __always_inline struct sock_peer *sock_peer_of(struct sock_state *st, con
 
 /*
  * sock_backend_taken says whether st already translates another frontend
- * than key to endpoint b: replies from b would then be ambiguous.
+ * than key to endpoint b: replies from b would then be ambiguous. A global
+ * function: the verifier checks it once, not again for every slot
+ * sock_pick tries on every path of xlate (which took ~1 s of verifier CPU
+ * per socket program, ~4 s of the agent's start, when inline).
  */
-static __always_inline int sock_backend_taken(struct sock_state *st, const struct svc_key *key,
-					      const struct backend *b)
+__attribute__((noinline)) int sock_backend_taken(struct sock_state *st, const struct svc_key *key,
+						 const struct backend *b)
 {
+	if (!st || !key || !b) /* the verifier checks a global function for any pointers */
+		return 0;
 	for (int i = 0; i < SVCNAT_SOCK_PEERS; i++) {
 		struct sock_peer *p = &st->peers[i];
 

@@ -32,7 +32,7 @@ type testEnv struct {
 	cgroup     string // the test's child cgroup
 }
 
-func newTestEnv(t *testing.T) *testEnv {
+func newTestEnv(t testing.TB) *testEnv {
 	t.Helper()
 	bpffs := t.TempDir()
 	if err := unix.Mount("bpf", bpffs, "bpf", 0, ""); err != nil {
@@ -67,7 +67,7 @@ func newTestEnv(t *testing.T) *testEnv {
 
 // backend returns an initialised backend on env, closed (not cleaned up) at
 // the end of the test.
-func (env *testEnv) backend(t *testing.T) *Backend {
+func (env *testEnv) backend(t testing.TB) *Backend {
 	t.Helper()
 	b, err := New(Options{BPFFSPath: env.bpffs, CgroupPath: env.cgroup})
 	if err != nil {

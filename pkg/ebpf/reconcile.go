@@ -320,8 +320,13 @@ func (r *reconciler) noteRemoved(cur, want *table) {
 // admit keeps, in name order, the ServicePorts of want whose entries fit
 // the maps on top of cur and of those admitted before; the others fail
 // alone (in failed, and removed from frags). It returns the table of the
-// admitted ones and whether any did not fit.
+// admitted ones and whether any did not fit. When all of want fits, that
+// is want itself: the usual case, where counting each ServicePort's
+// entries would cost a third of the first sync.
 func admit(ms *mapSet, cur, want *table, frags map[model.ServicePortName]*fragment, failed dataplane.PortErrors) (*table, bool) {
+	if checkCapacity(ms, cur, want) == nil {
+		return want, false
+	}
 	out := newTable()
 	out.clusterCIDRs = want.clusterCIDRs
 	names := slices.SortedFunc(maps.Keys(frags), model.ServicePortName.Compare)

@@ -15,6 +15,7 @@
 package netnstest
 
 import (
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -43,8 +44,11 @@ func Name(prefix string) string {
 // InNetns reports whether the caller runs inside the namespace made for it.
 // Called from the parent, it skips the test when not root or without the ip
 // tool, otherwise runs the test in a child process in a new namespace, fails
-// the test if the child fails, and returns false.
-func InNetns(t *testing.T) bool {
+// the test if the child fails, and returns false. A benchmark runs the same
+// way, with the parent's -test.benchtime and -test.benchmem (a
+// -test.cpuprofile FILE makes the child write FILE.netns); the child's
+// result lines are printed and the parent's benchmark ends there.
+func InNetns(t testing.TB) bool {
 	t.Helper()
 	if os.Getenv(envNetns) != "" {
 		return true
@@ -61,6 +65,18 @@ func InNetns(t *testing.T) bool {
 		parts[i] = "^" + regexp.QuoteMeta(p) + "$"
 	}
 	args := []string{"netns", "exec", ns, os.Args[0], "-test.run", strings.Join(parts, "/"), "-test.count", "1"}
+	if _, ok := t.(*testing.B); ok {
+		args = []string{"netns", "exec", ns, os.Args[0], "-test.run", "^$", "-test.bench", strings.Join(parts, "/"), "-test.count", "1"}
+		for _, name := range []string{"test.benchtime", "test.benchmem", "test.cpuprofile"} {
+			if f := flag.Lookup(name); f != nil && f.Value.String() != "" {
+				v := f.Value.String()
+				if name == "test.cpuprofile" {
+					v += ".netns"
+				}
+				args = append(args, "-"+name+"="+v)
+			}
+		}
+	}
 	if testing.Verbose() {
 		args = append(args, "-test.v")
 	}
@@ -68,12 +84,20 @@ func InNetns(t *testing.T) bool {
 	parent, _ := os.Readlink("/proc/self/ns/net")
 	cmd.Env = append(os.Environ(), envNetns+"="+ns, envParentNetns+"="+parent)
 	out, err := cmd.CombinedOutput()
-	t.Logf("in namespace %s:\n%s", ns, out)
+	if _, ok := t.(*testing.B); !ok || err != nil {
+		t.Logf("in namespace %s:\n%s", ns, out)
+	}
 	if err != nil {
 		t.Fatalf("test in namespace %s: %v", ns, err)
 	}
 	if strings.Contains(string(out), "no tests to run") {
 		t.Fatalf("test in namespace %s did not run", ns)
+	}
+	if _, ok := t.(*testing.B); ok {
+		// The child's result lines, as they are; then done: a benchmark
+		// that returns is run again with a larger b.N.
+		os.Stdout.Write(out)
+		t.SkipNow()
 	}
 	return false
 }
@@ -81,7 +105,7 @@ func InNetns(t *testing.T) bool {
 // NewNamespace creates a named network namespace with its loopback up and
 // deletes it when the test ends. It can be called from inside a namespace
 // made by InNetns (names are global).
-func NewNamespace(t *testing.T, prefix string) string {
+func NewNamespace(t testing.TB, prefix string) string {
 	t.Helper()
 	ns := Name(prefix)
 	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
@@ -98,7 +122,7 @@ func NewNamespace(t *testing.T, prefix string) string {
 
 // Run runs a command inside namespace ns ("" for the current one) and
 // returns its combined output; it fails the test if the command fails.
-func Run(t *testing.T, ns string, name string, args ...string) string {
+func Run(t testing.TB, ns string, name string, args ...string) string {
 	t.Helper()
 	if ns != "" {
 		args = append([]string{"netns", "exec", ns, name}, args...)

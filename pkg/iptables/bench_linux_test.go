@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/svcnat/svcnat/pkg/model"
 )
@@ -114,7 +115,9 @@ func benchmarkSync10k(b *testing.B, mode string) {
 }
 
 // BenchmarkSyncOneServiceChange10k measures the sync after one Service's
-// endpoints changed among 10,000 Services x 10 endpoints.
+// endpoints changed among 10,000 Services x 10 endpoints, named in the
+// State's Change as the agent does, and once the comparison of every chain
+// (CheckDrift, beside the sync loop) as checkdrift-s.
 func BenchmarkSyncOneServiceChange10k(b *testing.B) {
 	for _, mode := range []string{ModeNFT, ModeLegacy} {
 		b.Run(mode, func(b *testing.B) { benchmarkSyncOneServiceChange10k(b, mode) })
@@ -132,6 +135,7 @@ func benchmarkSyncOneServiceChange10k(b *testing.B, mode string) {
 	}
 	sp := s.ServicePorts[model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}]
 	extra := model.Endpoint{IP: netip.MustParseAddr("10.245.0.1"), Port: 8080}
+	s.Change = &model.Change{Updated: []model.ServicePortName{sp.Name}}
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
@@ -148,4 +152,9 @@ func benchmarkSyncOneServiceChange10k(b *testing.B, mode string) {
 			b.Fatalf("one endpoint changed: sync wrote %+v, want one chain", be.lastWrite)
 		}
 	}
+	start := time.Now()
+	if drift, err := be.CheckDrift(b.Context()); err != nil || drift {
+		b.Fatalf("CheckDrift = %v, %v; want no drift", drift, err)
+	}
+	b.ReportMetric(time.Since(start).Seconds(), "checkdrift-s")
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
@@ -34,15 +33,12 @@ type backendFlags struct {
 	name          string
 	iptablesMode  string
 	masqueradeBit int
-	// deepCheckPeriod is set by run from --sync-period (half of it, so
-	// that every periodic reconcile compares every chain); zero elsewhere.
-	deepCheckPeriod time.Duration
-	bpffsPath       string
-	cgroupPath      string
-	interfaces      []string
-	maxServices     int
-	maxBackends     int
-	maxAffinity     int
+	bpffsPath     string
+	cgroupPath    string
+	interfaces    []string
+	maxServices   int
+	maxBackends   int
+	maxAffinity   int
 }
 
 func (f *backendFlags) register(fs *pflag.FlagSet, defaultBackend string) {
@@ -69,7 +65,7 @@ func (f *backendFlags) iptables(reg prometheus.Registerer, log *slog.Logger) (*i
 		return nil, fmt.Errorf("--masquerade-bit 0: want 1-31")
 	}
 	return iptables.New(iptables.Options{Mode: f.iptablesMode, MasqueradeBit: f.masqueradeBit,
-		DeepCheckPeriod: f.deepCheckPeriod, Registerer: reg, Logger: log})
+		Registerer: reg, Logger: log})
 }
 
 // ebpf creates the eBPF backend. Dump, Raw and Cleanup never attach to a

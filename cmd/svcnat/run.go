@@ -119,7 +119,7 @@ func newRunCommand() *cobra.Command {
 	f.node.register(fs)
 	f.backend.register(fs, backendIptables)
 	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", 0, "least time between two syncs; changes within it are programmed together (default 1s with the iptables backend, whose every sync runs iptables-restore; 10ms with ebpf, whose map writes take microseconds)")
-	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of full reconciles; with iptables each also compares every svcnat chain in the kernel with what svcnat wrote and repairs outside changes")
+	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of periodic reconciles; with iptables also how often every svcnat chain in the kernel is compared, beside the sync loop, with what svcnat wrote, to repair outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
 	fs.BoolVar(&f.endpointCounters, "metrics-endpoint-counters", false, "also export the datapath's connection counters per endpoint on /metrics (svcnat_endpoint_connections_total: one series per Service port and endpoint)")
@@ -140,7 +140,6 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	f.backend.deepCheckPeriod = f.syncPeriod / 2
 	backend, backendName, err := f.backend.forRun(reg, log.With("backend", f.backend.name))
 	if err != nil {
 		return fmt.Errorf("create %s backend: %w", f.backend.name, err)

@@ -50,6 +50,16 @@ type ConntrackCleaner interface {
 	Clean(s *model.State) error
 }
 
+// DriftChecker is a backend whose comparison of the kernel with what it
+// last wrote costs too much for the sync loop (the iptables backend reads
+// every rule): the agent runs it every SyncPeriod beside the loop, and
+// syncs as soon as the rate limit allows when it finds a difference.
+type DriftChecker interface {
+	// CheckDrift reports whether the kernel differs from what the backend
+	// last wrote; the next Sync repairs it. It may run beside Sync.
+	CheckDrift(ctx context.Context) (bool, error)
+}
+
 // Options configure an Agent. Zero durations take the defaults.
 type Options struct {
 	NodeName          string
@@ -246,6 +256,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		return errors.New("wait for informer caches: not synced")
 	}
 	defer a.svcHealth.Close()
+	if dc, ok := a.backend.(DriftChecker); ok {
+		timer := a.clock.NewTimer(a.opts.SyncPeriod)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			a.checkDrift(ctx, dc, timer)
+		}()
+		defer func() { <-done }()
+	}
 	a.mu.Lock()
 	a.due = a.clock.Now()
 	a.mu.Unlock()
@@ -272,6 +291,35 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		}
 		a.syncAndSchedule(ctx)
+	}
+}
+
+// checkDrift runs dc's comparison whenever timer fires, then every
+// SyncPeriod, until ctx ends; a difference found brings the next sync
+// forward, which repairs it.
+func (a *Agent) checkDrift(ctx context.Context, dc DriftChecker, timer clock.Timer) {
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C():
+		}
+		drift, err := dc.CheckDrift(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			a.log.Error("compare the dataplane with what was programmed", "err", err)
+		}
+		if drift {
+			a.mu.Lock()
+			a.scheduleLocked()
+			a.mu.Unlock()
+			a.health.queued()
+			a.poke()
+		}
+		timer.Reset(a.opts.SyncPeriod)
 	}
 }
 

@@ -161,6 +161,12 @@ var t0 = time.Date(2026, 11, 26, 1, 0, 0, 0, time.UTC)
 // their objects, then call cachesSynced, so the first sync sees them all.
 func newHarness(t *testing.T, tweaks ...func(*Options)) *harness {
 	t.Helper()
+	return newHarnessWith(t, nil, tweaks...)
+}
+
+// newHarnessWith is newHarness with the fake backend wrapped by wrap.
+func newHarnessWith(t *testing.T, wrap func(*fakeBackend) dataplane.Backend, tweaks ...func(*Options)) *harness {
+	t.Helper()
 	h := &harness{
 		t:     t,
 		clock: clocktesting.NewFakeClock(t0),
@@ -183,7 +189,11 @@ func newHarness(t *testing.T, tweaks ...func(*Options)) *harness {
 	for _, tweak := range tweaks {
 		tweak(&opts)
 	}
-	h.a = New(h.be, h.src, opts)
+	var backend dataplane.Backend = h.be
+	if wrap != nil {
+		backend = wrap(h.be)
+	}
+	h.a = New(backend, h.src, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { h.done <- h.a.Run(ctx) }()
 	t.Cleanup(func() {
@@ -387,6 +397,73 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	if reads := h.src.takeReads(); len(reads) != 3 {
 		t.Errorf("AllChanged rebuilt %v, want every Service", reads)
 	}
+}
+
+// driftBackend is a fakeBackend whose CheckDrift waits for the test to
+// answer.
+type driftBackend struct {
+	*fakeBackend
+	checks  chan struct{}
+	answers chan bool
+}
+
+func (b *driftBackend) CheckDrift(ctx context.Context) (bool, error) {
+	b.checks <- struct{}{}
+	select {
+	case d := <-b.answers:
+		return d, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+// TestDriftCheckBesideTheLoop: a backend's comparison of the kernel with
+// what it wrote runs every SyncPeriod beside the sync loop, never holding
+// up a change, and drift it finds is repaired by a sync as soon as the rate
+// limit allows, not at the next periodic one.
+func TestDriftCheckBesideTheLoop(t *testing.T) {
+	db := &driftBackend{checks: make(chan struct{}, 1), answers: make(chan bool)}
+	h := newHarnessWith(t, func(fb *fakeBackend) dataplane.Backend { db.fakeBackend = fb; return db })
+	web := h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.cachesSynced()
+	h.waitSync()
+	h.waitArmed(30 * time.Second)
+	h.advanceTo(30 * time.Second)
+	if got, want := change(h.waitSync()), "updated [] removed []"; got != want {
+		t.Errorf("periodic sync's change: %s, want %s", got, want)
+	}
+	select {
+	case <-db.checks:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no drift check after SyncPeriod")
+	}
+	// The comparison is still reading: a change is programmed meanwhile.
+	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5", "10.244.0.6"))
+	h.a.ServiceChanged(web)
+	h.waitArmed(31 * time.Second)
+	h.advanceTo(31 * time.Second)
+	if got, want := change(h.waitSync()), "updated [ns/web] removed []"; got != want {
+		t.Errorf("sync beside the drift check: %s, want %s", got, want)
+	}
+	// Drift found: the repairing sync runs after the minimum interval.
+	db.answers <- true
+	h.waitArmed(32 * time.Second)
+	h.advanceTo(32 * time.Second)
+	if got, want := change(h.waitSync()), "updated [] removed []"; got != want {
+		t.Errorf("repairing sync's change: %s, want %s", got, want)
+	}
+	// No drift: nothing is brought forward; the next check is a period on.
+	h.waitArmed(62 * time.Second)
+	h.advanceTo(61 * time.Second)
+	h.noSync()
+	select {
+	case <-db.checks:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no second drift check a SyncPeriod after the first")
+	}
+	db.answers <- false
+	h.noSync()
+	h.waitArmed(62 * time.Second)
 }
 
 func TestRetriesWithBackoff(t *testing.T) {

@@ -8,14 +8,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
-	"maps"
 	"os"
 	"os/exec"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	goipt "github.com/coreos/go-iptables/iptables"
@@ -49,19 +50,18 @@ type Options struct {
 	MasqueradeBit int
 	// Registerer receives the backend's metrics; nil registers none.
 	Registerer prometheus.Registerer
-	// DeepCheckPeriod is how often, with nf_tables, a Sync compares every
-	// svcnat chain in the kernel with what it wrote, to repair a chain
-	// flushed or edited by hand; zero means every Sync. Legacy iptables
-	// reads whole tables even for the quick check, so it always compares in
-	// full. The quick check (jump rules, root chains) runs on every Sync.
-	DeepCheckPeriod time.Duration
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
 }
 
 // Backend programs a model.State with iptables-restore. It implements
-// dataplane.Backend; it is not safe for concurrent use.
+// dataplane.Backend; it is not safe for concurrent use, except that
+// CheckDrift may run beside the other methods once Init has returned.
 type Backend struct {
+	// mu is held by Init, Sync and Cleanup throughout, and by CheckDrift
+	// only to take what was last written and to hand over what it found.
+	mu       sync.Mutex
+	checking sync.Mutex // one CheckDrift at a time
 	opts     Options
 	log      *slog.Logger
 	mode     string // resolved: ModeNFT or ModeLegacy
@@ -84,14 +84,23 @@ type familyTables struct {
 	restore string // path of the *-restore binary
 	ipt     *goipt.IPTables
 	// last is what the last successful Sync wrote; nil makes the next Sync
-	// rewrite everything.
+	// rewrite everything. A Ruleset is not changed once written, so
+	// CheckDrift reads it without holding Backend.mu.
 	last *Ruleset
 	// cache makes rendering after a small change cost little.
 	cache renderCache
-	// deepChecked is when the kernel's svcnat chains were last compared
-	// with last in full.
-	deepChecked time.Time
+	// repair holds the chains a comparison found changed outside svcnat:
+	// the next Sync rewrites (or deletes) those of svcnat, and puts back
+	// the jump rules of the built-in ones.
+	repair map[tableChain]bool
+	// written, while a CheckDrift reads the kernel, collects the chains
+	// Syncs write meanwhile: the kernel may show either version of them,
+	// so the comparison cannot judge them. Nil when no CheckDrift runs.
+	written map[tableChain]bool
 }
+
+// tableChain names a chain.
+type tableChain struct{ table, chain string }
 
 // jump is a rule svcnat adds to a built-in chain.
 type jump struct {
@@ -282,6 +291,8 @@ func tcpBeLiberal() bool {
 // run left, so traffic keeps flowing; the first Sync replaces them.
 // Idempotent.
 func (b *Backend) Init(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if err := b.resolve(ctx); err != nil {
 		return err
 	}
@@ -297,6 +308,9 @@ func (b *Backend) Init(ctx context.Context) error {
 // ensureJumps creates the root chains when missing and inserts the jump
 // rules to them at the top of the built-in chains unless present.
 func (ft *familyTables) ensureJumps() error {
+	for _, j := range jumps {
+		ft.wrote(j.table, j.chain)
+	}
 	for _, rc := range rootChains {
 		ok, err := ft.ipt.ChainExists(rc.table, rc.chain)
 		if err != nil {
@@ -322,70 +336,135 @@ func (ft *familyTables) ensureJumps() error {
 	return nil
 }
 
-// intact reports whether the kernel still holds the jump rules and
-// svcnat's chains as svcnat last wrote them, to notice outside interference
-// (a flushed chain, a deleted jump rule). The quick check looks at the jump
-// rules and root chains; the deep one at every chain.
-func (ft *familyTables) intact(ctx context.Context, deep bool) bool {
-	if deep {
-		return ft.intactInFull(ctx)
+// drift reads the kernel's tables as they stream out of iptables-save
+// and returns the chains that differ from last: svcnat chains with other
+// rules, missing or extra svcnat chains, and built-in chains missing one of
+// svcnat's jump rules.
+func (ft *familyTables) drift(ctx context.Context, last *Ruleset) (map[tableChain]bool, error) {
+	out := map[tableChain]bool{}
+	saved := make([]string, len(jumps))
+	for i, j := range jumps {
+		saved[i] = j.saved()
 	}
-	for _, j := range jumps {
-		if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
-			return false
-		}
-	}
-	for _, rc := range rootChains {
-		rules, err := ft.ipt.List(rc.table, rc.chain)
+	for _, table := range []string{tableFilter, tableNAT} {
+		want := last.Tables[table]
+		// matched counts the rules of each svcnat chain in the kernel that
+		// equal last's so far; -1 once one differs.
+		matched := map[string]int{}
+		jumped := make([]bool, len(jumps))
+		err := ft.scanTable(ctx, table, func(_, chain, rule string, declared bool) error {
+			if !strings.HasPrefix(chain, chainPrefix) {
+				for i, j := range jumps {
+					jumped[i] = jumped[i] || (!declared && j.table == table && j.chain == chain && rule == saved[i])
+				}
+				return nil
+			}
+			n, seen := matched[chain]
+			switch {
+			case declared:
+				matched[chain] = 0
+			case seen && n >= 0 && n < len(want[chain]) && want[chain][n] == rule:
+				matched[chain] = n + 1
+			default:
+				matched[chain] = -1
+			}
+			return nil
+		})
 		if err != nil {
-			return false
+			return nil, err
 		}
-		var want []string
-		want = append(want, "-N "+rc.chain)
-		for _, r := range ft.last.Tables[rc.table][rc.chain] {
-			want = append(want, "-A "+rc.chain+" "+r)
+		for c, n := range matched {
+			if rules, ok := want[c]; !ok || n != len(rules) {
+				out[tableChain{table, c}] = true
+			}
 		}
-		if !slices.Equal(rules, want) {
-			return false
+		for c := range want {
+			if _, ok := matched[c]; !ok {
+				out[tableChain{table, c}] = true
+			}
+		}
+		for i, j := range jumps {
+			if j.table == table && !jumped[i] {
+				out[tableChain{table, j.chain}] = true
+			}
 		}
 	}
-	return true
+	return out, nil
 }
 
-// intactInFull compares every svcnat chain and jump rule in the kernel with
-// what svcnat last wrote, reading each table once with iptables-save.
-func (ft *familyTables) intactInFull(ctx context.Context) bool {
-	for _, table := range []string{tableFilter, tableNAT} {
-		text, err := ft.saveTable(ctx, table)
+// saved is the jump rule as iptables-save prints it, after "-A chain ".
+func (j jump) saved() string {
+	words := make([]string, len(j.spec))
+	for i, w := range j.spec {
+		words[i] = quote(w)
+	}
+	return strings.Join(words, " ")
+}
+
+// CheckDrift compares svcnat's chains and jump rules in the kernel with
+// what the last Sync wrote, reading every table with iptables-save, and
+// reports whether something was changed outside svcnat; the next Sync
+// (with any Change, an empty one too) repairs exactly that. It does not
+// hold up Sync while it reads: a chain a Sync writes meanwhile is not
+// judged (the kernel may show it before or after that write). Before the
+// first successful Sync, and after a failed one, there is nothing to
+// compare (the next Sync rewrites everything). Safe to call beside Sync
+// once Init has returned; it never writes to the kernel.
+func (b *Backend) CheckDrift(ctx context.Context) (bool, error) {
+	b.checking.Lock()
+	defer b.checking.Unlock()
+	found := false
+	for _, ft := range b.families {
+		b.mu.Lock()
+		last := ft.last
+		ft.written = map[tableChain]bool{}
+		b.mu.Unlock()
+		var drift map[tableChain]bool
+		var err error
+		if last != nil {
+			drift, err = ft.drift(ctx, last)
+		}
+		b.mu.Lock()
+		written := ft.written
+		ft.written = nil
+		if ft.last != nil {
+			for c := range drift {
+				if !written[c] {
+					ft.markRepair(c)
+				}
+			}
+		}
+		n := len(ft.repair)
+		b.mu.Unlock()
 		if err != nil {
-			return false
+			return found, fmt.Errorf("compare %s rules with the kernel: %w", ft.family, err)
 		}
-		rs, err := ParseSave(ft.family, text)
-		if err != nil || !maps.EqualFunc(rs.Tables[table], ft.last.Tables[table], slices.Equal) {
-			return false
-		}
-		for _, j := range jumps {
-			if j.table != table {
-				continue
-			}
-			words := make([]string, len(j.spec))
-			for i, w := range j.spec {
-				words[i] = quote(w)
-			}
-			if !strings.Contains(text, "\n-A "+j.chain+" "+strings.Join(words, " ")+"\n") {
-				return false
-			}
+		if n > 0 {
+			b.log.Warn("svcnat iptables rules changed outside svcnat; the next sync repairs them", "family", ft.family, "chains", n)
+			found = true
 		}
 	}
-	return true
+	return found, nil
+}
+
+func (ft *familyTables) markRepair(c tableChain) {
+	if ft.repair == nil {
+		ft.repair = map[tableChain]bool{}
+	}
+	ft.repair[c] = true
 }
 
 // Sync makes the kernel's svcnat chains match s: one iptables-restore
 // --noflush transaction per family, holding only the chains that differ
-// from the last successful Sync (all of them after Init, a failure, or
-// outside interference), and deleting chains no longer needed. Traffic is
-// never interrupted: no chain is flushed ahead of the transaction.
+// from the last successful Sync (all of them after Init or a failure) and
+// those found changed outside svcnat, and deleting chains no longer
+// needed. Without s.Change it first compares the kernel with what it
+// last wrote (as CheckDrift does, but in line); with a Change it reads
+// nothing from the kernel. Traffic is never interrupted: no chain is
+// flushed ahead of the transaction.
 func (b *Backend) Sync(ctx context.Context, s *model.State) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if err := b.resolve(ctx); err != nil {
 		return err
 	}
@@ -433,13 +512,17 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
 	want := render(s, ft.family, b.renderOptions, &ft.cache)
 	full := ft.last == nil
-	deep := b.mode == ModeLegacy || time.Since(ft.deepChecked) >= b.opts.DeepCheckPeriod
-	if !full && deep {
-		ft.deepChecked = time.Now()
+	if !full && s.Change == nil {
+		drift, err := ft.drift(ctx, ft.last)
+		if err != nil {
+			return fmt.Errorf("compare %s rules with the kernel: %w", ft.family, err)
+		}
+		for c := range drift {
+			ft.markRepair(c)
+		}
 	}
-	if !full && !ft.intact(ctx, deep) {
-		b.log.Warn("svcnat iptables rules changed outside svcnat; rewriting all", "family", ft.family)
-		full = true
+	if len(ft.repair) > 0 {
+		b.log.Warn("repairing svcnat iptables rules changed outside svcnat", "family", ft.family, "chains", len(ft.repair))
 	}
 	var payload strings.Builder
 	for _, table := range []string{tableFilter, tableNAT} {
@@ -460,7 +543,7 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 			lastChains := ft.last.Tables[table]
 			for _, c := range sortedKeys(wantChains) {
 				old, ok := lastChains[c]
-				if !ok || !slices.Equal(old, wantChains[c]) {
+				if !ok || !slices.Equal(old, wantChains[c]) || ft.repair[tableChain{table, c}] {
 					write = append(write, c)
 				}
 			}
@@ -469,6 +552,19 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 					del = append(del, c)
 				}
 			}
+			// A chain of svcnat's name in the kernel that svcnat did not
+			// write, nor wants.
+			for c := range ft.repair {
+				_, wanted := wantChains[c.chain]
+				_, written := lastChains[c.chain]
+				if c.table == table && strings.HasPrefix(c.chain, chainPrefix) && !wanted && !written {
+					del = append(del, c.chain)
+				}
+			}
+			slices.Sort(del)
+		}
+		for _, c := range slices.Concat(write, del) {
+			ft.wrote(table, c)
 		}
 		b.lastWrite.full = b.lastWrite.full || full
 		b.lastWrite.written += len(write)
@@ -499,8 +595,14 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 		}
 	}
 	ft.last = want
-	if full {
-		// A partial sync found the jump rules in place already.
+	repairJumps := false
+	for c := range ft.repair {
+		repairJumps = repairJumps || !strings.HasPrefix(c.chain, chainPrefix)
+	}
+	ft.repair = nil
+	if full || repairJumps {
+		// A partial sync finds the jump rules in place, unless a
+		// comparison found one missing.
 		if err := ft.ensureJumps(); err != nil {
 			return err
 		}
@@ -588,6 +690,37 @@ func (ft *familyTables) restoreText(ctx context.Context, payload string) error {
 	return nil
 }
 
+// wrote notes a chain a Sync writes for the CheckDrift that may be
+// reading the kernel meanwhile.
+func (ft *familyTables) wrote(table, chain string) {
+	if ft.written != nil {
+		ft.written[tableChain{table, chain}] = true
+	}
+}
+
+// scanTable streams one table out of the save binary into scanSave's fn,
+// without holding the text whole.
+func (ft *familyTables) scanTable(ctx context.Context, table string, fn func(table, chain, rule string, declared bool) error) error {
+	cmd := exec.CommandContext(ctx, ft.save, "-t", table)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return fmt.Errorf("read %s %s table with %s: %w", ft.family, table, ft.save, err)
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("read %s %s table with %s: %w", ft.family, table, ft.save, err)
+	}
+	scanErr := scanSave(ft.family, out, fn)
+	if scanErr != nil {
+		_, _ = io.Copy(io.Discard, out) // let the binary finish writing
+	}
+	if err := cmd.Wait(); err != nil {
+		return fmt.Errorf("read %s %s table with %s: %w: %s", ft.family, table, ft.save, err, strings.TrimSpace(stderr.String()))
+	}
+	return scanErr
+}
+
 // saveTable returns iptables-save output for one table, with the save
 // binary's extra flags (-c: with counters).
 func (ft *familyTables) saveTable(ctx context.Context, table string, flags ...string) (string, error) {
@@ -603,28 +736,26 @@ func (ft *familyTables) saveTable(ctx context.Context, table string, flags ...st
 
 // chains lists svcnat's chains in a table.
 func (ft *familyTables) chains(ctx context.Context, table string) ([]string, error) {
-	text, err := ft.saveTable(ctx, table)
-	if err != nil {
-		return nil, err
-	}
-	rs, err := ParseSave(ft.family, text)
-	if err != nil {
-		return nil, err
-	}
-	return sortedKeys(rs.Tables[table]), nil
+	var out []string
+	err := ft.scanTable(ctx, table, func(_, chain, _ string, declared bool) error {
+		if declared && strings.HasPrefix(chain, chainPrefix) {
+			out = append(out, chain)
+		}
+		return nil
+	})
+	slices.Sort(out)
+	return out, err
 }
 
 // read returns svcnat's rules of one family as the kernel holds them.
 func (ft *familyTables) read(ctx context.Context) (*Ruleset, error) {
-	var text strings.Builder
+	rs := newRuleset(ft.family)
 	for _, table := range []string{tableFilter, tableNAT} {
-		t, err := ft.saveTable(ctx, table)
-		if err != nil {
+		if err := ft.scanTable(ctx, table, rs.add); err != nil {
 			return nil, err
 		}
-		text.WriteString(t)
 	}
-	return ParseSave(ft.family, text.String())
+	return rs, nil
 }
 
 // Dump reads svcnat's rules from the kernel with iptables-save and decodes
@@ -735,6 +866,8 @@ func (b *Backend) Raw(ctx context.Context) (string, error) {
 // Cleanup removes the jump rules and every SVCNAT- chain, and nothing else.
 // What is already gone is not an error.
 func (b *Backend) Cleanup(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if err := b.resolve(ctx); err != nil {
 		return err
 	}

@@ -4,10 +4,15 @@ package iptables
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -123,7 +128,9 @@ func TestPartialSync(t *testing.T) {
 }
 
 // TestOutsideInterference changes svcnat's rules by hand, as an operator or
-// another tool might; the next Sync must notice and restore them.
+// another tool might. CheckDrift must notice, and the next Sync, though its
+// Change names nothing, restore exactly what was changed; a Sync without a
+// Change must notice and restore it by itself.
 func TestOutsideInterference(t *testing.T) {
 	for _, c := range []struct {
 		name string
@@ -136,6 +143,7 @@ func TestOutsideInterference(t *testing.T) {
 		{"DeletePostroutingRule", []string{"-t", "nat", "-D", chainPostrouting, "1"}},
 		{"FlushLeaf", []string{"-t", "nat", "-F", addrLeaf(netip.MustParseAddr("10.96.0.10"))}},
 		{"FlushEndpoints", []string{"-t", "nat", "-F", prefixCluster + chainHash("default/web:http")}},
+		{"ForeignChain", []string{"-t", "nat", "-N", chainPrefix + "STRAY"}},
 	} {
 		for _, mode := range []string{ModeNFT, ModeLegacy} {
 			t.Run(c.name+"/"+mode, func(t *testing.T) {
@@ -148,25 +156,42 @@ func TestOutsideInterference(t *testing.T) {
 				if err := b.Sync(ctx, s); err != nil {
 					t.Fatal(err)
 				}
-				netnstest.Run(t, "", "iptables-"+b.Mode(), c.args...)
-				if err := b.Sync(ctx, s); err != nil {
-					t.Fatal(err)
+				if drift, err := b.CheckDrift(ctx); err != nil || drift {
+					t.Fatalf("CheckDrift right after a sync = %v, %v; want no drift", drift, err)
 				}
-				if !b.lastWrite.full {
-					t.Errorf("sync after %v was not a full rewrite", c.args)
-				}
-				for _, ft := range b.families {
-					got, err := ft.read(ctx)
-					if err != nil {
+				periodic := *s
+				periodic.Change = &model.Change{}
+				for _, how := range []string{"CheckDrift then a sync with an empty change", "a sync without a change"} {
+					netnstest.Run(t, "", "iptables-"+b.Mode(), c.args...)
+					if how == "CheckDrift then a sync with an empty change" {
+						if drift, err := b.CheckDrift(ctx); err != nil || !drift {
+							t.Fatalf("CheckDrift after %v = %v, %v; want drift", c.args, drift, err)
+						}
+						if err := b.Sync(ctx, &periodic); err != nil {
+							t.Fatal(err)
+						}
+					} else if err := b.Sync(ctx, s); err != nil {
 						t.Fatal(err)
 					}
-					if want := Render(s, ft.family, DefaultMasqueradeBit); got.Text() != want.Text() {
-						t.Errorf("%s rules not restored:\n%s", ft.family, got.Text())
+					if b.lastWrite.full || b.lastWrite.written+b.lastWrite.deleted > 1 {
+						t.Errorf("%s after %v wrote %+v, want at most the one chain changed", how, c.args, b.lastWrite)
 					}
-					for _, j := range jumps {
-						if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
-							t.Errorf("%s jump in %s/%s not restored (%v)", ft.family, j.table, j.chain, err)
+					for _, ft := range b.families {
+						got, err := ft.read(ctx)
+						if err != nil {
+							t.Fatal(err)
 						}
+						if want := Render(s, ft.family, DefaultMasqueradeBit); got.Text() != want.Text() {
+							t.Errorf("%s: %s rules not restored:\n%s", how, ft.family, got.Text())
+						}
+						for _, j := range jumps {
+							if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
+								t.Errorf("%s: %s jump in %s/%s not restored (%v)", how, ft.family, j.table, j.chain, err)
+							}
+						}
+					}
+					if drift, err := b.CheckDrift(ctx); err != nil || drift {
+						t.Errorf("%s: CheckDrift after the repair = %v, %v; want no drift", how, drift, err)
 					}
 				}
 			})
@@ -325,5 +350,88 @@ func TestDetectMode(t *testing.T) {
 	b := initBackend(t, ModeAuto)
 	if b.Mode() != ModeLegacy {
 		t.Errorf("backend mode %s, want legacy", b.Mode())
+	}
+}
+
+// TestSyncDoesNotWaitForComparison: the comparison of the kernel with what
+// was written reads every rule (a ~24 MB iptables-save at 10,000
+// Services), so it must never hold up a Sync that carries a change; and a
+// comparison that reads the kernel while such a Sync writes must not take
+// that write for outside interference. An iptables-save that sleeps
+// before it reads stands in for a large ruleset.
+func TestSyncDoesNotWaitForComparison(t *testing.T) {
+	if !netnstest.InNetns(t) {
+		return
+	}
+	b := initBackend(t, ModeNFT)
+	ctx := t.Context()
+	s := allCase()
+	if err := b.Sync(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	const slow = 2 * time.Second
+	reading := filepath.Join(t.TempDir(), "reading")
+	wrapper := filepath.Join(t.TempDir(), "iptables-nft-save")
+	ft := b.families[0]
+	script := fmt.Sprintf("#!/bin/sh\ntouch %s\nsleep %g\nexec %s \"$@\"\n", reading, slow.Seconds(), ft.save)
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	real := ft.save
+	ft.save = wrapper
+	web := model.ServicePortName{Namespace: "default", Name: "web", Port: "http", Family: model.IPv4}
+	addEndpoint := func(ip string) {
+		t.Helper()
+		sp := *s.ServicePorts[web]
+		sp.ClusterEndpoints = append(slices.Clone(sp.ClusterEndpoints), model.Endpoint{IP: netip.MustParseAddr(ip), Port: 8080})
+		s.ServicePorts[web] = &sp
+		s.Change = &model.Change{Updated: []model.ServicePortName{web}}
+		start := time.Now()
+		if err := b.Sync(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		if took := time.Since(start); took >= slow/2 {
+			t.Errorf("sync of one changed ServicePort took %v: it waited for iptables-save", took)
+		} else {
+			t.Logf("sync of one changed ServicePort took %v", took)
+		}
+	}
+
+	// Alone: a Sync with a change reads nothing back.
+	addEndpoint("10.244.9.9")
+
+	// Beside a comparison that reads the tables before and after the write.
+	type result struct {
+		drift bool
+		err   error
+	}
+	checked := make(chan result, 1)
+	go func() {
+		drift, err := b.CheckDrift(ctx)
+		checked <- result{drift, err}
+	}()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(reading); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatal("CheckDrift never ran iptables-save")
+		}
+	}
+	addEndpoint("10.244.9.10")
+	select {
+	case r := <-checked:
+		t.Fatalf("CheckDrift (%v, %v) ended before the sync it ran beside: the test proves nothing", r.drift, r.err)
+	default:
+	}
+	if r := <-checked; r.err != nil || r.drift {
+		t.Errorf("CheckDrift beside a sync = %v, %v; want no drift (the sync's own write is not interference)", r.drift, r.err)
+	}
+	ft.save = real
+	got, err := b.Dump(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range conformance.Diff(s, got) {
+		t.Error(d)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -18,33 +19,62 @@ import (
 // chains in it (those named SVCNAT-*); everything else is ignored.
 func ParseSave(family model.Family, text string) (*Ruleset, error) {
 	rs := newRuleset(family)
-	var table map[string][]string
-	sc := bufio.NewScanner(strings.NewReader(text))
+	if err := scanSave(family, strings.NewReader(text), rs.add); err != nil {
+		return nil, err
+	}
+	return rs, nil
+}
+
+// add records one line scanSave reports when it is of an svcnat chain in
+// a table svcnat uses.
+func (rs *Ruleset) add(table, chain, rule string, declared bool) error {
+	t := rs.Tables[table]
+	switch {
+	case t == nil || !strings.HasPrefix(chain, chainPrefix):
+	case declared:
+		if _, ok := t[chain]; !ok {
+			t[chain] = nil
+		}
+	case rule == "":
+		return fmt.Errorf("parse %s iptables-save: rule of chain %s without matches or target", rs.Family, chain)
+	default:
+		t[chain] = append(t[chain], rule)
+	}
+	return nil
+}
+
+// scanSave reads iptables-save output line by line, without holding it
+// whole, and calls fn for every chain declared (declared set, rule empty)
+// and every rule ("-A chain rule"; rule is empty for a rule without
+// matches or target), of every chain, with the table it is in. It stops
+// at the first error fn returns.
+func scanSave(family model.Family, r io.Reader, fn func(table, chain, rule string, declared bool) error) error {
+	var table string
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64*1024), 16*1024*1024)
 	for n := 1; sc.Scan(); n++ {
 		line := sc.Text()
+		var err error
 		switch {
 		case strings.HasPrefix(line, "*"):
-			table = rs.Tables[line[1:]]
-		case table == nil:
-			// A table svcnat does not use, or a comment before any table.
-		case strings.HasPrefix(line, ":"+chainPrefix):
+			table = line[1:]
+		case table == "":
+			// A comment before any table.
+		case strings.HasPrefix(line, ":"):
 			name, _, _ := strings.Cut(line[1:], " ")
-			if _, ok := table[name]; !ok {
-				table[name] = nil
-			}
-		case strings.HasPrefix(line, "-A "+chainPrefix):
-			chain, rule, ok := strings.Cut(line[3:], " ")
-			if !ok {
-				return nil, fmt.Errorf("parse %s iptables-save line %d: rule without matches or target: %q", family, n, line)
-			}
-			table[chain] = append(table[chain], rule)
+			err = fn(table, name, "", true)
+		case strings.HasPrefix(line, "-A "):
+			chain, rule, _ := strings.Cut(line[3:], " ")
+			err = fn(table, chain, rule, false)
+		}
+		if err != nil {
+			return fmt.Errorf("%w (line %d: %q)", err, n, line)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read %s iptables-save output: %w", family, err)
+		return fmt.Errorf("read %s iptables-save output: %w", family, err)
 	}
-	return rs, nil
+	return nil
 }
 
 // addrMatch is an -s or -d match: an address under a mask, maybe negated.

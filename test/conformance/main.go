@@ -510,17 +510,7 @@ func report(kinds []testbed.ProxyKind, results map[string]map[testbed.ProxyKind]
 
 // explained says why a test that passes with kube-proxy fails with svcnat,
 // for the tests where it does: the first key contained in the test's name.
-var explained = map[string]string{
-	"should fallback to local terminating endpoints when there are no ready endpoints with externalTrafficPolicy=Local": "" +
-		"a pod on node A connects to node B's NodePort (externalTrafficPolicy=Local, the only endpoint on A), and the test wants " +
-		"that to fail: the pod is an external client of B. kube-proxy (local traffic detected by --cluster-cidr) sends any " +
-		"cluster-CIDR source to all endpoints without masquerade; the endpoint on A answers the pod directly, the reply misses " +
-		"B's NAT and the connection fails, so kube-proxy passes by that accident (on kind the CNI masquerades the pod, so it " +
-		"arrives as external). svcnat-ebpf's tc path also sends cluster-CIDR sources to all endpoints, but masquerades flows to " +
-		"other nodes, so the connection succeeds. To do: in bpf/tc.h treat every NodePort, LoadBalancer and externalIP packet " +
-		"that arrives on an uplink as from an external client (lb_set(sv, 1)); only the node's own sockets (the cgroup hooks) " +
-		"are short-circuited, with a tc test that a cluster-CIDR source without a local endpoint is dropped.",
-}
+var explained = map[string]string{}
 
 // difference is a list item for a test that passes with some kube-proxy mode
 // but fails with some svcnat backend, with its explanation; "" for the others.

@@ -203,17 +203,11 @@ func TestSingleStack(t *testing.T) {
 // family's ServicePorts are programmed and the failure is PortErrors naming
 // only the failed family's, so the agent stays healthy for the rest.
 func TestFamilyFailsAlone(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
-	b := initBackend(t, ModeNFT)
-	for _, ft := range b.families {
-		if ft.family == model.IPv6 {
-			restore := ft.restore
-			ft.restore = "/bin/false"
-			t.Cleanup(func() { ft.restore = restore })
-		}
-	}
+	k := &testKernel{mode: ModeNFT, host: newFakeHost()}
+	b := k.initBackend(t, Options{})
+	fake6 := k.fake(t, model.IPv6)
+	fake6.failRestore = errors.New("ip6tables-restore cannot run")
+	t.Cleanup(func() { fake6.failRestore = nil })
 	s := allCase()
 	err := b.Sync(t.Context(), s)
 	pe, ok := errors.AsType[dataplane.PortErrors](err)

@@ -117,20 +117,30 @@ func newRuleset(f model.Family) *Ruleset {
 func (r *Ruleset) Text() string {
 	var b strings.Builder
 	for _, table := range []string{tableFilter, tableNAT} {
-		chains := r.Tables[table]
-		names := sortedKeys(chains)
-		fmt.Fprintf(&b, "*%s\n", table)
-		for _, c := range names {
-			fmt.Fprintf(&b, ":%s - [0:0]\n", c)
-		}
-		for _, c := range names {
-			for _, rule := range chains[c] {
-				fmt.Fprintf(&b, "-A %s %s\n", c, rule)
-			}
-		}
-		b.WriteString("COMMIT\n")
+		writeRestore(&b, table, sortedKeys(r.Tables[table]), r.Tables[table], nil)
 	}
 	return b.String()
+}
+
+// writeRestore writes one table's iptables-restore transaction: it
+// declares the chains of write and del (which creates or, with --noflush,
+// flushes them, so chains to delete lose their rules and the references
+// in them first), appends rules' rules to each chain of write, and deletes
+// the chains of del.
+func writeRestore(b *strings.Builder, table string, write []string, rules map[string][]string, del []string) {
+	fmt.Fprintf(b, "*%s\n", table)
+	for _, c := range slices.Concat(write, del) {
+		fmt.Fprintf(b, ":%s - [0:0]\n", c)
+	}
+	for _, c := range write {
+		for _, rule := range rules[c] {
+			fmt.Fprintf(b, "-A %s %s\n", c, rule)
+		}
+	}
+	for _, c := range del {
+		fmt.Fprintf(b, "-X %s\n", c)
+	}
+	b.WriteString("COMMIT\n")
 }
 
 // Rules counts the rules of a table.

@@ -3,6 +3,15 @@
 // iptables-save output), and a Backend that applies the difference between
 // syncs with iptables-restore.
 //
+// The Backend is in three layers: render.go and parse.go encode and decode
+// (pure); sync.go plans what a sync writes from what was last written and
+// the new rules (planTable), and checks the kernel for changes made outside
+// svcnat; runner.go is the kernel layer, the iptables binaries and
+// go-iptables behind a small runner interface, which the tests replace
+// with an in-memory model of iptables (fake_test.go), so the sync logic
+// and the dataplane conformance suite run without root. backend.go holds
+// the lifecycle: New, Init, Dump, Verify, Raw, Cleanup.
+//
 // Layout of the rules, per family (nat table unless noted):
 //
 //	PREROUTING, OUTPUT -> SVCNAT-SERVICES: 16-way dispatch on destination

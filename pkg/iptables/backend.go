@@ -287,8 +287,8 @@ func (b *Backend) Verify(ctx context.Context) ([]string, error) {
 			}
 		}
 		for _, j := range jumps {
-			if ok, err := ft.run.ruleExists(j.table, j.chain, j.spec); err != nil || !ok {
-				out = append(out, fmt.Sprintf("%s %s chain %s: jump to %s missing", ft.family, j.table, j.chain, j.spec[len(j.spec)-1]))
+			if ok, err := ft.run.ruleExists(j.table, j.chain, j.spec()); err != nil || !ok {
+				out = append(out, fmt.Sprintf("%s %s chain %s: jump to %s missing", ft.family, j.table, j.chain, j.target))
 			}
 		}
 	}
@@ -347,13 +347,12 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		for _, j := range jumps {
 			// A rule cannot jump to a missing chain (and legacy iptables
 			// fails to check for one).
-			target := j.spec[len(j.spec)-1]
-			if ok, err := ft.run.chainExists(j.table, target); err != nil {
-				return fmt.Errorf("look for %s chain %s/%s: %w", ft.family, j.table, target, err)
+			if ok, err := ft.run.chainExists(j.table, j.target); err != nil {
+				return fmt.Errorf("look for %s chain %s/%s: %w", ft.family, j.table, j.target, err)
 			} else if !ok {
 				continue
 			}
-			if err := ft.run.deleteRule(j.table, j.chain, j.spec); err != nil {
+			if err := ft.run.deleteRule(j.table, j.chain, j.spec()); err != nil {
 				return fmt.Errorf("delete %s jump rule from %s/%s: %w", ft.family, j.table, j.chain, err)
 			}
 		}

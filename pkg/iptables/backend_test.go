@@ -256,7 +256,7 @@ func TestOutsideInterference(t *testing.T) {
 							t.Errorf("%s: %s rules not restored:\n%s", how, ft.family, got.Text())
 						}
 						for _, j := range jumps {
-							if ok, err := ft.run.ruleExists(j.table, j.chain, j.spec); err != nil || !ok {
+							if ok, err := ft.run.ruleExists(j.table, j.chain, j.spec()); err != nil || !ok {
 								t.Errorf("%s: %s jump in %s/%s not restored (%v)", how, ft.family, j.table, j.chain, err)
 							}
 						}

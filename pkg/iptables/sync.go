@@ -15,24 +15,26 @@ import (
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
-// tableChain names a chain.
-type tableChain struct{ table, chain string }
-
-// jump is a rule svcnat adds to a built-in chain.
+// jump is a rule svcnat adds to a built-in chain: matches, then a jump
+// to one of svcnat's root chains.
 type jump struct {
 	table, chain string
-	spec         []string
+	match        []string
+	target       string
 }
 
+// spec is the rule as iptables arguments after the chain name.
+func (j jump) spec() []string { return slices.Concat(j.match, []string{"-j", j.target}) }
+
 var jumps = []jump{
-	{tableNAT, "PREROUTING", []string{"-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
-	{tableNAT, "OUTPUT", []string{"-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
-	{tableNAT, "POSTROUTING", []string{"-m", "comment", "--comment", "svcnat masquerade", "-j", chainPostrouting}},
-	{tableFilter, "INPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+	{tableNAT, "PREROUTING", []string{"-m", "comment", "--comment", "svcnat services"}, chainServices},
+	{tableNAT, "OUTPUT", []string{"-m", "comment", "--comment", "svcnat services"}, chainServices},
+	{tableNAT, "POSTROUTING", []string{"-m", "comment", "--comment", "svcnat masquerade"}, chainPostrouting},
+	{tableFilter, "INPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services"}, chainFilter},
 	// Inserted before the next one, so it ends up below it.
-	{tableFilter, "FORWARD", []string{"-m", "comment", "--comment", "svcnat forward", "-j", chainForward}},
-	{tableFilter, "FORWARD", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
-	{tableFilter, "OUTPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
+	{tableFilter, "FORWARD", []string{"-m", "comment", "--comment", "svcnat forward"}, chainForward},
+	{tableFilter, "FORWARD", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services"}, chainFilter},
+	{tableFilter, "OUTPUT", []string{"-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services"}, chainFilter},
 }
 
 // rootChains are checked on every Sync to notice rules changed behind
@@ -59,12 +61,12 @@ func (ft *familyTables) ensureJumps() error {
 		}
 	}
 	for _, j := range jumps {
-		ok, err := ft.run.ruleExists(j.table, j.chain, j.spec)
+		ok, err := ft.run.ruleExists(j.table, j.chain, j.spec())
 		if err != nil {
 			return fmt.Errorf("check %s jump rule in %s/%s: %w", ft.family, j.table, j.chain, err)
 		}
 		if !ok {
-			if err := ft.run.insertRule(j.table, j.chain, j.spec); err != nil {
+			if err := ft.run.insertRule(j.table, j.chain, j.spec()); err != nil {
 				return fmt.Errorf("insert %s jump rule in %s/%s: %w", ft.family, j.table, j.chain, err)
 			}
 		}
@@ -80,7 +82,7 @@ func (ft *familyTables) drift(ctx context.Context, last *Ruleset) (map[tableChai
 	out := map[tableChain]bool{}
 	saved := make([]string, len(jumps))
 	for i, j := range jumps {
-		saved[i] = specText(j.spec)
+		saved[i] = specText(j.spec())
 	}
 	for _, table := range []string{tableFilter, tableNAT} {
 		want := last.Tables[table]
@@ -307,45 +309,6 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 		b.rules.WithLabelValues(string(ft.family), table).Set(float64(want.Rules(table)))
 	}
 	return nil
-}
-
-// planTable decides which chains of one table a sync writes (declares,
-// which flushes them, and fills with want's rules) and deletes, in name
-// order. last is what the last successful sync wrote to the table; nil
-// means nothing is known and the sync writes every chain of want and
-// deletes every other svcnat chain of existing, the kernel's. Otherwise it
-// writes the chains that differ from last or are to be repaired, and
-// deletes those of last no longer wanted and any svcnat chain to repair
-// that is neither wanted nor in last (one made outside svcnat).
-func planTable(table string, want, last map[string][]string, existing []string, repair map[tableChain]bool) (write, del []string) {
-	if last == nil {
-		for _, c := range existing {
-			if _, ok := want[c]; !ok {
-				del = append(del, c)
-			}
-		}
-		return sortedKeys(want), del
-	}
-	for _, c := range sortedKeys(want) {
-		old, ok := last[c]
-		if !ok || !slices.Equal(old, want[c]) || repair[tableChain{table, c}] {
-			write = append(write, c)
-		}
-	}
-	for _, c := range sortedKeys(last) {
-		if _, ok := want[c]; !ok {
-			del = append(del, c)
-		}
-	}
-	for c := range repair {
-		_, wanted := want[c.chain]
-		_, written := last[c.chain]
-		if c.table == table && strings.HasPrefix(c.chain, chainPrefix) && !wanted && !written {
-			del = append(del, c.chain)
-		}
-	}
-	slices.Sort(del)
-	return write, del
 }
 
 // wrote notes a chain a Sync writes for the CheckDrift that may be

@@ -54,6 +54,7 @@ type Backend struct {
 	checking sync.Mutex // one CheckDrift at a time
 	opts     Options
 	log      *slog.Logger
+	// host gives the kernel layer: execHost, or a model in tests.
 	host     host
 	mode     string // resolved: ModeNFT or ModeLegacy
 	families []*familyTables
@@ -61,7 +62,8 @@ type Backend struct {
 	// renderOptions are set when the backend first looks at the host.
 	renderOptions renderOptions
 
-	// lastWrite counts the chains the last Sync wrote and deleted, for tests.
+	// lastWrite counts the chains the last Sync wrote and deleted, for its
+	// log line and the tests.
 	lastWrite struct {
 		full             bool
 		written, deleted int

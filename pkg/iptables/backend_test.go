@@ -3,16 +3,16 @@
 package iptables
 
 import (
+	"cmp"
 	"context"
-	"fmt"
+	"errors"
+	"io"
 	"maps"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -22,34 +22,51 @@ import (
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
-func newTestBackend(t *testing.T, mode string) *Backend {
-	t.Helper()
-	b, err := New(Options{Mode: mode})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+// testKernel is what a backend test runs on: the in-memory fake, or the
+// real iptables of one variant inside a network namespace made for the
+// test.
+type testKernel struct {
+	mode string
+	host host
 }
 
-func TestConformance(t *testing.T) {
-	for _, mode := range []string{ModeNFT, ModeLegacy} {
-		t.Run(mode, func(t *testing.T) {
-			if !netnstest.InNetns(t) {
+// Kernels to run tests on: the fake (anywhere, without root) and the real
+// variants (as root, each in its own network namespace).
+const kernelFake = "fake"
+
+var allKernels = []string{kernelFake, ModeNFT, ModeLegacy}
+
+// onKernels runs fn as a subtest per kernel named.
+func onKernels(t *testing.T, kernels []string, fn func(t *testing.T, k *testKernel)) {
+	for _, name := range kernels {
+		t.Run(name, func(t *testing.T) {
+			k := &testKernel{mode: name, host: execHost{}}
+			if name == kernelFake {
+				k.mode, k.host = ModeNFT, newFakeHost()
+			} else if !netnstest.InNetns(t) {
 				return
 			}
-			conformance.Run(t, func(t *testing.T) dataplane.Backend { return newTestBackend(t, mode) })
+			fn(t, k)
 		})
 	}
 }
 
-func allCase() *model.State {
-	cases := conformance.Cases()
-	return cases[len(cases)-1].State
+// backend returns a backend on k, of k's variant unless opts names one.
+func (k *testKernel) backend(t *testing.T, opts Options) *Backend {
+	t.Helper()
+	opts.Mode = cmp.Or(opts.Mode, k.mode)
+	b, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.host = k.host
+	return b
 }
 
-func initBackend(t *testing.T, mode string) *Backend {
+// initBackend returns a backend on k after Init, and cleans up after it.
+func (k *testKernel) initBackend(t *testing.T, opts Options) *Backend {
 	t.Helper()
-	b := newTestBackend(t, mode)
+	b := k.backend(t, opts)
 	if err := b.Init(t.Context()); err != nil {
 		t.Fatal(err)
 	}
@@ -61,70 +78,128 @@ func initBackend(t *testing.T, mode string) *Backend {
 	return b
 }
 
-// TestKernelHoldsRenderedText checks that iptables-save prints svcnat's
-// rules exactly as Render writes them, in both modes: the partial sync and
-// the interference check compare the two texts.
-func TestKernelHoldsRenderedText(t *testing.T) {
-	for _, mode := range []string{ModeNFT, ModeLegacy} {
-		t.Run(mode, func(t *testing.T) {
-			if !netnstest.InNetns(t) {
-				return
-			}
-			b := initBackend(t, mode)
-			s := allCase()
-			if err := b.Sync(t.Context(), s); err != nil {
-				t.Fatal(err)
-			}
-			for _, ft := range b.families {
-				got, err := ft.read(t.Context())
-				if err != nil {
-					t.Fatal(err)
-				}
-				want := Render(s, ft.family, DefaultMasqueradeBit)
-				if got.Text() != want.Text() {
-					t.Errorf("%s: kernel holds\n%s\nrendered\n%s", ft.family, got.Text(), want.Text())
-				}
-			}
-		})
-	}
-}
-
-func TestPartialSync(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
-	b := initBackend(t, ModeAuto)
-	ctx := t.Context()
-	s := allCase()
-	if err := b.Sync(ctx, s); err != nil {
-		t.Fatal(err)
-	}
-	if !b.lastWrite.full {
-		t.Error("first sync after Init was not a full one")
-	}
-	if err := b.Sync(ctx, s); err != nil {
-		t.Fatal(err)
-	}
-	if b.lastWrite.full || b.lastWrite.written+b.lastWrite.deleted != 0 {
-		t.Errorf("unchanged state: sync wrote %+v, want nothing", b.lastWrite)
-	}
-	// One more endpoint for one ServicePort: only its cluster chain changes.
-	web := model.ServicePortName{Namespace: "default", Name: "web", Port: "http", Family: model.IPv4}
-	s.ServicePorts[web].ClusterEndpoints = append(s.ServicePorts[web].ClusterEndpoints,
-		model.Endpoint{IP: netip.MustParseAddr("10.244.9.9"), Port: 8080})
-	if err := b.Sync(ctx, s); err != nil {
-		t.Fatal(err)
-	}
-	if b.lastWrite.full || b.lastWrite.written != 1 || b.lastWrite.deleted != 0 {
-		t.Errorf("one endpoint added: sync wrote %+v, want one chain", b.lastWrite)
-	}
-	got, err := b.Dump(ctx)
+// outside applies iptables-restore input to a family's tables, as another
+// program changing them behind svcnat's back.
+func (k *testKernel) outside(t *testing.T, f model.Family, payload string) {
+	t.Helper()
+	r, err := k.host.runner(f, k.mode)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, d := range conformance.Diff(s, got) {
-		t.Error(d)
+	if err := r.restore(t.Context(), payload); err != nil {
+		t.Fatal(err)
 	}
+}
+
+// saveAll returns the family's filter and nat tables in iptables-save form.
+func (k *testKernel) saveAll(t *testing.T, f model.Family) string {
+	t.Helper()
+	r, err := k.host.runner(f, k.mode)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	for _, table := range []string{tableFilter, tableNAT} {
+		err := r.save(t.Context(), table, false, func(r io.Reader) error {
+			_, err := io.Copy(&out, r)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out.String()
+}
+
+// fake returns the fake runner of a family.
+func (k *testKernel) fake(t *testing.T, f model.Family) *fakeRunner {
+	t.Helper()
+	h, ok := k.host.(*fakeHost)
+	if !ok {
+		t.Fatal("not the fake kernel")
+	}
+	return h.fake(f, k.mode)
+}
+
+// TestConformance runs the dataplane suite on the fake kernel, without
+// root, and on both real variants.
+func TestConformance(t *testing.T) {
+	onKernels(t, allKernels, func(t *testing.T, k *testKernel) {
+		conformance.Run(t, func(t *testing.T) dataplane.Backend { return k.backend(t, Options{}) })
+	})
+}
+
+func allCase() *model.State {
+	cases := conformance.Cases()
+	return cases[len(cases)-1].State
+}
+
+// initBackend returns a backend on the real kernel (the test runs in its
+// own network namespace) after Init, and cleans up after it.
+func initBackend(t *testing.T, mode string) *Backend {
+	t.Helper()
+	return (&testKernel{mode: mode, host: execHost{}}).initBackend(t, Options{})
+}
+
+// TestKernelHoldsRenderedText checks that iptables-save prints svcnat's
+// rules exactly as Render writes them, in both modes: the partial sync and
+// the interference check compare the two texts, and the fake kernel keeps
+// rules as written.
+func TestKernelHoldsRenderedText(t *testing.T) {
+	onKernels(t, []string{ModeNFT, ModeLegacy}, func(t *testing.T, k *testKernel) {
+		b := k.initBackend(t, Options{})
+		s := allCase()
+		if err := b.Sync(t.Context(), s); err != nil {
+			t.Fatal(err)
+		}
+		for _, ft := range b.families {
+			got, err := ft.read(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := Render(s, ft.family, DefaultMasqueradeBit)
+			if got.Text() != want.Text() {
+				t.Errorf("%s: kernel holds\n%s\nrendered\n%s", ft.family, got.Text(), want.Text())
+			}
+		}
+	})
+}
+
+func TestPartialSync(t *testing.T) {
+	onKernels(t, []string{kernelFake, ModeNFT}, func(t *testing.T, k *testKernel) {
+		b := k.initBackend(t, Options{})
+		ctx := t.Context()
+		s := allCase()
+		if err := b.Sync(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		if !b.lastWrite.full {
+			t.Error("first sync after Init was not a full one")
+		}
+		if err := b.Sync(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		if b.lastWrite.full || b.lastWrite.written+b.lastWrite.deleted != 0 {
+			t.Errorf("unchanged state: sync wrote %+v, want nothing", b.lastWrite)
+		}
+		// One more endpoint for one ServicePort: only its cluster chain changes.
+		web := model.ServicePortName{Namespace: "default", Name: "web", Port: "http", Family: model.IPv4}
+		s.ServicePorts[web].ClusterEndpoints = append(s.ServicePorts[web].ClusterEndpoints,
+			model.Endpoint{IP: netip.MustParseAddr("10.244.9.9"), Port: 8080})
+		if err := b.Sync(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		if b.lastWrite.full || b.lastWrite.written != 1 || b.lastWrite.deleted != 0 {
+			t.Errorf("one endpoint added: sync wrote %+v, want one chain", b.lastWrite)
+		}
+		got, err := b.Dump(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range conformance.Diff(s, got) {
+			t.Error(d)
+		}
+	})
 }
 
 // TestOutsideInterference changes svcnat's rules by hand, as an operator or
@@ -133,24 +208,20 @@ func TestPartialSync(t *testing.T) {
 // Change must notice and restore it by itself.
 func TestOutsideInterference(t *testing.T) {
 	for _, c := range []struct {
-		name string
-		args []string
+		name, edit string // edit is iptables-restore input
 	}{
-		{"FlushServices", []string{"-t", "nat", "-F", chainServices}},
-		{"FlushFilter", []string{"-t", "filter", "-F", chainFilter}},
-		{"DeleteJump", []string{"-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "svcnat services", "-j", chainServices}},
-		{"DeleteFilterJump", []string{"-t", "filter", "-D", "FORWARD", "-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment", "svcnat services", "-j", chainFilter}},
-		{"DeletePostroutingRule", []string{"-t", "nat", "-D", chainPostrouting, "1"}},
-		{"FlushLeaf", []string{"-t", "nat", "-F", addrLeaf(netip.MustParseAddr("10.96.0.10"))}},
-		{"FlushEndpoints", []string{"-t", "nat", "-F", prefixCluster + chainHash("default/web:http")}},
-		{"ForeignChain", []string{"-t", "nat", "-N", chainPrefix + "STRAY"}},
+		{"FlushServices", "*nat\n-F " + chainServices + "\nCOMMIT\n"},
+		{"FlushFilter", "*filter\n-F " + chainFilter + "\nCOMMIT\n"},
+		{"DeleteJump", "*nat\n-D PREROUTING -m comment --comment \"svcnat services\" -j " + chainServices + "\nCOMMIT\n"},
+		{"DeleteFilterJump", "*filter\n-D FORWARD -m conntrack --ctstate NEW -m comment --comment \"svcnat services\" -j " + chainFilter + "\nCOMMIT\n"},
+		{"DeletePostroutingRule", "*nat\n-D " + chainPostrouting + " 1\nCOMMIT\n"},
+		{"FlushLeaf", "*nat\n-F " + addrLeaf(netip.MustParseAddr("10.96.0.10")) + "\nCOMMIT\n"},
+		{"FlushEndpoints", "*nat\n-F " + prefixCluster + chainHash("default/web:http") + "\nCOMMIT\n"},
+		{"ForeignChain", "*nat\n-N " + chainPrefix + "STRAY\nCOMMIT\n"},
 	} {
-		for _, mode := range []string{ModeNFT, ModeLegacy} {
-			t.Run(c.name+"/"+mode, func(t *testing.T) {
-				if !netnstest.InNetns(t) {
-					return
-				}
-				b := initBackend(t, mode)
+		t.Run(c.name, func(t *testing.T) {
+			onKernels(t, allKernels, func(t *testing.T, k *testKernel) {
+				b := k.initBackend(t, Options{})
 				ctx := t.Context()
 				s := allCase()
 				if err := b.Sync(ctx, s); err != nil {
@@ -162,10 +233,10 @@ func TestOutsideInterference(t *testing.T) {
 				periodic := *s
 				periodic.Change = &model.Change{}
 				for _, how := range []string{"CheckDrift then a sync with an empty change", "a sync without a change"} {
-					netnstest.Run(t, "", "iptables-"+b.Mode(), c.args...)
+					k.outside(t, model.IPv4, c.edit)
 					if how == "CheckDrift then a sync with an empty change" {
 						if drift, err := b.CheckDrift(ctx); err != nil || !drift {
-							t.Fatalf("CheckDrift after %v = %v, %v; want drift", c.args, drift, err)
+							t.Fatalf("CheckDrift after %q = %v, %v; want drift", c.edit, drift, err)
 						}
 						if err := b.Sync(ctx, &periodic); err != nil {
 							t.Fatal(err)
@@ -174,7 +245,7 @@ func TestOutsideInterference(t *testing.T) {
 						t.Fatal(err)
 					}
 					if b.lastWrite.full || b.lastWrite.written+b.lastWrite.deleted > 1 {
-						t.Errorf("%s after %v wrote %+v, want at most the one chain changed", how, c.args, b.lastWrite)
+						t.Errorf("%s after %q wrote %+v, want at most the one chain changed", how, c.edit, b.lastWrite)
 					}
 					for _, ft := range b.families {
 						got, err := ft.read(ctx)
@@ -185,7 +256,7 @@ func TestOutsideInterference(t *testing.T) {
 							t.Errorf("%s: %s rules not restored:\n%s", how, ft.family, got.Text())
 						}
 						for _, j := range jumps {
-							if ok, err := ft.ipt.Exists(j.table, j.chain, j.spec...); err != nil || !ok {
+							if ok, err := ft.run.ruleExists(j.table, j.chain, j.spec()); err != nil || !ok {
 								t.Errorf("%s: %s jump in %s/%s not restored (%v)", how, ft.family, j.table, j.chain, err)
 							}
 						}
@@ -195,33 +266,33 @@ func TestOutsideInterference(t *testing.T) {
 					}
 				}
 			})
-		}
+		})
 	}
 }
 
 // TestCleanupLeavesOthersAlone checks that Cleanup removes svcnat's chains
 // and jumps and nothing else.
 func TestCleanupLeavesOthersAlone(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
-	ctx := t.Context()
-	ipt := "iptables-" + detectMode(ctx)
-	netnstest.Run(t, "", ipt, "-t", "nat", "-N", "OTHER")
-	netnstest.Run(t, "", ipt, "-t", "nat", "-A", "PREROUTING", "-j", "OTHER")
-	netnstest.Run(t, "", ipt, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
-	before := netnstest.Run(t, "", ipt+"-save")
-	b := initBackend(t, ModeAuto)
-	if err := b.Sync(ctx, allCase()); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Cleanup(ctx); err != nil {
-		t.Fatal(err)
-	}
-	after := netnstest.Run(t, "", ipt+"-save")
-	if strip(before) != strip(after) {
-		t.Errorf("cleanup changed more than svcnat's rules:\nbefore\n%s\nafter\n%s", before, after)
-	}
+	onKernels(t, []string{kernelFake, ModeNFT}, func(t *testing.T, k *testKernel) {
+		ctx := t.Context()
+		k.outside(t, model.IPv4, "*nat\n-N OTHER\n-A PREROUTING -j OTHER\nCOMMIT\n"+
+			"*filter\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n")
+		before := k.saveAll(t, model.IPv4)
+		b := k.initBackend(t, Options{})
+		if err := b.Sync(ctx, allCase()); err != nil {
+			t.Fatal(err)
+		}
+		if after := k.saveAll(t, model.IPv4); !strings.Contains(after, chainServices) {
+			t.Fatalf("sync programmed nothing:\n%s", after)
+		}
+		if err := b.Cleanup(ctx); err != nil {
+			t.Fatal(err)
+		}
+		after := k.saveAll(t, model.IPv4)
+		if strip(before) != strip(after) {
+			t.Errorf("cleanup changed more than svcnat's rules:\nbefore\n%s\nafter\n%s", before, after)
+		}
+	})
 }
 
 // strip drops iptables-save's comment lines (timestamps).
@@ -258,18 +329,9 @@ func TestNewRejectsBadOptions(t *testing.T) {
 // TestFailedSyncRewritesAll makes one iptables-restore fail; the next Sync
 // must rewrite everything, not only what changed.
 func TestFailedSyncRewritesAll(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
+	k := &testKernel{mode: ModeNFT, host: newFakeHost()}
 	reg := prometheus.NewRegistry()
-	b, err := New(Options{Families: []model.Family{model.IPv4}, Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Init(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Cleanup(context.Background()) })
+	b := k.initBackend(t, Options{Families: []model.Family{model.IPv4}, Registerer: reg})
 	ctx := t.Context()
 	s := allCase()
 	if err := b.Sync(ctx, s); err != nil {
@@ -297,15 +359,14 @@ func TestFailedSyncRewritesAll(t *testing.T) {
 	if !maps.Equal(gauges, want) {
 		t.Errorf("metrics %v, want %v", gauges, want)
 	}
-	ft := b.families[0]
-	restore := ft.restore
-	ft.restore = "/bin/false"
+	fake := k.fake(t, model.IPv4)
+	fake.failRestore = errors.New("iptables-restore cannot run")
 	web := model.ServicePortName{Namespace: "default", Name: "web", Port: "http", Family: model.IPv4}
 	s.ServicePorts[web].ClusterEndpoints = s.ServicePorts[web].ClusterEndpoints[:1]
 	if err := b.Sync(ctx, s); err == nil {
 		t.Fatal("sync with a failing iptables-restore succeeded")
 	}
-	ft.restore = restore
+	fake.failRestore = nil
 	if err := b.Sync(ctx, s); err != nil {
 		t.Fatal(err)
 	}
@@ -339,12 +400,12 @@ func TestDetectMode(t *testing.T) {
 		return
 	}
 	ctx := t.Context()
-	if got := detectMode(ctx); got != ModeNFT {
+	if got := (execHost{}).detectMode(ctx); got != ModeNFT {
 		t.Errorf("empty tables: mode %s, want nft", got)
 	}
 	netnstest.Run(t, "", "iptables-legacy", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
 	netnstest.Run(t, "", "iptables-legacy", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "23", "-j", "RETURN")
-	if got := detectMode(ctx); got != ModeLegacy {
+	if got := (execHost{}).detectMode(ctx); got != ModeLegacy {
 		t.Errorf("rules in legacy tables only: mode %s, want legacy", got)
 	}
 	b := initBackend(t, ModeAuto)
@@ -357,28 +418,17 @@ func TestDetectMode(t *testing.T) {
 // was written reads every rule (a ~24 MB iptables-save at 10,000
 // Services), so it must never hold up a Sync that carries a change; and a
 // comparison that reads the kernel while such a Sync writes must not take
-// that write for outside interference. An iptables-save that sleeps
-// before it reads stands in for a large ruleset.
+// that write for outside interference. The fake kernel's save blocks the
+// comparison while the Sync runs.
 func TestSyncDoesNotWaitForComparison(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
-	b := initBackend(t, ModeNFT)
+	k := &testKernel{mode: ModeNFT, host: newFakeHost()}
+	b := k.initBackend(t, Options{})
 	ctx := t.Context()
 	s := allCase()
 	if err := b.Sync(ctx, s); err != nil {
 		t.Fatal(err)
 	}
-	const slow = 2 * time.Second
-	reading := filepath.Join(t.TempDir(), "reading")
-	wrapper := filepath.Join(t.TempDir(), "iptables-nft-save")
-	ft := b.families[0]
-	script := fmt.Sprintf("#!/bin/sh\ntouch %s\nsleep %g\nexec %s \"$@\"\n", reading, slow.Seconds(), ft.save)
-	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	real := ft.save
-	ft.save = wrapper
+	fake := k.fake(t, model.IPv4)
 	web := model.ServicePortName{Namespace: "default", Name: "web", Port: "http", Family: model.IPv4}
 	addEndpoint := func(ip string) {
 		t.Helper()
@@ -386,21 +436,26 @@ func TestSyncDoesNotWaitForComparison(t *testing.T) {
 		sp.ClusterEndpoints = append(slices.Clone(sp.ClusterEndpoints), model.Endpoint{IP: netip.MustParseAddr(ip), Port: 8080})
 		s.ServicePorts[web] = &sp
 		s.Change = &model.Change{Updated: []model.ServicePortName{web}}
-		start := time.Now()
 		if err := b.Sync(ctx, s); err != nil {
 			t.Fatal(err)
-		}
-		if took := time.Since(start); took >= slow/2 {
-			t.Errorf("sync of one changed ServicePort took %v: it waited for iptables-save", took)
-		} else {
-			t.Logf("sync of one changed ServicePort took %v", took)
 		}
 	}
 
 	// Alone: a Sync with a change reads nothing back.
+	fake.beforeSave = func() { t.Error("a sync with a change read the kernel") }
 	addEndpoint("10.244.9.9")
 
-	// Beside a comparison that reads the tables before and after the write.
+	// Beside a comparison held up in its first read, of the filter table,
+	// before the write; it reads the nat table, which the write changes,
+	// after it.
+	reading, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	fake.beforeSave = func() {
+		once.Do(func() {
+			close(reading)
+			<-release
+		})
+	}
 	type result struct {
 		drift bool
 		err   error
@@ -410,23 +465,12 @@ func TestSyncDoesNotWaitForComparison(t *testing.T) {
 		drift, err := b.CheckDrift(ctx)
 		checked <- result{drift, err}
 	}()
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if _, err := os.Stat(reading); err == nil {
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatal("CheckDrift never ran iptables-save")
-		}
-	}
+	<-reading
 	addEndpoint("10.244.9.10")
-	select {
-	case r := <-checked:
-		t.Fatalf("CheckDrift (%v, %v) ended before the sync it ran beside: the test proves nothing", r.drift, r.err)
-	default:
-	}
+	close(release)
 	if r := <-checked; r.err != nil || r.drift {
 		t.Errorf("CheckDrift beside a sync = %v, %v; want no drift (the sync's own write is not interference)", r.drift, r.err)
 	}
-	ft.save = real
 	got, err := b.Dump(ctx)
 	if err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 
@@ -25,11 +26,8 @@ func (b *Backend) Counters(ctx context.Context) (map[model.ServicePortName]*data
 	}
 	out := map[model.ServicePortName]*dataplane.PortCounters{}
 	for _, ft := range b.families {
-		text, err := ft.saveTable(ctx, tableNAT, "-c")
+		err := ft.run.save(ctx, tableNAT, true, func(r io.Reader) error { return countDNAT(ft.family, r, out) })
 		if err != nil {
-			return nil, err
-		}
-		if err := countDNAT(ft.family, text, out); err != nil {
 			return nil, err
 		}
 	}
@@ -43,8 +41,8 @@ var _ dataplane.CounterReader = (*Backend)(nil)
 // to out: per Service port and per endpoint. A DNAT rule of session
 // affinity (recent --rcheck) counts for its endpoint like the random
 // choice does.
-func countDNAT(family model.Family, text string, out map[model.ServicePortName]*dataplane.PortCounters) error {
-	sc := bufio.NewScanner(strings.NewReader(text))
+func countDNAT(family model.Family, save io.Reader, out map[model.ServicePortName]*dataplane.PortCounters) error {
+	sc := bufio.NewScanner(save)
 	sc.Buffer(make([]byte, 0, 64*1024), 16*1024*1024)
 	for n := 1; sc.Scan(); n++ {
 		line := sc.Text()

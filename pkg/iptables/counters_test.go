@@ -1,6 +1,7 @@
 package iptables
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
@@ -27,7 +28,7 @@ func TestCountDNAT(t *testing.T) {
 COMMIT
 `
 	got := map[model.ServicePortName]*dataplane.PortCounters{}
-	if err := countDNAT(model.IPv4, save, got); err != nil {
+	if err := countDNAT(model.IPv4, strings.NewReader(save), got); err != nil {
 		t.Fatal(err)
 	}
 	web := got[model.ServicePortName{Namespace: "t", Name: "web", Family: model.IPv4}]
@@ -41,7 +42,7 @@ COMMIT
 	if dns.Connections != 7 || dns.Endpoints["10.244.1.2:53"] != 7 {
 		t.Errorf("t/dns:dns: %d connections, endpoints %v; want 7", dns.Connections, dns.Endpoints)
 	}
-	if err := countDNAT(model.IPv4, "*nat\n[x:1] -A SVCNAT-SVC-AAAA -p tcp -m comment --comment t/web -j DNAT --to-destination 10.244.1.3:8080\n", got); err == nil {
+	if err := countDNAT(model.IPv4, strings.NewReader("*nat\n[x:1] -A SVCNAT-SVC-AAAA -p tcp -m comment --comment t/web -j DNAT --to-destination 10.244.1.3:8080\n"), got); err == nil {
 		t.Error("a counter that is not a number: no error")
 	}
 }

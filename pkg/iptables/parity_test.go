@@ -203,17 +203,11 @@ func TestSingleStack(t *testing.T) {
 // family's ServicePorts are programmed and the failure is PortErrors naming
 // only the failed family's, so the agent stays healthy for the rest.
 func TestFamilyFailsAlone(t *testing.T) {
-	if !netnstest.InNetns(t) {
-		return
-	}
-	b := initBackend(t, ModeNFT)
-	for _, ft := range b.families {
-		if ft.family == model.IPv6 {
-			restore := ft.restore
-			ft.restore = "/bin/false"
-			t.Cleanup(func() { ft.restore = restore })
-		}
-	}
+	k := &testKernel{mode: ModeNFT, host: newFakeHost()}
+	b := k.initBackend(t, Options{})
+	fake6 := k.fake(t, model.IPv6)
+	fake6.failRestore = errors.New("ip6tables-restore cannot run")
+	t.Cleanup(func() { fake6.failRestore = nil })
 	s := allCase()
 	err := b.Sync(t.Context(), s)
 	pe, ok := errors.AsType[dataplane.PortErrors](err)
@@ -246,67 +240,65 @@ func TestFamilyFailsAlone(t *testing.T) {
 // and a foreign rule inside an svcnat chain is reported, not a failure of
 // Dump (review finding 8).
 func TestVerifyFindsStructuralDrift(t *testing.T) {
-	for _, mode := range []string{ModeNFT, ModeLegacy} {
-		t.Run(mode, func(t *testing.T) {
-			if !netnstest.InNetns(t) {
-				return
+	onKernels(t, allKernels, func(t *testing.T, k *testKernel) {
+		b := k.initBackend(t, Options{})
+		s := allCase()
+		ctx := t.Context()
+		if err := b.Sync(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		if problems, err := b.Verify(ctx); err != nil || len(problems) > 0 {
+			t.Fatalf("in sync: %v %q, want nothing", err, problems)
+		}
+		chainOf := func(table, prefix string) string {
+			for _, c := range sortedKeys(b.families[0].last.Tables[table]) {
+				if strings.HasPrefix(c, prefix) {
+					return c
+				}
 			}
-			b := initBackend(t, mode)
-			s := allCase()
-			ctx := t.Context()
+			t.Fatalf("no chain %s* in the %s table", prefix, table)
+			return ""
+		}
+		svc, ext := chainOf(tableNAT, prefixCluster), chainOf(tableNAT, prefixExternal)
+		for _, tc := range []struct {
+			name  string
+			edit  string // iptables-restore input, nat table unless it names filter
+			chain string // named in the report
+		}{
+			{"flushed services", "-F " + chainServices, chainServices},
+			{"flushed node ports", "-F " + chainNodePorts, chainNodePorts},
+			{"flushed filter", "*filter\n-F " + chainFilter, chainFilter},
+			{"flushed forward", "*filter\n-F " + chainForward, chainForward},
+			{"flushed postrouting", "-F " + chainPostrouting, chainPostrouting},
+			{"flushed mark-masq", "-F " + chainMarkMasq, chainMarkMasq},
+			{"flushed ext chain", "-F " + ext, ext},
+			{"deleted jump", "-D PREROUTING -m comment --comment \"svcnat services\" -j " + chainServices, "PREROUTING"},
+			{"RETURN prepended", "-I " + svc + " -j RETURN", svc},
+			{"foreign rule", "-I " + svc + " -m length --length 1:100 -j RETURN", svc},
+		} {
+			edit := tc.edit
+			if !strings.HasPrefix(edit, "*") {
+				edit = "*nat\n" + edit
+			}
+			k.outside(t, model.IPv4, edit+"\nCOMMIT\n")
+			problems, err := b.Verify(ctx)
+			if err != nil {
+				t.Fatalf("%s: verify: %v", tc.name, err)
+			}
+			if !slices.ContainsFunc(problems, func(p string) bool { return strings.Contains(p, "chain "+tc.chain+":") }) {
+				t.Errorf("%s: not reported: %q", tc.name, problems)
+			}
+			if _, err := b.Dump(ctx); err != nil {
+				t.Errorf("%s: dump failed: %v", tc.name, err)
+			}
 			if err := b.Sync(ctx, s); err != nil {
 				t.Fatal(err)
 			}
-			if problems, err := b.Verify(ctx); err != nil || len(problems) > 0 {
-				t.Fatalf("in sync: %v %q, want nothing", err, problems)
+			if problems, _ := b.Verify(ctx); len(problems) > 0 {
+				t.Fatalf("%s: after the repairing sync: %q", tc.name, problems)
 			}
-			ipt := "iptables-" + mode
-			chainOf := func(table, prefix string) string {
-				for _, c := range sortedKeys(b.families[0].last.Tables[table]) {
-					if strings.HasPrefix(c, prefix) {
-						return c
-					}
-				}
-				t.Fatalf("no chain %s* in the %s table", prefix, table)
-				return ""
-			}
-			svc, ext := chainOf(tableNAT, prefixCluster), chainOf(tableNAT, prefixExternal)
-			for _, tc := range []struct {
-				name  string
-				edit  []string
-				chain string // named in the report
-			}{
-				{"flushed services", []string{"-t", "nat", "-F", chainServices}, chainServices},
-				{"flushed node ports", []string{"-t", "nat", "-F", chainNodePorts}, chainNodePorts},
-				{"flushed filter", []string{"-t", "filter", "-F", chainFilter}, chainFilter},
-				{"flushed forward", []string{"-t", "filter", "-F", chainForward}, chainForward},
-				{"flushed postrouting", []string{"-t", "nat", "-F", chainPostrouting}, chainPostrouting},
-				{"flushed mark-masq", []string{"-t", "nat", "-F", chainMarkMasq}, chainMarkMasq},
-				{"flushed ext chain", []string{"-t", "nat", "-F", ext}, ext},
-				{"deleted jump", []string{"-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment", "svcnat services", "-j", chainServices}, "PREROUTING"},
-				{"RETURN prepended", []string{"-t", "nat", "-I", svc, "-j", "RETURN"}, svc},
-				{"foreign rule", []string{"-t", "nat", "-I", svc, "-m", "length", "--length", "1:100", "-j", "RETURN"}, svc},
-			} {
-				netnstest.Run(t, "", ipt, tc.edit...)
-				problems, err := b.Verify(ctx)
-				if err != nil {
-					t.Fatalf("%s: verify: %v", tc.name, err)
-				}
-				if !slices.ContainsFunc(problems, func(p string) bool { return strings.Contains(p, "chain "+tc.chain+":") }) {
-					t.Errorf("%s: not reported: %q", tc.name, problems)
-				}
-				if _, err := b.Dump(ctx); err != nil {
-					t.Errorf("%s: dump failed: %v", tc.name, err)
-				}
-				if err := b.Sync(ctx, s); err != nil {
-					t.Fatal(err)
-				}
-				if problems, _ := b.Verify(ctx); len(problems) > 0 {
-					t.Fatalf("%s: after the repairing sync: %q", tc.name, problems)
-				}
-			}
-		})
-	}
+		}
+	})
 }
 
 // TestSourceRangesAllowNode: where the cloud installs the LoadBalancer VIP

@@ -3,6 +3,15 @@
 // iptables-save output), and a Backend that applies the difference between
 // syncs with iptables-restore.
 //
+// The Backend is in three layers: render.go and parse.go encode and decode
+// (pure); sync.go plans what a sync writes from what was last written and
+// the new rules (planTable), and checks the kernel for changes made outside
+// svcnat; runner.go is the kernel layer, the iptables binaries and
+// go-iptables behind a small runner interface, which the tests replace
+// with an in-memory model of iptables (fake_test.go), so the sync logic
+// and the dataplane conformance suite run without root. backend.go holds
+// the lifecycle: New, Init, Dump, Verify, Raw, Cleanup.
+//
 // Layout of the rules, per family (nat table unless noted):
 //
 //	PREROUTING, OUTPUT -> SVCNAT-SERVICES: 16-way dispatch on destination
@@ -117,20 +126,30 @@ func newRuleset(f model.Family) *Ruleset {
 func (r *Ruleset) Text() string {
 	var b strings.Builder
 	for _, table := range []string{tableFilter, tableNAT} {
-		chains := r.Tables[table]
-		names := sortedKeys(chains)
-		fmt.Fprintf(&b, "*%s\n", table)
-		for _, c := range names {
-			fmt.Fprintf(&b, ":%s - [0:0]\n", c)
-		}
-		for _, c := range names {
-			for _, rule := range chains[c] {
-				fmt.Fprintf(&b, "-A %s %s\n", c, rule)
-			}
-		}
-		b.WriteString("COMMIT\n")
+		writeRestore(&b, table, sortedKeys(r.Tables[table]), r.Tables[table], nil)
 	}
 	return b.String()
+}
+
+// writeRestore writes one table's iptables-restore transaction: it
+// declares the chains of write and del (which creates or, with --noflush,
+// flushes them, so chains to delete lose their rules and the references
+// in them first), appends rules' rules to each chain of write, and deletes
+// the chains of del.
+func writeRestore(b *strings.Builder, table string, write []string, rules map[string][]string, del []string) {
+	fmt.Fprintf(b, "*%s\n", table)
+	for _, c := range slices.Concat(write, del) {
+		fmt.Fprintf(b, ":%s - [0:0]\n", c)
+	}
+	for _, c := range write {
+		for _, rule := range rules[c] {
+			fmt.Fprintf(b, "-A %s %s\n", c, rule)
+		}
+	}
+	for _, c := range del {
+		fmt.Fprintf(b, "-X %s\n", c)
+	}
+	b.WriteString("COMMIT\n")
 }
 
 // Rules counts the rules of a table.

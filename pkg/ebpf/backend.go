@@ -3,6 +3,7 @@
 package ebpf
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +12,6 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"sort"
 	"strings"
@@ -125,15 +125,15 @@ func New(opts Options) (*Backend, error) {
 	if opts.BPFFSPath == "" {
 		opts.BPFFSPath = DefaultBPFFSPath
 	}
-	opts.MaxServices = cmpOr(opts.MaxServices, DefaultMaxServices)
-	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
-	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
+	opts.MaxServices = cmp.Or(opts.MaxServices, DefaultMaxServices)
+	opts.MaxBackends = cmp.Or(opts.MaxBackends, DefaultMaxBackends)
+	opts.MaxAffinity = cmp.Or(opts.MaxAffinity, DefaultMaxAffinity)
 	for _, f := range []struct {
 		flag     string
 		v, least int
 	}{
-		{"--bpf-map-max-services", opts.MaxServices, 1},
-		{"--bpf-map-max-backends", opts.MaxBackends, 1},
+		{flagMaxServices, opts.MaxServices, 1},
+		{flagMaxBackends, opts.MaxBackends, 1},
 		{"--bpf-map-max-affinity", opts.MaxAffinity, MinLRUEntries},
 	} {
 		if f.v < f.least || f.v > 1<<28 {
@@ -163,13 +163,6 @@ func New(opts Options) (*Backend, error) {
 		}
 	}
 	return b, nil
-}
-
-func cmpOr(v, def int) int {
-	if v == 0 {
-		return def
-	}
-	return v
 }
 
 // ErrNotSupported is in the chain of New's error when the kernel lacks a
@@ -246,11 +239,21 @@ func (b *Backend) Init(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
-		for name, size := range b.sizes() {
+		for name, size := range b.opts.sizes() {
 			spec.Maps[name].MaxEntries = uint32(size)
 		}
 		pins := newMapPins(b.opts.BPFFSPath)
 		repl, err := pins.open(spec)
+		if err != nil {
+			pins.Close()
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+		ms, err := kernelMaps(func(name string) (*ebpf.Map, error) {
+			if m := pins.maps[name]; m != nil {
+				return m, nil
+			}
+			return nil, fmt.Errorf("map %s is not pinned by name", name)
+		})
 		if err != nil {
 			pins.Close()
 			return fmt.Errorf("init ebpf backend: %w", err)
@@ -261,7 +264,7 @@ func (b *Backend) Init(ctx context.Context) error {
 			return fmt.Errorf("init ebpf backend: load programs: %w", err)
 		}
 		b.objs, b.pins = objs, pins
-		b.rec = &reconciler{maps: b.mapSet(objs)}
+		b.rec = &reconciler{maps: ms}
 		if err := b.pruneCountersAtInit(); err != nil {
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
@@ -375,34 +378,6 @@ func cgroupID(path string) (uint64, error) {
 	return st.Ino, nil
 }
 
-func (b *Backend) sizes() map[string]int {
-	return map[string]int{
-		svcnatMapSvcnatServices:     b.opts.MaxServices,
-		svcnatMapSvcnatSvcInfo:      b.opts.MaxServices,
-		svcnatMapSvcnatSourceRanges: b.opts.MaxServices,
-		svcnatMapSvcnatSlots:        b.opts.MaxBackends,
-		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
-		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
-		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
-		svcnatMapSvcnatCounters:     b.opts.MaxServices + b.opts.MaxBackends,
-	}
-}
-
-func (b *Backend) mapSet(objs *svcnatObjects) *mapSet {
-	sized := func(name, flag string, m *ebpf.Map) sizedMap {
-		return sizedMap{name: name, flag: flag, capacity: int(m.MaxEntries()), m: kernelMap{m}}
-	}
-	return &mapSet{
-		services:     sized(svcnatMapSvcnatServices, "--bpf-map-max-services", objs.SvcnatServices),
-		info:         sized(svcnatMapSvcnatSvcInfo, "--bpf-map-max-services", objs.SvcnatSvcInfo),
-		slots:        sized(svcnatMapSvcnatSlots, "--bpf-map-max-backends", objs.SvcnatSlots),
-		members:      sized(svcnatMapSvcnatMembers, "--bpf-map-max-backends", objs.SvcnatMembers),
-		backends:     sized(svcnatMapSvcnatBackends, "--bpf-map-max-backends", objs.SvcnatBackends),
-		sourceRanges: sized(svcnatMapSvcnatSourceRanges, "--bpf-map-max-services", objs.SvcnatSourceRanges),
-		clusterCIDRs: sized(svcnatMapSvcnatClusterCidrs, "", objs.SvcnatClusterCidrs),
-	}
-}
-
 // Sync makes the maps hold s, writing only what differs from the last
 // successful Sync (or from what the kernel holds, after a failure or at
 // start). It fails before writing anything when s does not fit the maps.
@@ -433,53 +408,14 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "changed", dataplane.Changed(s), "frontends", len(t.services),
 		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))
 	if b.entries != nil {
-		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))
-		b.entries.WithLabelValues(svcnatMapSvcnatSvcInfo).Set(float64(len(t.info)))
-		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
-		b.entries.WithLabelValues(svcnatMapSvcnatMembers).Set(float64(len(t.members)))
-		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
-		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
+		for _, c := range columns {
+			b.entries.WithLabelValues(c.info().name).Set(float64(c.count(t)))
+		}
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("sync ebpf backend: %w", failed)
 	}
 	return nil
-}
-
-// pinnedMaps opens the desired-state maps pinned under the backend's
-// directory, for a process that did not load them. It returns nil maps
-// when nothing is pinned.
-func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
-	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots, svcnatMapSvcnatMembers,
-		svcnatMapSvcnatBackends, svcnatMapSvcnatSourceRanges, svcnatMapSvcnatClusterCidrs}
-	opened := map[string]*ebpf.Map{}
-	closeAll := func() {
-		for _, m := range opened {
-			m.Close()
-		}
-	}
-	spec, err := loadSvcnat()
-	if err != nil {
-		return nil, nil, err
-	}
-	for _, name := range names {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, pinName(name, spec.Maps[name])), &ebpf.LoadPinOptions{ReadOnly: true})
-		if errors.Is(err, fs.ErrNotExist) {
-			closeAll()
-			return nil, func() {}, nil
-		}
-		if err != nil {
-			closeAll()
-			return nil, nil, fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		opened[name] = m
-	}
-	objs := &svcnatObjects{svcnatMaps: svcnatMaps{
-		SvcnatServices: opened[svcnatMapSvcnatServices], SvcnatSvcInfo: opened[svcnatMapSvcnatSvcInfo],
-		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatMembers: opened[svcnatMapSvcnatMembers], SvcnatBackends: opened[svcnatMapSvcnatBackends],
-		SvcnatSourceRanges: opened[svcnatMapSvcnatSourceRanges], SvcnatClusterCidrs: opened[svcnatMapSvcnatClusterCidrs],
-	}}
-	return b.mapSet(objs), closeAll, nil
 }
 
 // Dump reads the pinned maps and decodes them into the State they
@@ -494,11 +430,7 @@ func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 	if ms == nil {
 		return &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}, nil
 	}
-	t, err := readTable(ms)
-	if err != nil {
-		return nil, fmt.Errorf("dump ebpf maps: %w", err)
-	}
-	s, err := decode(t)
+	s, err := readState(ms)
 	if err != nil {
 		return nil, fmt.Errorf("dump ebpf maps: %w", err)
 	}
@@ -595,106 +527,6 @@ func (b *Backend) closeObjects() error {
 		b.destroyer = nil
 	}
 	return errors.Join(errs...)
-}
-
-// kernelMap is a BPF map as a bpfMap: batch operations where the map type
-// has them, one entry at a time otherwise (LPM tries).
-type kernelMap struct{ m *ebpf.Map }
-
-func (k kernelMap) Put(keys, values any) error {
-	_, err := k.m.BatchUpdate(keys, values, nil)
-	if !errors.Is(err, ebpf.ErrNotSupported) {
-		return err
-	}
-	ks, vs := reflect.ValueOf(keys), reflect.ValueOf(values)
-	for i := range ks.Len() {
-		if err := k.m.Put(ks.Index(i).Interface(), vs.Index(i).Interface()); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (k kernelMap) Delete(keys any) error {
-	ks := reflect.ValueOf(keys)
-	for done := 0; done < ks.Len(); {
-		n, err := k.m.BatchDelete(ks.Slice(done, ks.Len()).Interface(), nil)
-		switch {
-		case err == nil:
-			return nil
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			done += n + 1 // the batch stopped at a missing key: skip it
-		case errors.Is(err, ebpf.ErrNotSupported):
-			for i := done; i < ks.Len(); i++ {
-				if err := k.m.Delete(ks.Index(i).Interface()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-					return err
-				}
-			}
-			return nil
-		default:
-			return err
-		}
-	}
-	return nil
-}
-
-func (k kernelMap) Iterate() entryIterator { return &batchIterator{m: k.m} }
-
-// batchSize is how many entries one batch lookup reads.
-const batchSize = 4096
-
-// batchIterator walks a map with batch lookups, one system call per
-// batchSize entries (the periodic sync reads every desired-state map);
-// maps without batch operations (LPM tries) fall back to the map's
-// iterator, two calls per entry.
-type batchIterator struct {
-	m            *ebpf.Map
-	cursor       ebpf.MapBatchCursor
-	keys, values reflect.Value
-	n, i         int
-	started      bool
-	done         bool
-	err          error
-	fallback     *ebpf.MapIterator
-}
-
-func (it *batchIterator) Next(key, value any) bool {
-	if it.fallback != nil {
-		return it.fallback.Next(key, value)
-	}
-	for it.i >= it.n {
-		if it.done || it.err != nil {
-			return false
-		}
-		if !it.keys.IsValid() {
-			it.keys = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(key).Elem()), batchSize, batchSize)
-			it.values = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(value).Elem()), batchSize, batchSize)
-		}
-		n, err := it.m.BatchLookup(&it.cursor, it.keys.Interface(), it.values.Interface(), nil)
-		it.n, it.i = n, 0
-		switch {
-		case errors.Is(err, ebpf.ErrNotSupported) && !it.started:
-			it.fallback = it.m.Iterate()
-			return it.fallback.Next(key, value)
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			it.done = true
-		case err != nil:
-			it.err = err
-			return false
-		}
-		it.started = true
-	}
-	reflect.ValueOf(key).Elem().Set(it.keys.Index(it.i))
-	reflect.ValueOf(value).Elem().Set(it.values.Index(it.i))
-	it.i++
-	return true
-}
-
-func (it *batchIterator) Err() error {
-	if it.fallback != nil {
-		return it.fallback.Err()
-	}
-	return it.err
 }
 
 func formatTable(t *table) string {

@@ -9,21 +9,14 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"maps"
 	"os"
 	"path/filepath"
-	"slices"
-	"sort"
-	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
@@ -101,23 +94,6 @@ type Backend struct {
 
 var _ dataplane.Backend = (*Backend)(nil)
 
-// hook is one cgroup socket hook: the program and where it attaches.
-type hook struct {
-	prog   string
-	attach ebpf.AttachType
-}
-
-var hooks = []hook{
-	{svcnatProgSvcnatConnect4, ebpf.AttachCGroupInet4Connect},
-	{svcnatProgSvcnatConnect6, ebpf.AttachCGroupInet6Connect},
-	{svcnatProgSvcnatSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-	{svcnatProgSvcnatSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
-	{svcnatProgSvcnatRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-	{svcnatProgSvcnatRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
-	{svcnatProgSvcnatGetpeername4, ebpf.AttachCgroupInet4GetPeername},
-	{svcnatProgSvcnatGetpeername6, ebpf.AttachCgroupInet6GetPeername},
-}
-
 // New checks the options and probes the kernel for every feature the
 // backend needs; the error names the first one missing. It changes nothing
 // on the host.
@@ -163,54 +139,6 @@ func New(opts Options) (*Backend, error) {
 		}
 	}
 	return b, nil
-}
-
-// ErrNotSupported is in the chain of New's error when the kernel lacks a
-// feature the backend needs; any other error of New says nothing about
-// the kernel.
-var ErrNotSupported = ebpf.ErrNotSupported
-
-// probe names the first kernel feature the backend needs that is missing;
-// tc says whether the tc programs are needed too.
-func probe(tc bool) error {
-	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.SkStorage} {
-		if err := features.HaveMapType(mt); err != nil {
-			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
-		}
-	}
-	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
-		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.CGroupSockAddr, err)
-	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32, asm.FnSkStorageGet} {
-		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
-			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
-		}
-	}
-	if !tc {
-		return nil
-	}
-	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
-		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.SchedCLS, err)
-	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnCsumDiff, asm.FnSkbStoreBytes, asm.FnFibLookup, asm.FnRedirect} {
-		if err := features.HaveProgramHelper(ebpf.SchedCLS, fn); err != nil {
-			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.SchedCLS, err)
-		}
-	}
-	return nil
-}
-
-// checkBPFFS fails unless the parent of dir is a mounted bpffs.
-func checkBPFFS(dir string) error {
-	parent := filepath.Dir(filepath.Clean(dir))
-	var st unix.Statfs_t
-	if err := unix.Statfs(parent, &st); err != nil {
-		return fmt.Errorf("check bpffs at %s: %w", parent, err)
-	}
-	if st.Type != unix.BPF_FS_MAGIC {
-		return fmt.Errorf("check bpffs: %s is not a bpffs mount (mount -t bpf bpf %s)", parent, parent)
-	}
-	return nil
 }
 
 // Init loads the programs, creates or adopts the pinned maps, and attaches
@@ -290,94 +218,6 @@ func (b *Backend) Init(ctx context.Context) error {
 	return b.attach()
 }
 
-// attach attaches the socket hooks and tc programs, updating the links an
-// earlier run pinned in place, and then pins the maps made at Init.
-func (b *Backend) attach() error {
-	progs := map[string]*ebpf.Program{
-		svcnatProgSvcnatConnect4: b.objs.SvcnatConnect4, svcnatProgSvcnatConnect6: b.objs.SvcnatConnect6,
-		svcnatProgSvcnatSendmsg4: b.objs.SvcnatSendmsg4, svcnatProgSvcnatSendmsg6: b.objs.SvcnatSendmsg6,
-		svcnatProgSvcnatRecvmsg4: b.objs.SvcnatRecvmsg4, svcnatProgSvcnatRecvmsg6: b.objs.SvcnatRecvmsg6,
-		svcnatProgSvcnatGetpeername4: b.objs.SvcnatGetpeername4, svcnatProgSvcnatGetpeername6: b.objs.SvcnatGetpeername6,
-	}
-	for _, l := range b.links {
-		l.Close()
-	}
-	b.links = nil
-	cgroup, err := cgroupID(b.opts.CgroupPath)
-	if err != nil {
-		return fmt.Errorf("init ebpf backend: %w", err)
-	}
-	onCgroup := func(info link.Info) bool { return info.Cgroup() != nil && info.Cgroup().CgroupId == cgroup }
-	for _, h := range hooks {
-		pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
-		l, err := attachPinned(pin, progs[h.prog], onCgroup, func() (link.Link, error) {
-			l, err := link.AttachCgroup(link.CgroupOptions{Path: b.opts.CgroupPath, Attach: h.attach, Program: progs[h.prog]})
-			if err != nil {
-				return nil, fmt.Errorf("attach %s to cgroup %s: %w", h.prog, b.opts.CgroupPath, err)
-			}
-			return l, nil
-		})
-		if err != nil {
-			return fmt.Errorf("init ebpf backend: %w", err)
-		}
-		b.links = append(b.links, l)
-	}
-	for _, name := range b.opts.Interfaces {
-		if err := b.attachInterface(name); err != nil {
-			return fmt.Errorf("init ebpf backend: interface %s: %w", name, err)
-		}
-	}
-	if err := b.detachOtherInterfaces(); err != nil {
-		return fmt.Errorf("init ebpf backend: %w", err)
-	}
-	if err := b.pins.pinNew(); err != nil {
-		return fmt.Errorf("init ebpf backend: %w", err)
-	}
-	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
-	return nil
-}
-
-// attachPinned adopts the link pinned at pin, pointing it at prog, when
-// onTarget says it is attached where it should be; otherwise (nothing
-// pinned, or pinned for another cgroup or interface, or defunct) it
-// detaches what is pinned, makes a new link with attach and pins it.
-func attachPinned(pin string, prog *ebpf.Program, onTarget func(link.Info) bool, attach func() (link.Link, error)) (link.Link, error) {
-	l, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case err == nil:
-		if info, ierr := l.Info(); ierr == nil && onTarget(*info) {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return nil, fmt.Errorf("update pinned link %s: %w", pin, err)
-			}
-			return l, nil
-		}
-		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
-			return nil, fmt.Errorf("detach pinned link %s, attached elsewhere: %w", pin, err)
-		}
-	case !errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
-	}
-	if l, err = attach(); err != nil {
-		return nil, err
-	}
-	if err := l.Pin(pin); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("pin link %s: %w", pin, err)
-	}
-	return l, nil
-}
-
-// cgroupID is the id the kernel gives the cgroup v2 directory path: its
-// inode number.
-func cgroupID(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
-	}
-	return st.Ino, nil
-}
-
 // Sync makes the maps hold s, writing only what differs from the last
 // successful Sync (or from what the kernel holds, after a failure or at
 // start). It fails before writing anything when s does not fit the maps.
@@ -437,33 +277,10 @@ func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 	return s, nil
 }
 
-// Raw prints the entries of the pinned desired-state maps, one per line
-// and sorted, as the kernel holds them (ports in host order). It needs no
-// Init.
-func (b *Backend) Raw(ctx context.Context) (string, error) {
-	ms, closeAll, err := b.pinnedMaps()
-	if err != nil {
-		return "", fmt.Errorf("print ebpf maps: %w", err)
-	}
-	defer closeAll()
-	if ms == nil {
-		return "", nil
-	}
-	t, err := readTable(ms)
-	if err != nil {
-		return "", fmt.Errorf("print ebpf maps: %w", err)
-	}
-	return formatTable(t), nil
-}
-
 // Cleanup detaches the socket hooks and tc programs and removes every pin
 // under the backend's directory. Removing what is already gone is not an error.
 func (b *Backend) Cleanup(ctx context.Context) error {
-	var errs []error
-	for _, l := range b.links {
-		errs = append(errs, l.Close())
-	}
-	b.links = nil
+	errs := []error{b.Close()}
 	linkDir := filepath.Join(b.opts.BPFFSPath, "links")
 	pins, err := os.ReadDir(linkDir)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -479,7 +296,6 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		// Unpinning drops the pin's reference; closing ours detaches.
 		errs = append(errs, l.Unpin(), l.Close())
 	}
-	errs = append(errs, b.closeObjects())
 	if err := deleteNATTable(); err != nil {
 		errs = append(errs, err)
 	}
@@ -495,23 +311,15 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	return nil
 }
 
-// Close releases the backend's file descriptors; pinned maps and links stay,
-// and translation goes on.
+// Close releases the backend's file descriptors, after the running flow
+// sweep; pinned maps and links stay, and translation goes on.
 func (b *Backend) Close() error {
 	var errs []error
 	for _, l := range b.links {
 		errs = append(errs, l.Close())
 	}
 	b.links = nil
-	errs = append(errs, b.closeObjects())
-	return errors.Join(errs...)
-}
-
-// closeObjects closes the loaded programs and maps (pins stay), after the
-// running flow sweep.
-func (b *Backend) closeObjects() error {
 	b.sweeper.wait()
-	var errs []error
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
 		b.pins.Close()
@@ -527,73 +335,4 @@ func (b *Backend) closeObjects() error {
 		b.destroyer = nil
 	}
 	return errors.Join(errs...)
-}
-
-func formatTable(t *table) string {
-	var lines []string
-	for k, v := range t.services {
-		lines = append(lines, fmt.Sprintf("%s %s port=%d proto=%d -> id=%d kind=%d flags=%#x cluster=%d local=%d affinity=%ds",
-			svcnatMapSvcnatServices, addrString(k.Addr), ntohs(k.Port), k.Proto, v.Id, v.Kind, v.Flags, v.ClusterCount, v.LocalCount, v.AffinityTimeout))
-	}
-	for id, v := range t.info {
-		name, proto, _ := decodeInfo(v)
-		lines = append(lines, fmt.Sprintf("%s id=%d -> %s %s healthCheckNodePort=%d", svcnatMapSvcnatSvcInfo, id, name, proto, v.HealthCheckNodePort))
-	}
-	for k, v := range t.slots {
-		lines = append(lines, fmt.Sprintf("%s id=%d set=%d slot=%d -> backend=%d", svcnatMapSvcnatSlots, k.Id, k.Set, k.Slot, v))
-	}
-	for k := range t.members {
-		lines = append(lines, fmt.Sprintf("%s id=%d set=%d backend=%d", svcnatMapSvcnatMembers, k.Id, k.Set, k.BackendId))
-	}
-	for id, v := range t.backends {
-		lines = append(lines, fmt.Sprintf("%s id=%d -> %s port=%d flags=%#x", svcnatMapSvcnatBackends, id, addrString(v.Addr), ntohs(v.Port), v.Flags))
-	}
-	for k := range t.sourceRanges {
-		p, _ := decodePrefix(k.Addr, k.Prefixlen-32)
-		lines = append(lines, fmt.Sprintf("%s id=%d %s", svcnatMapSvcnatSourceRanges, k.Id, p))
-	}
-	for k := range t.clusterCIDRs {
-		p, _ := decodePrefix(k.Addr, k.Prefixlen)
-		lines = append(lines, fmt.Sprintf("%s %s", svcnatMapSvcnatClusterCidrs, p))
-	}
-	sort.Strings(lines)
-	return strings.Join(lines, "\n") + "\n"
-}
-
-// destroyGone destroys the connected UDP sockets aimed at endpoints the
-// last sync removed from the maps, or that drained since, once no UDP
-// ServicePort of s has them serving: as kube-proxy keeps the conntrack
-// entries of flows to a terminating endpoint, a socket talking to one goes
-// on until the endpoint stops serving.
-func (b *Backend) destroyGone(s *model.State) {
-	if len(b.rec.removedUDP) == 0 && len(b.draining) == 0 {
-		return
-	}
-	serving := map[svcnatBackend]bool{}
-	for _, sp := range s.ServicePorts {
-		if sp.Protocol != model.UDP {
-			continue
-		}
-		for _, e := range sp.ServingEndpoints {
-			serving[svcnatBackend{Addr: addr16(e.IP), Port: htons(e.Port)}] = true
-		}
-	}
-	var gone []svcnatBackend
-	for _, e := range slices.Concat(b.rec.removedUDP, slices.Collect(maps.Keys(b.draining))) {
-		e.Flags, e.Pad = 0, 0
-		if serving[e] {
-			if b.draining == nil {
-				b.draining = map[svcnatBackend]bool{}
-			}
-			b.draining[e] = true
-			continue
-		}
-		delete(b.draining, e)
-		gone = append(gone, e)
-	}
-	// Best effort: the maps are right; a socket left behind only delays its
-	// client until it reconnects by itself.
-	if err := b.destroyer.destroy(gone); err != nil {
-		b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
-	}
 }

@@ -46,8 +46,8 @@ func (c *column[K, V]) inFake(k *fakeKernel) desiredMap {
 	return c.bind(k.capacity, m)
 }
 
-// checkDatapath makes every write check the datapath's invariant; inconsistent
-// returns the first violation seen.
+// checkDatapath makes every write check the datapath's invariant;
+// inconsistent returns the first violation since it was last called.
 func (k *fakeKernel) checkDatapath() (inconsistent func() error) {
 	var first error
 	k.after = func() {
@@ -55,7 +55,11 @@ func (k *fakeKernel) checkDatapath() (inconsistent func() error) {
 			first = err
 		}
 	}
-	return func() error { return first }
+	return func() error {
+		err := first
+		first = nil
+		return err
+	}
 }
 
 // fakeEntries are the entries of the fake map name, to change by hand.

@@ -28,12 +28,13 @@ const (
 )
 
 // columns is the one list of the desired-state maps: each BPF map with the
-// flag that sizes it and the table field that mirrors it. The list is in
-// write order: the datapath reaches a map's entries only through entries of
-// maps after it (a frontend leads to its Service info, source ranges,
-// members and slots, a slot to a backend), so apply writes new entries in
-// this order and deletes old ones in the reverse. Cluster CIDRs only steer
-// masquerading; they are added before and removed after the Services.
+// flag that sizes it and the table field that mirrors it. kernelMaps binds
+// them to the kernel's maps, tests to in-memory fakes. The list is in write
+// order: the datapath reaches a map's entries only through entries of maps
+// after it (a frontend leads to its Service info, source ranges and slots,
+// a slot to a backend, which must be a member), so apply writes new entries
+// in this order and deletes old ones in the reverse. Cluster CIDRs only
+// steer masquerading; they are added before and removed after the Services.
 var columns = []tableColumn{
 	newColumn(svcnatMapSvcnatClusterCidrs, "", func(t *table) map[svcnatCidrKey]uint8 { return t.clusterCIDRs }),
 	newColumn(svcnatMapSvcnatBackends, flagMaxBackends, func(t *table) map[uint32]svcnatBackend { return t.backends }),
@@ -113,7 +114,7 @@ type mapSet []desiredMap
 // desired-state map.
 type desiredMap interface {
 	tableColumn
-	size() int
+	maxEntries() int
 	// read adds the map's entries to t's field.
 	read(t *table) error
 	// putChanged writes the entries of want's field that cur's lacks or
@@ -130,7 +131,7 @@ type tableMap[K, V comparable] struct {
 	m        bpfMap[K, V]
 }
 
-func (m *tableMap[K, V]) size() int { return m.capacity }
+func (m *tableMap[K, V]) maxEntries() int { return m.capacity }
 
 func (m *tableMap[K, V]) read(t *table) error {
 	dst := m.field(t)

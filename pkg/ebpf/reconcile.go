@@ -18,7 +18,7 @@ import (
 func checkCapacity(ms mapSet, cur, want *table) error {
 	var errs []error
 	for _, m := range ms {
-		if peak := m.union(cur, want); peak > m.size() {
+		if peak := m.union(cur, want); peak > m.maxEntries() {
 			errs = append(errs, capacityError(m, peak))
 		}
 	}
@@ -31,7 +31,7 @@ func capacityError(m desiredMap, peak int) error {
 		how = "raise " + m.info().flag
 	}
 	return fmt.Errorf("map %s holds %d entries, this sync needs %d while old entries are replaced: %s",
-		m.info().name, m.size(), peak, how)
+		m.info().name, m.maxEntries(), peak, how)
 }
 
 // apply rewrites the maps from cur to want in the order that never shows
@@ -218,7 +218,7 @@ func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]*fragmen
 		var errs []string
 		for i, m := range ms {
 			grow[i] = m.fresh(own, cur, out)
-			if peak[i]+grow[i] > m.size() {
+			if peak[i]+grow[i] > m.maxEntries() {
 				errs = append(errs, capacityError(m, peak[i]+grow[i]).Error())
 			}
 		}

@@ -3,27 +3,20 @@
 package ebpf
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"maps"
 	"os"
 	"path/filepath"
-	"reflect"
-	"slices"
-	"sort"
-	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/link"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 
 	"github.com/svcnat/svcnat/pkg/dataplane"
 	"github.com/svcnat/svcnat/pkg/model"
@@ -101,23 +94,6 @@ type Backend struct {
 
 var _ dataplane.Backend = (*Backend)(nil)
 
-// hook is one cgroup socket hook: the program and where it attaches.
-type hook struct {
-	prog   string
-	attach ebpf.AttachType
-}
-
-var hooks = []hook{
-	{svcnatProgSvcnatConnect4, ebpf.AttachCGroupInet4Connect},
-	{svcnatProgSvcnatConnect6, ebpf.AttachCGroupInet6Connect},
-	{svcnatProgSvcnatSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-	{svcnatProgSvcnatSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
-	{svcnatProgSvcnatRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-	{svcnatProgSvcnatRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
-	{svcnatProgSvcnatGetpeername4, ebpf.AttachCgroupInet4GetPeername},
-	{svcnatProgSvcnatGetpeername6, ebpf.AttachCgroupInet6GetPeername},
-}
-
 // New checks the options and probes the kernel for every feature the
 // backend needs; the error names the first one missing. It changes nothing
 // on the host.
@@ -125,15 +101,15 @@ func New(opts Options) (*Backend, error) {
 	if opts.BPFFSPath == "" {
 		opts.BPFFSPath = DefaultBPFFSPath
 	}
-	opts.MaxServices = cmpOr(opts.MaxServices, DefaultMaxServices)
-	opts.MaxBackends = cmpOr(opts.MaxBackends, DefaultMaxBackends)
-	opts.MaxAffinity = cmpOr(opts.MaxAffinity, DefaultMaxAffinity)
+	opts.MaxServices = cmp.Or(opts.MaxServices, DefaultMaxServices)
+	opts.MaxBackends = cmp.Or(opts.MaxBackends, DefaultMaxBackends)
+	opts.MaxAffinity = cmp.Or(opts.MaxAffinity, DefaultMaxAffinity)
 	for _, f := range []struct {
 		flag     string
 		v, least int
 	}{
-		{"--bpf-map-max-services", opts.MaxServices, 1},
-		{"--bpf-map-max-backends", opts.MaxBackends, 1},
+		{flagMaxServices, opts.MaxServices, 1},
+		{flagMaxBackends, opts.MaxBackends, 1},
 		{"--bpf-map-max-affinity", opts.MaxAffinity, MinLRUEntries},
 	} {
 		if f.v < f.least || f.v > 1<<28 {
@@ -165,61 +141,6 @@ func New(opts Options) (*Backend, error) {
 	return b, nil
 }
 
-func cmpOr(v, def int) int {
-	if v == 0 {
-		return def
-	}
-	return v
-}
-
-// ErrNotSupported is in the chain of New's error when the kernel lacks a
-// feature the backend needs; any other error of New says nothing about
-// the kernel.
-var ErrNotSupported = ebpf.ErrNotSupported
-
-// probe names the first kernel feature the backend needs that is missing;
-// tc says whether the tc programs are needed too.
-func probe(tc bool) error {
-	for _, mt := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.SkStorage} {
-		if err := features.HaveMapType(mt); err != nil {
-			return fmt.Errorf("kernel feature: map type %s: %w", mt, err)
-		}
-	}
-	if err := features.HaveProgramType(ebpf.CGroupSockAddr); err != nil {
-		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.CGroupSockAddr, err)
-	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnGetNetnsCookie, asm.FnSetRetval, asm.FnGetPrandomU32, asm.FnSkStorageGet} {
-		if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, fn); err != nil {
-			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.CGroupSockAddr, err)
-		}
-	}
-	if !tc {
-		return nil
-	}
-	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
-		return fmt.Errorf("kernel feature: program type %s: %w", ebpf.SchedCLS, err)
-	}
-	for _, fn := range []asm.BuiltinFunc{asm.FnCsumDiff, asm.FnSkbStoreBytes, asm.FnFibLookup, asm.FnRedirect} {
-		if err := features.HaveProgramHelper(ebpf.SchedCLS, fn); err != nil {
-			return fmt.Errorf("kernel feature: helper %s in %s programs: %w", fn, ebpf.SchedCLS, err)
-		}
-	}
-	return nil
-}
-
-// checkBPFFS fails unless the parent of dir is a mounted bpffs.
-func checkBPFFS(dir string) error {
-	parent := filepath.Dir(filepath.Clean(dir))
-	var st unix.Statfs_t
-	if err := unix.Statfs(parent, &st); err != nil {
-		return fmt.Errorf("check bpffs at %s: %w", parent, err)
-	}
-	if st.Type != unix.BPF_FS_MAGIC {
-		return fmt.Errorf("check bpffs: %s is not a bpffs mount (mount -t bpf bpf %s)", parent, parent)
-	}
-	return nil
-}
-
 // Init loads the programs, creates or adopts the pinned maps, and attaches
 // the socket hooks to the cgroup, replacing the programs of links pinned by
 // an earlier run in place, so translation never stops. What the maps hold is
@@ -246,11 +167,21 @@ func (b *Backend) Init(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
-		for name, size := range b.sizes() {
+		for name, size := range b.opts.sizes() {
 			spec.Maps[name].MaxEntries = uint32(size)
 		}
 		pins := newMapPins(b.opts.BPFFSPath)
 		repl, err := pins.open(spec)
+		if err != nil {
+			pins.Close()
+			return fmt.Errorf("init ebpf backend: %w", err)
+		}
+		ms, err := kernelMaps(func(name string) (*ebpf.Map, error) {
+			if m := pins.maps[name]; m != nil {
+				return m, nil
+			}
+			return nil, fmt.Errorf("map %s is not pinned by name", name)
+		})
 		if err != nil {
 			pins.Close()
 			return fmt.Errorf("init ebpf backend: %w", err)
@@ -261,7 +192,7 @@ func (b *Backend) Init(ctx context.Context) error {
 			return fmt.Errorf("init ebpf backend: load programs: %w", err)
 		}
 		b.objs, b.pins = objs, pins
-		b.rec = &reconciler{maps: b.mapSet(objs)}
+		b.rec = &reconciler{maps: ms}
 		if err := b.pruneCountersAtInit(); err != nil {
 			return fmt.Errorf("init ebpf backend: %w", err)
 		}
@@ -285,122 +216,6 @@ func (b *Backend) Init(ctx context.Context) error {
 		return nil
 	}
 	return b.attach()
-}
-
-// attach attaches the socket hooks and tc programs, updating the links an
-// earlier run pinned in place, and then pins the maps made at Init.
-func (b *Backend) attach() error {
-	progs := map[string]*ebpf.Program{
-		svcnatProgSvcnatConnect4: b.objs.SvcnatConnect4, svcnatProgSvcnatConnect6: b.objs.SvcnatConnect6,
-		svcnatProgSvcnatSendmsg4: b.objs.SvcnatSendmsg4, svcnatProgSvcnatSendmsg6: b.objs.SvcnatSendmsg6,
-		svcnatProgSvcnatRecvmsg4: b.objs.SvcnatRecvmsg4, svcnatProgSvcnatRecvmsg6: b.objs.SvcnatRecvmsg6,
-		svcnatProgSvcnatGetpeername4: b.objs.SvcnatGetpeername4, svcnatProgSvcnatGetpeername6: b.objs.SvcnatGetpeername6,
-	}
-	for _, l := range b.links {
-		l.Close()
-	}
-	b.links = nil
-	cgroup, err := cgroupID(b.opts.CgroupPath)
-	if err != nil {
-		return fmt.Errorf("init ebpf backend: %w", err)
-	}
-	onCgroup := func(info link.Info) bool { return info.Cgroup() != nil && info.Cgroup().CgroupId == cgroup }
-	for _, h := range hooks {
-		pin := filepath.Join(b.opts.BPFFSPath, "links", h.prog)
-		l, err := attachPinned(pin, progs[h.prog], onCgroup, func() (link.Link, error) {
-			l, err := link.AttachCgroup(link.CgroupOptions{Path: b.opts.CgroupPath, Attach: h.attach, Program: progs[h.prog]})
-			if err != nil {
-				return nil, fmt.Errorf("attach %s to cgroup %s: %w", h.prog, b.opts.CgroupPath, err)
-			}
-			return l, nil
-		})
-		if err != nil {
-			return fmt.Errorf("init ebpf backend: %w", err)
-		}
-		b.links = append(b.links, l)
-	}
-	for _, name := range b.opts.Interfaces {
-		if err := b.attachInterface(name); err != nil {
-			return fmt.Errorf("init ebpf backend: interface %s: %w", name, err)
-		}
-	}
-	if err := b.detachOtherInterfaces(); err != nil {
-		return fmt.Errorf("init ebpf backend: %w", err)
-	}
-	if err := b.pins.pinNew(); err != nil {
-		return fmt.Errorf("init ebpf backend: %w", err)
-	}
-	b.log.Info("ebpf backend ready", "bpffs", b.opts.BPFFSPath, "cgroup", b.opts.CgroupPath)
-	return nil
-}
-
-// attachPinned adopts the link pinned at pin, pointing it at prog, when
-// onTarget says it is attached where it should be; otherwise (nothing
-// pinned, or pinned for another cgroup or interface, or defunct) it
-// detaches what is pinned, makes a new link with attach and pins it.
-func attachPinned(pin string, prog *ebpf.Program, onTarget func(link.Info) bool, attach func() (link.Link, error)) (link.Link, error) {
-	l, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case err == nil:
-		if info, ierr := l.Info(); ierr == nil && onTarget(*info) {
-			if err := l.Update(prog); err != nil {
-				l.Close()
-				return nil, fmt.Errorf("update pinned link %s: %w", pin, err)
-			}
-			return l, nil
-		}
-		if err := errors.Join(l.Unpin(), l.Close()); err != nil {
-			return nil, fmt.Errorf("detach pinned link %s, attached elsewhere: %w", pin, err)
-		}
-	case !errors.Is(err, fs.ErrNotExist):
-		return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
-	}
-	if l, err = attach(); err != nil {
-		return nil, err
-	}
-	if err := l.Pin(pin); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("pin link %s: %w", pin, err)
-	}
-	return l, nil
-}
-
-// cgroupID is the id the kernel gives the cgroup v2 directory path: its
-// inode number.
-func cgroupID(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
-	}
-	return st.Ino, nil
-}
-
-func (b *Backend) sizes() map[string]int {
-	return map[string]int{
-		svcnatMapSvcnatServices:     b.opts.MaxServices,
-		svcnatMapSvcnatSvcInfo:      b.opts.MaxServices,
-		svcnatMapSvcnatSourceRanges: b.opts.MaxServices,
-		svcnatMapSvcnatSlots:        b.opts.MaxBackends,
-		svcnatMapSvcnatBackends:     b.opts.MaxBackends,
-		svcnatMapSvcnatMembers:      b.opts.MaxBackends,
-		svcnatMapSvcnatAffinity:     b.opts.MaxAffinity,
-		svcnatMapSvcnatCounters:     b.opts.MaxServices + b.opts.MaxBackends,
-	}
-}
-
-func (b *Backend) mapSet(objs *svcnatObjects) *mapSet {
-	sized := func(name, flag string, m *ebpf.Map) sizedMap {
-		return sizedMap{name: name, flag: flag, capacity: int(m.MaxEntries()), m: kernelMap{m}}
-	}
-	return &mapSet{
-		services:     sized(svcnatMapSvcnatServices, "--bpf-map-max-services", objs.SvcnatServices),
-		info:         sized(svcnatMapSvcnatSvcInfo, "--bpf-map-max-services", objs.SvcnatSvcInfo),
-		slots:        sized(svcnatMapSvcnatSlots, "--bpf-map-max-backends", objs.SvcnatSlots),
-		members:      sized(svcnatMapSvcnatMembers, "--bpf-map-max-backends", objs.SvcnatMembers),
-		backends:     sized(svcnatMapSvcnatBackends, "--bpf-map-max-backends", objs.SvcnatBackends),
-		sourceRanges: sized(svcnatMapSvcnatSourceRanges, "--bpf-map-max-services", objs.SvcnatSourceRanges),
-		clusterCIDRs: sized(svcnatMapSvcnatClusterCidrs, "", objs.SvcnatClusterCidrs),
-	}
 }
 
 // Sync makes the maps hold s, writing only what differs from the last
@@ -433,53 +248,14 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	b.log.Info("synced ebpf maps", "servicePorts", len(s.ServicePorts), "changed", dataplane.Changed(s), "frontends", len(t.services),
 		"backends", len(t.backends), "slots", len(t.slots), "duration", time.Since(start))
 	if b.entries != nil {
-		b.entries.WithLabelValues(svcnatMapSvcnatServices).Set(float64(len(t.services)))
-		b.entries.WithLabelValues(svcnatMapSvcnatSvcInfo).Set(float64(len(t.info)))
-		b.entries.WithLabelValues(svcnatMapSvcnatSlots).Set(float64(len(t.slots)))
-		b.entries.WithLabelValues(svcnatMapSvcnatMembers).Set(float64(len(t.members)))
-		b.entries.WithLabelValues(svcnatMapSvcnatBackends).Set(float64(len(t.backends)))
-		b.entries.WithLabelValues(svcnatMapSvcnatSourceRanges).Set(float64(len(t.sourceRanges)))
+		for _, c := range columns {
+			b.entries.WithLabelValues(c.info().name).Set(float64(c.count(t)))
+		}
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("sync ebpf backend: %w", failed)
 	}
 	return nil
-}
-
-// pinnedMaps opens the desired-state maps pinned under the backend's
-// directory, for a process that did not load them. It returns nil maps
-// when nothing is pinned.
-func (b *Backend) pinnedMaps() (*mapSet, func(), error) {
-	names := []string{svcnatMapSvcnatServices, svcnatMapSvcnatSvcInfo, svcnatMapSvcnatSlots, svcnatMapSvcnatMembers,
-		svcnatMapSvcnatBackends, svcnatMapSvcnatSourceRanges, svcnatMapSvcnatClusterCidrs}
-	opened := map[string]*ebpf.Map{}
-	closeAll := func() {
-		for _, m := range opened {
-			m.Close()
-		}
-	}
-	spec, err := loadSvcnat()
-	if err != nil {
-		return nil, nil, err
-	}
-	for _, name := range names {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(b.opts.BPFFSPath, pinName(name, spec.Maps[name])), &ebpf.LoadPinOptions{ReadOnly: true})
-		if errors.Is(err, fs.ErrNotExist) {
-			closeAll()
-			return nil, func() {}, nil
-		}
-		if err != nil {
-			closeAll()
-			return nil, nil, fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		opened[name] = m
-	}
-	objs := &svcnatObjects{svcnatMaps: svcnatMaps{
-		SvcnatServices: opened[svcnatMapSvcnatServices], SvcnatSvcInfo: opened[svcnatMapSvcnatSvcInfo],
-		SvcnatSlots: opened[svcnatMapSvcnatSlots], SvcnatMembers: opened[svcnatMapSvcnatMembers], SvcnatBackends: opened[svcnatMapSvcnatBackends],
-		SvcnatSourceRanges: opened[svcnatMapSvcnatSourceRanges], SvcnatClusterCidrs: opened[svcnatMapSvcnatClusterCidrs],
-	}}
-	return b.mapSet(objs), closeAll, nil
 }
 
 // Dump reads the pinned maps and decodes them into the State they
@@ -494,44 +270,17 @@ func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 	if ms == nil {
 		return &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}, nil
 	}
-	t, err := readTable(ms)
-	if err != nil {
-		return nil, fmt.Errorf("dump ebpf maps: %w", err)
-	}
-	s, err := decode(t)
+	s, err := readState(ms)
 	if err != nil {
 		return nil, fmt.Errorf("dump ebpf maps: %w", err)
 	}
 	return s, nil
 }
 
-// Raw prints the entries of the pinned desired-state maps, one per line
-// and sorted, as the kernel holds them (ports in host order). It needs no
-// Init.
-func (b *Backend) Raw(ctx context.Context) (string, error) {
-	ms, closeAll, err := b.pinnedMaps()
-	if err != nil {
-		return "", fmt.Errorf("print ebpf maps: %w", err)
-	}
-	defer closeAll()
-	if ms == nil {
-		return "", nil
-	}
-	t, err := readTable(ms)
-	if err != nil {
-		return "", fmt.Errorf("print ebpf maps: %w", err)
-	}
-	return formatTable(t), nil
-}
-
 // Cleanup detaches the socket hooks and tc programs and removes every pin
 // under the backend's directory. Removing what is already gone is not an error.
 func (b *Backend) Cleanup(ctx context.Context) error {
-	var errs []error
-	for _, l := range b.links {
-		errs = append(errs, l.Close())
-	}
-	b.links = nil
+	errs := []error{b.Close()}
 	linkDir := filepath.Join(b.opts.BPFFSPath, "links")
 	pins, err := os.ReadDir(linkDir)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -547,7 +296,6 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		// Unpinning drops the pin's reference; closing ours detaches.
 		errs = append(errs, l.Unpin(), l.Close())
 	}
-	errs = append(errs, b.closeObjects())
 	if err := deleteNATTable(); err != nil {
 		errs = append(errs, err)
 	}
@@ -563,23 +311,15 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 	return nil
 }
 
-// Close releases the backend's file descriptors; pinned maps and links stay,
-// and translation goes on.
+// Close releases the backend's file descriptors, after the running flow
+// sweep; pinned maps and links stay, and translation goes on.
 func (b *Backend) Close() error {
 	var errs []error
 	for _, l := range b.links {
 		errs = append(errs, l.Close())
 	}
 	b.links = nil
-	errs = append(errs, b.closeObjects())
-	return errors.Join(errs...)
-}
-
-// closeObjects closes the loaded programs and maps (pins stay), after the
-// running flow sweep.
-func (b *Backend) closeObjects() error {
 	b.sweeper.wait()
-	var errs []error
 	if b.objs != nil {
 		errs = append(errs, b.objs.Close())
 		b.pins.Close()
@@ -595,173 +335,4 @@ func (b *Backend) closeObjects() error {
 		b.destroyer = nil
 	}
 	return errors.Join(errs...)
-}
-
-// kernelMap is a BPF map as a bpfMap: batch operations where the map type
-// has them, one entry at a time otherwise (LPM tries).
-type kernelMap struct{ m *ebpf.Map }
-
-func (k kernelMap) Put(keys, values any) error {
-	_, err := k.m.BatchUpdate(keys, values, nil)
-	if !errors.Is(err, ebpf.ErrNotSupported) {
-		return err
-	}
-	ks, vs := reflect.ValueOf(keys), reflect.ValueOf(values)
-	for i := range ks.Len() {
-		if err := k.m.Put(ks.Index(i).Interface(), vs.Index(i).Interface()); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (k kernelMap) Delete(keys any) error {
-	ks := reflect.ValueOf(keys)
-	for done := 0; done < ks.Len(); {
-		n, err := k.m.BatchDelete(ks.Slice(done, ks.Len()).Interface(), nil)
-		switch {
-		case err == nil:
-			return nil
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			done += n + 1 // the batch stopped at a missing key: skip it
-		case errors.Is(err, ebpf.ErrNotSupported):
-			for i := done; i < ks.Len(); i++ {
-				if err := k.m.Delete(ks.Index(i).Interface()); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-					return err
-				}
-			}
-			return nil
-		default:
-			return err
-		}
-	}
-	return nil
-}
-
-func (k kernelMap) Iterate() entryIterator { return &batchIterator{m: k.m} }
-
-// batchSize is how many entries one batch lookup reads.
-const batchSize = 4096
-
-// batchIterator walks a map with batch lookups, one system call per
-// batchSize entries (the periodic sync reads every desired-state map);
-// maps without batch operations (LPM tries) fall back to the map's
-// iterator, two calls per entry.
-type batchIterator struct {
-	m            *ebpf.Map
-	cursor       ebpf.MapBatchCursor
-	keys, values reflect.Value
-	n, i         int
-	started      bool
-	done         bool
-	err          error
-	fallback     *ebpf.MapIterator
-}
-
-func (it *batchIterator) Next(key, value any) bool {
-	if it.fallback != nil {
-		return it.fallback.Next(key, value)
-	}
-	for it.i >= it.n {
-		if it.done || it.err != nil {
-			return false
-		}
-		if !it.keys.IsValid() {
-			it.keys = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(key).Elem()), batchSize, batchSize)
-			it.values = reflect.MakeSlice(reflect.SliceOf(reflect.TypeOf(value).Elem()), batchSize, batchSize)
-		}
-		n, err := it.m.BatchLookup(&it.cursor, it.keys.Interface(), it.values.Interface(), nil)
-		it.n, it.i = n, 0
-		switch {
-		case errors.Is(err, ebpf.ErrNotSupported) && !it.started:
-			it.fallback = it.m.Iterate()
-			return it.fallback.Next(key, value)
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			it.done = true
-		case err != nil:
-			it.err = err
-			return false
-		}
-		it.started = true
-	}
-	reflect.ValueOf(key).Elem().Set(it.keys.Index(it.i))
-	reflect.ValueOf(value).Elem().Set(it.values.Index(it.i))
-	it.i++
-	return true
-}
-
-func (it *batchIterator) Err() error {
-	if it.fallback != nil {
-		return it.fallback.Err()
-	}
-	return it.err
-}
-
-func formatTable(t *table) string {
-	var lines []string
-	for k, v := range t.services {
-		lines = append(lines, fmt.Sprintf("%s %s port=%d proto=%d -> id=%d kind=%d flags=%#x cluster=%d local=%d affinity=%ds",
-			svcnatMapSvcnatServices, addrString(k.Addr), ntohs(k.Port), k.Proto, v.Id, v.Kind, v.Flags, v.ClusterCount, v.LocalCount, v.AffinityTimeout))
-	}
-	for id, v := range t.info {
-		name, proto, _ := decodeInfo(v)
-		lines = append(lines, fmt.Sprintf("%s id=%d -> %s %s healthCheckNodePort=%d", svcnatMapSvcnatSvcInfo, id, name, proto, v.HealthCheckNodePort))
-	}
-	for k, v := range t.slots {
-		lines = append(lines, fmt.Sprintf("%s id=%d set=%d slot=%d -> backend=%d", svcnatMapSvcnatSlots, k.Id, k.Set, k.Slot, v))
-	}
-	for k := range t.members {
-		lines = append(lines, fmt.Sprintf("%s id=%d set=%d backend=%d", svcnatMapSvcnatMembers, k.Id, k.Set, k.BackendId))
-	}
-	for id, v := range t.backends {
-		lines = append(lines, fmt.Sprintf("%s id=%d -> %s port=%d flags=%#x", svcnatMapSvcnatBackends, id, addrString(v.Addr), ntohs(v.Port), v.Flags))
-	}
-	for k := range t.sourceRanges {
-		p, _ := decodePrefix(k.Addr, k.Prefixlen-32)
-		lines = append(lines, fmt.Sprintf("%s id=%d %s", svcnatMapSvcnatSourceRanges, k.Id, p))
-	}
-	for k := range t.clusterCIDRs {
-		p, _ := decodePrefix(k.Addr, k.Prefixlen)
-		lines = append(lines, fmt.Sprintf("%s %s", svcnatMapSvcnatClusterCidrs, p))
-	}
-	sort.Strings(lines)
-	return strings.Join(lines, "\n") + "\n"
-}
-
-// destroyGone destroys the connected UDP sockets aimed at endpoints the
-// last sync removed from the maps, or that drained since, once no UDP
-// ServicePort of s has them serving: as kube-proxy keeps the conntrack
-// entries of flows to a terminating endpoint, a socket talking to one goes
-// on until the endpoint stops serving.
-func (b *Backend) destroyGone(s *model.State) {
-	if len(b.rec.removedUDP) == 0 && len(b.draining) == 0 {
-		return
-	}
-	serving := map[svcnatBackend]bool{}
-	for _, sp := range s.ServicePorts {
-		if sp.Protocol != model.UDP {
-			continue
-		}
-		for _, e := range sp.ServingEndpoints {
-			serving[svcnatBackend{Addr: addr16(e.IP), Port: htons(e.Port)}] = true
-		}
-	}
-	var gone []svcnatBackend
-	for _, e := range slices.Concat(b.rec.removedUDP, slices.Collect(maps.Keys(b.draining))) {
-		e.Flags, e.Pad = 0, 0
-		if serving[e] {
-			if b.draining == nil {
-				b.draining = map[svcnatBackend]bool{}
-			}
-			b.draining[e] = true
-			continue
-		}
-		delete(b.draining, e)
-		gone = append(gone, e)
-	}
-	// Best effort: the maps are right; a socket left behind only delays its
-	// client until it reconnects by itself.
-	if err := b.destroyer.destroy(gone); err != nil {
-		b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
-	}
 }

@@ -6,14 +6,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/svcnat/svcnat/pkg/model"
 )
 
 // socketDestroyer destroys the connected UDP sockets the socket hooks
@@ -137,4 +141,42 @@ func (d *socketDestroyer) runIn(path string) error {
 		return fmt.Errorf("destroy UDP sockets in network namespace %s: %w", path, err)
 	}
 	return nil
+}
+
+// destroyGone destroys the connected UDP sockets aimed at endpoints the
+// last sync removed from the maps, or that drained since, once no UDP
+// ServicePort of s has them serving: as kube-proxy keeps the conntrack
+// entries of flows to a terminating endpoint, a socket talking to one goes
+// on until the endpoint stops serving.
+func (b *Backend) destroyGone(s *model.State) {
+	if len(b.rec.removedUDP) == 0 && len(b.draining) == 0 {
+		return
+	}
+	serving := map[svcnatBackend]bool{}
+	for _, sp := range s.ServicePorts {
+		if sp.Protocol != model.UDP {
+			continue
+		}
+		for _, e := range sp.ServingEndpoints {
+			serving[svcnatBackend{Addr: addr16(e.IP), Port: htons(e.Port)}] = true
+		}
+	}
+	var gone []svcnatBackend
+	for _, e := range slices.Concat(b.rec.removedUDP, slices.Collect(maps.Keys(b.draining))) {
+		e.Flags, e.Pad = 0, 0
+		if serving[e] {
+			if b.draining == nil {
+				b.draining = map[svcnatBackend]bool{}
+			}
+			b.draining[e] = true
+			continue
+		}
+		delete(b.draining, e)
+		gone = append(gone, e)
+	}
+	// Best effort: the maps are right; a socket left behind only delays its
+	// client until it reconnects by itself.
+	if err := b.destroyer.destroy(gone); err != nil {
+		b.log.Warn("destroy UDP sockets aimed at removed endpoints", "error", err)
+	}
 }

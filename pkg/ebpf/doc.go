@@ -42,10 +42,13 @@
 // frontend) fails alone, named in dataplane.PortErrors, and holds nothing.
 // After a failed write, and on every sync that changes nothing (the
 // periodic one), the sync reads the maps back and rewrites what differs.
-// The reconciler works on the bpfMap interface; tests use an in-memory fake
-// that fails writes at random and checks, after every write, that the
-// datapath's invariant (every slot below a count exists and names a
-// backend) holds.
+// The reconciler works on bpfMap[K, V], one typed BPF map each (maps.go
+// pairs each with its field of the desired-state table); tests use an
+// in-memory fake that fails writes at random and checks, after every
+// write, that the datapath's invariant (every slot below a count exists and
+// names a backend) holds. The dataplane conformance suite runs on that fake
+// without root (TestConformanceFakeKernel) and on the kernel
+// (TestConformance).
 //
 // # Pins and restarts
 //

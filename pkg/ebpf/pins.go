@@ -66,14 +66,16 @@ func writeMembers(b *strings.Builder, ms []btf.Member) {
 	b.WriteString("}")
 }
 
-// desiredState names the maps the reconciler fills from the model; the
-// other pinned maps hold state the datapath writes itself (LRU maps,
-// per-socket storage).
-var desiredState = map[string]bool{
-	svcnatMapSvcnatServices: true, svcnatMapSvcnatSvcInfo: true, svcnatMapSvcnatSlots: true,
-	svcnatMapSvcnatMembers: true, svcnatMapSvcnatBackends: true, svcnatMapSvcnatSourceRanges: true,
-	svcnatMapSvcnatClusterCidrs: true,
-}
+// desiredState names the maps the reconciler fills from the model
+// (columns); the other pinned maps hold state the datapath writes itself
+// (LRU maps, per-socket storage).
+var desiredState = func() map[string]bool {
+	out := map[string]bool{}
+	for _, c := range columns {
+		out[c.info().name] = true
+	}
+	return out
+}()
 
 // mapPins is what Init found pinned: the maps to load the programs with
 // (shared by every object: svcnat, destroy), and the new ones to pin once

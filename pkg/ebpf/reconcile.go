@@ -11,110 +11,31 @@ import (
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
-// bpfMap is what the reconciler needs of a BPF map. The kernel's maps
-// satisfy it through kernelMap; tests use an in-memory fake that fails on
-// demand.
-type bpfMap interface {
-	// Put creates or replaces the entries for keys (a slice) with values
-	// (a slice as long), in order, and stops at the first failure.
-	Put(keys, values any) error
-	// Delete removes the entries for keys (a slice); missing keys are not
-	// an error.
-	Delete(keys any) error
-	// Iterate walks the entries.
-	Iterate() entryIterator
-}
-
-// entryIterator walks a map's entries; *ebpf.MapIterator is one.
-type entryIterator interface {
-	Next(key, value any) bool
-	Err() error
-}
-
-// mapSet is the maps holding the desired state, each with its capacity and
-// the flag that sets it.
-type mapSet struct {
-	services, info, slots, members, backends, sourceRanges, clusterCIDRs sizedMap
-}
-
-type sizedMap struct {
-	name     string // the BPF map's name
-	flag     string // the agent flag that sizes it, "" when fixed
-	capacity int
-	m        bpfMap
-}
-
-// readTable reads the desired-state maps from the kernel.
-func readTable(ms *mapSet) (*table, error) {
-	t := newTable()
-	return t, errors.Join(
-		readMap(ms.services, t.services),
-		readMap(ms.info, t.info),
-		readMap(ms.slots, t.slots),
-		readMap(ms.members, t.members),
-		readMap(ms.backends, t.backends),
-		readMap(ms.sourceRanges, t.sourceRanges),
-		readMap(ms.clusterCIDRs, t.clusterCIDRs),
-	)
-}
-
-func readMap[K comparable, V any](sm sizedMap, dst map[K]V) error {
-	var (
-		k K
-		v V
-	)
-	it := sm.m.Iterate()
-	for it.Next(&k, &v) {
-		dst[k] = v
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read map %s: %w", sm.name, err)
-	}
-	return nil
-}
-
 // checkCapacity fails, naming the map and its flag, when writing want over
 // cur (all of it, or only what changes) would overflow a map at any point:
 // new entries are written before old ones are deleted, so the peak is cur
 // plus the keys of want it does not hold.
-func checkCapacity(ms *mapSet, cur, want *table) error {
+func checkCapacity(ms mapSet, cur, want *table) error {
 	var errs []error
-	check := func(sm sizedMap, peak int) {
-		if peak > sm.capacity {
-			errs = append(errs, capacityError(sm, peak))
+	for _, m := range ms {
+		if peak := m.union(cur, want); peak > m.maxEntries() {
+			errs = append(errs, capacityError(m, peak))
 		}
 	}
-	check(ms.services, unionLen(cur.services, want.services))
-	check(ms.info, unionLen(cur.info, want.info))
-	check(ms.slots, unionLen(cur.slots, want.slots))
-	check(ms.members, unionLen(cur.members, want.members))
-	check(ms.backends, unionLen(cur.backends, want.backends))
-	check(ms.sourceRanges, unionLen(cur.sourceRanges, want.sourceRanges))
-	check(ms.clusterCIDRs, unionLen(cur.clusterCIDRs, want.clusterCIDRs))
 	return errors.Join(errs...)
 }
 
-func capacityError(sm sizedMap, peak int) error {
+func capacityError(m desiredMap, peak int) error {
 	how := "it has a fixed size"
-	if sm.flag != "" {
-		how = "raise " + sm.flag
+	if m.info().flag != "" {
+		how = "raise " + m.info().flag
 	}
 	return fmt.Errorf("map %s holds %d entries, this sync needs %d while old entries are replaced: %s",
-		sm.name, sm.capacity, peak, how)
-}
-
-func unionLen[K comparable, V any](a, b map[K]V) int {
-	n := len(a)
-	for k := range b {
-		if _, ok := a[k]; !ok {
-			n++
-		}
-	}
-	return n
+		m.info().name, m.maxEntries(), peak, how)
 }
 
 // apply rewrites the maps from cur to want in the order that never shows
-// the datapath a half-written Service:
+// the datapath a half-written Service (see columns):
 //
 //  1. new and changed backends, Service info and source ranges;
 //  2. memberships, then slots, so that every slot below a new, larger
@@ -124,66 +45,18 @@ func unionLen[K comparable, V any](a, b map[K]V) int {
 //  5. slots at or above a new, smaller count, and other unused entries;
 //  6. backends no slot names any more, last.
 //
-// Cluster CIDRs only steer masquerading; they are added before and removed
-// after the Services. apply stops at the first failure; the caller then
-// reads the kernel back before trying again.
-func apply(ms *mapSet, cur, want *table) error {
-	steps := []func() error{
-		func() error { return putChanged(ms.clusterCIDRs, cur.clusterCIDRs, want.clusterCIDRs) },
-		func() error { return putChanged(ms.backends, cur.backends, want.backends) },
-		func() error { return putChanged(ms.info, cur.info, want.info) },
-		func() error { return putChanged(ms.sourceRanges, cur.sourceRanges, want.sourceRanges) },
-		func() error { return putChanged(ms.members, cur.members, want.members) },
-		func() error { return putChanged(ms.slots, cur.slots, want.slots) },
-		func() error { return putChanged(ms.services, cur.services, want.services) },
-		func() error { return deleteGone(ms.services, cur.services, want.services) },
-		func() error { return deleteGone(ms.slots, cur.slots, want.slots) },
-		func() error { return deleteGone(ms.members, cur.members, want.members) },
-		func() error { return deleteGone(ms.sourceRanges, cur.sourceRanges, want.sourceRanges) },
-		func() error { return deleteGone(ms.info, cur.info, want.info) },
-		func() error { return deleteGone(ms.backends, cur.backends, want.backends) },
-		func() error { return deleteGone(ms.clusterCIDRs, cur.clusterCIDRs, want.clusterCIDRs) },
-	}
-	for _, step := range steps {
-		if err := step(); err != nil {
+// apply stops at the first failure; the caller then reads the kernel back
+// before trying again.
+func apply(ms mapSet, cur, want *table) error {
+	for _, m := range ms {
+		if err := m.putChanged(cur, want); err != nil {
 			return err
 		}
 	}
-	return nil
-}
-
-func putChanged[K, V comparable](sm sizedMap, cur, want map[K]V) error {
-	var (
-		keys   []K
-		values []V
-	)
-	for k, v := range want {
-		if old, ok := cur[k]; ok && old == v {
-			continue
+	for _, m := range slices.Backward(ms) {
+		if err := m.deleteGone(cur, want); err != nil {
+			return err
 		}
-		keys, values = append(keys, k), append(values, v)
-	}
-	if len(keys) == 0 {
-		return nil
-	}
-	if err := sm.m.Put(keys, values); err != nil {
-		return fmt.Errorf("write %d entries to map %s: %w", len(keys), sm.name, err)
-	}
-	return nil
-}
-
-func deleteGone[K, V comparable](sm sizedMap, cur, want map[K]V) error {
-	var keys []K
-	for k := range cur {
-		if _, ok := want[k]; !ok {
-			keys = append(keys, k)
-		}
-	}
-	if len(keys) == 0 {
-		return nil
-	}
-	if err := sm.m.Delete(keys); err != nil {
-		return fmt.Errorf("delete %d entries from map %s: %w", len(keys), sm.name, err)
 	}
 	return nil
 }
@@ -193,7 +66,7 @@ func deleteGone[K, V comparable](sm sizedMap, cur, want map[K]V) error {
 // only the entries that differ; after a failure it reads the kernel back
 // and compares everything.
 type reconciler struct {
-	maps *mapSet
+	maps mapSet
 	ids  *ids // nil until adopted from the kernel
 	// written is what the maps hold, nil when unknown (at start or after a
 	// failed write); frags and refs describe it per ServicePort and per
@@ -323,7 +196,7 @@ func (r *reconciler) noteRemoved(cur, want *table) {
 // admitted ones and whether any did not fit. When all of want fits, that
 // is want itself: the usual case, where counting each ServicePort's
 // entries would cost a third of the first sync.
-func admit(ms *mapSet, cur, want *table, frags map[model.ServicePortName]*fragment, failed dataplane.PortErrors) (*table, bool) {
+func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]*fragment, failed dataplane.PortErrors) (*table, bool) {
 	if checkCapacity(ms, cur, want) == nil {
 		return want, false
 	}
@@ -332,23 +205,21 @@ func admit(ms *mapSet, cur, want *table, frags map[model.ServicePortName]*fragme
 	names := slices.SortedFunc(maps.Keys(frags), model.ServicePortName.Compare)
 	// peak[i] is how many entries map i holds at the peak of the write:
 	// cur and what was admitted.
-	sized := []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges}
-	peak := []int{len(cur.services), len(cur.info), len(cur.slots), len(cur.members), len(cur.backends), len(cur.sourceRanges)}
+	peak := make([]int, len(ms))
+	for i, m := range ms {
+		peak[i] = m.count(cur)
+	}
+	grow := make([]int, len(ms))
 	full := false
 	for _, name := range names {
 		f := frags[name]
-		grow := []int{
-			fresh(f.services, cur.services, out.services),
-			fresh(map[uint32]svcnatSvcInfo{f.id: f.info}, cur.info, out.info),
-			fresh(f.slots, cur.slots, out.slots),
-			fresh(f.members, cur.members, out.members),
-			fresh(f.backends, cur.backends, out.backends),
-			fresh(f.sourceRanges, cur.sourceRanges, out.sourceRanges),
-		}
+		own := newTable()
+		addFragment(own, f)
 		var errs []string
-		for i, sm := range sized {
-			if peak[i]+grow[i] > sm.capacity {
-				errs = append(errs, capacityError(sm, peak[i]+grow[i]).Error())
+		for i, m := range ms {
+			grow[i] = m.fresh(own, cur, out)
+			if peak[i]+grow[i] > m.maxEntries() {
+				errs = append(errs, capacityError(m, peak[i]+grow[i]).Error())
 			}
 		}
 		if len(errs) > 0 {
@@ -365,27 +236,14 @@ func admit(ms *mapSet, cur, want *table, frags map[model.ServicePortName]*fragme
 	return out, full
 }
 
-// fresh counts the keys of m in neither a nor b.
-func fresh[K comparable, V any](m, a, b map[K]V) int {
-	n := 0
-	for k := range m {
-		_, inA := a[k]
-		_, inB := b[k]
-		if !inA && !inB {
-			n++
-		}
-	}
-	return n
-}
-
 // shrank says whether writing want over cur deleted entries.
 func shrank(cur, want *table) bool {
-	return unionLen(want.services, cur.services) > len(want.services) ||
-		unionLen(want.info, cur.info) > len(want.info) ||
-		unionLen(want.slots, cur.slots) > len(want.slots) ||
-		unionLen(want.members, cur.members) > len(want.members) ||
-		unionLen(want.backends, cur.backends) > len(want.backends) ||
-		unionLen(want.sourceRanges, cur.sourceRanges) > len(want.sourceRanges)
+	for _, c := range columns {
+		if c.union(want, cur) > c.count(want) {
+			return true
+		}
+	}
+	return false
 }
 
 // syncChanges writes the entries of the ServicePorts s.Change names: old
@@ -473,13 +331,9 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		return err
 	}
 
-	replaceEntries(r.written.services, old.services, next.services)
-	replaceEntries(r.written.info, old.info, next.info)
-	replaceEntries(r.written.slots, old.slots, next.slots)
-	replaceEntries(r.written.members, old.members, next.members)
-	replaceEntries(r.written.backends, old.backends, next.backends)
-	replaceEntries(r.written.sourceRanges, old.sourceRanges, next.sourceRanges)
-	replaceEntries(r.written.clusterCIDRs, old.clusterCIDRs, next.clusterCIDRs)
+	for _, c := range columns {
+		c.replace(r.written, old, next)
+	}
 	for _, f := range removed {
 		delete(r.frags, f.name)
 		r.ids.services.forget(f.id)
@@ -520,12 +374,4 @@ func addOwnEntries(t *table, f *fragment) {
 	maps.Copy(t.slots, f.slots)
 	maps.Copy(t.members, f.members)
 	maps.Copy(t.sourceRanges, f.sourceRanges)
-}
-
-// replaceEntries makes dst, which held old, hold next instead.
-func replaceEntries[K comparable, V any](dst, old, next map[K]V) {
-	for k := range old {
-		delete(dst, k)
-	}
-	maps.Copy(dst, next)
 }

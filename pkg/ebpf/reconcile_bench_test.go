@@ -35,7 +35,7 @@ func benchState(n int) *model.State {
 func BenchmarkReconcile10k(b *testing.B) {
 	const n = 10000
 	setup := func(b *testing.B) (*reconciler, *model.State) {
-		rec := &reconciler{maps: fakeMaps(1<<20, nil)}
+		rec := &reconciler{maps: newFakeKernel(1 << 20).maps}
 		s := benchState(n)
 		if err := rec.sync(s); err != nil {
 			b.Fatal(err)
@@ -83,7 +83,7 @@ func BenchmarkReconcile10k(b *testing.B) {
 			var before, after runtime.MemStats
 			runtime.GC()
 			runtime.ReadMemStats(&before)
-			rec := &reconciler{maps: fakeMaps(1<<20, nil)}
+			rec := &reconciler{maps: newFakeKernel(1 << 20).maps}
 			if err := rec.sync(s); err != nil {
 				b.Fatal(err)
 			}

@@ -7,7 +7,6 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -19,95 +18,108 @@ import (
 
 var errInjected = errors.New("injected failure")
 
-// fakeMap is an in-memory BPF hash map: a capacity like max_entries (a new
-// key beyond it fails as the kernel's E2BIG does), writes that fail when
+// fakeKernel is the kernel as the reconciler sees it: one in-memory BPF
+// hash map per desired-state map, each with a capacity like max_entries (a
+// new key beyond it fails as the kernel's E2BIG does), writes that fail when
 // fail says so, and a hook that sees the maps after every write that took
 // effect.
-type fakeMap struct {
-	entries  map[any]any
+type fakeKernel struct {
+	maps     mapSet
 	capacity int
 	fail     func() bool
 	after    func()
+	reads    int      // how many times a map was iterated
+	clears   []func() // empty each map
+}
+
+func newFakeKernel(capacity int) *fakeKernel {
+	k := &fakeKernel{capacity: capacity}
+	for _, c := range columns {
+		k.maps = append(k.maps, c.(interface{ inFake(*fakeKernel) desiredMap }).inFake(k))
+	}
+	return k
+}
+
+func (c *column[K, V]) inFake(k *fakeKernel) desiredMap {
+	m := &fakeMap[K, V]{k: k, entries: map[K]V{}}
+	k.clears = append(k.clears, func() { clear(m.entries) })
+	return c.bind(k.capacity, m)
+}
+
+// checkDatapath makes every write check the datapath's invariant;
+// inconsistent returns the first violation since it was last called.
+func (k *fakeKernel) checkDatapath() (inconsistent func() error) {
+	var first error
+	k.after = func() {
+		if err := datapathConsistent(k.maps); err != nil && first == nil {
+			first = err
+		}
+	}
+	return func() error {
+		err := first
+		first = nil
+		return err
+	}
+}
+
+// fakeEntries are the entries of the fake map name, to change by hand.
+func fakeEntries[K, V comparable](k *fakeKernel, name string) map[K]V {
+	for _, m := range k.maps {
+		if m.info().name == name {
+			return m.(*tableMap[K, V]).m.(*fakeMap[K, V]).entries
+		}
+	}
+	panic("no map " + name)
+}
+
+type fakeMap[K comparable, V any] struct {
+	k       *fakeKernel
+	entries map[K]V
 }
 
 // Put writes the entries one by one, as the kernel's batch update does, and
 // stops at the first failure.
-func (f *fakeMap) Put(keys, values any) error {
-	ks, vs := reflect.ValueOf(keys), reflect.ValueOf(values)
-	for i := range ks.Len() {
-		if f.fail != nil && f.fail() {
+func (f *fakeMap[K, V]) Put(keys []K, values []V) error {
+	for i, key := range keys {
+		if f.k.fail != nil && f.k.fail() {
 			return errInjected
 		}
-		key := ks.Index(i).Interface()
-		if _, ok := f.entries[key]; !ok && len(f.entries) >= f.capacity {
+		if _, ok := f.entries[key]; !ok && len(f.entries) >= f.k.capacity {
 			return errors.New("map full")
 		}
-		f.entries[key] = vs.Index(i).Interface()
-		if f.after != nil {
-			f.after()
+		f.entries[key] = values[i]
+		if f.k.after != nil {
+			f.k.after()
 		}
 	}
 	return nil
 }
 
-func (f *fakeMap) Delete(keys any) error {
-	ks := reflect.ValueOf(keys)
-	for i := range ks.Len() {
-		if f.fail != nil && f.fail() {
+func (f *fakeMap[K, V]) Delete(keys []K) error {
+	for _, key := range keys {
+		if f.k.fail != nil && f.k.fail() {
 			return errInjected
 		}
-		delete(f.entries, ks.Index(i).Interface())
-		if f.after != nil {
-			f.after()
+		delete(f.entries, key)
+		if f.k.after != nil {
+			f.k.after()
 		}
 	}
 	return nil
 }
 
-func (f *fakeMap) Iterate() entryIterator {
-	it := &fakeIterator{}
+func (f *fakeMap[K, V]) Iterate(fn func(K, V)) error {
+	f.k.reads++
 	for k, v := range f.entries {
-		it.keys = append(it.keys, k)
-		it.values = append(it.values, v)
+		fn(k, v)
 	}
-	return it
-}
-
-type fakeIterator struct {
-	keys, values []any
-}
-
-func (it *fakeIterator) Next(key, value any) bool {
-	if len(it.keys) == 0 {
-		return false
-	}
-	reflect.ValueOf(key).Elem().Set(reflect.ValueOf(it.keys[0]))
-	reflect.ValueOf(value).Elem().Set(reflect.ValueOf(it.values[0]))
-	it.keys, it.values = it.keys[1:], it.values[1:]
-	return true
-}
-
-func (it *fakeIterator) Err() error { return nil }
-
-func fakeMaps(capacity int, fail func() bool) *mapSet {
-	sized := func(name, flag string) sizedMap {
-		return sizedMap{name: name, flag: flag, capacity: capacity, m: &fakeMap{entries: map[any]any{}, capacity: capacity, fail: fail}}
-	}
-	return &mapSet{
-		services:     sized("svcnat_services", "--bpf-map-max-services"),
-		info:         sized("svcnat_svc_info", "--bpf-map-max-services"),
-		slots:        sized("svcnat_slots", "--bpf-map-max-backends"),
-		members:      sized("svcnat_members", "--bpf-map-max-backends"),
-		backends:     sized("svcnat_backends", "--bpf-map-max-backends"),
-		sourceRanges: sized("svcnat_source_ranges", "--bpf-map-max-services"),
-		clusterCIDRs: sized("svcnat_cluster_cidrs", ""),
-	}
+	return nil
 }
 
 // datapathConsistent checks what the BPF programs rely on, at any instant:
 // every frontend's count covers slots that exist and name backends that
 // exist and are members.
-func datapathConsistent(ms *mapSet) error {
+func datapathConsistent(ms mapSet) error {
 	t, err := readTable(ms)
 	if err != nil {
 		return err
@@ -135,16 +147,10 @@ func TestReconcilerConvergesDespiteWriteFailures(t *testing.T) {
 	for seed := range uint64(20) {
 		r := rand.New(rand.NewPCG(seed, 2))
 		failing := false
-		ms := fakeMaps(1<<20, func() bool { return failing && r.IntN(100) < 5 })
-		var inconsistent error
-		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
-			sm.m.(*fakeMap).after = func() {
-				if err := datapathConsistent(ms); err != nil && inconsistent == nil {
-					inconsistent = err
-				}
-			}
-		}
-		rec := &reconciler{maps: ms}
+		k := newFakeKernel(1 << 20)
+		k.fail = func() bool { return failing && r.IntN(100) < 5 }
+		inconsistent := k.checkDatapath()
+		rec := &reconciler{maps: k.maps}
 		for step := range 8 {
 			want := randomState(r, r.IntN(25))
 			failing = true
@@ -160,11 +166,11 @@ func TestReconcilerConvergesDespiteWriteFailures(t *testing.T) {
 			if err != nil {
 				t.Fatalf("seed %d step %d: no success in 300 attempts: %v", seed, step, err)
 			}
-			if inconsistent != nil {
-				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, inconsistent)
+			if err := inconsistent(); err != nil {
+				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, err)
 			}
 			failing = false
-			got, err := readTable(ms)
+			got, err := readTable(k.maps)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -182,8 +188,9 @@ func TestReconcilerConvergesDespiteWriteFailures(t *testing.T) {
 
 func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 	writes := 0
-	ms := fakeMaps(1<<20, func() bool { writes++; return false })
-	rec := &reconciler{maps: ms}
+	k := newFakeKernel(1 << 20)
+	k.fail = func() bool { writes++; return false }
+	rec := &reconciler{maps: k.maps}
 	s := randomState(rand.New(rand.NewPCG(3, 3)), 50)
 	if err := rec.sync(s); err != nil {
 		t.Fatal(err)
@@ -208,24 +215,22 @@ func TestReconcilerWritesOnlyTheDifference(t *testing.T) {
 }
 
 func TestReconcilerRestartAdoptsNumbers(t *testing.T) {
-	ms := fakeMaps(1<<20, nil)
+	k := newFakeKernel(1 << 20)
 	s := randomState(rand.New(rand.NewPCG(4, 4)), 20)
-	if err := (&reconciler{maps: ms}).sync(s); err != nil {
+	if err := (&reconciler{maps: k.maps}).sync(s); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := readTable(ms)
+	before, _ := readTable(k.maps)
 	writes := 0
-	for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
-		sm.m.(*fakeMap).fail = func() bool { writes++; return false }
-	}
+	k.fail = func() bool { writes++; return false }
 	// A new reconciler, as after an agent restart, finds everything in place.
-	if err := (&reconciler{maps: ms}).sync(s); err != nil {
+	if err := (&reconciler{maps: k.maps}).sync(s); err != nil {
 		t.Fatal(err)
 	}
 	if writes != 0 {
 		t.Errorf("restarted reconciler made %d writes for an unchanged state, want 0", writes)
 	}
-	after, _ := readTable(ms)
+	after, _ := readTable(k.maps)
 	if !after.equal(before) {
 		t.Error("restarted reconciler changed the maps")
 	}
@@ -236,8 +241,8 @@ func TestReconcilerRestartAdoptsNumbers(t *testing.T) {
 // fail alone, named in dataplane.PortErrors with the flag to raise, and hold
 // nothing; once the state shrinks they are all programmed again.
 func TestReconcilerCapacity(t *testing.T) {
-	ms := fakeMaps(40, nil)
-	rec := &reconciler{maps: ms}
+	k := newFakeKernel(40)
+	rec := &reconciler{maps: k.maps}
 	small := randomState(rand.New(rand.NewPCG(5, 5)), 5)
 	if err := rec.sync(small); err != nil {
 		t.Fatal(err)
@@ -266,24 +271,19 @@ func TestReconcilerCapacity(t *testing.T) {
 			programmed.ServicePorts[name] = sp
 		}
 	}
-	got, err := readTable(ms)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dumped, err := decode(got)
+	dumped, err := readState(k.maps)
 	if err != nil {
 		t.Fatal(err)
 	}
 	statesEqual(t, programmed, dumped)
-	if err := datapathConsistent(ms); err != nil {
+	if err := datapathConsistent(k.maps); err != nil {
 		t.Fatal(err)
 	}
 	// The reconciler still works afterwards.
 	if err := rec.sync(small); err != nil {
 		t.Fatal(err)
 	}
-	got, _ = readTable(ms)
-	dumped, err = decode(got)
+	dumped, err = readState(k.maps)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,25 +362,18 @@ func uniqueAddr(f model.Family) netip.Addr {
 func TestReconcilerIncremental(t *testing.T) {
 	for seed := range uint64(10) {
 		r := rand.New(rand.NewPCG(seed, 9))
-		ms := fakeMaps(1<<20, nil)
-		var inconsistent error
-		for _, sm := range []sizedMap{ms.services, ms.info, ms.slots, ms.members, ms.backends, ms.sourceRanges, ms.clusterCIDRs} {
-			sm.m.(*fakeMap).after = func() {
-				if err := datapathConsistent(ms); err != nil && inconsistent == nil {
-					inconsistent = err
-				}
-			}
-		}
-		rec := &reconciler{maps: ms}
+		k := newFakeKernel(1 << 20)
+		inconsistent := k.checkDatapath()
+		rec := &reconciler{maps: k.maps}
 		s := randomState(r, 30)
 		for step := range 40 {
 			if err := rec.sync(s); err != nil {
 				t.Fatalf("seed %d step %d: %v", seed, step, err)
 			}
-			if inconsistent != nil {
-				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, inconsistent)
+			if err := inconsistent(); err != nil {
+				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, err)
 			}
-			got, err := readTable(ms)
+			got, err := readTable(k.maps)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -416,26 +409,27 @@ func TestReconcilerIncremental(t *testing.T) {
 // TestReconcilerRepairsDrift: a sync that changes nothing (the periodic
 // one) reads the maps back and rewrites entries deleted or changed by hand.
 func TestReconcilerRepairsDrift(t *testing.T) {
-	ms := fakeMaps(1<<20, nil)
-	rec := &reconciler{maps: ms}
+	k := newFakeKernel(1 << 20)
+	rec := &reconciler{maps: k.maps}
 	s := randomState(rand.New(rand.NewPCG(7, 7)), 20)
 	if err := rec.sync(s); err != nil {
 		t.Fatal(err)
 	}
-	want, _ := readTable(ms)
-	services, slots := ms.services.m.(*fakeMap), ms.slots.m.(*fakeMap)
-	for k := range services.entries {
-		delete(services.entries, k)
+	want, _ := readTable(k.maps)
+	services := fakeEntries[svcnatSvcKey, svcnatSvcValue](k, svcnatMapSvcnatServices)
+	slots := fakeEntries[svcnatSlotKey, uint32](k, svcnatMapSvcnatSlots)
+	for key := range services {
+		delete(services, key)
 		break
 	}
-	for k, v := range slots.entries {
-		slots.entries[k] = v.(uint32) + 1000
+	for key, v := range slots {
+		slots[key] = v + 1000
 		break
 	}
 	if err := rec.sync(s); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := readTable(ms)
+	got, _ := readTable(k.maps)
 	if !got.equal(want) {
 		t.Fatal("a sync without changes left a deleted frontend and a changed slot as they were")
 	}
@@ -446,19 +440,14 @@ func TestReconcilerRepairsDrift(t *testing.T) {
 // the maps), and the failure is reported every time; once capacity frees
 // up, it is programmed.
 func TestReconcilerFailedStayIncremental(t *testing.T) {
-	ms := fakeMaps(40, nil)
-	rec := &reconciler{maps: ms}
+	k := newFakeKernel(40)
+	rec := &reconciler{maps: k.maps}
 	s := randomState(rand.New(rand.NewPCG(6, 6)), 60)
 	var failed dataplane.PortErrors
 	if err := rec.sync(s); !errors.As(err, &failed) {
 		t.Fatalf("first sync: %v, want PortErrors", err)
 	}
-	reads := 0
-	ms2 := *ms
-	for _, p := range []*sizedMap{&ms2.services, &ms2.info, &ms2.slots, &ms2.members, &ms2.backends, &ms2.sourceRanges, &ms2.clusterCIDRs} {
-		p.m = countingMap{p.m.(*fakeMap), &reads}
-	}
-	rec.maps = &ms2
+	k.reads = 0
 	// Change one programmed ServicePort: a policy flip.
 	prev := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
 	for _, sp := range s.Sorted() {
@@ -473,8 +462,8 @@ func TestReconcilerFailedStayIncremental(t *testing.T) {
 	if err := rec.sync(conformance.WithChange(prev, s)); !errors.As(err, &again) || len(again) != len(failed) {
 		t.Fatalf("incremental sync: %v, want the same %d PortErrors", err, len(failed))
 	}
-	if reads != 0 {
-		t.Errorf("an incremental sync beside a failed ServicePort read the maps %d times", reads)
+	if k.reads != 0 {
+		t.Errorf("an incremental sync beside a failed ServicePort read the maps %d times", k.reads)
 	}
 	// Remove every programmed ServicePort: the failed ones fit now.
 	prev = &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
@@ -489,29 +478,17 @@ func TestReconcilerFailedStayIncremental(t *testing.T) {
 	}
 }
 
-// countingMap counts iterations of a fake map.
-type countingMap struct {
-	*fakeMap
-	reads *int
-}
-
-func (c countingMap) Iterate() entryIterator {
-	*c.reads++
-	return c.fakeMap.Iterate()
-}
-
 // TestReconcilerStartsOverGarbage: an agent starting over a Service info
 // entry that does not decode (written by hand) programs the state and
 // deletes the entry, instead of failing every sync.
 func TestReconcilerStartsOverGarbage(t *testing.T) {
-	ms := fakeMaps(1<<20, nil)
-	ms.info.m.(*fakeMap).entries[uint32(7)] = svcnatSvcInfo{Family: 9}
+	k := newFakeKernel(1 << 20)
+	fakeEntries[uint32, svcnatSvcInfo](k, svcnatMapSvcnatSvcInfo)[7] = svcnatSvcInfo{Family: 9}
 	s := randomState(rand.New(rand.NewPCG(8, 8)), 5)
-	if err := (&reconciler{maps: ms}).sync(s); err != nil {
+	if err := (&reconciler{maps: k.maps}).sync(s); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := readTable(ms)
-	dumped, err := decode(got)
+	dumped, err := readState(k.maps)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -45,47 +45,88 @@ static __always_inline enum lb_verdict lb_empty(const struct svc_value *sv)
 }
 
 /*
- * lb_member returns endpoint backend_id when it is in set of Service port id
- * (whatever its slot), NULL otherwise.
+ * lb_member copies endpoint backend_id to out when it is in set of Service
+ * port id (whatever its slot) and returns 1; 0 otherwise. Every function
+ * here copies an endpoint to the caller's stack as soon as it is found, and
+ * reads a map value once: a hash map element that an update replaced can be
+ * reused for another key at once, under a reader still holding it.
  */
-static __always_inline struct backend *lb_member(__u32 id, __u8 set, __u32 backend_id)
+static __always_inline int lb_member(__u32 id, __u8 set, __u32 backend_id, struct backend *out)
 {
 	struct member_key mk = { .id = id, .backend_id = backend_id, .set = set };
+	struct backend *b;
 
 	if (!backend_id || !bpf_map_lookup_elem(&svcnat_members, &mk))
 		return 0;
-	return bpf_map_lookup_elem(&svcnat_backends, &backend_id);
+	b = bpf_map_lookup_elem(&svcnat_backends, &backend_id);
+	if (!b)
+		return 0;
+	*out = *b;
+	return 1;
 }
 
 /*
- * lb_slot returns the endpoint in slot of set and its id, or NULL when a
- * write in progress has just removed the slot or its backend (a reader that
- * loaded the old count).
+ * lb_slot copies the endpoint in slot of set of Service port id to out and
+ * its id to backend_id, and returns 1; 0 when the set has no endpoint any
+ * more.
+ *
+ * A reader that loaded a frontend's count just before a write shrank it
+ * can pick a slot the write has deleted since, or a slot whose backend it
+ * has deleted. It then takes slot 0 of the same set instead: slot 0 exists
+ * whenever the set has an endpoint, because the agent writes slots before
+ * the count that covers them and deletes them only after the count that no
+ * longer does (pkg/ebpf/reconcile.go, apply), and deletes a backend only
+ * after no slot names it. So only a set that really emptied misses twice,
+ * and its frontend then rejects. Slot 0 rather than a fresh lookup of the
+ * frontend and a new random slot below its new count: that needs the
+ * frontend's key here and one more lookup, and can miss again under the
+ * next write; slot 0 needs neither. The cost: the readers racing a write
+ * (nanoseconds, or a preempted hook) all go to slot 0's endpoint, and one
+ * racing a frontend given to another Service port still refuses.
+ *
+ * A global function: the verifier checks it once, not again on every path
+ * of the caller that reaches it (the retry doubles them: 30,000 -> 71,000
+ * instructions per connect hook when inline).
  */
-static __always_inline struct backend *lb_slot(__u32 id, __u8 set, __u16 slot, __u32 *backend_id)
+__attribute__((noinline)) int lb_slot(__u32 id, __u32 set, __u32 slot, struct backend *out, __u32 *backend_id)
 {
 	struct slot_key sk = { .id = id, .slot = slot, .set = set };
-	__u32 *bid = bpf_map_lookup_elem(&svcnat_slots, &sk);
 
-	if (!bid)
+	if (!out || !backend_id) /* the verifier checks a global function for any pointers */
 		return 0;
-	*backend_id = *bid;
-	return bpf_map_lookup_elem(&svcnat_backends, bid);
+	for (int try = 0; try < 2; try++) {
+		__u32 *v = bpf_map_lookup_elem(&svcnat_slots, &sk);
+		struct backend *b;
+		__u32 bid;
+
+		if (v) {
+			bid = *v;
+			b = bpf_map_lookup_elem(&svcnat_backends, &bid);
+			if (b) {
+				*out = *b;
+				*backend_id = bid;
+				return 1;
+			}
+		}
+		sk.slot = 0;
+	}
+	return 0;
 }
 
 /*
- * lb_affinity returns the endpoint client ak was sent to last when session
- * affinity holds: within the timeout, and the endpoint still a member of set
- * (an endpoint removed from the Service is never reached again; adding or
- * removing others does not matter). touch refreshes the entry's last use
- * (0 for a trace, which changes nothing).
+ * lb_affinity copies to out the endpoint client ak was sent to last, and its
+ * id to backend_id, and returns 1 when session affinity holds: within the
+ * timeout, and the endpoint still a member of set (an endpoint removed from
+ * the Service is never reached again; adding or removing others does not
+ * matter); 0 otherwise. touch refreshes the entry's last use (0 for a
+ * trace, which changes nothing), before the membership check: an entry
+ * whose endpoint left is overwritten by the new choice anyway.
  */
-static __always_inline struct backend *lb_affinity(const struct svc_value *sv, __u8 set,
-						   struct affinity_key *ak, __u64 now, __u32 *backend_id,
-						   int touch)
+static __always_inline int lb_affinity(const struct svc_value *sv, __u8 set, struct affinity_key *ak,
+				       __u64 now, struct backend *out, __u32 *backend_id, int touch)
 {
 	struct affinity_value *av;
-	struct backend *b;
+	__u32 bid;
 
 	if (!sv->affinity_timeout)
 		return 0;
@@ -93,13 +134,13 @@ static __always_inline struct backend *lb_affinity(const struct svc_value *sv, _
 	av = bpf_map_lookup_elem(&svcnat_affinity, ak);
 	if (!av || av->set != set || now - av->last_used > (__u64)sv->affinity_timeout * NSEC_PER_SEC)
 		return 0;
-	b = lb_member(sv->id, set, av->backend_id);
-	if (b) {
-		if (touch)
-			av->last_used = now;
-		*backend_id = av->backend_id;
-	}
-	return b;
+	bid = av->backend_id;
+	if (touch)
+		av->last_used = now;
+	if (!lb_member(sv->id, set, bid, out))
+		return 0;
+	*backend_id = bid;
+	return 1;
 }
 
 /* lb_pin records that client ak was sent to endpoint backend_id. */
@@ -157,7 +198,8 @@ __attribute__((noinline)) int count_connection(__u32 id, __u32 backend_id)
  * key, not through the helpers above: the tc programs have no stack to
  * spare. slot is SVCNAT_LB_LIVE for live traffic; a trace (trace.h) names
  * the slot to take instead of a random one, learns in *pinned whether
- * affinity chose, and writes nothing.
+ * affinity chose, and writes nothing. A slot a concurrent write removed
+ * gives slot 0 (lb_slot), as on the socket path.
  */
 static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u8 set,
 						 struct affinity_key *ak, struct backend *out,
@@ -165,13 +207,11 @@ static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u
 {
 	__u16 count = lb_count(sv, set);
 	union {
-		struct slot_key sk;
 		struct member_key mk;
 		struct affinity_value nv;
 	} k;
 	struct affinity_value *av;
 	struct backend *b;
-	__u32 *bid;
 	__u64 now;
 	int live = slot == SVCNAT_LB_LIVE;
 
@@ -183,33 +223,26 @@ static __always_inline enum lb_verdict lb_select(const struct svc_value *sv, __u
 		av = bpf_map_lookup_elem(&svcnat_affinity, ak);
 		if (av && av->set == set &&
 		    now - av->last_used <= (__u64)sv->affinity_timeout * NSEC_PER_SEC) {
-			k.mk = (struct member_key){ .id = sv->id, .backend_id = av->backend_id, .set = set };
+			*backend_id = av->backend_id;
+			if (live)
+				av->last_used = now;
+			k.mk = (struct member_key){ .id = sv->id, .backend_id = *backend_id, .set = set };
 			b = bpf_map_lookup_elem(&svcnat_members, &k.mk) ?
-				    bpf_map_lookup_elem(&svcnat_backends, &av->backend_id) : 0;
+				    bpf_map_lookup_elem(&svcnat_backends, backend_id) : 0;
 			if (b) {
-				if (live)
-					av->last_used = now;
-				else
-					*pinned = 1;
 				*out = *b;
-				*backend_id = av->backend_id;
+				if (!live)
+					*pinned = 1;
 				return LB_FORWARD;
 			}
 		}
 	}
 	if (live)
 		slot = bpf_get_prandom_u32();
-	k.sk = (struct slot_key){ .id = sv->id, .slot = slot % count, .set = set };
-	bid = bpf_map_lookup_elem(&svcnat_slots, &k.sk);
-	if (!bid)
-		return LB_REJECT; /* a write in progress; refuse rather than guess */
-	b = bpf_map_lookup_elem(&svcnat_backends, bid);
-	if (!b)
-		return LB_REJECT;
-	*out = *b;
-	*backend_id = *bid;
+	if (!lb_slot(sv->id, set, slot % count, out, backend_id))
+		return LB_REJECT; /* the set emptied while we read it */
 	if (sv->affinity_timeout && live) {
-		k.nv = (struct affinity_value){ .last_used = now, .backend_id = *bid, .set = set };
+		k.nv = (struct affinity_value){ .last_used = now, .backend_id = *backend_id, .set = set };
 		bpf_map_update_elem(&svcnat_affinity, ak, &k.nv, BPF_ANY);
 	}
 	return LB_FORWARD;

@@ -68,31 +68,23 @@ __attribute__((noinline)) int sock_backend_taken(struct sock_state *st, const st
 }
 
 /*
- * sock_pick chooses a random endpoint of set, preferring one that no other
- * frontend of this socket uses; NULL when a write in progress removed the
- * slot it read.
+ * sock_pick copies to out a random endpoint of set, preferring one that no
+ * other frontend of this socket uses (else the last one tried), and returns
+ * 1; 0 when the set has no endpoint any more (lb_slot).
  */
-static __always_inline struct backend *sock_pick(struct sock_state *st, const struct svc_key *key,
-						 const struct svc_value *sv, __u8 set, __u16 count,
-						 __u32 *backend_id)
+static __always_inline int sock_pick(struct sock_state *st, const struct svc_key *key,
+				     const struct svc_value *sv, __u8 set, __u16 count,
+				     struct backend *out, __u32 *backend_id)
 {
 	__u32 r = bpf_get_prandom_u32();
-	struct backend *first = 0, *b;
-	__u32 first_id = 0;
 
 	for (int i = 0; i <= SVCNAT_SOCK_PEERS && i < count; i++) {
-		b = lb_slot(sv->id, set, (r + i) % count, backend_id);
-		if (!b)
+		if (!lb_slot(sv->id, set, (r + i) % count, out, backend_id))
 			return 0;
-		if (!st || !sock_backend_taken(st, key, b))
-			return b;
-		if (!first) {
-			first = b;
-			first_id = *backend_id;
-		}
+		if (!st || !sock_backend_taken(st, key, out))
+			break;
 	}
-	*backend_id = first_id;
-	return first;
+	return 1;
 }
 
 /*
@@ -100,9 +92,8 @@ static __always_inline struct backend *sock_pick(struct sock_state *st, const st
  * endpoint: the one this socket used for key while it is still a member
  * (an unconnected UDP socket sticks to its endpoint, as conntrack makes it
  * under kube-proxy), else the one session affinity names, else a random
- * one. It records the choice in the socket's storage for the reverse
- * translation. A slot that a concurrent write removed makes it read the
- * frontend again, once.
+ * one (slot 0 when a concurrent write removed the slot: lb_slot). It
+ * records the choice in the socket's storage for the reverse translation.
  */
 static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 				 struct backend *out)
@@ -110,12 +101,12 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	struct affinity_key ak = { .origin = SVCNAT_AFFINITY_NETNS };
 	struct sock_peer *peer = 0;
 	struct sock_state *st;
-	struct backend *b = 0;
 	struct svc_value sv, *p;
 	__u32 bid = 0;
-	__u16 count = 0;
+	__u16 count;
 	__u64 now, netns;
-	__u8 set = 0;
+	__u8 set;
+	int found = 0;
 
 	p = bpf_map_lookup_elem(&svcnat_services, key);
 	if (!p)
@@ -127,35 +118,22 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	netns = bpf_get_netns_cookie(ctx);
 	__builtin_memcpy(ak.client, &netns, sizeof(netns));
 	now = bpf_ktime_get_ns();
-	for (int try = 0; try < 2; try++) {
-		/* Sockets on the node (host and pods) are never external clients. */
-		set = lb_set(&sv, 0);
-		count = lb_count(&sv, set);
-		if (count == 0)
-			return lb_empty(&sv);
-		if (peer && peer->id == sv.id) {
-			bid = peer->backend_id;
-			b = lb_member(sv.id, set, bid);
-			if (!b)
-				b = lb_member(sv.id, SVCNAT_SET_SERVING, bid);
-		}
-		if (!b)
-			b = lb_affinity(&sv, set, &ak, now, &bid, 1);
-		if (!b) {
-			b = sock_pick(st, key, &sv, set, count, &bid);
-			if (b)
-				lb_pin(&sv, set, &ak, now, bid);
-		}
-		if (b)
-			break;
-		p = bpf_map_lookup_elem(&svcnat_services, key);
-		if (!p)
-			return NOT_A_SERVICE;
-		sv = *p;
+	/* Sockets on the node (host and pods) are never external clients. */
+	set = lb_set(&sv, 0);
+	count = lb_count(&sv, set);
+	if (count == 0)
+		return lb_empty(&sv);
+	if (peer && peer->id == sv.id) {
+		bid = peer->backend_id;
+		found = lb_member(sv.id, set, bid, out) || lb_member(sv.id, SVCNAT_SET_SERVING, bid, out);
 	}
-	if (!b)
-		return LB_REJECT;
-	*out = *b;
+	if (!found)
+		found = lb_affinity(&sv, set, &ak, now, out, &bid, 1);
+	if (!found) {
+		if (!sock_pick(st, key, &sv, set, count, out, &bid))
+			return LB_REJECT; /* the set emptied while we read it */
+		lb_pin(&sv, set, &ak, now, bid);
+	}
 	if (!st || (peer && peer->id == sv.id && peer->backend_id == bid))
 		return LB_FORWARD;
 	if (!peer) {
@@ -166,8 +144,8 @@ static __always_inline int xlate(struct bpf_sock_addr *ctx, struct svc_key *key,
 	}
 	__builtin_memcpy(peer->frontend, key->addr, 16);
 	peer->frontend_port = key->port;
-	__builtin_memcpy(peer->backend, b->addr, 16);
-	peer->backend_port = b->port;
+	__builtin_memcpy(peer->backend, out->addr, 16);
+	peer->backend_port = out->port;
 	peer->id = sv.id;
 	peer->backend_id = bid;
 	/* The socket's first translation to this endpoint: a new connection. */

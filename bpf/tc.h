@@ -597,7 +597,7 @@ static __always_inline int flow_exists(struct __sk_buff *skb, const struct pkt *
 static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
 {
 	struct svc_key sk = {};
-	struct svc_value *sv;
+	struct svc_value sv, *v;
 	struct pkt p = {};
 	int trace = is_trace(skb);
 
@@ -616,27 +616,28 @@ static __always_inline int ingress(struct __sk_buff *skb, __u32 l3off)
 	__builtin_memcpy(sk.addr, p.daddr, 16);
 	sk.port = p.dport;
 	sk.proto = p.proto;
-	sv = bpf_map_lookup_elem(&svcnat_services, &sk);
-	if (!sv) {
+	v = bpf_map_lookup_elem(&svcnat_services, &sk);
+	if (!v) {
 		if (trace)
 			return trace_out(skb, TRACE_NOT_SERVICE, 0, 0, 0, 0, 0, 0);
 		return SVCNAT_TCX_NEXT;
 	}
+	sv = *v; /* read once: an element an update replaced can be reused at once */
 	if (!trace)
-		counter_add(sv->id, 0, 0, 1, skb->len - l3off);
+		counter_add(sv.id, 0, 0, 1, skb->len - l3off);
 	if (flow_exists(skb, &p, trace)) {
 		if (trace)
-			return trace_out(skb, TRACE_FLOW_EXISTS, 0, 0, 0, 0, sv->id, 0);
+			return trace_out(skb, TRACE_FLOW_EXISTS, 0, 0, 0, 0, sv.id, 0);
 		return SVCNAT_TCX_NEXT;
 	}
 	/* A TCP flow starts with a SYN; anything else without a flow goes to
 	 * the stack, which answers a NodePort's with a reset. */
 	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
 		if (trace)
-			return trace_out(skb, TRACE_NOT_SYN, 0, 0, 0, 0, sv->id, 0);
+			return trace_out(skb, TRACE_NOT_SYN, 0, 0, 0, 0, sv.id, 0);
 		return SVCNAT_TCX_NEXT;
 	}
-	return new_flow(skb, &p, sv);
+	return new_flow(skb, &p, &sv);
 }
 
 /* For Ethernet devices. */

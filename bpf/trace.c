@@ -20,7 +20,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
  * svcnat_trace_connect follows xlate() (sock.h) for a socket without
  * storage (a new one): the endpoint set for traffic from the node, the
  * verdict without endpoints, the endpoint affinity names for the client's
- * network namespace (not refreshed), else the endpoint in slot c->slot.
+ * network namespace (not refreshed), else the endpoint in slot c->slot
+ * (slot 0 when a concurrent write removed it, as the hooks take).
  */
 SEC("syscall")
 int svcnat_trace_connect(struct trace_connect *c)
@@ -28,35 +29,33 @@ int svcnat_trace_connect(struct trace_connect *c)
 	struct affinity_key ak = { .origin = SVCNAT_AFFINITY_NETNS };
 	struct svc_key key = c->key;
 	__u64 netns = c->netns_cookie;
-	struct svc_value *sv;
-	struct backend *b;
+	struct svc_value sv, *p;
+	struct backend b;
 	__u32 bid = 0;
 	__u16 count;
 	__u8 set;
 
-	sv = bpf_map_lookup_elem(&svcnat_services, &key);
-	if (!sv) {
+	p = bpf_map_lookup_elem(&svcnat_services, &key);
+	if (!p) {
 		c->verdict = TRACE_NOT_SERVICE;
 		return 0;
 	}
-	c->id = sv->id;
+	sv = *p;
+	c->id = sv.id;
 	/* Sockets on the node (host and pods) are never external clients. */
-	set = lb_set(sv, 0);
-	count = lb_count(sv, set);
+	set = lb_set(&sv, 0);
+	count = lb_count(&sv, set);
 	c->set = set;
 	c->count = count;
 	if (count == 0) {
-		c->verdict = lb_empty(sv) == LB_REJECT ? TRACE_REJECT : TRACE_NO_LOCAL;
+		c->verdict = lb_empty(&sv) == LB_REJECT ? TRACE_REJECT : TRACE_NO_LOCAL;
 		return 0;
 	}
 	__builtin_memcpy(ak.client, &netns, sizeof(netns));
-	b = lb_affinity(sv, set, &ak, bpf_ktime_get_ns(), &bid, 0);
-	if (b)
+	if (lb_affinity(&sv, set, &ak, bpf_ktime_get_ns(), &b, &bid, 0))
 		c->pinned = 1;
-	else
-		b = lb_slot(sv->id, set, c->slot % count, &bid);
-	if (!b) {
-		c->verdict = TRACE_REJECT; /* a write in progress removed the slot */
+	else if (!lb_slot(sv.id, set, c->slot % count, &b, &bid)) {
+		c->verdict = TRACE_REJECT; /* the set emptied while we read it */
 		return 0;
 	}
 	c->backend_id = bid;

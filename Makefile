@@ -27,8 +27,14 @@ votingapp: ## build the voting app's programs (examples/voting-app, its own modu
 setup: ## install Debian packages, mount bpffs, build the Kubernetes binaries of the test bed (root)
 	scripts/setup.sh
 
+# The clang that compiles bpf/ (make generate CLANG=clang-17 to try another;
+# the committed objects are clang-16's), and the multiarch directory of the
+# host's uapi headers (<asm/types.h>; x86_64-linux-gnu on Debian amd64).
+CLANG     ?= clang-16
+MULTIARCH ?= $(shell $(CLANG) -print-multiarch 2>/dev/null || dpkg-architecture -qDEB_HOST_MULTIARCH)
+
 generate: ## regenerate the eBPF objects and bindings (needs clang-16)
-	$(GO) generate ./pkg/ebpf/...
+	BPF2GO_CC=$(CLANG) BPF2GO_CFLAGS=-I/usr/include/$(MULTIARCH) $(GO) generate ./pkg/ebpf/...
 
 check-generated: generate ## fail if the committed eBPF objects differ from their sources
 	@git diff --exit-code --stat -- pkg/ebpf || { echo "committed eBPF objects are stale: run make generate and commit"; exit 1; }

@@ -15,3 +15,14 @@
 #include "sock.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+/*
+ * Never called: its parameters bring svcnat.h's enums into the object's BTF,
+ * which holds only the types something emitted refers to, so that bpf2go
+ * -type generates them as Go constants for pkg/ebpf.
+ */
+static __attribute__((used)) int svcnat_enums(enum frontend_kind k, enum svc_flag f, enum endpoint_set s,
+					      enum backend_flag b, enum ct_mark m)
+{
+	return k + f + s + b + m;
+}

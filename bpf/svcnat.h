@@ -14,28 +14,41 @@
 
 #include <linux/types.h>
 
+/*
+ * Values pkg/ebpf uses too are enums, not #defines, so that they reach the
+ * BTF and bpf2go -type generates them: one definition for both sides.
+ */
+
 /* Frontend kinds (svc_value.kind), as model.FrontendKind. */
-#define SVCNAT_KIND_CLUSTER_IP 1
-#define SVCNAT_KIND_NODE_PORT 2
-#define SVCNAT_KIND_EXTERNAL_IP 3
-#define SVCNAT_KIND_LOAD_BALANCER 4
+enum frontend_kind {
+	SVCNAT_KIND_CLUSTER_IP = 1,
+	SVCNAT_KIND_NODE_PORT = 2,
+	SVCNAT_KIND_EXTERNAL_IP = 3,
+	SVCNAT_KIND_LOAD_BALANCER = 4,
+};
 
 /* svc_value.flags */
-#define SVCNAT_F_INTERNAL_LOCAL 0x1 /* internalTrafficPolicy: Local */
-#define SVCNAT_F_EXTERNAL_LOCAL 0x2 /* externalTrafficPolicy: Local */
-#define SVCNAT_F_SOURCE_RANGES 0x4  /* loadBalancerSourceRanges set: see source_ranges */
+enum svc_flag {
+	SVCNAT_F_INTERNAL_LOCAL = 0x1, /* internalTrafficPolicy: Local */
+	SVCNAT_F_EXTERNAL_LOCAL = 0x2, /* externalTrafficPolicy: Local */
+	SVCNAT_F_SOURCE_RANGES = 0x4,  /* loadBalancerSourceRanges set: see source_ranges */
+};
 
 /* Endpoint sets (slot_key.set). */
-#define SVCNAT_SET_CLUSTER 0
-#define SVCNAT_SET_LOCAL 1
-/* Memberships only (no slots): the endpoints of a UDP Service port that
- * still serve, terminating ones included. An unconnected UDP socket keeps
- * such an endpoint until it stops serving, as kube-proxy keeps the
- * conntrack entry of a flow to it. */
-#define SVCNAT_SET_SERVING 2
+enum endpoint_set {
+	SVCNAT_SET_CLUSTER = 0,
+	SVCNAT_SET_LOCAL = 1,
+	/* Memberships only (no slots): the endpoints of a UDP Service port that
+	 * still serve, terminating ones included. An unconnected UDP socket keeps
+	 * such an endpoint until it stops serving, as kube-proxy keeps the
+	 * conntrack entry of a flow to it. */
+	SVCNAT_SET_SERVING = 2,
+};
 
 /* backend.flags */
-#define SVCNAT_BACKEND_LOCAL 0x1 /* the endpoint runs on this node */
+enum backend_flag {
+	SVCNAT_BACKEND_LOCAL = 0x1, /* the endpoint runs on this node */
+};
 
 /* affinity_key.origin */
 #define SVCNAT_AFFINITY_NETNS 0  /* client is a network namespace cookie (socket hooks) */
@@ -193,7 +206,12 @@ struct counter_value {
  * (and SNAT when masquerading), and mark it so that the agent can tell
  * svcnat's flows from others (SVCNAT_CT_MARK under SVCNAT_CT_MARK_MASK).
  */
-#define SVCNAT_CT_MARK 0x53760000
+enum ct_mark {
+	SVCNAT_CT_MARK = 0x53760000,
+};
+/* Outside the range of an enum (int): a #define, copied by pkg/ebpf, whose
+ * TestCTMarkMaskMatchesC reads it from this file. The datapath does not use
+ * it; the agent's nftables and iptables rules match the mark under it. */
 #define SVCNAT_CT_MARK_MASK 0xffff0000
 
 /* Counters of the tc programs (svcnat_tc_stats index), as the agent's

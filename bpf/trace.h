@@ -23,8 +23,10 @@
 
 #include "lb.h"
 
-#define SVCNAT_TRACE_MARK 0x53767472  /* "Svtr" */
-#define SVCNAT_TRACE_MAGIC 0x74726163 /* "trac" */
+enum trace_mark {
+	SVCNAT_TRACE_MARK = 0x53767472,  /* "Svtr" */
+	SVCNAT_TRACE_MAGIC = 0x74726163, /* "trac" */
+};
 
 /* What the datapath would do with the traced connection. */
 enum trace_verdict {
@@ -39,8 +41,10 @@ enum trace_verdict {
 };
 
 /* trace_out flags */
-#define TRACE_F_PINNED 0x1     /* session affinity chose the endpoint */
-#define TRACE_F_MASQUERADE 0x2 /* the flow is masqueraded */
+enum trace_flag {
+	TRACE_F_PINNED = 0x1,     /* session affinity chose the endpoint */
+	TRACE_F_MASQUERADE = 0x2, /* the flow is masqueraded */
+};
 
 /* svcnat_trace_connect's context: the question, then the answer. */
 struct trace_connect {

@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/svcnat/svcnat/pkg/model"
+	"github.com/svcnat/svcnat/pkg/watch"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -130,7 +131,7 @@ func TestCheck(t *testing.T) {
 		},
 	}, {
 		// Another proxy's: neither side has it.
-		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "other", Labels: map[string]string{model.LabelServiceProxyName: "foo"}},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "other", Labels: map[string]string{watch.LabelServiceProxyName: "foo"}},
 		Spec: corev1.ServiceSpec{
 			Type: corev1.ServiceTypeClusterIP, ClusterIP: "10.96.0.99", ClusterIPs: []string{"10.96.0.99"},
 			Ports: []corev1.ServicePort{{Protocol: corev1.ProtocolTCP, Port: 80}},
@@ -145,7 +146,11 @@ func TestCheck(t *testing.T) {
 			{Addresses: []string{"10.244.1.7"}, NodeName: new("node2"), Conditions: discoveryv1.EndpointConditions{Ready: new(true)}},
 		},
 	}
-	client := fake.NewClientset(objs[0], objs[1], slice, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}})
+	// A slice of dns labelled headless: neither side uses it.
+	headless := slice.DeepCopy()
+	headless.Name, headless.Labels[corev1.IsHeadlessService] = "dns-headless", ""
+	headless.Endpoints[0].Addresses = []string{"10.244.0.8"}
+	client := fake.NewClientset(objs[0], objs[1], slice, headless, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node1"}})
 	cfg := func() *model.Config {
 		return &model.Config{NodeName: "node1", ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")}}
 	}

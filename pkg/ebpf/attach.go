@@ -100,9 +100,11 @@ func deleteNATTable() error {
 	return nil
 }
 
-// The conntrack mark of svcnat's flows (bpf/svcnat.h).
+// The conntrack mark of svcnat's flows (bpf/svcnat.h): the mark generated
+// from enum ct_mark, and the #define SVCNAT_CT_MARK_MASK, which is no enum
+// (above int) and which TestCTMarkMaskMatchesC checks against svcnat.h.
 const (
-	ctMark     = 0x53760000
+	ctMark     = uint32(svcnatCtMarkSVCNAT_CT_MARK)
 	ctMarkMask = 0xffff0000
 )
 

@@ -14,23 +14,28 @@ import (
 	"github.com/svcnat/svcnat/pkg/model"
 )
 
-// Values shared with bpf/svcnat.h.
+// The datapath's values, generated from the enums of bpf/svcnat.h. The map
+// fields that hold them are bytes: a value that does not fit one fails to
+// compile here.
 const (
-	kindClusterIP    = 1
-	kindNodePort     = 2
-	kindExternalIP   = 3
-	kindLoadBalancer = 4
+	kindClusterIP    = uint8(svcnatFrontendKindSVCNAT_KIND_CLUSTER_IP)
+	kindNodePort     = uint8(svcnatFrontendKindSVCNAT_KIND_NODE_PORT)
+	kindExternalIP   = uint8(svcnatFrontendKindSVCNAT_KIND_EXTERNAL_IP)
+	kindLoadBalancer = uint8(svcnatFrontendKindSVCNAT_KIND_LOAD_BALANCER)
 
-	flagInternalLocal = 0x1
-	flagExternalLocal = 0x2
-	flagSourceRanges  = 0x4
+	flagInternalLocal = uint8(svcnatSvcFlagSVCNAT_F_INTERNAL_LOCAL)
+	flagExternalLocal = uint8(svcnatSvcFlagSVCNAT_F_EXTERNAL_LOCAL)
+	flagSourceRanges  = uint8(svcnatSvcFlagSVCNAT_F_SOURCE_RANGES)
 
-	setCluster = 0
-	setLocal   = 1
-	setServing = 2
+	setCluster = uint8(svcnatEndpointSetSVCNAT_SET_CLUSTER)
+	setLocal   = uint8(svcnatEndpointSetSVCNAT_SET_LOCAL)
+	setServing = uint8(svcnatEndpointSetSVCNAT_SET_SERVING)
 
-	backendLocal = 0x1
+	backendLocal = uint8(svcnatBackendFlagSVCNAT_BACKEND_LOCAL)
+)
 
+// IP protocol numbers (IANA; IPPROTO_* in C), as svc_key.proto holds them.
+const (
 	protoTCP  = 6
 	protoUDP  = 17
 	protoSCTP = 132

@@ -37,6 +37,12 @@ type svcnatBackend struct {
 	Pad   uint8
 }
 
+type svcnatBackendFlag uint32
+
+const (
+	svcnatBackendFlagSVCNAT_BACKEND_LOCAL svcnatBackendFlag = 1
+)
+
 type svcnatCidrKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -55,6 +61,29 @@ type svcnatCounterValue struct {
 	Packets     uint64
 	Bytes       uint64
 }
+
+type svcnatCtMark uint32
+
+const (
+	svcnatCtMarkSVCNAT_CT_MARK svcnatCtMark = 1400242176
+)
+
+type svcnatEndpointSet uint32
+
+const (
+	svcnatEndpointSetSVCNAT_SET_CLUSTER svcnatEndpointSet = 0
+	svcnatEndpointSetSVCNAT_SET_LOCAL   svcnatEndpointSet = 1
+	svcnatEndpointSetSVCNAT_SET_SERVING svcnatEndpointSet = 2
+)
+
+type svcnatFrontendKind uint32
+
+const (
+	svcnatFrontendKindSVCNAT_KIND_CLUSTER_IP    svcnatFrontendKind = 1
+	svcnatFrontendKindSVCNAT_KIND_NODE_PORT     svcnatFrontendKind = 2
+	svcnatFrontendKindSVCNAT_KIND_EXTERNAL_IP   svcnatFrontendKind = 3
+	svcnatFrontendKindSVCNAT_KIND_LOAD_BALANCER svcnatFrontendKind = 4
+)
 
 type svcnatMemberKey struct {
 	_         structs.HostLayout
@@ -94,6 +123,14 @@ type svcnatSourceRangeKey struct {
 	Id        uint32
 	Addr      [16]uint8
 }
+
+type svcnatSvcFlag uint32
+
+const (
+	svcnatSvcFlagSVCNAT_F_INTERNAL_LOCAL svcnatSvcFlag = 1
+	svcnatSvcFlagSVCNAT_F_EXTERNAL_LOCAL svcnatSvcFlag = 2
+	svcnatSvcFlagSVCNAT_F_SOURCE_RANGES  svcnatSvcFlag = 4
+)
 
 type svcnatSvcInfo struct {
 	_                   structs.HostLayout

@@ -24,12 +24,13 @@ import (
 	"github.com/svcnat/svcnat/pkg/trace"
 )
 
-// The trace protocol of the tc program (bpf/trace.h).
+// The trace protocol of the tc program (bpf/trace.h), generated from its
+// enums.
 const (
-	traceMark           = 0x53767472
-	traceMagic          = 0x74726163
-	traceFlagPinned     = 0x1
-	traceFlagMasquerade = 0x2
+	traceMark           = uint32(traceTraceMarkSVCNAT_TRACE_MARK)
+	traceMagic          = uint32(traceTraceMarkSVCNAT_TRACE_MAGIC)
+	traceFlagPinned     = uint32(traceTraceFlagTRACE_F_PINNED)
+	traceFlagMasquerade = uint32(traceTraceFlagTRACE_F_MASQUERADE)
 	// maxTraceSlots bounds the test runs of one trace (one per slot).
 	maxTraceSlots = 4096
 )

@@ -34,6 +34,20 @@ type traceTraceConnect struct {
 	Pad         uint32
 }
 
+type traceTraceFlag uint32
+
+const (
+	traceTraceFlagTRACE_F_PINNED     traceTraceFlag = 1
+	traceTraceFlagTRACE_F_MASQUERADE traceTraceFlag = 2
+)
+
+type traceTraceMark uint32
+
+const (
+	traceTraceMarkSVCNAT_TRACE_MARK  traceTraceMark = 1400271986
+	traceTraceMarkSVCNAT_TRACE_MAGIC traceTraceMark = 1953653091
+)
+
 type traceTraceVerdict uint32
 
 const (

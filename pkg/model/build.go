@@ -11,12 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
-
-// LabelServiceProxyName marks a Service (and its EndpointSlices) as handled by
-// another proxy; svcnat, like kube-proxy, leaves such objects alone.
-const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
 
 // Config is what Build needs to know about the node it builds for.
 type Config struct {
@@ -50,20 +45,14 @@ const defaultAffinity = time.Duration(corev1.DefaultClientIPServiceAffinitySecon
 // maxAffinity is the longest ClientIP timeout the API allows.
 const maxAffinity = 86400 * time.Second
 
-// Ignored reports whether svcnat must leave obj (a Service or EndpointSlice)
-// alone: it carries the service.kubernetes.io/service-proxy-name label (another
-// proxy owns it) or the service.kubernetes.io/headless label.
-func Ignored(obj metav1.Object) bool {
-	labels := obj.GetLabels()
-	_, proxied := labels[LabelServiceProxyName]
-	_, headless := labels[corev1.IsHeadlessService]
-	return proxied || headless
-}
-
 // Build returns the desired state of the node described by cfg for the given
 // Services and EndpointSlices (in any order; cfg, svcs and slices are not
 // modified; a nil cfg is an empty Config). Slices are matched to Services by namespace and the
 // kubernetes.io/service-name label; slices of no given Service are unused.
+// Build does not look at the labels that hand an object to another proxy
+// (service.kubernetes.io/service-proxy-name, .../headless): the caller
+// leaves such objects out, as pkg/watch does with a label selector on the
+// apiserver.
 //
 // Invalid input is skipped, and each skipped piece yields an error naming the
 // object and field; everything else is built. Frontends two Services claim
@@ -77,7 +66,7 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 	type serviceKey struct{ namespace, name string }
 	byService := make(map[serviceKey][]*discoveryv1.EndpointSlice, len(svcs))
 	for _, es := range endpointSlices {
-		if es == nil || Ignored(es) {
+		if es == nil {
 			continue
 		}
 		name := es.Labels[discoveryv1.LabelServiceName]
@@ -124,18 +113,17 @@ func Build(cfg *Config, svcs []*corev1.Service, endpointSlices []*discoveryv1.En
 // BuildService returns the ServicePorts of one Service: one per entry of
 // spec.ports and IP family of spec.clusterIPs, in name order. endpointSlices
 // should be the Service's EndpointSlices; slices of other Services (by
-// namespace and kubernetes.io/service-name label) and ignored slices are
-// skipped silently. A nil cfg is an empty Config.
+// namespace and kubernetes.io/service-name label) are skipped silently. A nil cfg is an empty Config.
 //
 // ServicePorts carry the node's view: which endpoints are local, which node
 // addresses NodePorts open on. Frontends and endpoints are sorted and
 // deduplicated, so equal input gives equal output.
 //
 // A Service that svcnat does not proxy (headless, ExternalName, no cluster IP
-// yet, or Ignored) yields nothing and no error. Invalid parts are skipped with
+// yet) yields nothing and no error. Invalid parts are skipped with
 // an error naming the object and field; the rest is built.
 func BuildService(cfg *Config, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) ([]*ServicePort, []error) {
-	if svc == nil || Ignored(svc) || svc.Spec.Type == corev1.ServiceTypeExternalName {
+	if svc == nil || svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return nil, nil
 	}
 	if cfg == nil {
@@ -459,7 +447,7 @@ func (b *serviceBuilder) parseSlices(in []*discoveryv1.EndpointSlice) {
 	// the input order.
 	ordered := make([]*discoveryv1.EndpointSlice, 0, len(in))
 	for _, es := range in {
-		if es != nil && es.Namespace == b.svc.Namespace && !Ignored(es) &&
+		if es != nil && es.Namespace == b.svc.Namespace &&
 			es.Labels[discoveryv1.LabelServiceName] == b.svc.Name {
 			ordered = append(ordered, es)
 		}

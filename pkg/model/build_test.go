@@ -264,34 +264,14 @@ func TestInvalidObjects(t *testing.T) {
 	}
 }
 
-func TestIgnored(t *testing.T) {
-	for labels, want := range map[string]bool{
-		"": false,
-		"service.kubernetes.io/service-proxy-name": true,
-		"service.kubernetes.io/headless":           true,
-		"app":                                      false,
-	} {
-		obj := &metav1.ObjectMeta{}
-		if labels != "" {
-			obj.Labels = map[string]string{labels: ""}
-		}
-		if got := Ignored(obj); got != want {
-			t.Errorf("Ignored(labels %q) = %t, want %t", labels, got, want)
-		}
-	}
-}
-
 // TestBuildServiceForeignSlices checks that BuildService uses only the
 // Service's own slices, whatever it is given.
 func TestBuildServiceForeignSlices(t *testing.T) {
 	svc := service("default", "web", "10.96.0.10")
-	ignored := slice("default", "web", "web-3", endpoint{ip: "10.244.0.4"})
-	ignored.Labels[LabelServiceProxyName] = "other"
 	sps, errs := BuildService(nil, svc, []*discoveryv1.EndpointSlice{
 		slice("default", "web", "web-1", endpoint{ip: "10.244.0.1"}),
 		slice("other", "web", "web-2", endpoint{ip: "10.244.0.2"}),
 		slice("default", "api", "api-1", endpoint{ip: "10.244.0.3"}),
-		ignored,
 		nil,
 	})
 	if len(errs) > 0 || len(sps) != 1 || !slices.Equal(sps[0].ClusterEndpoints, eps("10.244.0.1")) {

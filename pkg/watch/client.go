@@ -10,8 +10,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
-
-	"github.com/svcnat/svcnat/pkg/model"
 )
 
 // Client returns a clientset for the cluster the kubeconfig file names, or,
@@ -34,8 +32,8 @@ func Client(kubeconfig, userAgent string) (kubernetes.Interface, error) {
 	return cs, nil
 }
 
-// Snapshot is what the apiserver holds for one node at one time, with
-// ignored Services and EndpointSlices left out, as the Watcher leaves them.
+// Snapshot is what the apiserver holds for one node at one time: the
+// Proxied Services and EndpointSlices, as the Watcher sees them.
 type Snapshot struct {
 	Services       []*corev1.Service
 	EndpointSlices []*discoveryv1.EndpointSlice
@@ -43,27 +41,24 @@ type Snapshot struct {
 	Node *corev1.Node
 }
 
-// List reads every Service and EndpointSlice and the Node named nodeName
-// from the apiserver, once (for `svcnat dump --check`).
+// List reads every Proxied Service and EndpointSlice and the Node named
+// nodeName from the apiserver, once (for `svcnat dump --check`).
 func List(ctx context.Context, client kubernetes.Interface, nodeName string) (*Snapshot, error) {
-	svcs, err := client.CoreV1().Services(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	opts := metav1.ListOptions{LabelSelector: Proxied}
+	svcs, err := client.CoreV1().Services(metav1.NamespaceAll).List(ctx, opts)
 	if err != nil {
 		return nil, fmt.Errorf("list services: %w", err)
 	}
-	slices, err := client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, metav1.ListOptions{})
+	slices, err := client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, opts)
 	if err != nil {
 		return nil, fmt.Errorf("list endpointslices: %w", err)
 	}
 	snap := &Snapshot{}
 	for i := range svcs.Items {
-		if !model.Ignored(&svcs.Items[i]) {
-			snap.Services = append(snap.Services, &svcs.Items[i])
-		}
+		snap.Services = append(snap.Services, &svcs.Items[i])
 	}
 	for i := range slices.Items {
-		if !model.Ignored(&slices.Items[i]) {
-			snap.EndpointSlices = append(snap.EndpointSlices, &slices.Items[i])
-		}
+		snap.EndpointSlices = append(snap.EndpointSlices, &slices.Items[i])
 	}
 	node, err := client.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
 	switch {

@@ -1,8 +1,9 @@
 // Package watch follows the apiserver for the objects svcnat programs from:
-// Services, EndpointSlices and this node's Node. It is the only package that
-// imports client-go. Its event handlers do nothing but tell a Sink which
-// Service changed; the sync loop reads the objects back through the Watcher's
-// listers when it rebuilds that Service.
+// Services and EndpointSlices (those the apiserver selects as Proxied) and
+// this node's Node. It is the only package that imports client-go. Its event
+// handlers do nothing but tell a Sink which Service changed; the sync loop
+// reads the objects back through the Watcher's listers when it rebuilds that
+// Service.
 package watch
 
 import (
@@ -28,6 +29,20 @@ import (
 
 // ZoneLabel is the Node label that names the node's zone, for topology hints.
 const ZoneLabel = "topology.kubernetes.io/zone"
+
+// LabelServiceProxyName marks a Service (and its EndpointSlices) as handled by
+// another proxy; svcnat, like kube-proxy, leaves such objects alone.
+const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+
+// Proxied is the label selector of the Services and EndpointSlices svcnat
+// proxies: those without the service-proxy-name label (another proxy owns
+// them) and without the service.kubernetes.io/headless label. The apiserver
+// applies it, as it does for kube-proxy's informers, so other objects never
+// reach svcnat: the caches, the event handlers and List never see them. An
+// object whose labels change out of the selection arrives as a deletion
+// (carrying its last selected state), one whose labels change into it as an
+// addition.
+const Proxied = "!" + LabelServiceProxyName + ",!" + corev1.IsHeadlessService
 
 // byService indexes EndpointSlices by "namespace/service-name".
 const byService = "service"
@@ -58,7 +73,8 @@ type Watcher struct {
 // nodeName. resync is the informers' resync period (0 for none). Nothing is
 // listed or watched until Start.
 func New(client kubernetes.Interface, nodeName string, resync time.Duration, log *slog.Logger) (*Watcher, error) {
-	factory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim))
+	factory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = Proxied }))
 	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector(metav1.ObjectNameField, nodeName).String()
@@ -81,8 +97,8 @@ func New(client kubernetes.Interface, nodeName string, resync time.Duration, log
 		h   cache.ResourceEventHandler
 	}{
 		{w.services, cache.ResourceEventHandlerFuncs{
-			AddFunc:    w.serviceAdded,
-			UpdateFunc: w.serviceUpdated,
+			AddFunc:    w.serviceChanged,
+			UpdateFunc: func(_, obj any) { w.serviceChanged(obj) },
 			DeleteFunc: w.serviceDeleted,
 		}},
 		{w.slices, cache.ResourceEventHandlerFuncs{
@@ -146,8 +162,7 @@ func (w *Watcher) WaitForCacheSync(ctx context.Context) bool {
 }
 
 // Service returns the Service named key from the cache, or nil when there
-// is none or it is ignored (model.Ignored). The object is shared: do not
-// modify it.
+// is none (or it is not Proxied). The object is shared: do not modify it.
 func (w *Watcher) Service(key types.NamespacedName) (*corev1.Service, error) {
 	svc, err := w.svcList.Services(key.Namespace).Get(key.Name)
 	if apierrors.IsNotFound(err) {
@@ -156,15 +171,11 @@ func (w *Watcher) Service(key types.NamespacedName) (*corev1.Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("get service %s from cache: %w", key, err)
 	}
-	if model.Ignored(svc) {
-		return nil, nil
-	}
 	return svc, nil
 }
 
-// EndpointSlices returns the cached EndpointSlices labelled for the Service
-// named key, without ignored ones. The objects are shared: do not modify
-// them.
+// EndpointSlices returns the cached (so Proxied) EndpointSlices labelled for
+// the Service named key. The objects are shared: do not modify them.
 func (w *Watcher) EndpointSlices(key types.NamespacedName) ([]*discoveryv1.EndpointSlice, error) {
 	objs, err := w.slices.GetIndexer().ByIndex(byService, key.String())
 	if err != nil {
@@ -172,14 +183,14 @@ func (w *Watcher) EndpointSlices(key types.NamespacedName) ([]*discoveryv1.Endpo
 	}
 	out := make([]*discoveryv1.EndpointSlice, 0, len(objs))
 	for _, o := range objs {
-		if s, ok := o.(*discoveryv1.EndpointSlice); ok && !model.Ignored(s) {
+		if s, ok := o.(*discoveryv1.EndpointSlice); ok {
 			out = append(out, s)
 		}
 	}
 	return out, nil
 }
 
-// ServiceKeys returns the names of every cached Service that is not ignored.
+// ServiceKeys returns the names of every cached (so Proxied) Service.
 func (w *Watcher) ServiceKeys() ([]types.NamespacedName, error) {
 	svcs, err := w.svcList.List(labels.Everything())
 	if err != nil {
@@ -187,9 +198,7 @@ func (w *Watcher) ServiceKeys() ([]types.NamespacedName, error) {
 	}
 	out := make([]types.NamespacedName, 0, len(svcs))
 	for _, s := range svcs {
-		if !model.Ignored(s) {
-			out = append(out, types.NamespacedName{Namespace: s.Namespace, Name: s.Name})
-		}
+		out = append(out, types.NamespacedName{Namespace: s.Namespace, Name: s.Name})
 	}
 	return out, nil
 }
@@ -204,33 +213,17 @@ func (w *Watcher) Node() *corev1.Node {
 	return n
 }
 
-func (w *Watcher) serviceAdded(obj any) {
-	svc, ok := obj.(*corev1.Service)
-	if !ok || model.Ignored(svc) {
-		return
+func (w *Watcher) serviceChanged(obj any) {
+	if svc, ok := obj.(*corev1.Service); ok {
+		w.sink.ServiceChanged(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name})
 	}
-	w.sink.ServiceChanged(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name})
 }
 
-func (w *Watcher) serviceDeleted(obj any) { w.serviceAdded(untomb(obj)) }
-
-func (w *Watcher) serviceUpdated(oldObj, newObj any) {
-	old, ok1 := oldObj.(*corev1.Service)
-	svc, ok2 := newObj.(*corev1.Service)
-	if !ok1 || !ok2 {
-		return
-	}
-	// A Service that becomes ignored must be removed, so it is dirty if it
-	// was handled before or is handled now.
-	if model.Ignored(old) && model.Ignored(svc) {
-		return
-	}
-	w.sink.ServiceChanged(types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name})
-}
+func (w *Watcher) serviceDeleted(obj any) { w.serviceChanged(untomb(obj)) }
 
 func (w *Watcher) sliceAdded(obj any) {
 	s, ok := obj.(*discoveryv1.EndpointSlice)
-	if !ok || model.Ignored(s) {
+	if !ok {
 		return
 	}
 	if s.Labels[discoveryv1.LabelServiceName] == "" {
@@ -240,7 +233,7 @@ func (w *Watcher) sliceAdded(obj any) {
 }
 
 func (w *Watcher) sliceDeleted(obj any) {
-	if s, ok := untomb(obj).(*discoveryv1.EndpointSlice); ok && !model.Ignored(s) {
+	if s, ok := untomb(obj).(*discoveryv1.EndpointSlice); ok {
 		w.sliceChanged(s)
 	}
 }
@@ -270,16 +263,13 @@ func (w *Watcher) sliceUpdated(oldObj, newObj any) {
 	if !ok1 || !ok2 {
 		return
 	}
-	// The slice may have moved to another Service or become ignored: both
-	// the Service it belonged to and the one it belongs to now change.
-	if !model.Ignored(old) {
-		w.sliceChanged(old)
-	}
-	moved := s.Labels[discoveryv1.LabelServiceName] != old.Labels[discoveryv1.LabelServiceName]
-	if moved && s.Labels[discoveryv1.LabelServiceName] == "" && !model.Ignored(s) {
-		w.unlabelled(s)
-	}
-	if !model.Ignored(s) && (moved || model.Ignored(old)) {
+	// The slice may have moved to another Service: both the Service it
+	// belonged to and the one it belongs to now change.
+	w.sliceChanged(old)
+	if s.Labels[discoveryv1.LabelServiceName] != old.Labels[discoveryv1.LabelServiceName] {
+		if s.Labels[discoveryv1.LabelServiceName] == "" {
+			w.unlabelled(s)
+		}
 		w.sliceChanged(s)
 	}
 }

@@ -13,13 +13,13 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 )
-
-const proxyNameLabel = "service.kubernetes.io/service-proxy-name"
 
 // recorder is a Sink that remembers what it was told.
 type recorder struct {
@@ -134,44 +134,89 @@ func startWith(t *testing.T, sink Sink, objs ...runtime.Object) (*fake.Clientset
 	return client, w
 }
 
+// TestServiceEvents checks that adding, changing and deleting a Service
+// marks it. (Services leaving or entering Proxied arrive as deletions and
+// additions from the apiserver, which the fake clientset does not model:
+// test/e2e's ProxiedSelectedOnAPIServer covers them.)
 func TestServiceEvents(t *testing.T) {
 	client, w, rec := start(t, service("a", "web", nil))
 	rec.waitFor(t, key("a", "web"))
 	ctx := context.Background()
 	svcs := client.CoreV1().Services("a")
 
-	// An ignored Service (another proxy's) is not reported ...
-	if _, err := svcs.Create(ctx, service("a", "other", map[string]string{proxyNameLabel: "x"}), metav1.CreateOptions{}); err != nil {
+	if _, err := svcs.Create(ctx, service("a", "api", nil), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	rec.waitFor(t)
-	if s, _ := w.Service(key("a", "other")); s != nil {
-		t.Errorf("Service(a/other) = %v, want nil for an ignored Service", s.Name)
-	}
-	// ... until it stops being ignored,
-	if _, err := svcs.Update(ctx, service("a", "other", nil), metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	rec.waitFor(t, key("a", "other"))
-	// and one that becomes ignored is reported so that it is removed.
-	if _, err := svcs.Update(ctx, service("a", "web", map[string]string{proxyNameLabel: "x"}), metav1.UpdateOptions{}); err != nil {
+	rec.waitFor(t, key("a", "api"))
+	changed := service("a", "web", nil)
+	changed.Spec.Ports[0].Port = 8080
+	if _, err := svcs.Update(ctx, changed, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	rec.waitFor(t, key("a", "web"))
-	if s, _ := w.Service(key("a", "web")); s != nil {
-		t.Error("Service(a/web) returned a Service that became ignored")
+	if s, err := w.Service(key("a", "web")); err != nil || s == nil || s.Spec.Ports[0].Port != 8080 {
+		t.Errorf("Service(a/web) = %v, %v; want the updated Service", s, err)
 	}
-	keys, err := w.ServiceKeys()
-	if err != nil || !slices.Equal(keys, []types.NamespacedName{key("a", "other")}) {
-		t.Errorf("ServiceKeys() = %v, %v; want [a/other]", keys, err)
-	}
-
-	if err := svcs.Delete(ctx, "other", metav1.DeleteOptions{}); err != nil {
+	if err := svcs.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	rec.waitFor(t, key("a", "other"))
-	if s, err := w.Service(key("a", "other")); s != nil || err != nil {
-		t.Errorf("Service(a/other) after delete = %v, %v; want nil, nil", s, err)
+	rec.waitFor(t, key("a", "web"))
+	if s, err := w.Service(key("a", "web")); s != nil || err != nil {
+		t.Errorf("Service(a/web) after delete = %v, %v; want nil, nil", s, err)
+	}
+	keys, err := w.ServiceKeys()
+	if err != nil || !slices.Equal(keys, []types.NamespacedName{key("a", "api")}) {
+		t.Errorf("ServiceKeys() = %v, %v; want [a/api]", keys, err)
+	}
+}
+
+// TestOnlyProxiedCached checks that the Services and EndpointSlices
+// informers ask the apiserver for Proxied objects only, so objects of
+// another proxy or labelled headless never enter the caches.
+func TestOnlyProxiedCached(t *testing.T) {
+	other := map[string]string{LabelServiceProxyName: "other-proxy"}
+	headless := map[string]string{corev1.IsHeadlessService: ""}
+	foreign, headlessSlice := slice("a", "web-2", "web"), slice("a", "web-3", "web")
+	maps.Copy(foreign.Labels, other)
+	maps.Copy(headlessSlice.Labels, headless)
+	client, w, _ := start(t, service("a", "web", map[string]string{"app": "web"}), service("a", "other", other),
+		service("a", "headless", headless), slice("a", "web-1", "web"), foreign, headlessSlice)
+
+	for _, c := range []struct {
+		inf  cache.SharedIndexInformer
+		want []string
+	}{{w.services, []string{"a/web"}}, {w.slices, []string{"a/web-1"}}} {
+		if got := c.inf.GetStore().ListKeys(); !slices.Equal(got, c.want) {
+			t.Errorf("cached %v, want only %v", got, c.want)
+		}
+	}
+	requests := map[string]int{}
+	for _, a := range client.Actions() {
+		var sel labels.Selector
+		switch a := a.(type) {
+		case k8stesting.ListAction:
+			sel = a.GetListRestrictions().Labels
+		case k8stesting.WatchAction:
+			sel = a.GetWatchRestrictions().Labels
+		default:
+			continue
+		}
+		res := a.GetResource().Resource
+		if res != "services" && res != "endpointslices" {
+			continue
+		}
+		requests[res]++
+		for _, l := range []map[string]string{other, headless} {
+			if sel.Matches(labels.Set(l)) {
+				t.Errorf("%s %s selects labels %v (selector %q)", a.GetVerb(), res, l, sel)
+			}
+		}
+		if !sel.Matches(labels.Set{"app": "web"}) {
+			t.Errorf("%s %s does not select labels app=web (selector %q)", a.GetVerb(), res, sel)
+		}
+	}
+	if requests["services"] < 2 || requests["endpointslices"] < 2 {
+		t.Errorf("list and watch requests seen: %v, want both for services and endpointslices", requests)
 	}
 }
 
@@ -198,16 +243,13 @@ func TestSliceEvents(t *testing.T) {
 		t.Errorf("EndpointSlices(a/api) after move = %v, want [web-2]", names(got))
 	}
 
-	// A slice that becomes ignored changes its Service and is no longer listed.
-	ign := slice("a", "web-1", "web")
-	ign.Labels[proxyNameLabel] = "x"
-	if _, err := es.Update(ctx, ign, metav1.UpdateOptions{}); err != nil {
+	// A changed slice changes its Service.
+	changed := slice("a", "web-1", "web")
+	changed.Endpoints[0].Addresses[0] = "10.244.0.9"
+	if _, err := es.Update(ctx, changed, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	rec.waitFor(t, key("a", "web"))
-	if got, _ := w.EndpointSlices(key("a", "web")); len(got) != 0 {
-		t.Errorf("EndpointSlices(a/web) = %v, want none (ignored)", names(got))
-	}
 
 	if err := es.Delete(ctx, "web-2", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -219,7 +261,6 @@ func TestTombstones(t *testing.T) {
 	_, w, rec := start(t)
 	w.serviceDeleted(cache.DeletedFinalStateUnknown{Key: "a/web", Obj: service("a", "web", nil)})
 	w.sliceDeleted(cache.DeletedFinalStateUnknown{Key: "b/x", Obj: slice("b", "x", "api")})
-	w.serviceDeleted(cache.DeletedFinalStateUnknown{Key: "a/ign", Obj: service("a", "ign", map[string]string{proxyNameLabel: "x"})})
 	changed, _ := rec.take()
 	if want := []types.NamespacedName{key("a", "web"), key("b", "api")}; !slices.Equal(changed, want) {
 		t.Errorf("changed after tombstones = %v, want %v", changed, want)

@@ -246,11 +246,17 @@ func (e *env) slice(t *testing.T, s *discoveryv1.EndpointSlice) {
 // setEndpoints replaces the endpoints of an existing EndpointSlice.
 func (e *env) setEndpoints(t *testing.T, name string, eps ...discoveryv1.Endpoint) {
 	t.Helper()
+	e.updateSlice(t, name, func(s *discoveryv1.EndpointSlice) { s.Endpoints = eps })
+}
+
+// updateSlice applies mutate to the current EndpointSlice and updates it.
+func (e *env) updateSlice(t *testing.T, name string, mutate func(*discoveryv1.EndpointSlice)) {
+	t.Helper()
 	s, err := e.c.Kube.DiscoveryV1().EndpointSlices(ns).Get(t.Context(), name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatalf("get endpointslice %s: %v", name, err)
 	}
-	s.Endpoints = eps
+	mutate(s)
 	if _, err := e.c.Kube.DiscoveryV1().EndpointSlices(ns).Update(t.Context(), s, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("update endpointslice %s: %v", name, err)
 	}

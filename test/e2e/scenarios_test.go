@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/svcnat/svcnat/pkg/trace"
+	"github.com/svcnat/svcnat/pkg/watch"
 	"github.com/svcnat/svcnat/test/testbed"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -38,6 +39,8 @@ var scenarios = []scenario{
 	{name: "Hairpin", run: testHairpin},
 	{name: "UDPEndpointDeleted", run: testUDPStale},
 	{name: "ServiceProxyNameIgnored", run: testServiceProxyName},
+	{name: "ProxiedLabelsChange", run: testProxiedLabelsChange},
+	{name: "WatcherCachesOnlyProxied", run: testWatcherCachesOnlyProxied, skip: onlySvcnat("pkg/watch")},
 	{name: "HostileObjectsDoNotBlockOthers", run: testHostileObjects},
 	{name: "ForwardPolicyDrop", run: testForwardPolicyDrop, skip: forwardDropSkip},
 	{name: "HealthCheckDrainsTerminating", run: testHealthCheckDrains},
@@ -398,7 +401,7 @@ func testUDPStale(t *testing.T, e *env) {
 
 func testServiceProxyName(t *testing.T, e *env) {
 	other := newService("other-proxy", corev1.ServiceTypeClusterIP, svcPort("", corev1.ProtocolTCP, 80, tcpA))
-	other.Labels = map[string]string{"service.kubernetes.io/service-proxy-name": "someone-else"}
+	other.Labels = map[string]string{watch.LabelServiceProxyName: "someone-else"}
 	ignored := e.service(t, other)
 	e.slice(t, tcpSlice("other-proxy", "other-proxy-1", e.ready("node1-a")...))
 	control := e.simpleService(t, "mine", corev1.ServiceTypeClusterIP, "node1-a")

@@ -9,8 +9,10 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -317,15 +319,18 @@ func replyTuple(t *testing.T, netns string, client netip.Addr, port uint16) [2]n
 	return [2]netip.AddrPort{}
 }
 
-// Flood figures per proxy: 100,000 new flows, paced at up to 10,000 a
-// second, within 60 s. The issue's 200,000 passed for all four proxies
-// (0 of 20 flows broken) but took 32-53 s per proxy on the shared 2-core
-// machine, too long for CI's budget.
+// The flood: 200,000 new flows, paced at up to 10,000 a second, within
+// 60 s, as the issue asks. Each spoofed SYN is carried through the whole
+// path (veth, the node's NAT, the endpoint's answer) in the softirq of the
+// CPU that sent it, so one sender reached only 3,800-6,200/s on the 2-core
+// machine; floodSenders raw sockets share the flood, one per CPU.
 const (
-	floodFlows = 100000
+	floodFlows = 200000
 	floodRate  = 10000
 	floodLimit = 60 * time.Second
 )
+
+var floodSenders = min(runtime.NumCPU(), 4)
 
 // testFlood: 20 established TCP flows from the client through node1's
 // NodePort survive floodFlows new flows (SYNs from spoofed sources in
@@ -384,30 +389,50 @@ func testFlood(t *testing.T, e *env) {
 			t.Fatalf("established flow %d before the flood: %v", i, err)
 		}
 	}
-	var sent int
-	var elapsed time.Duration
+	// The raw sockets are made in the client's namespace, which is where
+	// their packets are sent from, whichever thread writes them.
+	fds := make([]int, floodSenders)
 	inNetns(t, client.Netns, func() {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
-		if err != nil {
-			t.Errorf("raw socket: %v", err)
-			return
-		}
-		defer unix.Close(fd)
-		dst := &unix.SockaddrInet4{Addr: addr.Addr().As4()}
-		start := time.Now()
-		for i := 0; i < floodFlows && time.Since(start) < floodLimit; i++ {
-			if i%100 == 0 { // paced, so that the veths' backlogs drop nothing
-				time.Sleep(time.Until(start.Add(time.Duration(i) * time.Second / floodRate)))
-			}
-			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{100, byte(64 + i>>16), byte(i >> 8), byte(i)}), uint16(10000+i%50000))
-			if err := unix.Sendto(fd, ipv4Packet(unix.IPPROTO_TCP, src, addr, nil), 0, dst); err != nil {
-				t.Errorf("send SYN %d: %v", i, err)
+		for k := range fds {
+			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+			if err != nil {
+				t.Errorf("raw socket: %v", err)
 				return
 			}
-			sent++
+			fds[k] = fd
+			t.Cleanup(func() { unix.Close(fd) })
 		}
-		elapsed = time.Since(start)
 	})
+	if t.Failed() {
+		return
+	}
+	dst := &unix.SockaddrInet4{Addr: addr.Addr().As4()}
+	counts := make([]int, len(fds))
+	var wg sync.WaitGroup
+	start := time.Now()
+	for k, fd := range fds {
+		// Sender k sends SYNs k, k+senders, ..., each paced to its share of
+		// floodRate so that the veths' backlogs drop nothing.
+		wg.Go(func() {
+			for i := k; i < floodFlows && time.Since(start) < floodLimit; i += len(fds) {
+				if n := i / len(fds); n%100 == 0 {
+					time.Sleep(time.Until(start.Add(time.Duration(i) * time.Second / floodRate)))
+				}
+				src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{100, byte(64 + i>>16), byte(i >> 8), byte(i)}), uint16(10000+i%50000))
+				if err := unix.Sendto(fd, ipv4Packet(unix.IPPROTO_TCP, src, addr, nil), 0, dst); err != nil {
+					t.Errorf("send SYN %d: %v", i, err)
+					return
+				}
+				counts[k]++
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	sent := 0
+	for _, n := range counts {
+		sent += n
+	}
 	time.Sleep(200 * time.Millisecond)
 	broken := 0
 	for i, c := range established {

@@ -513,7 +513,8 @@ func decode(t *table) (s *model.State, torn []tornSet, err error) {
 			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
 		})
 		v, hasFrontend := values[id]
-		for set, count := range map[uint8]uint16{setCluster: v.ClusterCount, setLocal: v.LocalCount} {
+		for i, count := range [...]uint16{setCluster: v.ClusterCount, setLocal: v.LocalCount} {
+			set := uint8(i)
 			eps, missing, err := decodeSet(t, id, set, count, hasFrontend)
 			if err != nil {
 				return nil, nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)

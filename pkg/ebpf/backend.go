@@ -260,7 +260,8 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 
 // Dump reads the pinned maps and decodes them into the State they
 // program. It needs no Init and works from any process; with nothing
-// pinned it returns an empty State.
+// pinned it returns an empty State. A set a write in progress keeps torn
+// (readState) is returned as the datapath reads it and named in a warning.
 func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 	ms, closeAll, err := b.pinnedMaps()
 	if err != nil {
@@ -270,9 +271,12 @@ func (b *Backend) Dump(ctx context.Context) (*model.State, error) {
 	if ms == nil {
 		return &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}, nil
 	}
-	s, err := readState(ms)
+	s, torn, err := readState(ms)
 	if err != nil {
 		return nil, fmt.Errorf("dump ebpf maps: %w", err)
+	}
+	for _, ts := range torn {
+		b.log.Warn("dump ebpf maps: endpoint set torn by a write in progress, read as the datapath reads it", "set", ts.String())
 	}
 	return s, nil
 }

@@ -55,7 +55,10 @@ func (b *fakeBackend) Sync(_ context.Context, s *model.State) error {
 	return nil
 }
 
-func (b *fakeBackend) Dump(context.Context) (*model.State, error) { return readState(b.k.maps) }
+func (b *fakeBackend) Dump(context.Context) (*model.State, error) {
+	s, _, err := readState(b.k.maps)
+	return s, err
+}
 
 func (b *fakeBackend) Cleanup(context.Context) error {
 	for _, empty := range b.k.clears {

@@ -433,15 +433,34 @@ func decodeBackend(b svcnatBackend) (model.Endpoint, error) {
 	return model.Endpoint{IP: ip.Unmap(), Port: ntohs(b.Port), Local: b.Flags&backendLocal != 0}, nil
 }
 
+// tornSet is an endpoint set that a write in progress has torn, as a
+// reader racing it meets the maps: the set's count covers slots that are
+// missing or that name a missing backend.
+type tornSet struct {
+	name  model.ServicePortName
+	set   uint8
+	count uint16
+	slots []uint16 // the slots below count without an endpoint
+}
+
+func (ts tornSet) String() string {
+	return fmt.Sprintf("%s %s set: slots %v of %d missing or naming a missing backend; the datapath takes slot 0 for them, and refuses when slot 0 is one",
+		ts.name, setNames[ts.set], ts.slots, ts.count)
+}
+
+// setNames names the endpoint sets (SVCNAT_SET_*).
+var setNames = []string{setCluster: "cluster", setLocal: "local", setServing: "serving"}
+
 // decode turns map entries back into the State they program. It reports
 // entries that no ServicePort explains, so that Dump shows leftovers as
-// errors rather than hiding them.
-func decode(t *table) (*model.State, error) {
-	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+// errors rather than hiding them. A set torn by a write in progress is
+// read as the datapath reads it (decodeSet) and listed in torn.
+func decode(t *table) (s *model.State, torn []tornSet, err error) {
+	s = &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
 	for k := range t.clusterCIDRs {
 		p, err := decodePrefix(k.Addr, k.Prefixlen)
 		if err != nil {
-			return nil, fmt.Errorf("decode cluster CIDR: %w", err)
+			return nil, nil, fmt.Errorf("decode cluster CIDR: %w", err)
 		}
 		s.ClusterCIDRs = append(s.ClusterCIDRs, p)
 	}
@@ -451,10 +470,10 @@ func decode(t *table) (*model.State, error) {
 	for id, info := range t.info {
 		name, proto, err := decodeInfo(info)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if _, dup := s.ServicePorts[name]; dup {
-			return nil, fmt.Errorf("decode service port %s: programmed twice", name)
+			return nil, nil, fmt.Errorf("decode service port %s: programmed twice", name)
 		}
 		sp := &model.ServicePort{Name: name, Protocol: proto, HealthCheckNodePort: info.HealthCheckNodePort}
 		s.ServicePorts[name] = sp
@@ -465,10 +484,10 @@ func decode(t *table) (*model.State, error) {
 	for k, v := range t.services {
 		sp := byID[v.Id]
 		if sp == nil {
-			return nil, fmt.Errorf("decode frontend %x port %d: unknown service port %d", k.Addr, ntohs(k.Port), v.Id)
+			return nil, nil, fmt.Errorf("decode frontend %x port %d: unknown service port %d", k.Addr, ntohs(k.Port), v.Id)
 		}
 		if k.Proto != protocols[sp.Protocol] {
-			return nil, fmt.Errorf("decode service port %s: frontend protocol %d", sp.Name, k.Proto)
+			return nil, nil, fmt.Errorf("decode service port %s: frontend protocol %d", sp.Name, k.Proto)
 		}
 		var kind model.FrontendKind
 		for fk, n := range kinds {
@@ -477,14 +496,14 @@ func decode(t *table) (*model.State, error) {
 			}
 		}
 		if kind == "" {
-			return nil, fmt.Errorf("decode service port %s: unknown frontend kind %d", sp.Name, v.Kind)
+			return nil, nil, fmt.Errorf("decode service port %s: unknown frontend kind %d", sp.Name, v.Kind)
 		}
 		ip, _ := netip.AddrFromSlice(k.Addr[:])
 		sp.Frontends = append(sp.Frontends, model.Frontend{Kind: kind, IP: ip.Unmap(), Port: ntohs(k.Port)})
 		common := v
 		common.Kind = 0
 		if prev, seen := values[v.Id]; seen && prev != common {
-			return nil, fmt.Errorf("decode service port %s: frontends disagree on counts or flags", sp.Name)
+			return nil, nil, fmt.Errorf("decode service port %s: frontends disagree on counts or flags", sp.Name)
 		}
 		values[v.Id] = common
 	}
@@ -494,83 +513,86 @@ func decode(t *table) (*model.State, error) {
 			return cmp.Or(cmp.Compare(a.Kind, b.Kind), a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
 		})
 		v, hasFrontend := values[id]
-		cluster, err := decodeSet(t, id, setCluster, v.ClusterCount, hasFrontend)
-		if err != nil {
-			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
-		}
-		local, err := decodeSet(t, id, setLocal, v.LocalCount, hasFrontend)
-		if err != nil {
-			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
-		}
-		sp.ClusterEndpoints, sp.LocalEndpoints = cluster, local
-		if err := checkMembers(t, id, map[uint8]int{setCluster: len(cluster), setLocal: len(local)}); err != nil {
-			return nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
+		for i, count := range [...]uint16{setCluster: v.ClusterCount, setLocal: v.LocalCount} {
+			set := uint8(i)
+			eps, missing, err := decodeSet(t, id, set, count, hasFrontend)
+			if err != nil {
+				return nil, nil, fmt.Errorf("decode service port %s: %w", sp.Name, err)
+			}
+			if len(missing) > 0 {
+				torn = append(torn, tornSet{name: sp.Name, set: set, count: count, slots: missing})
+			}
+			if set == setCluster {
+				sp.ClusterEndpoints = eps
+			} else {
+				sp.LocalEndpoints = eps
+			}
 		}
 		sp.InternalTrafficLocal = v.Flags&flagInternalLocal != 0
 		sp.ExternalTrafficLocal = v.Flags&flagExternalLocal != 0
 		sp.AffinityTimeout = time.Duration(v.AffinityTimeout) * time.Second
 	}
+	slices.SortFunc(torn, func(a, b tornSet) int { return cmp.Or(a.name.Compare(b.name), cmp.Compare(a.set, b.set)) })
 
 	for k := range t.sourceRanges {
 		sp := byID[k.Id]
 		if sp == nil {
-			return nil, fmt.Errorf("decode source range: unknown service port %d", k.Id)
+			return nil, nil, fmt.Errorf("decode source range: unknown service port %d", k.Id)
 		}
 		p, err := decodePrefix(k.Addr, k.Prefixlen-32)
 		if err != nil {
-			return nil, fmt.Errorf("decode service port %s: source range: %w", sp.Name, err)
+			return nil, nil, fmt.Errorf("decode service port %s: source range: %w", sp.Name, err)
 		}
 		sp.SourceRanges = append(sp.SourceRanges, p)
 	}
 	for _, sp := range byID {
 		slices.SortFunc(sp.SourceRanges, comparePrefix)
 	}
-	return s, nil
+	return s, torn, nil
 }
 
-// checkMembers fails unless every backend in the first counts[set] slots
-// of each set of ServicePort id has its membership entry: without it
-// affinity and stickiness are lost. (An extra membership is not checked:
-// writes put memberships before slots and delete them after, so one shows
-// for a moment during every change; the periodic sync repairs drift.)
-func checkMembers(t *table, id uint32, counts map[uint8]int) error {
-	for set, n := range counts {
-		for i := range n {
-			k := svcnatMemberKey{Id: id, BackendId: t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}], Set: set}
-			if _, ok := t.members[k]; !ok {
-				return fmt.Errorf("backend %d in slot %d of set %d has no membership entry", k.BackendId, i, set)
-			}
-		}
-	}
-	return nil
+// slotBackend returns the backend in slot of set of ServicePort id and its
+// id; false when the slot is missing or names a missing backend.
+func (t *table) slotBackend(id uint32, set uint8, slot uint32) (uint32, svcnatBackend, bool) {
+	bid, ok := t.slots[svcnatSlotKey{Id: id, Slot: uint16(slot), Set: set}]
+	b, found := t.backends[bid]
+	return bid, b, ok && found
 }
 
-// decodeSet reads the endpoints in slots [0, count) of one set. Without a
-// frontend there is no count; then the slots present from 0 on are read.
-func decodeSet(t *table, id uint32, set uint8, count uint16, counted bool) ([]model.Endpoint, error) {
-	var out []model.Endpoint
-	for i := 0; i <= 0xffff; i++ {
-		if counted && i >= int(count) {
+// decodeSet reads the endpoints in slots [0, count) of one set as the
+// datapath reads them (lb_slot, bpf/lb.h): a slot a write in progress has
+// deleted, or whose backend it has deleted, takes slot 0's endpoint (or
+// none, with slot 0 gone too), so it adds no endpoint of its own and is
+// listed in missing. Every endpoint read must have its membership entry:
+// without it affinity and stickiness are lost. (An extra membership is not
+// checked: writes put memberships before slots and delete them after, so
+// one shows for a moment during every change; the periodic sync repairs
+// drift.) Without a frontend there is no count; then the slots present
+// from 0 on are read.
+func decodeSet(t *table, id uint32, set uint8, count uint16, counted bool) (eps []model.Endpoint, missing []uint16, err error) {
+	for i := uint32(0); i <= 0xffff; i++ {
+		if counted && i >= uint32(count) {
 			break
 		}
-		bid, ok := t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}]
+		bid, b, ok := t.slotBackend(id, set, i)
 		if !ok {
-			if counted {
-				return nil, fmt.Errorf("slot %d of set %d missing", i, set)
+			// Without a count, the first missing slot ends the set.
+			if _, slot := t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: set}]; !counted && !slot {
+				break
 			}
-			break
+			missing = append(missing, uint16(i))
+			continue
 		}
-		b, ok := t.backends[bid]
-		if !ok {
-			return nil, fmt.Errorf("slot %d of set %d names missing backend %d", i, set, bid)
+		if _, ok := t.members[svcnatMemberKey{Id: id, BackendId: bid, Set: set}]; !ok {
+			return nil, nil, fmt.Errorf("backend %d in slot %d of set %d has no membership entry", bid, i, set)
 		}
 		ep, err := decodeBackend(b)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		out = append(out, ep)
+		eps = append(eps, ep)
 	}
-	return out, nil
+	return eps, missing, nil
 }
 
 func comparePrefix(a, b netip.Prefix) int {

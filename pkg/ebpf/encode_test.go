@@ -112,7 +112,7 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 		if len(failed) > 0 {
 			t.Fatalf("seed %d: encode: %v", seed, failed)
 		}
-		got, err := decode(tab)
+		got, _, err := decode(tab)
 		if err != nil {
 			t.Fatalf("seed %d: decode: %v", seed, err)
 		}
@@ -230,7 +230,7 @@ func TestDecodeChecksMembers(t *testing.T) {
 		break
 	}
 	delete(tab.members, some)
-	if _, err := decode(tab); err == nil || !strings.Contains(err.Error(), "no membership") {
+	if _, _, err := decode(tab); err == nil || !strings.Contains(err.Error(), "no membership") {
 		t.Errorf("decode without a membership: %v", err)
 	}
 }

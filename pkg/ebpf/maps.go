@@ -190,13 +190,20 @@ func readTable(ms mapSet) (*table, error) {
 }
 
 // readState reads the desired-state maps and decodes them into the State
-// they program.
-func readState(ms mapSet) (*model.State, error) {
-	t, err := readTable(ms)
-	if err != nil {
-		return nil, err
+// they program. A read that meets a set torn by a write in progress is
+// repeated once; a set still torn then is decoded as the datapath reads it
+// and listed in torn.
+func readState(ms mapSet) (s *model.State, torn []tornSet, err error) {
+	for range 2 {
+		t, err := readTable(ms)
+		if err != nil {
+			return nil, nil, err
+		}
+		if s, torn, err = decode(t); err != nil || len(torn) == 0 {
+			return s, torn, err
+		}
 	}
-	return decode(t)
+	return s, torn, nil
 }
 
 func unionLen[K comparable, V any](a, b map[K]V) int {

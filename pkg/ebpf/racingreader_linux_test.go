@@ -4,9 +4,13 @@ package ebpf
 
 import (
 	"errors"
+	"maps"
+	"math"
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -15,6 +19,7 @@ import (
 
 	"github.com/svcnat/svcnat/pkg/internal/netnstest"
 	"github.com/svcnat/svcnat/pkg/model"
+	"github.com/svcnat/svcnat/pkg/trace"
 )
 
 // TestRacingReader puts the maps in the state a reader that loaded a
@@ -141,6 +146,7 @@ func TestRacingReader(t *testing.T) {
 				t.Fatalf("slots after the sync: %v, want 3", s)
 			}
 			remain := torn.tear(s)
+			reached := map[netip.AddrPort]bool{} // by the tc program's first packets
 
 			t.Run("tc program", func(t *testing.T) {
 				n, failed := 60, 0
@@ -165,6 +171,7 @@ func TestRacingReader(t *testing.T) {
 					if _, ok := remain[f.replySrc]; !ok {
 						t.Fatalf("%s: flow to %s, not an endpoint that remains (%v)", in, f.replySrc, remain)
 					}
+					reached[f.replySrc] = true
 				}
 				if failed > 0 {
 					t.Errorf("%d of %d first packets to the NodePort made no flow while 2 endpoints remain", failed, n)
@@ -225,6 +232,9 @@ func TestRacingReader(t *testing.T) {
 					}
 					checkTrace(t, "connect", slot, c.Verdict, c.BackendId, remain)
 				}
+			})
+			t.Run("svcnat dump and trace", func(t *testing.T) {
+				checkDumpTraceTorn(t, b, web.Name, s[0], remain, reached)
 			})
 			t.Run("connect hook", func(t *testing.T) {
 				env.enterCgroup(t)
@@ -306,4 +316,65 @@ func checkTrace(t *testing.T, path string, slot uint32, v traceTraceVerdict, bid
 		}
 	}
 	t.Errorf("%s trace of slot %d: backend %d, not one that remains (%v)", path, slot, bid, remain)
+}
+
+// checkDumpTraceTorn fails unless `svcnat dump` and `svcnat trace` (from
+// outside through the NodePort, and from the node to the ClusterIP) read
+// the torn maps as the datapath does: dump lists the endpoints that remain
+// (those the tc program reached), and the traces forward to them, slot 0's
+// endpoint with the missing slot's share too, saying so; with every slot
+// gone, the traces reject.
+func checkDumpTraceTorn(t *testing.T, b *Backend, name model.ServicePortName, slot0 uint32, remain map[netip.AddrPort]uint32, reached map[netip.AddrPort]bool) {
+	t.Helper()
+	s, err := b.Dump(t.Context())
+	if err != nil {
+		t.Fatalf("dump of the torn maps: %v", err)
+	}
+	dumped := map[netip.AddrPort]bool{}
+	for _, ep := range s.ServicePorts[name].ClusterEndpoints {
+		dumped[netip.AddrPortFrom(ep.IP, ep.Port)] = true
+	}
+	if !maps.Equal(dumped, reached) || len(dumped) != len(remain) {
+		t.Errorf("dump of the torn maps lists endpoints %v; the datapath reached %v of %v", dumped, reached, remain)
+	}
+	want := map[netip.AddrPort]float64{}
+	for ep, id := range remain {
+		want[ep] = 1.0 / 3
+		if id == slot0 {
+			want[ep] = 2.0 / 3 // its slot's and the missing one's
+		}
+	}
+	for _, q := range []trace.Query{
+		{From: ap("198.51.100.9:0"), To: ap("198.51.100.1:30080"), Protocol: model.TCP, Origin: trace.FromOutside, Interface: "up1"},
+		{From: ap("198.51.100.1:0"), To: ap("10.96.0.10:80"), Protocol: model.TCP, Origin: trace.FromNode},
+	} {
+		r, err := b.Trace(t.Context(), q)
+		if err != nil {
+			t.Fatalf("trace %s of the torn maps: %v", q.Origin, err)
+		}
+		if remain == nil {
+			if len(r.Outcomes) != 1 || r.Outcomes[0].Verdict != trace.Reject {
+				t.Errorf("trace %s with every slot gone: want reject\n%s", q.Origin, r.Text())
+			}
+			continue
+		}
+		got := map[netip.AddrPort]float64{}
+		for _, o := range r.Outcomes {
+			if o.Verdict != trace.Forward {
+				t.Errorf("trace %s: outcome %s, want forward (2 endpoints remain)\n%s", q.Origin, o, r.Text())
+			}
+			got[o.Endpoint] += o.Probability
+		}
+		if !maps.EqualFunc(got, want, func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }) {
+			t.Errorf("trace %s: outcomes %v, want %v (slot 2 falls back to slot 0)\n%s", q.Origin, got, want, r.Text())
+		}
+		if !slices.ContainsFunc(r.Steps, func(s string) bool {
+			return strings.HasPrefix(s, "slot 2: missing") && strings.Contains(s, "slot 0 taken instead")
+		}) {
+			t.Errorf("trace %s: no step says slot 2 took slot 0's endpoint\n%s", q.Origin, r.Text())
+		}
+		if q.Origin == trace.FromOutside {
+			t.Logf("trace %s of the torn maps:\n%s", q.Origin, r.Text())
+		}
+	}
 }

@@ -29,6 +29,7 @@ type fakeKernel struct {
 	fail     func() bool
 	after    func()
 	reads    int      // how many times a map was iterated
+	read     func()   // called as an iteration begins, after reads counts it
 	clears   []func() // empty each map
 }
 
@@ -110,6 +111,9 @@ func (f *fakeMap[K, V]) Delete(keys []K) error {
 
 func (f *fakeMap[K, V]) Iterate(fn func(K, V)) error {
 	f.k.reads++
+	if f.k.read != nil {
+		f.k.read()
+	}
 	for k, v := range f.entries {
 		fn(k, v)
 	}
@@ -177,7 +181,7 @@ func TestReconcilerConvergesDespiteWriteFailures(t *testing.T) {
 			if !got.equal(rec.written) {
 				t.Fatalf("seed %d step %d: maps differ from what the reconciler believes it wrote", seed, step)
 			}
-			dumped, err := decode(got)
+			dumped, _, err := decode(got)
 			if err != nil {
 				t.Fatalf("seed %d step %d: decode: %v", seed, step, err)
 			}
@@ -271,7 +275,7 @@ func TestReconcilerCapacity(t *testing.T) {
 			programmed.ServicePorts[name] = sp
 		}
 	}
-	dumped, err := readState(k.maps)
+	dumped, _, err := readState(k.maps)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,7 +287,7 @@ func TestReconcilerCapacity(t *testing.T) {
 	if err := rec.sync(small); err != nil {
 		t.Fatal(err)
 	}
-	dumped, err = readState(k.maps)
+	dumped, _, err = readState(k.maps)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,7 +395,7 @@ func TestReconcilerIncremental(t *testing.T) {
 					len(got.backends), len(got.slots), len(got.services), len(got.info),
 					len(fresh.backends), len(fresh.slots), len(fresh.services), len(fresh.info))
 			}
-			dumped, err := decode(got)
+			dumped, _, err := decode(got)
 			if err != nil {
 				t.Fatalf("seed %d step %d: decode: %v", seed, step, err)
 			}
@@ -488,7 +492,7 @@ func TestReconcilerStartsOverGarbage(t *testing.T) {
 	if err := (&reconciler{maps: k.maps}).sync(s); err != nil {
 		t.Fatal(err)
 	}
-	dumped, err := readState(k.maps)
+	dumped, _, err := readState(k.maps)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -74,9 +74,6 @@ func verdictOf(v traceTraceVerdict) trace.Verdict {
 	return trace.Untouched
 }
 
-// setNames names the endpoint sets (SVCNAT_SET_*).
-var setNames = []string{"cluster", "local"}
-
 // Trace runs the datapath itself on q's first packet and decodes its
 // answer. From outside: the tc ingress program attached to q.Interface
 // (the first attached one when empty) runs on a synthesized packet, once per
@@ -98,7 +95,7 @@ func (b *Backend) Trace(ctx context.Context, q trace.Query) (*trace.Result, erro
 	if err != nil {
 		return nil, fmt.Errorf("trace: %w", err)
 	}
-	s, err := decode(t)
+	s, _, err := decode(t)
 	if err != nil {
 		return nil, fmt.Errorf("trace: %w", err)
 	}
@@ -126,26 +123,41 @@ func endpointOf(t *table, id uint32) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(ep.IP, ep.Port), err
 }
 
-// slotRuns runs once per slot of the set the first run names, through run
-// (which returns the verdict, set, count, backend id and the outcome's
-// extra fields for one slot), and adds every outcome to res.
-func slotRuns(res *trace.Result, t *table, run func(slot uint32) (traceTraceVerdict, uint8, uint32, uint32, trace.Outcome, error)) error {
-	v, set, count, bid, o, err := run(0)
+// slotAnswer is the datapath's answer to a trace of one slot: the
+// verdict, the endpoint set, the number of endpoints in it, the
+// ServicePort id, the backend id and the outcome's extra fields.
+type slotAnswer struct {
+	verdict        traceTraceVerdict
+	set            uint8
+	count, id, bid uint32
+	outcome        trace.Outcome
+}
+
+// slotRuns runs once per slot of the set the first run names, through run,
+// and adds every outcome to res. A slot that t shows missing or naming a
+// missing backend (a write in progress) is said to take slot 0's endpoint,
+// as lb_slot does.
+func slotRuns(res *trace.Result, t *table, run func(slot uint32) (slotAnswer, error)) error {
+	a, err := run(0)
 	if err != nil {
 		return err
 	}
-	o.Verdict = verdictOf(v)
+	o := a.outcome
+	o.Verdict = verdictOf(a.verdict)
 	o.Probability, o.Slot = 1, -1
-	if v != traceTraceVerdictTRACE_FORWARD {
-		res.Steps = append(res.Steps, traceVerdicts[v])
+	// A reject with endpoints counted is a slot's miss: the other slots
+	// may still forward.
+	if a.verdict != traceTraceVerdictTRACE_FORWARD && (a.verdict != traceTraceVerdictTRACE_REJECT || a.count == 0) {
+		res.Steps = append(res.Steps, traceVerdicts[a.verdict])
 		res.Outcomes = append(res.Outcomes, o)
 		return nil
 	}
+	set, count := a.set, a.count
 	if int(set) < len(setNames) && res.Policy != nil {
 		res.Policy.EndpointSet = setNames[set]
 	}
 	if o.Pinned {
-		ep, err := endpointOf(t, bid)
+		ep, err := endpointOf(t, a.bid)
 		if err != nil {
 			return err
 		}
@@ -163,19 +175,26 @@ func slotRuns(res *trace.Result, t *table, run func(slot uint32) (traceTraceVerd
 	res.Steps = append(res.Steps, fmt.Sprintf("%s set: %d slots, each chosen with probability 1/%d (bpf_get_prandom_u32() %% %d)", setNames[min(int(set), 1)], count, count, count))
 	for slot := range count {
 		if slot > 0 {
-			if v, _, _, bid, o, err = run(slot); err != nil {
+			if a, err = run(slot); err != nil {
 				return err
 			}
-			o.Verdict = verdictOf(v)
+			o = a.outcome
+			o.Verdict = verdictOf(a.verdict)
 		}
 		o.Probability, o.Slot = 1/float64(count), int(slot)
-		if v == traceTraceVerdictTRACE_FORWARD {
-			if o.Endpoint, err = endpointOf(t, bid); err != nil {
-				return err
+		step := fmt.Sprintf("slot %d: ", slot)
+		if _, _, ok := t.slotBackend(a.id, set, slot); !ok {
+			step += "missing or naming a missing backend (a write in progress), "
+			if slot > 0 {
+				step += "slot 0 taken instead, "
+				o.Slot = 0
 			}
 		}
-		step := fmt.Sprintf("slot %d: %s", slot, traceVerdicts[v])
-		if o.Endpoint.IsValid() {
+		step += traceVerdicts[a.verdict]
+		if a.verdict == traceTraceVerdictTRACE_FORWARD {
+			if o.Endpoint, err = endpointOf(t, a.bid); err != nil {
+				return err
+			}
 			step += " to " + o.Endpoint.String()
 		}
 		if o.Masquerade {
@@ -225,20 +244,20 @@ func (b *Backend) traceTC(res *trace.Result, t *table, iface string) error {
 	res.Steps = append(res.Steps, fmt.Sprintf("tc ingress program %s (id %d) attached to %s, test run of a synthesized first packet %s -> %s",
 		pinfo.Name, info.Program, dev.Attrs().Name, q.SourceAddrPort(), q.To))
 	index := uint32(dev.Attrs().Index)
-	err = slotRuns(res, t, func(slot uint32) (traceTraceVerdict, uint8, uint32, uint32, trace.Outcome, error) {
+	err = slotRuns(res, t, func(slot uint32) (slotAnswer, error) {
 		in := traceSkb{Mark: traceMark, Ifindex: index, IngressIfindex: index, CB: [5]uint32{traceMagic, slot}}
 		var out traceSkbOut
 		if _, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: make([]byte, len(frame)+256), Context: in, ContextOut: &out}); err != nil {
-			return 0, 0, 0, 0, trace.Outcome{}, fmt.Errorf("trace: test run of the tc program: %w", err)
+			return slotAnswer{}, fmt.Errorf("trace: test run of the tc program: %w", err)
 		}
 		if out.CB[0] == traceMagic {
-			return 0, 0, 0, 0, trace.Outcome{}, errors.New("trace: the tc program gave no trace answer (a program built before svcnat trace existed? restart the agent)")
+			return slotAnswer{}, errors.New("trace: the tc program gave no trace answer (a program built before svcnat trace existed? restart the agent)")
 		}
 		o := trace.Outcome{Pinned: out.CB[0]>>16&traceFlagPinned != 0, Masquerade: out.CB[0]>>16&traceFlagMasquerade != 0}
 		if o.Masquerade && out.CB[4] != 0 {
 			o.MasqueradeAddress = netip.AddrFrom4([4]byte(binary.NativeEndian.AppendUint32(nil, out.CB[4])))
 		}
-		return traceTraceVerdict(out.CB[0] & 0xff), uint8(out.CB[0] >> 8), out.CB[2], out.CB[1], o, nil
+		return slotAnswer{verdict: traceTraceVerdict(out.CB[0] & 0xff), set: uint8(out.CB[0] >> 8), count: out.CB[2], id: out.CB[3], bid: out.CB[1], outcome: o}, nil
 	})
 	if err != nil {
 		return err
@@ -353,13 +372,13 @@ func (b *Backend) traceConnect(res *trace.Result, t *table) error {
 		res.Steps = append(res.Steps, "client: a pod; its session affinity entry (keyed by its network namespace, which an address does not name) is not looked up")
 	}
 	res.Steps = append(res.Steps, fmt.Sprintf("connect hook %s: program %s (lb.h, as the hook chooses for a new socket), test run against the pinned maps", hook, traceProgSvcnatTraceConnect))
-	return slotRuns(res, t, func(slot uint32) (traceTraceVerdict, uint8, uint32, uint32, trace.Outcome, error) {
+	return slotRuns(res, t, func(slot uint32) (slotAnswer, error) {
 		in.Slot = slot
 		var out traceTraceConnect
 		if _, err := prog.Run(&ebpf.RunOptions{Context: in, ContextOut: &out}); err != nil {
-			return 0, 0, 0, 0, trace.Outcome{}, fmt.Errorf("trace: test run of %s: %w", traceProgSvcnatTraceConnect, err)
+			return slotAnswer{}, fmt.Errorf("trace: test run of %s: %w", traceProgSvcnatTraceConnect, err)
 		}
-		return out.Verdict, out.Set, uint32(out.Count), out.BackendId, trace.Outcome{Pinned: out.Pinned != 0}, nil
+		return slotAnswer{verdict: out.Verdict, set: out.Set, count: uint32(out.Count), id: out.Id, bid: out.BackendId, outcome: trace.Outcome{Pinned: out.Pinned != 0}}, nil
 	})
 }
 

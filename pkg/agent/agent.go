@@ -46,7 +46,9 @@ type Sources interface {
 
 // ConntrackCleaner removes conntrack entries that the new state made stale.
 type ConntrackCleaner interface {
-	// Clean is called after every successful Sync with the state programmed.
+	// Clean is called after every successful Sync with the state
+	// programmed; s.Change, when set, names what changed since the last
+	// call, so that the cost can follow the change.
 	Clean(s *model.State) error
 }
 
@@ -131,6 +133,7 @@ type Agent struct {
 	full      bool
 	revision  uint64
 	endpoints int                                          // cluster endpoints in state
+	noLocal   noLocal                                      // of state, for kube-proxy's gauge
 	checked   map[model.ServicePortName]*model.ServicePort // those of state with a health check node port
 	triggers  map[types.NamespacedName]map[string]time.Time
 	// ignored holds, per Service, what its last rebuild left alone on
@@ -182,6 +185,7 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 		state:     &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}},
 		changed:   map[model.ServicePortName]bool{},
 		full:      true,
+		noLocal:   noLocal{},
 		checked:   map[model.ServicePortName]*model.ServicePort{},
 		triggers:  map[types.NamespacedName]map[string]time.Time{},
 		ignored:   map[types.NamespacedName]map[string]bool{},
@@ -454,14 +458,14 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	changed := len(a.changed)
 	a.full = false
-	clear(a.changed)
+	a.changed = map[model.ServicePortName]bool{} // not clear: iterating a cleared map costs its peak size
 	a.reportProblems(a.conflicts.Errors(), failed)
 	now := a.clock.Now()
 	for _, t := range a.pending {
 		a.metrics.programmingLatency.Observe(now.Sub(t.at).Seconds())
 	}
 	a.metrics.kubeProxy.observeSync(a.opts.IPFamilies, now.Sub(start), full)
-	a.metrics.kubeProxy.synced(a.opts.IPFamilies, now, state, a.pending)
+	a.metrics.kubeProxy.synced(a.opts.IPFamilies, now, a.noLocal, a.pending)
 	a.pending = a.pending[:0]
 	a.health.updated()
 	a.svcHealth.Sync(&model.State{ServicePorts: a.checked})
@@ -605,6 +609,7 @@ func (a *Agent) setPort(name model.ServicePortName, sp *model.ServicePort) {
 		delete(a.checked, n)
 		if prev != nil {
 			a.endpoints -= len(prev.ClusterEndpoints)
+			a.noLocal.add(prev, -1)
 		}
 		if r == nil {
 			delete(a.state.ServicePorts, n)
@@ -612,6 +617,7 @@ func (a *Agent) setPort(name model.ServicePortName, sp *model.ServicePort) {
 		}
 		a.state.ServicePorts[n] = r
 		a.endpoints += len(r.ClusterEndpoints)
+		a.noLocal.add(r, 1)
 		if r.HealthCheckNodePort != 0 {
 			a.checked[n] = r
 		}

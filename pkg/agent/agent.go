@@ -73,8 +73,9 @@ type Options struct {
 	// NodeAddresses returns this node's current addresses, for NodePort
 	// frontends; nil means none.
 	NodeAddresses func() []netip.Addr
-	// MinSyncInterval is the least time between two syncs (default 1s): a
-	// burst of changes within it is programmed in one sync.
+	// MinSyncInterval is the least time between two syncs (default 1s),
+	// beyond a burst of syncBurst after a quiet spell: a burst of changes
+	// within it is programmed in one sync.
 	MinSyncInterval time.Duration
 	// SyncPeriod is the interval of full reconciles (default 30s); the
 	// health server reports unhealthy when a queued change waits for more
@@ -112,14 +113,14 @@ type Agent struct {
 	started      time.Time
 	clusterCIDRs []netip.Prefix
 
-	mu          sync.Mutex
-	dirty       map[types.NamespacedName]struct{}
-	allDirty    bool
-	due         time.Time     // when the next sync runs; zero until caches synced
-	gap         time.Duration // least time from lastAttempt to the next sync
-	lastAttempt time.Time
-	armedFor    time.Time // the due time the loop's timer is set for (for tests)
-	wake        chan struct{}
+	mu       sync.Mutex
+	dirty    map[types.NamespacedName]struct{}
+	allDirty bool
+	due      time.Time // when the next sync runs; zero until caches synced
+	earliest time.Time // when a change may be synced at the earliest (rate limit, back-off)
+	paced    time.Time // when the syncs so far would end at one per MinSyncInterval
+	armedFor time.Time // the due time the loop's timer is set for (for tests)
+	wake     chan struct{}
 
 	// Owned by the loop goroutine.
 	ports map[types.NamespacedName][]*model.ServicePort // as built
@@ -178,7 +179,6 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 		started:   opts.Clock.Now(),
 		dirty:     map[types.NamespacedName]struct{}{},
 		allDirty:  true,
-		gap:       opts.MinSyncInterval,
 		wake:      make(chan struct{}, 1),
 		ports:     map[types.NamespacedName][]*model.ServicePort{},
 		conflicts: model.NewConflicts(),
@@ -225,6 +225,13 @@ func (a *Agent) AllChanged() {
 	a.poke()
 }
 
+// syncBurst is how many syncs may run back to back after a quiet spell
+// before MinSyncInterval paces them, as kube-proxy's burstSyncs: the second
+// of two changes that follow each other (a Service, then its EndpointSlice;
+// a rolling update's new pod, then its old one) is programmed at once, not
+// a window later. A longer burst still costs one sync per interval.
+const syncBurst = 2
+
 // scheduleLocked moves the next sync as early as the rate limit (or the
 // retry back-off) allows. Before the first sync it does nothing: Run starts
 // syncing once the caches are filled.
@@ -232,7 +239,7 @@ func (a *Agent) scheduleLocked() {
 	if a.due.IsZero() {
 		return
 	}
-	earliest := a.lastAttempt.Add(a.gap)
+	earliest := a.earliest
 	if now := a.clock.Now(); earliest.Before(now) {
 		earliest = now
 	}
@@ -353,21 +360,23 @@ func (a *Agent) waitForCaches(ctx context.Context) bool {
 func (a *Agent) syncAndSchedule(ctx context.Context) {
 	a.health.queued() // a periodic sync is due work too
 	start := a.clock.Now()
-	a.mu.Lock()
-	a.lastAttempt = start
-	a.mu.Unlock()
 	err := a.sync(ctx)
 	now := a.clock.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {
 		a.failures++
-		a.gap = a.backoff()
-		a.log.Error("sync failed, will retry", "err", err, "retryIn", a.gap, "failures", a.failures)
-		a.due = start.Add(a.gap)
+		backoff := a.backoff()
+		a.log.Error("sync failed, will retry", "err", err, "retryIn", backoff, "failures", a.failures)
+		a.earliest = start.Add(backoff)
+		a.due = a.earliest
 	} else {
 		a.failures = 0
-		a.gap = a.opts.MinSyncInterval
+		// A token bucket of syncBurst syncs refilled one per interval
+		// (kept as the time the syncs would end if paced).
+		interval := a.opts.MinSyncInterval
+		a.paced = later(a.paced, start).Add(interval)
+		a.earliest = a.paced.Add(-(syncBurst - 1) * interval)
 		a.due = now.Add(a.opts.SyncPeriod)
 	}
 	if a.due.Before(now) {
@@ -377,6 +386,13 @@ func (a *Agent) syncAndSchedule(ctx context.Context) {
 		a.scheduleLocked()
 		a.health.queued()
 	}
+}
+
+func later(x, y time.Time) time.Time {
+	if x.After(y) {
+		return x
+	}
+	return y
 }
 
 func (a *Agent) backoff() time.Duration {

@@ -118,7 +118,7 @@ func newRunCommand() *cobra.Command {
 	fs := cmd.Flags()
 	f.node.register(fs)
 	f.backend.register(fs, backendIptables)
-	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", 0, "least time between two syncs; changes within it are programmed together (default 1s with the iptables backend, whose every sync runs iptables-restore; 10ms with ebpf, whose map writes take microseconds)")
+	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", 0, "least time between two syncs, after the two a quiet spell allows back to back; changes within it are programmed together (default 1s with the iptables backend, whose every sync runs iptables-restore; 10ms with ebpf, whose map writes take microseconds)")
 	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of periodic reconciles; with iptables also how often every svcnat chain in the kernel is compared, beside the sync loop, with what svcnat wrote, to repair outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")

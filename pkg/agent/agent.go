@@ -46,7 +46,9 @@ type Sources interface {
 
 // ConntrackCleaner removes conntrack entries that the new state made stale.
 type ConntrackCleaner interface {
-	// Clean is called after every successful Sync with the state programmed.
+	// Clean is called after every successful Sync with the state
+	// programmed; s.Change, when set, names what changed since the last
+	// call, so that the cost can follow the change.
 	Clean(s *model.State) error
 }
 
@@ -71,8 +73,9 @@ type Options struct {
 	// NodeAddresses returns this node's current addresses, for NodePort
 	// frontends; nil means none.
 	NodeAddresses func() []netip.Addr
-	// MinSyncInterval is the least time between two syncs (default 1s): a
-	// burst of changes within it is programmed in one sync.
+	// MinSyncInterval is the least time between two syncs (default 1s),
+	// beyond a burst of syncBurst after a quiet spell: a burst of changes
+	// within it is programmed in one sync.
 	MinSyncInterval time.Duration
 	// SyncPeriod is the interval of full reconciles (default 30s); the
 	// health server reports unhealthy when a queued change waits for more
@@ -110,14 +113,14 @@ type Agent struct {
 	started      time.Time
 	clusterCIDRs []netip.Prefix
 
-	mu          sync.Mutex
-	dirty       map[types.NamespacedName]struct{}
-	allDirty    bool
-	due         time.Time     // when the next sync runs; zero until caches synced
-	gap         time.Duration // least time from lastAttempt to the next sync
-	lastAttempt time.Time
-	armedFor    time.Time // the due time the loop's timer is set for (for tests)
-	wake        chan struct{}
+	mu       sync.Mutex
+	dirty    map[types.NamespacedName]struct{}
+	allDirty bool
+	due      time.Time // when the next sync runs; zero until caches synced
+	earliest time.Time // when a change may be synced at the earliest (rate limit, back-off)
+	paced    time.Time // when the syncs so far would end at one per MinSyncInterval
+	armedFor time.Time // the due time the loop's timer is set for (for tests)
+	wake     chan struct{}
 
 	// Owned by the loop goroutine.
 	ports map[types.NamespacedName][]*model.ServicePort // as built
@@ -131,6 +134,7 @@ type Agent struct {
 	full      bool
 	revision  uint64
 	endpoints int                                          // cluster endpoints in state
+	noLocal   noLocal                                      // of state, for kube-proxy's gauge
 	checked   map[model.ServicePortName]*model.ServicePort // those of state with a health check node port
 	triggers  map[types.NamespacedName]map[string]time.Time
 	// ignored holds, per Service, what its last rebuild left alone on
@@ -175,13 +179,13 @@ func New(backend dataplane.Backend, src Sources, opts Options) *Agent {
 		started:   opts.Clock.Now(),
 		dirty:     map[types.NamespacedName]struct{}{},
 		allDirty:  true,
-		gap:       opts.MinSyncInterval,
 		wake:      make(chan struct{}, 1),
 		ports:     map[types.NamespacedName][]*model.ServicePort{},
 		conflicts: model.NewConflicts(),
 		state:     &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}},
 		changed:   map[model.ServicePortName]bool{},
 		full:      true,
+		noLocal:   noLocal{},
 		checked:   map[model.ServicePortName]*model.ServicePort{},
 		triggers:  map[types.NamespacedName]map[string]time.Time{},
 		ignored:   map[types.NamespacedName]map[string]bool{},
@@ -221,6 +225,13 @@ func (a *Agent) AllChanged() {
 	a.poke()
 }
 
+// syncBurst is how many syncs may run back to back after a quiet spell
+// before MinSyncInterval paces them, as kube-proxy's burstSyncs: the second
+// of two changes that follow each other (a Service, then its EndpointSlice;
+// a rolling update's new pod, then its old one) is programmed at once, not
+// a window later. A longer burst still costs one sync per interval.
+const syncBurst = 2
+
 // scheduleLocked moves the next sync as early as the rate limit (or the
 // retry back-off) allows. Before the first sync it does nothing: Run starts
 // syncing once the caches are filled.
@@ -228,7 +239,7 @@ func (a *Agent) scheduleLocked() {
 	if a.due.IsZero() {
 		return
 	}
-	earliest := a.lastAttempt.Add(a.gap)
+	earliest := a.earliest
 	if now := a.clock.Now(); earliest.Before(now) {
 		earliest = now
 	}
@@ -349,21 +360,23 @@ func (a *Agent) waitForCaches(ctx context.Context) bool {
 func (a *Agent) syncAndSchedule(ctx context.Context) {
 	a.health.queued() // a periodic sync is due work too
 	start := a.clock.Now()
-	a.mu.Lock()
-	a.lastAttempt = start
-	a.mu.Unlock()
 	err := a.sync(ctx)
 	now := a.clock.Now()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {
 		a.failures++
-		a.gap = a.backoff()
-		a.log.Error("sync failed, will retry", "err", err, "retryIn", a.gap, "failures", a.failures)
-		a.due = start.Add(a.gap)
+		backoff := a.backoff()
+		a.log.Error("sync failed, will retry", "err", err, "retryIn", backoff, "failures", a.failures)
+		a.earliest = start.Add(backoff)
+		a.due = a.earliest
 	} else {
 		a.failures = 0
-		a.gap = a.opts.MinSyncInterval
+		// A token bucket of syncBurst syncs refilled one per interval
+		// (kept as the time the syncs would end if paced).
+		interval := a.opts.MinSyncInterval
+		a.paced = later(a.paced, start).Add(interval)
+		a.earliest = a.paced.Add(-(syncBurst - 1) * interval)
 		a.due = now.Add(a.opts.SyncPeriod)
 	}
 	if a.due.Before(now) {
@@ -373,6 +386,13 @@ func (a *Agent) syncAndSchedule(ctx context.Context) {
 		a.scheduleLocked()
 		a.health.queued()
 	}
+}
+
+func later(x, y time.Time) time.Time {
+	if x.After(y) {
+		return x
+	}
+	return y
 }
 
 func (a *Agent) backoff() time.Duration {
@@ -454,14 +474,14 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	changed := len(a.changed)
 	a.full = false
-	clear(a.changed)
+	a.changed = map[model.ServicePortName]bool{} // not clear: iterating a cleared map costs its peak size
 	a.reportProblems(a.conflicts.Errors(), failed)
 	now := a.clock.Now()
 	for _, t := range a.pending {
 		a.metrics.programmingLatency.Observe(now.Sub(t.at).Seconds())
 	}
 	a.metrics.kubeProxy.observeSync(a.opts.IPFamilies, now.Sub(start), full)
-	a.metrics.kubeProxy.synced(a.opts.IPFamilies, now, state, a.pending)
+	a.metrics.kubeProxy.synced(a.opts.IPFamilies, now, a.noLocal, a.pending)
 	a.pending = a.pending[:0]
 	a.health.updated()
 	a.svcHealth.Sync(&model.State{ServicePorts: a.checked})
@@ -605,6 +625,7 @@ func (a *Agent) setPort(name model.ServicePortName, sp *model.ServicePort) {
 		delete(a.checked, n)
 		if prev != nil {
 			a.endpoints -= len(prev.ClusterEndpoints)
+			a.noLocal.add(prev, -1)
 		}
 		if r == nil {
 			delete(a.state.ServicePorts, n)
@@ -612,6 +633,7 @@ func (a *Agent) setPort(name model.ServicePortName, sp *model.ServicePort) {
 		}
 		a.state.ServicePorts[n] = r
 		a.endpoints += len(r.ClusterEndpoints)
+		a.noLocal.add(r, 1)
 		if r.HealthCheckNodePort != 0 {
 			a.checked[n] = r
 		}

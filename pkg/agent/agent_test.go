@@ -327,15 +327,23 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	h.waitArmed(30 * time.Second) // the periodic reconcile
 	h.src.takeReads()
 
-	// A burst of changes right after a sync ...
 	var keys []types.NamespacedName
 	for i := range 3 {
 		name := fmt.Sprintf("api%d", i)
 		keys = append(keys, h.src.put(service(name, fmt.Sprintf("10.96.1.%d", i)), endpointSlice(name, name+"-1", "10.244.1.1", "10.244.1.2")))
-		h.a.ServiceChanged(keys[i])
 	}
+	// After a quiet spell a change is programmed at once: the first sync
+	// and this one are the burst the rate limit allows ...
 	h.a.ServiceChanged(keys[0])
-	// ... waits for the minimum interval and is programmed in one sync.
+	if got, want := change(h.waitSync()), "updated [ns/api0] removed []"; got != want {
+		t.Errorf("first change's sync: %s, want %s", got, want)
+	}
+	h.src.takeReads()
+	// ... and a burst of changes right after it waits for the minimum
+	// interval and is programmed in one sync.
+	h.a.ServiceChanged(keys[1])
+	h.a.ServiceChanged(keys[2])
+	h.a.ServiceChanged(keys[0])
 	h.waitArmed(time.Second)
 	h.advanceTo(999 * time.Millisecond)
 	h.noSync()
@@ -345,7 +353,7 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 	if want := []string{"ns/api0=2", "ns/api1=2", "ns/api2=2", "ns/web=1"}; !slices.Equal(got, want) {
 		t.Errorf("coalesced sync programmed %v, want %v", got, want)
 	}
-	if got, want := change(coalesced), "updated [ns/api0 ns/api1 ns/api2] removed []"; got != want {
+	if got, want := change(coalesced), "updated [ns/api1 ns/api2] removed []"; got != want {
 		t.Errorf("coalesced sync's change: %s, want %s", got, want)
 	}
 	h.noSync()
@@ -386,17 +394,57 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 		t.Errorf("periodic sync rebuilt %v, want nothing", reads)
 	}
 
-	// AllChanged rebuilds every Service.
+	// AllChanged rebuilds every Service (at once: the periodic sync came
+	// after a quiet spell).
 	h.waitArmed(62 * time.Second)
 	h.a.AllChanged()
-	h.waitArmed(33 * time.Second)
-	h.advanceTo(33 * time.Second)
 	if got, want := change(h.waitSync()), "updated [] removed []"; got != want {
 		t.Errorf("AllChanged sync's change: %s, want %s (nothing differs)", got, want)
 	}
 	if reads := h.src.takeReads(); len(reads) != 3 {
 		t.Errorf("AllChanged rebuilt %v, want every Service", reads)
 	}
+}
+
+// TestSecondChangeAfterQuietSpellNotDelayed: after a quiet spell, a change
+// and the one that follows it (a Service, then its EndpointSlice) are both
+// programmed at once, without waiting for the minimum interval; changes
+// after those are paced, one sync per interval, however many arrive.
+func TestSecondChangeAfterQuietSpellNotDelayed(t *testing.T) {
+	h := newHarness(t)
+	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.cachesSynced()
+	h.waitSync()
+	h.waitArmed(30 * time.Second)
+	h.advanceTo(10 * time.Second)
+
+	k := h.src.put(service("api", "10.96.0.11"))
+	h.a.ServiceChanged(k)
+	if got, want := names(h.waitSync()), []string{"ns/api=0", "ns/web=1"}; !slices.Equal(got, want) {
+		t.Fatalf("new Service's sync: %v, want %v", got, want)
+	}
+	h.src.put(service("api", "10.96.0.11"), endpointSlice("api", "api-1", "10.244.0.6"))
+	h.a.ServiceChanged(k)
+	// No clock advance: synced at 10 s, not a minimum interval later.
+	if got, want := names(h.waitSync()), []string{"ns/api=1", "ns/web=1"}; !slices.Equal(got, want) {
+		t.Fatalf("its EndpointSlice's sync: %v, want %v", got, want)
+	}
+
+	// The burst is spent: further changes wait for the interval and are
+	// programmed together.
+	for i := range 3 {
+		name := fmt.Sprintf("more%d", i)
+		h.a.ServiceChanged(h.src.put(service(name, fmt.Sprintf("10.96.1.%d", i)), endpointSlice(name, name+"-1", "10.244.1.1")))
+	}
+	h.waitArmed(11 * time.Second)
+	h.noSync()
+	h.advanceTo(11 * time.Second)
+	if got, want := change(h.waitSync()), "updated [ns/more0 ns/more1 ns/more2] removed []"; got != want {
+		t.Errorf("paced sync: %s, want %s", got, want)
+	}
+	h.a.ServiceChanged(k)
+	h.waitArmed(12 * time.Second)
+	h.noSync()
 }
 
 // driftBackend is a fakeBackend whose CheckDrift waits for the test to
@@ -437,24 +485,25 @@ func TestDriftCheckBesideTheLoop(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no drift check after SyncPeriod")
 	}
-	// The comparison is still reading: a change is programmed meanwhile.
+	// The comparison is still reading: a change is programmed meanwhile
+	// (at once: the periodic sync and this one are the burst).
 	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5", "10.244.0.6"))
 	h.a.ServiceChanged(web)
-	h.waitArmed(31 * time.Second)
-	h.advanceTo(31 * time.Second)
 	if got, want := change(h.waitSync()), "updated [ns/web] removed []"; got != want {
 		t.Errorf("sync beside the drift check: %s, want %s", got, want)
 	}
-	// Drift found: the repairing sync runs after the minimum interval.
+	// Drift found: the repairing sync runs as soon as the rate limit
+	// allows, after the minimum interval.
+	h.waitArmed(60 * time.Second)
 	db.answers <- true
-	h.waitArmed(32 * time.Second)
-	h.advanceTo(32 * time.Second)
+	h.waitArmed(31 * time.Second)
+	h.advanceTo(31 * time.Second)
 	if got, want := change(h.waitSync()), "updated [] removed []"; got != want {
 		t.Errorf("repairing sync's change: %s, want %s", got, want)
 	}
 	// No drift: nothing is brought forward; the next check is a period on.
-	h.waitArmed(62 * time.Second)
-	h.advanceTo(61 * time.Second)
+	h.waitArmed(61 * time.Second)
+	h.advanceTo(60 * time.Second)
 	h.noSync()
 	select {
 	case <-db.checks:
@@ -463,7 +512,7 @@ func TestDriftCheckBesideTheLoop(t *testing.T) {
 	}
 	db.answers <- false
 	h.noSync()
-	h.waitArmed(62 * time.Second)
+	h.waitArmed(61 * time.Second)
 }
 
 func TestRetriesWithBackoff(t *testing.T) {
@@ -539,8 +588,6 @@ func TestProgrammingLatency(t *testing.T) {
 	// Rebuilding the same slice again observes nothing new.
 	h.waitArmed(31 * time.Second)
 	h.a.ServiceChanged(k)
-	h.waitArmed(2 * time.Second)
-	h.advanceTo(2 * time.Second)
 	h.waitSync()
 	if c := histogramCount(t, h.m.programmingLatency); c != 1 {
 		t.Errorf("latency observations after an unchanged rebuild = %d, want 1", c)

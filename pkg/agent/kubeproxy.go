@@ -83,31 +83,39 @@ func (m *kubeProxyMetrics) observeSync(families []model.Family, took time.Durati
 	}
 }
 
-// synced records a successful sync of state for families: when it
-// finished, the network programming latency of the slice changes it
-// programmed, and the Service ports whose Local traffic policy has no
-// local endpoint while endpoints exist elsewhere (kube-proxy drops their
-// traffic and counts each once per policy).
-func (m *kubeProxyMetrics) synced(families []model.Family, now time.Time, state *model.State, programmed []trigger) {
-	noLocal := map[model.Family]map[string]int{}
-	for _, sp := range state.ServicePorts {
-		if len(sp.ClusterEndpoints) == 0 || len(sp.LocalEndpoints) > 0 {
-			continue
-		}
-		if noLocal[sp.Name.Family] == nil {
-			noLocal[sp.Name.Family] = map[string]int{}
-		}
-		if sp.InternalTrafficLocal {
-			noLocal[sp.Name.Family]["internal"]++
-		}
-		if sp.ExternalTrafficLocal {
-			noLocal[sp.Name.Family]["external"]++
-		}
+// noLocal counts, per IP family and traffic policy ("internal",
+// "external"), the Service ports whose Local traffic policy has no local
+// endpoint while endpoints exist elsewhere (kube-proxy drops their traffic
+// and counts each once per policy). The agent keeps it up to date as
+// ServicePorts change, so that a sync does not walk the whole state.
+type noLocal map[noLocalKey]int
+
+type noLocalKey struct {
+	family model.Family
+	policy string
+}
+
+// add counts sp (d = 1) or stops counting it (d = -1); nil is no port.
+func (n noLocal) add(sp *model.ServicePort, d int) {
+	if sp == nil || len(sp.ClusterEndpoints) == 0 || len(sp.LocalEndpoints) > 0 {
+		return
 	}
+	if sp.InternalTrafficLocal {
+		n[noLocalKey{sp.Name.Family, "internal"}] += d
+	}
+	if sp.ExternalTrafficLocal {
+		n[noLocalKey{sp.Name.Family, "external"}] += d
+	}
+}
+
+// synced records a successful sync for families: when it finished, the
+// network programming latency of the slice changes it programmed, and the
+// Service ports without a local endpoint for their Local policy.
+func (m *kubeProxyMetrics) synced(families []model.Family, now time.Time, counts noLocal, programmed []trigger) {
 	for _, f := range families {
 		m.lastSync.WithLabelValues(string(f)).Set(float64(now.UnixNano()) / 1e9)
 		for _, policy := range []string{"internal", "external"} {
-			m.noLocalEndpoints.WithLabelValues(policy, string(f)).Set(float64(noLocal[f][policy]))
+			m.noLocalEndpoints.WithLabelValues(policy, string(f)).Set(float64(counts[noLocalKey{f, policy}]))
 		}
 	}
 	for _, t := range programmed {

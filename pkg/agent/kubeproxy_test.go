@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
 )
 
@@ -23,7 +24,7 @@ func TestKubeProxyMetrics(t *testing.T) {
 	local.Spec.InternalTrafficPolicy = new(corev1.ServiceInternalTrafficPolicyLocal)
 	elsewhere := endpointSlice("local", "local-1", "10.244.1.5")
 	elsewhere.Endpoints[0].NodeName = new("node2")
-	h.src.put(local, elsewhere)
+	localKey := h.src.put(local, elsewhere)
 	h.cachesSynced()
 	h.waitSync()
 	h.waitArmed(30 * time.Second)
@@ -36,26 +37,7 @@ func TestKubeProxyMetrics(t *testing.T) {
 	h.waitSync()
 	h.waitArmed(31 * time.Second)
 
-	got := map[string]float64{}
-	families, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range families {
-		for _, m := range mf.GetMetric() {
-			key := mf.GetName()
-			for _, l := range m.GetLabel() {
-				key += " " + l.GetName() + "=" + l.GetValue()
-			}
-			switch {
-			case m.Histogram != nil:
-				got[key+" count"] = float64(m.GetHistogram().GetSampleCount())
-				got[key+" sum"] = m.GetHistogram().GetSampleSum()
-			case m.Gauge != nil:
-				got[key] = m.GetGauge().GetValue()
-			}
-		}
-	}
+	got, families := gather(t, reg)
 	for key, want := range map[string]float64{
 		"kubeproxy_sync_proxy_rules_duration_seconds ip_family=IPv4 count":                           2,
 		"kubeproxy_sync_proxy_rules_duration_seconds ip_family=IPv6 count":                           2,
@@ -90,4 +72,58 @@ func TestKubeProxyMetrics(t *testing.T) {
 			t.Errorf("%s has %d buckets, want kube-proxy's %d", mf.GetName(), len(b), want)
 		}
 	}
+
+	// The count follows each change (kept up to date per ServicePort, not
+	// recounted): the Service gets a local endpoint, then another Service
+	// without one appears.
+	withLocal := endpointSlice("local", "local-1", "10.244.1.5", "10.244.0.9")
+	withLocal.Endpoints[0].NodeName = new("node2")
+	withLocal.Endpoints[1].NodeName = new("node1")
+	h.src.put(local, withLocal)
+	h.advanceTo(2 * time.Second)
+	h.a.ServiceChanged(localKey)
+	h.waitSync()
+	h.waitArmed(32 * time.Second)
+	const internal = "kubeproxy_sync_proxy_rules_no_local_endpoints_total ip_family=IPv4 traffic_policy=internal"
+	if got, _ := gather(t, reg); got[internal] != 0 {
+		t.Errorf("after a local endpoint appeared: %s = %v, want 0", internal, got[internal])
+	}
+	other := service("other", "10.96.0.12")
+	other.Spec.InternalTrafficPolicy = new(corev1.ServiceInternalTrafficPolicyLocal)
+	h.advanceTo(3 * time.Second)
+	otherSlice := endpointSlice("other", "other-1", "10.244.1.6")
+	otherSlice.Endpoints[0].NodeName = new("node2")
+	h.a.ServiceChanged(h.src.put(other, otherSlice))
+	h.waitSync()
+	h.waitArmed(33 * time.Second)
+	if got, _ := gather(t, reg); got[internal] != 1 {
+		t.Errorf("after another Service without local endpoints: %s = %v, want 1", internal, got[internal])
+	}
+}
+
+// gather returns the value of every gauge and the count and sum of every
+// histogram in reg, keyed by name and labels.
+func gather(t *testing.T, reg *prometheus.Registry) (map[string]float64, []*dto.MetricFamily) {
+	t.Helper()
+	got := map[string]float64{}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range families {
+		for _, m := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, l := range m.GetLabel() {
+				key += " " + l.GetName() + "=" + l.GetValue()
+			}
+			switch {
+			case m.Histogram != nil:
+				got[key+" count"] = float64(m.GetHistogram().GetSampleCount())
+				got[key+" sum"] = m.GetHistogram().GetSampleSum()
+			case m.Gauge != nil:
+				got[key] = m.GetGauge().GetValue()
+			}
+		}
+	}
+	return got, families
 }

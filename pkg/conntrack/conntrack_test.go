@@ -3,6 +3,7 @@
 package conntrack
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -219,5 +220,126 @@ func TestFilterMatchesOnlyStaleUDP(t *testing.T) {
 		if got := f.MatchConntrackFlow(tc.flow); got != tc.want {
 			t.Errorf("%s: match = %v, want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+// recordingCleaner is a Cleaner whose deletions are recorded instead of
+// sent to the kernel: the frontends each Clean asked to clean.
+func recordingCleaner() (*Cleaner, *[]string) {
+	var asked []string
+	c := NewCleaner(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	c.deleteFlows = func(_ model.Family, f staleFilter) (uint, error) {
+		for fe := range f {
+			asked = append(asked, fe.String())
+		}
+		slices.Sort(asked)
+		return 0, nil
+	}
+	return c, &asked
+}
+
+// TestCleanLooksOnlyAtTheChange: with s.Change set, Clean looks at the
+// ServicePorts it names and at nothing else, whatever the others hold; a
+// full state (no Change) compares every ServicePort again.
+func TestCleanLooksOnlyAtTheChange(t *testing.T) {
+	c, asked := recordingCleaner()
+	a := udpPort("a", "10.96.0.10:53", "10.244.0.5:53", "10.244.0.6:53")
+	b := udpPort("b", "10.96.0.20:53", "10.244.0.5:53")
+	tcp := udpPort("t", "10.96.0.30:53")
+	tcp.Protocol = model.TCP
+	if err := c.Clean(state(a, b, tcp)); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"10.96.0.10:53", "10.96.0.20:53"}; !slices.Equal(*asked, want) {
+		t.Fatalf("first clean: %v, want every UDP frontend %v", *asked, want)
+	}
+	step := func(what string, s *model.State, want ...string) {
+		t.Helper()
+		*asked = nil
+		if err := c.Clean(s); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(*asked, want) {
+			t.Errorf("%s: cleaned %v, want %v", what, *asked, want)
+		}
+	}
+	// a loses an endpoint, but only b is named: a is not looked at.
+	aLost := udpPort("a", "10.96.0.10:53", "10.244.0.6:53")
+	bGained := udpPort("b", "10.96.0.20:53", "10.244.0.5:53", "10.244.0.7:53")
+	s := state(aLost, bGained, tcp)
+	s.Change = &model.Change{Updated: []model.ServicePortName{b.Name}}
+	step("change naming b, which only gained", s)
+	s.Change = &model.Change{}
+	step("change naming nothing", s)
+	// Named, a's loss is seen against what the first Clean saw.
+	s.Change = &model.Change{Updated: []model.ServicePortName{a.Name}}
+	step("change naming a", s, "10.96.0.10:53")
+	// b moves to a new frontend and a goes; the new frontend is cleaned.
+	bMoved := udpPort("b", "10.96.0.21:53", "10.244.0.5:53")
+	s = state(bMoved, tcp)
+	s.Change = &model.Change{Updated: []model.ServicePortName{b.Name}, Removed: []model.ServicePortName{a.Name}}
+	step("b moved, a removed", s, "10.96.0.21:53")
+	// A full state compares everything with the last Clean: a comes back.
+	step("full state", state(a, bMoved, tcp), "10.96.0.10:53")
+	// After an error everything is reconciled again.
+	c.deleteFlows = func(model.Family, staleFilter) (uint, error) { return 0, errors.New("injected") }
+	s = state(aLost, bMoved, tcp)
+	s.Change = &model.Change{Updated: []model.ServicePortName{a.Name}}
+	if err := c.Clean(s); err == nil {
+		t.Fatal("Clean returned nil after a failed delete")
+	}
+	c2, asked2 := recordingCleaner()
+	c.deleteFlows, asked = c2.deleteFlows, asked2
+	s.Change = &model.Change{}
+	step("after an error", s, "10.96.0.10:53", "10.96.0.21:53")
+}
+
+// oneChangeAmong has c clean n UDP ServicePorts of one endpoint each, and
+// returns a function that changes the endpoint of one of them and cleans
+// again, with a Change naming it.
+func oneChangeAmong(tb testing.TB, c *Cleaner, n int) func() {
+	s := &model.State{ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+	for i := range n {
+		sp := udpPort(fmt.Sprintf("svc%d", i), fmt.Sprintf("10.96.%d.%d:53", i>>8, i&255), "10.244.0.5:53")
+		s.ServicePorts[sp.Name] = sp
+	}
+	if err := c.Clean(s); err != nil {
+		tb.Fatal(err)
+	}
+	name := model.ServicePortName{Namespace: "ns", Name: "svc7", Family: model.IPv4}
+	s.Change = &model.Change{Updated: []model.ServicePortName{name}}
+	i := 0
+	return func() {
+		i++
+		s.ServicePorts[name] = udpPort("svc7", "10.96.0.7:53", fmt.Sprintf("10.244.1.%d:53", i%2))
+		if err := c.Clean(s); err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
+
+// TestCleanCostFollowsTheChange: a Clean whose Change names one ServicePort
+// of 10,000 UDP ones allocates as little as one of 10 (it does not walk the
+// state).
+func TestCleanCostFollowsTheChange(t *testing.T) {
+	allocs := func(n int) float64 {
+		c, _ := recordingCleaner()
+		return testing.AllocsPerRun(20, oneChangeAmong(t, c, n))
+	}
+	small, large := allocs(10), allocs(10000)
+	if large > small+5 {
+		t.Errorf("one change among 10,000 UDP ServicePorts: %.0f allocations, among 10: %.0f; want the cost of the change only", large, small)
+	}
+}
+
+// BenchmarkClean10k is Clean's cost when one of 10,000 UDP ServicePorts
+// changes endpoints (no conntrack table is read: deletions are discarded).
+func BenchmarkClean10k(b *testing.B) {
+	c := NewCleaner(slog.New(slog.NewTextHandler(io.Discard, nil)))
+	c.deleteFlows = func(model.Family, staleFilter) (uint, error) { return 0, nil }
+	change := oneChangeAmong(b, c, 10000)
+	b.ReportAllocs()
+	for b.Loop() {
+		change()
 	}
 }

@@ -192,3 +192,24 @@ func leaves(v reflect.Value, path string, out *[]string) {
 		}
 	}
 }
+
+// TestInterner checks that equal strings share one copy, and that the
+// interner stays bounded while names keep coming.
+func TestInterner(t *testing.T) {
+	in := &interner{strs: map[string]*string{}}
+	a, b := "node-1", strings.Clone("node-1")
+	if pa, pb := in.ptr(&a), in.ptr(&b); pa != pb || *pa != "node-1" {
+		t.Errorf("ptr(node-1) twice = %p, %p; want one pointer to node-1", pa, pb)
+	}
+	if in.ptr(nil) != nil {
+		t.Error("ptr(nil) is not nil")
+	}
+	for i := range maxInterned + 10 {
+		if s := fmt.Sprint(i); in.str(s) != s {
+			t.Fatalf("str(%q) = %q", s, in.str(s))
+		}
+	}
+	if len(in.strs) > maxInterned {
+		t.Errorf("interner holds %d strings, want at most %d", len(in.strs), maxInterned)
+	}
+}

@@ -274,7 +274,7 @@ type interner struct {
 	strs map[string]*string
 }
 
-const maxInterned = 1 << 12
+const maxInterned = 1 << 14
 
 // ptr returns a pointer to the shared copy of *s; nil for nil.
 func (in *interner) ptr(s *string) *string {

@@ -620,21 +620,44 @@ func topologyOf(cands []candidate) topology {
 // usable returns the endpoints among cands that keep is true for: the ready
 // ones, or when none is ready, the serving-and-terminating ones.
 func usable(cands []candidate, keep func(candidate) bool) []Endpoint {
-	var out []Endpoint
-	for _, c := range cands {
-		if c.ready && keep(c) {
-			out = append(out, c.endpoint())
-		}
-	}
-	if len(out) > 0 {
+	if out := endpoints(cands, func(c candidate) bool { return c.ready && keep(c) }); out != nil {
 		return out
 	}
+	return endpoints(cands, func(c candidate) bool { return c.serving && c.terminating && keep(c) })
+}
+
+// endpoints returns the endpoints among cands that keep is true for, in an
+// array of their number (a ServicePort lives as long as its Service);
+// nil when there is none.
+func endpoints(cands []candidate, keep func(candidate) bool) []Endpoint {
+	n := 0
 	for _, c := range cands {
-		if c.serving && c.terminating && keep(c) {
+		if keep(c) {
+			n++
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	out := make([]Endpoint, 0, n)
+	for _, c := range cands {
+		if keep(c) {
 			out = append(out, c.endpoint())
 		}
 	}
 	return out
+}
+
+// reuse returns the first of built that equals eps, else eps: a ServicePort's
+// endpoint lists share one array when they are equal (commonly every
+// serving endpoint is a cluster endpoint).
+func reuse(eps []Endpoint, built ...[]Endpoint) []Endpoint {
+	for _, b := range built {
+		if len(b) > 0 && slices.Equal(eps, b) {
+			return b
+		}
+	}
+	return eps
 }
 
 func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *ServicePort {
@@ -677,14 +700,6 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	}
 
 	cands := b.endpointsFor(port, fam.family)
-	for _, c := range cands {
-		if c.serving {
-			sp.ServingEndpoints = append(sp.ServingEndpoints, c.endpoint())
-		}
-		if c.ready && c.local && sp.HealthCheckNodePort != 0 {
-			sp.LocalReadyEndpoints = append(sp.LocalReadyEndpoints, c.endpoint())
-		}
-	}
 	topo := topologyOf(cands)
 	sp.ClusterEndpoints = usable(cands, func(c candidate) bool {
 		switch topo {
@@ -697,6 +712,12 @@ func (b *serviceBuilder) servicePort(port servicePortSpec, fam familyIP) *Servic
 	})
 	if b.internalLocal || b.externalLocal {
 		sp.LocalEndpoints = usable(cands, func(c candidate) bool { return c.local })
+	}
+	sp.ServingEndpoints = reuse(endpoints(cands, func(c candidate) bool { return c.serving }),
+		sp.ClusterEndpoints, sp.LocalEndpoints)
+	if sp.HealthCheckNodePort != 0 {
+		sp.LocalReadyEndpoints = reuse(endpoints(cands, func(c candidate) bool { return c.ready && c.local }),
+			sp.LocalEndpoints)
 	}
 	sp.prune()
 	return sp

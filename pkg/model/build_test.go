@@ -12,6 +12,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/svcnat/svcnat/internal/memtest"
 )
 
 // service returns a ClusterIP Service with one TCP port named http.
@@ -370,16 +372,27 @@ func TestBuildThousandsOfEndpoints(t *testing.T) {
 	}
 }
 
+// BenchmarkBuild10k builds 10,000 ClusterIP Services of 10 endpoints (as
+// make bench has them), and reports the live heap of the State per Service.
 func BenchmarkBuild10k(b *testing.B) {
 	cfg := &Config{NodeName: "node1", NodeAddresses: []netip.Addr{netip.MustParseAddr("192.168.1.2")}}
 	svcs, ess := manyServices(10000, 10, rand.New(rand.NewPCG(1, 2)))
-	b.ReportAllocs()
-	for b.Loop() {
-		s, errs := Build(cfg, svcs, ess)
-		if len(errs) > 0 || len(s.ServicePorts) != 10000 {
-			b.Fatalf("Build: %d ServicePorts, %v", len(s.ServicePorts), errs)
-		}
+	for _, svc := range svcs {
+		// manyServices' NodePorts collide beyond 2,768 Services.
+		svc.Spec.Type, svc.Spec.Ports[0].NodePort = corev1.ServiceTypeClusterIP, 0
 	}
+	b.ReportAllocs()
+	var heap uint64
+	for b.Loop() {
+		heap = memtest.LiveHeap(func() any {
+			s, errs := Build(cfg, svcs, ess)
+			if len(errs) > 0 || len(s.ServicePorts) != 10000 {
+				b.Fatalf("Build: %d ServicePorts, %v", len(s.ServicePorts), errs)
+			}
+			return s
+		})
+	}
+	b.ReportMetric(float64(heap)/float64(len(svcs)), "heapB/service")
 }
 
 // BenchmarkBuildServiceLarge measures one dual-stack NodePort Service with
@@ -432,5 +445,43 @@ func TestCloneIsDeep(t *testing.T) {
 	if orig.Frontends[0].Port != 80 || orig.ClusterEndpoints[0].Port != 8080 || orig.LocalEndpoints[0].Port != 8080 ||
 		orig.SourceRanges[0] != netip.MustParsePrefix("192.0.2.0/24") {
 		t.Fatalf("changing the clone changed the original: %+v", orig)
+	}
+}
+
+// TestEndpointListsCompact checks how a ServicePort holds its endpoints,
+// since it lives as long as its Service (BenchmarkBuild10k reports the
+// heap): each list in an array of its length, and the serving endpoints
+// in the cluster endpoints' array when they are the same.
+func TestEndpointListsCompact(t *testing.T) {
+	var list []endpoint
+	for j := range 10 {
+		list = append(list, endpoint{ip: fmt.Sprintf("10.244.0.%d", j+1), node: "node1"})
+	}
+	for _, c := range []struct {
+		name   string
+		shared bool
+		change func([]endpoint) []endpoint
+	}{
+		{"all ready", true, func(l []endpoint) []endpoint { return l }},
+		{"one not ready", false, func(l []endpoint) []endpoint {
+			l = slices.Clone(l)
+			l[3].notReady = true
+			return l
+		}},
+	} {
+		sps, errs := BuildService(&Config{NodeName: "node1"}, service("default", "web", "10.96.0.10"),
+			[]*discoveryv1.EndpointSlice{slice("default", "web", "web-1", c.change(list)...)})
+		if len(errs) > 0 || len(sps) != 1 {
+			t.Fatalf("%s: BuildService: %d ports, %v", c.name, len(sps), errs)
+		}
+		sp := sps[0]
+		for what, l := range map[string][]Endpoint{"cluster": sp.ClusterEndpoints, "serving": sp.ServingEndpoints} {
+			if len(l) == 0 || cap(l) != len(l) {
+				t.Errorf("%s: %s endpoints: length %d, capacity %d; want equal, not 0", c.name, what, len(l), cap(l))
+			}
+		}
+		if shared := &sp.ServingEndpoints[0] == &sp.ClusterEndpoints[0]; shared != c.shared {
+			t.Errorf("%s: serving endpoints share the cluster endpoints' array: %v, want %v", c.name, shared, c.shared)
+		}
 	}
 }

@@ -1,10 +1,8 @@
 package model
 
 import (
-	"bytes"
 	"encoding/json"
 	"flag"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,73 +11,27 @@ import (
 	"github.com/google/go-cmp/cmp"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-	"sigs.k8s.io/yaml"
+
+	"github.com/svcnat/svcnat/pkg/model/modeltest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata")
 
-// fixture is the content of a testdata/*.yaml file: a multi-document YAML
-// stream of one Config document (kind: Config, fields as Config's JSON) and
-// any number of Services and EndpointSlices.
+// fixture is a parsed testdata/*.yaml file (see modeltest.Fixture).
 type fixture struct {
 	config   *Config
 	services []*corev1.Service
 	slices   []*discoveryv1.EndpointSlice
 }
 
-// parseFixture decodes a fixture; unknown fields and kinds are errors, so a
-// typo cannot silently drop part of a test.
+// parseFixture decodes a fixture and its Config.
 func parseFixture(data []byte) (*fixture, error) {
-	f := &fixture{config: &Config{}}
-	for i, doc := range splitYAML(data) {
-		var meta struct {
-			Kind string `json:"kind"`
-		}
-		if err := yaml.Unmarshal(doc, &meta); err != nil {
-			return nil, fmt.Errorf("document %d: %w", i, err)
-		}
-		var err error
-		switch meta.Kind {
-		case "":
-			continue // empty document
-		case "Config":
-			var c struct {
-				Kind string `json:"kind"`
-				Config
-			}
-			err = yaml.UnmarshalStrict(doc, &c)
-			f.config = &c.Config
-		case "Service":
-			svc := &corev1.Service{}
-			err = yaml.UnmarshalStrict(doc, svc)
-			f.services = append(f.services, svc)
-		case "EndpointSlice":
-			es := &discoveryv1.EndpointSlice{}
-			err = yaml.UnmarshalStrict(doc, es)
-			f.slices = append(f.slices, es)
-		default:
-			err = fmt.Errorf("unknown kind %q", meta.Kind)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("document %d (%s): %w", i, meta.Kind, err)
-		}
+	mf, err := modeltest.Parse(data)
+	if err != nil {
+		return nil, err
 	}
-	return f, nil
-}
-
-// splitYAML splits a YAML stream at "---" lines.
-func splitYAML(data []byte) [][]byte {
-	var docs [][]byte
-	var cur []byte
-	for line := range bytes.Lines(data) {
-		if strings.TrimRight(string(line), " \t\r\n") == "---" {
-			docs = append(docs, cur)
-			cur = nil
-			continue
-		}
-		cur = append(cur, line...)
-	}
-	return append(docs, cur)
+	f := &fixture{config: &Config{}, services: mf.Services, slices: mf.Slices}
+	return f, mf.DecodeConfig(f.config)
 }
 
 // golden is what a golden file holds: the built State and the error texts.

@@ -137,6 +137,9 @@ func (n ServicePortName) Compare(o ServicePortName) int {
 // Fields no frontend uses are left empty (except ClusterEndpoints, see
 // there), so that everything in a ServicePort can be read back from the
 // kernel.
+//
+// A built ServicePort is read-only: its endpoint lists may share one array
+// (ServingEndpoints is commonly ClusterEndpoints). Clone copies them apart.
 type ServicePort struct {
 	Name     ServicePortName `json:"name"`
 	Protocol Protocol        `json:"protocol"`

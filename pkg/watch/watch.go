@@ -10,6 +10,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -120,31 +122,179 @@ func New(client kubernetes.Interface, nodeName string, resync time.Duration, log
 	return w, nil
 }
 
-// trim drops from an object, before it is cached, what svcnat never reads:
-// managed fields, annotations (kubectl's last-applied-configuration alone can
-// double an object) except an EndpointSlice's change trigger time, and a
-// Node's status (its image list is often the largest part of a cluster's
-// Nodes). It modifies obj, which the informer owns; other types, such as
+// trim replaces an object, before it is cached, by a copy of only what
+// svcnat reads from it, so that fields it never reads (managed fields,
+// annotations, owner references, target references, hostnames, zones,
+// selectors, most of a Node's status, and fields future API versions add)
+// take no memory:
+//   - every object: name, namespace, resourceVersion (the informer tells
+//     resyncs apart by it);
+//   - Service: uid (Build's tie-break), the spec fields and the load
+//     balancer ingress IPs pkg/model reads;
+//   - EndpointSlice: its service-name label (the index, pkg/model), its
+//     change trigger time annotation (the agent's latency metric), its
+//     address type and ports, and per endpoint its addresses, conditions,
+//     nodeName and hints;
+//   - Node (one object, trimmed less strictly): all but its managed fields,
+//     annotations and status other than its addresses (the health check
+//     reads its deletion timestamp and taints, pkg/model its zone label and
+//     its addresses).
+//
+// The copies share what many objects hold alike (namespaces, node and
+// port names, protocols, condition values): cached objects are read-only.
+// Endpoint lists are allocated to their length. Other types, such as
 // tombstones, pass unchanged.
 func trim(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *discoveryv1.EndpointSlice:
-		o.ManagedFields = nil
-		trigger, ok := o.Annotations[corev1.EndpointsLastChangeTriggerTime]
-		o.Annotations = nil
-		if ok {
-			o.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: trigger}
-		}
+		return trimSlice(o), nil
 	case *corev1.Service:
-		o.ManagedFields = nil
-		o.Annotations = nil
+		return trimService(o), nil
 	case *corev1.Node:
-		o.ManagedFields = nil
-		o.Annotations = nil
-		o.Status = corev1.NodeStatus{}
+		o.ManagedFields, o.Annotations = nil, nil
+		o.Status = corev1.NodeStatus{Addresses: o.Status.Addresses}
 	}
 	return obj, nil
 }
+
+// trimMeta returns the name, namespace and resourceVersion of m, with the
+// given labels and annotations.
+func trimMeta(m *metav1.ObjectMeta, labels, annotations map[string]string) metav1.ObjectMeta {
+	return metav1.ObjectMeta{Name: m.Name, Namespace: shared.str(m.Namespace), ResourceVersion: m.ResourceVersion,
+		Labels: labels, Annotations: annotations}
+}
+
+// keep returns the entry of m named key as a map of its own, nil when m
+// has none.
+func keep(m map[string]string, key string) map[string]string {
+	v, ok := m[key]
+	if !ok {
+		return nil
+	}
+	return map[string]string{key: v}
+}
+
+func trimService(o *corev1.Service) *corev1.Service {
+	spec := &o.Spec
+	out := &corev1.Service{ObjectMeta: trimMeta(&o.ObjectMeta, nil, nil),
+		Spec: corev1.ServiceSpec{
+			Type: corev1.ServiceType(shared.str(string(spec.Type))), ClusterIP: spec.ClusterIP, ClusterIPs: spec.ClusterIPs, ExternalIPs: spec.ExternalIPs,
+			SessionAffinity: spec.SessionAffinity, SessionAffinityConfig: spec.SessionAffinityConfig,
+			LoadBalancerSourceRanges: spec.LoadBalancerSourceRanges, ExternalTrafficPolicy: spec.ExternalTrafficPolicy,
+			HealthCheckNodePort: spec.HealthCheckNodePort, InternalTrafficPolicy: spec.InternalTrafficPolicy,
+		}}
+	out.UID = o.UID
+	if len(spec.ClusterIPs) > 0 && spec.ClusterIP == spec.ClusterIPs[0] {
+		out.Spec.ClusterIP = spec.ClusterIPs[0]
+	}
+	if len(spec.Ports) > 0 {
+		out.Spec.Ports = make([]corev1.ServicePort, len(spec.Ports))
+		for i, p := range spec.Ports {
+			out.Spec.Ports[i] = corev1.ServicePort{Name: shared.str(p.Name), Protocol: p.Protocol, Port: p.Port, NodePort: p.NodePort}
+		}
+	}
+	if ing := o.Status.LoadBalancer.Ingress; len(ing) > 0 {
+		out.Status.LoadBalancer.Ingress = make([]corev1.LoadBalancerIngress, len(ing))
+		for i, in := range ing {
+			out.Status.LoadBalancer.Ingress[i] = corev1.LoadBalancerIngress{IP: in.IP, IPMode: in.IPMode}
+		}
+	}
+	return out
+}
+
+func trimSlice(o *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
+	out := &discoveryv1.EndpointSlice{
+		ObjectMeta: trimMeta(&o.ObjectMeta, keep(o.Labels, discoveryv1.LabelServiceName),
+			keep(o.Annotations, corev1.EndpointsLastChangeTriggerTime)),
+		AddressType: discoveryv1.AddressType(shared.str(string(o.AddressType))),
+	}
+	if len(o.Ports) > 0 {
+		out.Ports = make([]discoveryv1.EndpointPort, len(o.Ports))
+		for i, p := range o.Ports {
+			out.Ports[i] = discoveryv1.EndpointPort{Name: shared.ptr(p.Name), Protocol: sharedProtocol(p.Protocol), Port: p.Port}
+		}
+	}
+	if len(o.Endpoints) > 0 {
+		out.Endpoints = make([]discoveryv1.Endpoint, len(o.Endpoints))
+		for i := range o.Endpoints {
+			ep := &o.Endpoints[i]
+			out.Endpoints[i] = discoveryv1.Endpoint{
+				Addresses: ep.Addresses,
+				Conditions: discoveryv1.EndpointConditions{Ready: sharedBool(ep.Conditions.Ready),
+					Serving: sharedBool(ep.Conditions.Serving), Terminating: sharedBool(ep.Conditions.Terminating)},
+				NodeName: shared.ptr(ep.NodeName),
+				Hints:    ep.Hints,
+			}
+		}
+	}
+	return out
+}
+
+// protocols are the values every cached EndpointSlice port protocol points
+// to.
+var protocols = map[corev1.Protocol]*corev1.Protocol{}
+
+func init() {
+	for _, p := range []corev1.Protocol{corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP} {
+		protocols[p] = &p
+	}
+}
+
+func sharedProtocol(p *corev1.Protocol) *corev1.Protocol {
+	if p != nil {
+		if q, ok := protocols[*p]; ok {
+			return q
+		}
+	}
+	return p
+}
+
+// yes and no are the values every cached condition points to.
+var yes, no = true, false
+
+func sharedBool(b *bool) *bool {
+	switch {
+	case b == nil:
+		return nil
+	case *b:
+		return &yes
+	}
+	return &no
+}
+
+// shared interns the strings cached objects hold alike.
+var shared = &interner{strs: map[string]*string{}}
+
+// interner hands out one copy of each string it is given. It forgets
+// everything when it holds maxInterned strings, so that names that come
+// and go (nodes of an autoscaled cluster) cannot grow it without bound;
+// copies handed out stay valid.
+type interner struct {
+	mu   sync.Mutex
+	strs map[string]*string
+}
+
+const maxInterned = 1 << 14
+
+// ptr returns a pointer to the shared copy of *s; nil for nil.
+func (in *interner) ptr(s *string) *string {
+	if s == nil {
+		return nil
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if p, ok := in.strs[*s]; ok {
+		return p
+	}
+	if len(in.strs) >= maxInterned {
+		clear(in.strs)
+	}
+	in.strs[*s] = s
+	return s
+}
+
+// str returns the shared copy of s.
+func (in *interner) str(s string) string { return *in.ptr(&s) }
 
 // Start starts the informers, which tell sink about every change until ctx
 // ends. It returns at once. Call it once.
@@ -282,8 +432,8 @@ func (w *Watcher) sliceChanged(s *discoveryv1.EndpointSlice) {
 	w.sink.ServiceChanged(types.NamespacedName{Namespace: s.Namespace, Name: name})
 }
 
-// nodeAddedOrDeleted rebuilds everything: the zone (topology hints) may have
-// come or gone.
+// nodeAddedOrDeleted rebuilds everything: the zone (topology hints) and the
+// primary addresses (--nodeport-addresses=primary) may have come or gone.
 func (w *Watcher) nodeAddedOrDeleted(obj any) {
 	if n, ok := obj.(*corev1.Node); ok && n.Name == w.nodeName {
 		w.sink.AllChanged()
@@ -293,7 +443,8 @@ func (w *Watcher) nodeAddedOrDeleted(obj any) {
 func (w *Watcher) nodeUpdated(oldObj, newObj any) {
 	old, ok1 := oldObj.(*corev1.Node)
 	n, ok2 := newObj.(*corev1.Node)
-	if !ok1 || !ok2 || n.Name != w.nodeName || old.Labels[ZoneLabel] == n.Labels[ZoneLabel] {
+	if !ok1 || !ok2 || n.Name != w.nodeName || old.Labels[ZoneLabel] == n.Labels[ZoneLabel] &&
+		slices.Equal(model.PrimaryAddresses(old), model.PrimaryAddresses(n)) {
 		return
 	}
 	w.sink.AllChanged()

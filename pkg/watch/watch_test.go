@@ -19,6 +19,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/svcnat/svcnat/pkg/model"
 )
 
 // recorder is a Sink that remembers what it was told.
@@ -298,6 +300,18 @@ func TestNodeZoneChangesEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitAll(t, rec, 1)
+
+	// A new primary address (--nodeport-addresses=primary) rebuilds too,
+	// and the cache holds it.
+	n = n.DeepCopy()
+	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.168.1.7"}}
+	if _, err := nodes.UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitAll(t, rec, 1)
+	if got := model.PrimaryAddresses(w.Node()); len(got) != 1 || got[0].String() != "192.168.1.7" {
+		t.Errorf("primary addresses of the cached node = %v, want [192.168.1.7]", got)
+	}
 }
 
 func waitAll(t *testing.T, rec *recorder, want int) {
@@ -328,7 +342,8 @@ func names(s []*discoveryv1.EndpointSlice) []string {
 
 // TestCachedObjectsTrimmed checks that the informer caches keep what svcnat
 // reads and drop managed fields, annotations (but the slice's change trigger
-// time) and the Node's status.
+// time) and the Node's status but its addresses (TestTrimKeepsOnlyWhatIsRead
+// checks trim field by field).
 func TestCachedObjectsTrimmed(t *testing.T) {
 	managed := []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
 	svc := service("default", "web", nil)
@@ -340,7 +355,9 @@ func TestCachedObjectsTrimmed(t *testing.T) {
 	node := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: "node1", Labels: map[string]string{ZoneLabel: "z1"}, ManagedFields: managed,
 			Annotations: map[string]string{"node.alpha.kubernetes.io/ttl": "0"}},
-		Status: corev1.NodeStatus{Images: []corev1.ContainerImage{{Names: []string{"registry/big:1"}, SizeBytes: 1 << 30}}},
+		Spec: corev1.NodeSpec{Taints: []corev1.Taint{{Key: "ToBeDeletedByClusterAutoscaler", Effect: corev1.TaintEffectNoSchedule}}},
+		Status: corev1.NodeStatus{Images: []corev1.ContainerImage{{Names: []string{"registry/big:1"}, SizeBytes: 1 << 30}},
+			Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.168.1.2"}}},
 	}
 	_, w, _ := start(t, svc, es, node)
 
@@ -365,8 +382,9 @@ func TestCachedObjectsTrimmed(t *testing.T) {
 	if n == nil {
 		t.Fatal("Node not cached")
 	}
-	if n.ManagedFields != nil || n.Annotations != nil || len(n.Status.Images) != 0 || n.Labels[ZoneLabel] != "z1" {
-		t.Errorf("cached Node = managedFields %v, annotations %v, %d images, labels %v; want only labels kept",
-			n.ManagedFields, n.Annotations, len(n.Status.Images), n.Labels)
+	if n.ManagedFields != nil || n.Annotations != nil || len(n.Status.Images) != 0 || n.Labels[ZoneLabel] != "z1" ||
+		len(n.Status.Addresses) != 1 || len(n.Spec.Taints) != 1 {
+		t.Errorf("cached Node = managedFields %v, annotations %v, %d images, labels %v, addresses %v, taints %v; want labels, addresses and taints kept",
+			n.ManagedFields, n.Annotations, len(n.Status.Images), n.Labels, n.Status.Addresses, n.Spec.Taints)
 	}
 }

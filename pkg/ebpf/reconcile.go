@@ -142,8 +142,12 @@ func (r *reconciler) syncAll(s *model.State) error {
 		}
 		want, frags, failed := encode(s, r.ids)
 		want, full := admit(r.maps, cur, want, frags, failed)
-		if err := checkCapacity(r.maps, cur, want); err != nil {
-			return fmt.Errorf("check capacity: %w", err)
+		// When everything fits, admit has checked it; the cluster CIDRs
+		// are no ServicePort's and may not fit all the same.
+		if full {
+			if err := checkCapacity(r.maps, cur, want); err != nil {
+				return fmt.Errorf("check capacity: %w", err)
+			}
 		}
 		if err := apply(r.maps, cur, want); err != nil {
 			r.written = nil

@@ -88,10 +88,12 @@ func (t *table) equal(o *table) bool {
 // A number stays with its ServicePort or endpoint while it exists, and a
 // released number is not handed out again until the counter wraps, so a slot
 // that still names an endpoint removed by the write in progress never sees
-// another endpoint under that number.
+// another endpoint under that number. Endpoints are keyed by their map
+// value: 20 bytes without pointers, which the garbage collector need not
+// scan, where a model.Endpoint has 32 with one.
 type ids struct {
 	services numbering[model.ServicePortName]
-	backends numbering[model.Endpoint]
+	backends numbering[svcnatBackend]
 }
 
 type numbering[K comparable] struct {
@@ -128,6 +130,19 @@ func (n *numbering[K]) get(k K) uint32 {
 	}
 }
 
+// reserve makes room for size keys when n holds fewer than half as many:
+// growing the maps key by key was a tenth of the first sync at 10,000
+// Services.
+func (n *numbering[K]) reserve(size int) {
+	if len(n.byKey) >= size/2 {
+		return
+	}
+	byKey, taken := make(map[K]uint32, size), make(map[uint32]K, size)
+	maps.Copy(byKey, n.byKey)
+	maps.Copy(taken, n.taken)
+	n.byKey, n.taken = byKey, taken
+}
+
 // keep forgets the numbers for which live is false.
 func (n *numbering[K]) keep(live func(uint32) bool) {
 	for id, k := range n.taken {
@@ -141,14 +156,14 @@ func (n *numbering[K]) keep(live func(uint32) bool) {
 }
 
 func newIDs() *ids {
-	return &ids{services: newNumbering[model.ServicePortName](), backends: newNumbering[model.Endpoint]()}
+	return &ids{services: newNumbering[model.ServicePortName](), backends: newNumbering[svcnatBackend]()}
 }
 
 // adoptIDs continues the numbering found in t, as written by an earlier
 // run. Every number any entry uses is taken, also one a failed write left
 // without Service info or slot, or whose Service info does not decode, so
 // that no number is reused while an entry still holds it.
-func adoptIDs(t *table) (*ids, error) {
+func adoptIDs(t *table) *ids {
 	n := newIDs()
 	for id, info := range t.info {
 		name, _, err := decodeInfo(info)
@@ -161,11 +176,7 @@ func adoptIDs(t *table) (*ids, error) {
 		n.services.set(name, id)
 	}
 	for id, b := range t.backends {
-		ep, err := decodeBackend(b)
-		if err != nil {
-			return nil, fmt.Errorf("adopt backend %d: %w", id, err)
-		}
-		n.backends.set(ep, id)
+		n.backends.set(b, id)
 	}
 	for _, v := range t.services {
 		n.services.next = max(n.services.next, v.Id+1)
@@ -181,7 +192,7 @@ func adoptIDs(t *table) (*ids, error) {
 	for k := range t.sourceRanges {
 		n.services.next = max(n.services.next, k.Id+1)
 	}
-	return n, nil
+	return n
 }
 
 // forget drops the number id and its key.
@@ -203,25 +214,78 @@ func (n *ids) release(t *table) {
 	n.backends.keep(func(id uint32) bool { _, ok := t.backends[id]; return ok })
 }
 
-// fragment is the entries one ServicePort owns. Backends are shared and
-// counted separately.
+// fragment is what the reconciler remembers of one ServicePort: the keys
+// of its entries in a table, which holds the values. Its slots are
+// [0, cluster) and [0, local) of its two sets, and its members the
+// backends those slots name plus serving. It holds no maps: at 10,000
+// Services, a copy of the entries per ServicePort beside the table was half
+// the agent's heap.
 type fragment struct {
-	name         model.ServicePortName
-	udp          bool // the ServicePort's protocol is UDP
-	id           uint32
-	info         svcnatSvcInfo
-	services     map[svcnatSvcKey]svcnatSvcValue
-	slots        map[svcnatSlotKey]uint32
-	members      map[svcnatMemberKey]uint8
-	sourceRanges map[svcnatSourceRangeKey]uint8
-	backends     map[uint32]svcnatBackend // the endpoints the slots name
+	id             uint32
+	udp            bool   // the ServicePort's protocol is UDP
+	cluster, local uint16 // how many slots each set has
+	frontends      []svcnatSvcKey
+	serving        []uint32 // the backends of the serving set (UDP only)
+	sourceRanges   []svcnatSourceRangeKey
+}
+
+// slotSets are a fragment's slot sets with their sizes.
+func (f *fragment) slotSets() [2]struct {
+	set uint8
+	n   uint16
+} {
+	return [2]struct {
+		set uint8
+		n   uint16
+	}{{setCluster, f.cluster}, {setLocal, f.local}}
+}
+
+// copyTo copies f's entries, the backends it names included, from src to
+// dst.
+func (f *fragment) copyTo(dst, src *table) {
+	dst.info[f.id] = src.info[f.id]
+	for _, k := range f.frontends {
+		dst.services[k] = src.services[k]
+	}
+	member := func(bid uint32, set uint8) {
+		k := svcnatMemberKey{Id: f.id, BackendId: bid, Set: set}
+		dst.members[k] = src.members[k]
+		dst.backends[bid] = src.backends[bid]
+	}
+	for _, s := range f.slotSets() {
+		for i := range s.n {
+			k := svcnatSlotKey{Id: f.id, Slot: i, Set: s.set}
+			bid := src.slots[k]
+			dst.slots[k] = bid
+			member(bid, s.set)
+		}
+	}
+	for _, bid := range f.serving {
+		member(bid, setServing)
+	}
+	for _, k := range f.sourceRanges {
+		dst.sourceRanges[k] = src.sourceRanges[k]
+	}
+}
+
+// appendBackendIDs appends the backends f names in t, each once, to buf.
+func (f *fragment) appendBackendIDs(buf []uint32, t *table) []uint32 {
+	start := len(buf)
+	buf = append(buf, f.serving...)
+	for _, s := range f.slotSets() {
+		for i := range s.n {
+			buf = append(buf, t.slots[svcnatSlotKey{Id: f.id, Slot: i, Set: s.set}])
+		}
+	}
+	slices.Sort(buf[start:])
+	return buf[:start+len(slices.Compact(buf[start:]))]
 }
 
 // encode turns s into map entries, numbering ServicePorts and endpoints with
-// n, and returns them whole and per ServicePort. A ServicePort that cannot
-// be encoded, or that claims a frontend a ServicePort before it in name
-// order has, fails alone: it is in failed, with no entries.
-func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment, dataplane.PortErrors) {
+// n, and returns them, with the fragment of each ServicePort. A ServicePort
+// that cannot be encoded, or that claims a frontend a ServicePort before it
+// in name order has, fails alone: it is in failed, with no entries.
+func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]fragment, dataplane.PortErrors) {
 	sorted := s.Sorted()
 	// Sized from the start: growing the maps entry by entry cost a quarter
 	// of the first sync at 10,000 Services.
@@ -231,6 +295,8 @@ func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment
 		endpoints += len(sp.ClusterEndpoints)
 		slots += len(sp.ClusterEndpoints) + len(sp.LocalEndpoints)
 	}
+	n.services.reserve(len(sorted))
+	n.backends.reserve(endpoints)
 	t := &table{
 		services:     make(map[svcnatSvcKey]svcnatSvcValue, frontends),
 		info:         make(map[uint32]svcnatSvcInfo, len(sorted)),
@@ -240,36 +306,17 @@ func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]*fragment
 		sourceRanges: map[svcnatSourceRangeKey]uint8{},
 		clusterCIDRs: encodeClusterCIDRs(s.ClusterCIDRs),
 	}
-	frags := make(map[model.ServicePortName]*fragment, len(sorted))
+	frags := make(map[model.ServicePortName]fragment, len(sorted))
 	failed := dataplane.PortErrors{}
-	owner := make(map[svcnatSvcKey]model.ServicePortName, frontends)
 	for _, sp := range sorted {
-		f, err := encodeServicePort(sp, n)
-		if err == nil {
-			err = claimFrontends(f, owner)
-		}
+		f, err := encodeServicePort(sp, n, t)
 		if err != nil {
 			failed[sp.Name] = err
 			continue
 		}
-		addFragment(t, f)
 		frags[sp.Name] = f
 	}
 	return t, frags, failed
-}
-
-// claimFrontends records f's frontends in owner, or fails, naming the
-// ServicePort that has one of them already.
-func claimFrontends(f *fragment, owner map[svcnatSvcKey]model.ServicePortName) error {
-	for key := range f.services {
-		if other, dup := owner[key]; dup {
-			return fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", f.name, addrString(key.Addr), ntohs(key.Port), other)
-		}
-	}
-	for key := range f.services {
-		owner[key] = f.name
-	}
-	return nil
 }
 
 func encodeClusterCIDRs(cidrs []netip.Prefix) map[svcnatCidrKey]uint8 {
@@ -280,63 +327,76 @@ func encodeClusterCIDRs(cidrs []netip.Prefix) map[svcnatCidrKey]uint8 {
 	return out
 }
 
-// encodeServicePort turns one ServicePort into the entries it owns.
-func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
+func encodeBackend(ep model.Endpoint) svcnatBackend {
+	b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
+	if ep.Local {
+		b.Flags |= backendLocal
+	}
+	return b
+}
+
+// encodeServicePort adds the entries of one ServicePort to t and returns
+// its fragment. It fails, adding nothing, when sp cannot be encoded or one
+// of its frontends is one of another ServicePort in t.
+func encodeServicePort(sp *model.ServicePort, n *ids, t *table) (fragment, error) {
 	proto, ok := protocols[sp.Protocol]
 	if !ok {
-		return nil, fmt.Errorf("encode service port %s: unknown protocol %q", sp.Name, sp.Protocol)
+		return fragment{}, fmt.Errorf("encode service port %s: unknown protocol %q", sp.Name, sp.Protocol)
 	}
 	info, err := encodeInfo(sp, proto)
 	if err != nil {
-		return nil, err
+		return fragment{}, err
 	}
 	if len(sp.ClusterEndpoints) > 0xffff || len(sp.LocalEndpoints) > 0xffff {
-		return nil, fmt.Errorf("encode service port %s: more than 65535 endpoints", sp.Name)
+		return fragment{}, fmt.Errorf("encode service port %s: more than 65535 endpoints", sp.Name)
 	}
 	if sp.AffinityTimeout%time.Second != 0 || sp.AffinityTimeout < 0 || sp.AffinityTimeout/time.Second > 1<<32-1 {
-		return nil, fmt.Errorf("encode service port %s: affinity timeout %s is not a whole number of seconds that fits 32 bits", sp.Name, sp.AffinityTimeout)
+		return fragment{}, fmt.Errorf("encode service port %s: affinity timeout %s is not a whole number of seconds that fits 32 bits", sp.Name, sp.AffinityTimeout)
+	}
+	f := fragment{
+		udp:       proto == protoUDP,
+		cluster:   uint16(len(sp.ClusterEndpoints)),
+		local:     uint16(len(sp.LocalEndpoints)),
+		frontends: make([]svcnatSvcKey, len(sp.Frontends)),
+	}
+	for i, fe := range sp.Frontends {
+		if _, ok := kinds[fe.Kind]; !ok {
+			return fragment{}, fmt.Errorf("encode service port %s: unknown frontend kind %q", sp.Name, fe.Kind)
+		}
+		key := svcnatSvcKey{Addr: addr16(fe.IP), Port: htons(fe.Port), Proto: proto}
+		if other, dup := t.services[key]; dup {
+			return fragment{}, fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", sp.Name, fe.IP, fe.Port, n.services.taken[other.Id])
+		}
+		f.frontends[i] = key
 	}
 	id := n.services.get(sp.Name)
-	f := &fragment{
-		name:         sp.Name,
-		udp:          proto == protoUDP,
-		id:           id,
-		info:         info,
-		services:     make(map[svcnatSvcKey]svcnatSvcValue, len(sp.Frontends)),
-		slots:        make(map[svcnatSlotKey]uint32, len(sp.ClusterEndpoints)+len(sp.LocalEndpoints)),
-		members:      make(map[svcnatMemberKey]uint8, len(sp.ClusterEndpoints)+len(sp.LocalEndpoints)),
-		sourceRanges: make(map[svcnatSourceRangeKey]uint8, len(sp.SourceRanges)),
-		backends:     make(map[uint32]svcnatBackend, len(sp.ClusterEndpoints)),
+	f.id = id
+	t.info[id] = info
+	backend := func(ep model.Endpoint) uint32 {
+		b := encodeBackend(ep)
+		bid := n.backends.get(b)
+		t.backends[bid] = b
+		return bid
 	}
 	for set, eps := range [][]model.Endpoint{setCluster: sp.ClusterEndpoints, setLocal: sp.LocalEndpoints} {
 		for i, ep := range eps {
-			bid := n.backends.get(ep)
-			b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
-			if ep.Local {
-				b.Flags |= backendLocal
-			}
-			f.backends[bid] = b
-			f.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: uint8(set)}] = bid
-			f.members[svcnatMemberKey{Id: id, BackendId: bid, Set: uint8(set)}] = 1
+			bid := backend(ep)
+			t.slots[svcnatSlotKey{Id: id, Slot: uint16(i), Set: uint8(set)}] = bid
+			t.members[svcnatMemberKey{Id: id, BackendId: bid, Set: uint8(set)}] = 1
 		}
 	}
-	if proto == protoUDP {
+	if proto == protoUDP && len(sp.ServingEndpoints) > 0 {
+		f.serving = make([]uint32, 0, len(sp.ServingEndpoints))
 		for _, ep := range sp.ServingEndpoints {
-			bid := n.backends.get(ep)
-			if _, ok := f.backends[bid]; !ok {
-				b := svcnatBackend{Addr: addr16(ep.IP), Port: htons(ep.Port)}
-				if ep.Local {
-					b.Flags |= backendLocal
-				}
-				f.backends[bid] = b
-			}
-			f.members[svcnatMemberKey{Id: id, BackendId: bid, Set: setServing}] = 1
+			bid := backend(ep)
+			f.serving = append(f.serving, bid)
+			t.members[svcnatMemberKey{Id: id, BackendId: bid, Set: setServing}] = 1
 		}
 	}
 	value := svcnatSvcValue{
 		Id:              id,
-		ClusterCount:    uint16(len(sp.ClusterEndpoints)),
-		LocalCount:      uint16(len(sp.LocalEndpoints)),
+		ClusterCount:    f.cluster,
+		LocalCount:      f.local,
 		AffinityTimeout: uint32(sp.AffinityTimeout / time.Second),
 	}
 	if sp.InternalTrafficLocal {
@@ -347,18 +407,16 @@ func encodeServicePort(sp *model.ServicePort, n *ids) (*fragment, error) {
 	}
 	if len(sp.SourceRanges) > 0 {
 		value.Flags |= flagSourceRanges
+		f.sourceRanges = make([]svcnatSourceRangeKey, len(sp.SourceRanges))
 	}
-	for _, p := range sp.SourceRanges {
-		f.sourceRanges[svcnatSourceRangeKey{Prefixlen: 32 + uint32(mappedBits(p)), Id: id, Addr: addr16(p.Addr())}] = 1
+	for i, p := range sp.SourceRanges {
+		f.sourceRanges[i] = svcnatSourceRangeKey{Prefixlen: 32 + uint32(mappedBits(p)), Id: id, Addr: addr16(p.Addr())}
+		t.sourceRanges[f.sourceRanges[i]] = 1
 	}
-	for _, fe := range sp.Frontends {
-		kind, ok := kinds[fe.Kind]
-		if !ok {
-			return nil, fmt.Errorf("encode service port %s: unknown frontend kind %q", sp.Name, fe.Kind)
-		}
+	for i, key := range f.frontends {
 		v := value
-		v.Kind = kind
-		f.services[svcnatSvcKey{Addr: addr16(fe.IP), Port: htons(fe.Port), Proto: proto}] = v
+		v.Kind = kinds[sp.Frontends[i].Kind]
+		t.services[key] = v
 	}
 	return f, nil
 }

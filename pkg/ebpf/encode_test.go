@@ -144,11 +144,7 @@ func TestEncodeSharesEndpointsAndKeepsNumbers(t *testing.T) {
 		t.Error("encoding the same state twice gave different entries")
 	}
 	// Numbers adopted from the kernel's entries give the same encoding.
-	adopted, err := adoptIDs(first)
-	if err != nil {
-		t.Fatal(err)
-	}
-	third, _, failed := encode(s, adopted)
+	third, _, failed := encode(s, adoptIDs(first))
 	if len(failed) > 0 {
 		t.Fatal(failed)
 	}
@@ -194,7 +190,9 @@ func TestEncodeRejects(t *testing.T) {
 			if err := failed[sp.Name]; err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("encode: got error %v, want one containing %q", err, tc.want)
 			}
-			if len(failed) != 1 || frags[valid.Name] == nil || frags[sp.Name] != nil {
+			_, validOK := frags[valid.Name]
+			_, spOK := frags[sp.Name]
+			if len(failed) != 1 || !validOK || spOK {
 				t.Fatalf("encode: failed %v, encoded %d ServicePorts; want only %s failed", failed, len(frags), sp.Name)
 			}
 			if n := len(s.ServicePorts) - 1; len(tab.services) != n || len(tab.info) != n {

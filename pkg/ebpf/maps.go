@@ -65,6 +65,8 @@ type tableColumn interface {
 	fresh(m, a, b *table) int
 	// replace makes dst's field, which held old's, hold next's instead.
 	replace(dst, old, next *table)
+	// clear empties t's field.
+	clear(t *table)
 }
 
 // column is a desired-state map as the table sees it.
@@ -93,6 +95,8 @@ func (c *column[K, V]) fresh(m, a, b *table) int {
 	}
 	return n
 }
+
+func (c *column[K, V]) clear(t *table) { clear(c.field(t)) }
 
 func (c *column[K, V]) replace(dst, old, next *table) {
 	d := c.field(dst)

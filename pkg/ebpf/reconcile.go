@@ -72,8 +72,10 @@ type reconciler struct {
 	// failed write); frags and refs describe it per ServicePort and per
 	// backend (how many ServicePorts name it).
 	written *table
-	frags   map[model.ServicePortName]*fragment
-	refs    map[uint32]int
+	frags   map[model.ServicePortName]fragment
+	refs    map[uint32]int32
+	// old and next are syncChanges' scratch tables, kept between syncs.
+	old, next *table
 	// removed are the endpoints the last sync removed from the maps: flows
 	// may still point at them; removedUDP those a UDP ServicePort used:
 	// connected sockets may still point at them.
@@ -136,24 +138,28 @@ func (r *reconciler) syncAll(s *model.State) error {
 			// At start: continue the numbering a previous run left. After a
 			// failed write the numbers in memory stay, so a retry writes only
 			// what is still missing.
-			if r.ids, err = adoptIDs(cur); err != nil {
-				return err
-			}
+			r.ids = adoptIDs(cur)
 		}
 		want, frags, failed := encode(s, r.ids)
 		want, full := admit(r.maps, cur, want, frags, failed)
-		if err := checkCapacity(r.maps, cur, want); err != nil {
-			return fmt.Errorf("check capacity: %w", err)
+		// When everything fits, admit has checked it; the cluster CIDRs
+		// are no ServicePort's and may not fit all the same.
+		if full {
+			if err := checkCapacity(r.maps, cur, want); err != nil {
+				return fmt.Errorf("check capacity: %w", err)
+			}
 		}
 		if err := apply(r.maps, cur, want); err != nil {
 			r.written = nil
 			return err
 		}
 		r.noteRemoved(cur, want)
-		r.written, r.frags, r.refs = want, frags, map[uint32]int{}
+		r.written, r.frags, r.refs = want, frags, make(map[uint32]int32, len(want.backends))
 		r.failed = failed
+		var bids []uint32
 		for _, f := range frags {
-			for bid := range f.backends {
+			bids = f.appendBackendIDs(bids[:0], want)
+			for _, bid := range bids {
 				r.refs[bid]++
 			}
 		}
@@ -196,7 +202,7 @@ func (r *reconciler) noteRemoved(cur, want *table) {
 // admitted ones and whether any did not fit. When all of want fits, that
 // is want itself: the usual case, where counting each ServicePort's
 // entries would cost a third of the first sync.
-func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]*fragment, failed dataplane.PortErrors) (*table, bool) {
+func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]fragment, failed dataplane.PortErrors) (*table, bool) {
 	if checkCapacity(ms, cur, want) == nil {
 		return want, false
 	}
@@ -214,7 +220,7 @@ func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]*fragmen
 	for _, name := range names {
 		f := frags[name]
 		own := newTable()
-		addFragment(own, f)
+		f.copyTo(own, want)
 		var errs []string
 		for i, m := range ms {
 			grow[i] = m.fresh(own, cur, out)
@@ -231,7 +237,7 @@ func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]*fragmen
 		for i := range peak {
 			peak[i] += grow[i]
 		}
-		addFragment(out, f)
+		f.copyTo(out, want)
 	}
 	return out, full
 }
@@ -249,47 +255,40 @@ func shrank(cur, want *table) bool {
 // syncChanges writes the entries of the ServicePorts s.Change names: old
 // holds what they replace, next what replaces it.
 func (r *reconciler) syncChanges(s *model.State) error {
-	old, next := newTable(), newTable()
+	old, next := r.scratch()
 	replaced := map[uint32]bool{} // ids of ServicePorts changed or removed
-	frags := map[model.ServicePortName]*fragment{}
-	var removed []*fragment
-	delta := map[uint32]int{}
+	frags := map[model.ServicePortName]fragment{}
+	var removed []model.ServicePortName
+	delta := map[uint32]int32{}
 	usedByUDP := map[uint32]bool{} // backends that changed or removed UDP ServicePorts named
-	drop := func(prev *fragment) {
+	var bids []uint32
+	drop := func(prev fragment) {
 		replaced[prev.id] = true
-		maps.Copy(old.services, prev.services)
-		addOwnEntries(old, prev)
-		for bid := range prev.backends {
+		prev.copyTo(old, r.written)
+		bids = prev.appendBackendIDs(bids[:0], r.written)
+		for _, bid := range bids {
 			delta[bid]--
 			usedByUDP[bid] = usedByUDP[bid] || prev.udp
 		}
 	}
 	for _, name := range s.Change.Updated {
-		sp := s.ServicePorts[name]
-		f, err := encodeServicePort(sp, r.ids)
+		f, err := encodeServicePort(s.ServicePorts[name], r.ids, next)
 		if err != nil {
 			return errSyncAll // it fails alone there
 		}
-		for key, v := range f.services {
-			if _, dup := next.services[key]; dup {
-				return errSyncAll
-			}
-			next.services[key] = v
-		}
-		addOwnEntries(next, f)
-		for bid, b := range f.backends {
+		bids = f.appendBackendIDs(bids[:0], next)
+		for _, bid := range bids {
 			delta[bid]++
-			next.backends[bid] = b
 		}
 		frags[name] = f
-		if prev := r.frags[name]; prev != nil {
+		if prev, ok := r.frags[name]; ok {
 			drop(prev)
 		}
 	}
 	for _, name := range s.Change.Removed {
-		if prev := r.frags[name]; prev != nil {
+		if prev, ok := r.frags[name]; ok {
 			drop(prev)
-			removed = append(removed, prev)
+			removed = append(removed, name)
 		}
 	}
 	for key, v := range next.services {
@@ -315,7 +314,8 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		}
 	}
 	if cidrs := encodeClusterCIDRs(s.ClusterCIDRs); !maps.Equal(cidrs, r.written.clusterCIDRs) {
-		old.clusterCIDRs, next.clusterCIDRs = r.written.clusterCIDRs, cidrs
+		maps.Copy(old.clusterCIDRs, r.written.clusterCIDRs)
+		maps.Copy(next.clusterCIDRs, cidrs)
 	}
 	if s.Change.Empty() && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
 		return errUnchanged
@@ -334,9 +334,9 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	for _, c := range columns {
 		c.replace(r.written, old, next)
 	}
-	for _, f := range removed {
-		delete(r.frags, f.name)
-		r.ids.services.forget(f.id)
+	for _, name := range removed {
+		r.ids.services.forget(r.frags[name].id)
+		delete(r.frags, name)
 	}
 	maps.Copy(r.frags, frags)
 	for _, name := range slices.Concat(s.Change.Updated, s.Change.Removed) {
@@ -360,18 +360,25 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	return nil
 }
 
-// addFragment adds all of a ServicePort's entries to t.
-func addFragment(t *table, f *fragment) {
-	maps.Copy(t.services, f.services)
-	maps.Copy(t.backends, f.backends)
-	addOwnEntries(t, f)
-}
+// scratchLimit is the most entries a scratch table keeps between syncs:
+// clearing a map keeps its room, and one large change must not hold it.
+const scratchLimit = 1024
 
-// addOwnEntries adds a ServicePort's own entries, not its frontends or
-// backends, to t.
-func addOwnEntries(t *table, f *fragment) {
-	t.info[f.id] = f.info
-	maps.Copy(t.slots, f.slots)
-	maps.Copy(t.members, f.members)
-	maps.Copy(t.sourceRanges, f.sourceRanges)
+// scratch returns syncChanges' two scratch tables, empty. Each sync made
+// them anew before; as they reach the maps through an interface they
+// escaped to the heap, seven maps each.
+func (r *reconciler) scratch() (old, next *table) {
+	for _, t := range []**table{&r.old, &r.next} {
+		size := 0
+		if *t != nil {
+			for _, c := range columns {
+				size += c.count(*t)
+				c.clear(*t)
+			}
+		}
+		if *t == nil || size > scratchLimit {
+			*t = newTable()
+		}
+	}
+	return r.old, r.next
 }

@@ -498,3 +498,56 @@ func TestReconcilerStartsOverGarbage(t *testing.T) {
 	}
 	statesEqual(t, s, dumped)
 }
+
+// TestReconcilerIncrementalClusterCIDRs: incremental syncs that change the
+// cluster CIDRs, then only a ServicePort, then nothing, keep what the
+// reconciler believes it wrote equal to the maps (the scratch tables it
+// reuses between syncs must not share maps with that record) and write
+// nothing for the sync without changes.
+func TestReconcilerIncrementalClusterCIDRs(t *testing.T) {
+	k := newFakeKernel(1 << 20)
+	writes := 0
+	k.fail = func() bool { writes++; return false }
+	rec := &reconciler{maps: k.maps}
+	s := randomState(rand.New(rand.NewPCG(10, 10)), 10)
+	if err := rec.sync(s); err != nil {
+		t.Fatal(err)
+	}
+	check := func(step string, want *model.State) {
+		t.Helper()
+		got, err := readTable(k.maps)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !got.equal(rec.written) {
+			t.Fatalf("%s: maps differ from what the reconciler believes it wrote", step)
+		}
+		dumped, err := decode(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		statesEqual(t, want, dumped)
+	}
+	prev := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
+	s = conformance.WithChange(prev, &model.State{ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.42.0.0/16")}, ServicePorts: s.ServicePorts})
+	if err := rec.sync(s); err != nil {
+		t.Fatal(err)
+	}
+	check("new cluster CIDRs", s)
+	prev = &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
+	sp := s.Sorted()[0].Clone()
+	sp.InternalTrafficLocal = !sp.InternalTrafficLocal
+	s.ServicePorts[sp.Name] = sp
+	if err := rec.sync(conformance.WithChange(prev, s)); err != nil {
+		t.Fatal(err)
+	}
+	check("then a ServicePort", s)
+	writes = 0
+	if err := rec.sync(conformance.WithChange(s, s)); err != nil {
+		t.Fatal(err)
+	}
+	if writes != 0 {
+		t.Errorf("a sync without changes made %d writes, want 0", writes)
+	}
+	check("then nothing", s)
+}

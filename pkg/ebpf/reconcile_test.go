@@ -522,9 +522,9 @@ func TestReconcilerIncrementalClusterCIDRs(t *testing.T) {
 		if !got.equal(rec.written) {
 			t.Fatalf("%s: maps differ from what the reconciler believes it wrote", step)
 		}
-		dumped, err := decode(got)
-		if err != nil {
-			t.Fatal(err)
+		dumped, torn, err := decode(got)
+		if err != nil || len(torn) > 0 {
+			t.Fatalf("%s: decode: %v; torn sets %v", step, err, torn)
 		}
 		statesEqual(t, want, dumped)
 	}

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -271,18 +273,47 @@ type frontendKey struct {
 // kept even when new flows would not go there (it terminates, or topology
 // or a traffic policy changed), as kube-proxy keeps such conntrack
 // entries: a terminating endpoint drains its connections.
+//
+// A full filter judges every flow against frontends, which holds every
+// frontend of the state. Otherwise only the flows to the frontends in
+// frontends are judged, a zero flowPolicy meaning the frontend is gone,
+// and every other flow is kept: the frontends of the ServicePorts a change
+// named, before and after it.
 type staleFlows struct {
+	full      bool
 	frontends map[frontendKey]flowPolicy
 }
 
-func newStaleFlows(sps map[model.ServicePortName]*model.ServicePort) *staleFlows {
-	f := &staleFlows{frontends: map[frontendKey]flowPolicy{}}
-	for _, sp := range sps {
-		proto := protocols[sp.Protocol]
-		for _, fe := range sp.Frontends {
-			f.frontends[frontendKey{fe.IP.Unmap(), fe.Port, proto}] = flowPolicy{sp: sp, kind: fe.Kind}
-		}
+// add records the frontends of sp (nil: none) as owned by it.
+func (f *staleFlows) add(sp *model.ServicePort) {
+	if sp == nil {
+		return
 	}
+	proto := protocols[sp.Protocol]
+	for _, fe := range sp.Frontends {
+		f.frontends[frontendKey{fe.IP.Unmap(), fe.Port, proto}] = flowPolicy{sp: sp, kind: fe.Kind}
+	}
+}
+
+// gone records the frontends of sp (nil: none) as gone.
+func (f *staleFlows) gone(sp *model.ServicePort) {
+	if sp == nil {
+		return
+	}
+	proto := protocols[sp.Protocol]
+	for _, fe := range sp.Frontends {
+		f.frontends[frontendKey{fe.IP.Unmap(), fe.Port, proto}] = flowPolicy{}
+	}
+}
+
+// then makes f, a sweep not started yet, also do the work of g, which
+// describes a later state: a full g replaces f, otherwise g's judgement of
+// a frontend replaces f's.
+func (f *staleFlows) then(g *staleFlows) *staleFlows {
+	if g.full {
+		return g
+	}
+	maps.Copy(f.frontends, g.frontends)
 	return f
 }
 
@@ -299,6 +330,9 @@ func (f *staleFlows) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	}
 	p, ok := f.frontends[frontendKey{addrOf(flow.Forward.DstIP), flow.Forward.DstPort, flow.Forward.Protocol}]
 	if !ok {
+		return f.full
+	}
+	if p.sp == nil {
 		return true
 	}
 	client := addrOf(flow.Forward.SrcIP)
@@ -343,11 +377,16 @@ func sweepFlows(f *staleFlows) (uint, error) {
 // flowSweeper runs sweepFlows in the background, one sweep at a time and
 // always against the latest state, so that walking a conntrack table of
 // many flows (about 1 s per 64,000 entries) never delays programming.
-// A sweep is wanted at the first request and whenever a ServicePort
-// changed or went since the last one.
+// The first request, and one without a Change (after a failed sync), is a
+// full sweep (endpoints may have gone while the agent was down); after
+// that a sweep judges only the flows to the frontends of the ServicePorts
+// a change named, so a request costs what changed, not the state.
 type flowSweeper struct {
-	log       *slog.Logger
-	requested bool // a sweep was requested before
+	log *slog.Logger
+	// synced are the ServicePorts of the last request, by name (nil before
+	// the first): what a change names had these frontends before. Only
+	// request uses it.
+	synced map[model.ServicePortName]*model.ServicePort
 
 	mu      sync.Mutex
 	pending *staleFlows
@@ -359,18 +398,53 @@ type flowSweeper struct {
 // are not modified once synced (dataplane.Backend), so the sweep reads them
 // without copying.
 func (w *flowSweeper) request(s *model.State) {
-	if w.requested && s.Change != nil && s.Change.Empty() {
+	f := w.filter(s)
+	if f == nil {
 		return
 	}
-	w.requested = true
-	f := newStaleFlows(s.ServicePorts)
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.pending != nil {
+		f = w.pending.then(f)
+	}
 	w.pending = f
 	if w.done == nil {
 		w.done = make(chan struct{})
 		go w.run(w.done)
 	}
+}
+
+// filter returns what a sweep after s must judge (nil: nothing), and
+// remembers the ServicePorts of s for the next one.
+func (w *flowSweeper) filter(s *model.State) *staleFlows {
+	if w.synced == nil || s.Change == nil {
+		f := &staleFlows{full: true, frontends: map[frontendKey]flowPolicy{}}
+		for _, sp := range s.ServicePorts {
+			f.add(sp)
+		}
+		w.synced = maps.Clone(s.ServicePorts)
+		return f
+	}
+	if s.Change.Empty() {
+		return nil
+	}
+	f := &staleFlows{frontends: map[frontendKey]flowPolicy{}}
+	names := slices.Concat(s.Change.Updated, s.Change.Removed)
+	// Every frontend the named ServicePorts had is gone unless one of them
+	// (a LoadBalancer IP moved between two) still has it.
+	for _, name := range names {
+		f.gone(w.synced[name])
+	}
+	for _, name := range names {
+		sp := s.ServicePorts[name]
+		f.add(sp)
+		if sp == nil {
+			delete(w.synced, name)
+		} else {
+			w.synced[name] = sp
+		}
+	}
+	return f
 }
 
 func (w *flowSweeper) run(done chan struct{}) {

@@ -88,8 +88,10 @@ type Backend struct {
 	// sweeper forgets the conntrack entries of flows the state no longer
 	// allows.
 	sweeper flowSweeper
-	// countersPruned is when the counter map was last pruned (counters.go).
+	// countersPruned is when the counter map was last pruned; counterWalk
+	// receives the rows a prune's background walk listed (counters.go).
 	countersPruned time.Time
+	counterWalk    chan []svcnatCounterKey
 }
 
 var _ dataplane.Backend = (*Backend)(nil)

@@ -32,11 +32,19 @@ var _ dataplane.CounterReader = (*Backend)(nil)
 
 // liveCounters reports whether the counter row k belongs to a Service port
 // (and endpoint) that t holds.
-func liveCounters(t *table, members map[svcnatCounterKey]bool, k svcnatCounterKey) bool {
+func liveCounters(t *table, k svcnatCounterKey) bool {
 	if _, ok := t.info[k.Id]; !ok {
 		return false
 	}
-	return k.BackendId == 0 || members[k]
+	if k.BackendId == 0 {
+		return true
+	}
+	for _, set := range []uint8{setCluster, setLocal, setServing} {
+		if _, ok := t.members[svcnatMemberKey{Id: k.Id, BackendId: k.BackendId, Set: set}]; ok {
+			return true
+		}
+	}
+	return false
 }
 
 // memberPairs lists the Service port and endpoint pairs of t.
@@ -51,13 +59,18 @@ func memberPairs(t *table) map[svcnatCounterKey]bool {
 // pruneCounters deletes the rows of m that belong to nothing t holds.
 // Best effort: a row left over only takes room.
 func pruneCounters(m *ebpf.Map, t *table) error {
-	members := memberPairs(t)
 	keys, err := counterKeys(m)
 	if err != nil {
 		return err
 	}
+	return deleteDeadCounters(m, t, keys)
+}
+
+// deleteDeadCounters deletes the rows keys of m that belong to nothing t
+// holds.
+func deleteDeadCounters(m *ebpf.Map, t *table, keys []svcnatCounterKey) error {
 	for _, k := range keys {
-		if liveCounters(t, members, k) {
+		if liveCounters(t, k) {
 			continue
 		}
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -87,15 +100,42 @@ func counterKeys(m *ebpf.Map) ([]svcnatCounterKey, error) {
 }
 
 // pruneCountersAfterSync prunes the counter map against what the last sync
-// wrote, at most every counterPrunePeriod.
+// wrote, at most every counterPrunePeriod. Walking the map (a syscall per
+// row) runs in the background; the sync after the walk ended deletes the
+// rows it listed that belong to nothing the maps hold then (numbers are
+// not reused, so a row dead then stays dead).
 func (b *Backend) pruneCountersAfterSync() {
+	if b.counterWalk != nil {
+		select {
+		case keys := <-b.counterWalk:
+			b.counterWalk = nil
+			if err := deleteDeadCounters(b.objs.SvcnatCounters, b.rec.written, keys); err != nil {
+				b.log.Warn("prune counters", "error", err)
+			}
+		default:
+		}
+		return
+	}
 	if b.rec.written == nil || time.Since(b.countersPruned) < counterPrunePeriod {
 		return
 	}
-	if err := pruneCounters(b.objs.SvcnatCounters, b.rec.written); err != nil {
-		b.log.Warn("prune counters", "error", err)
-	}
 	b.countersPruned = time.Now()
+	// The walk reads its own descriptor of the map: Close need not wait.
+	m, err := b.objs.SvcnatCounters.Clone()
+	if err != nil {
+		b.log.Warn("prune counters", "error", err)
+		return
+	}
+	walk := make(chan []svcnatCounterKey, 1)
+	b.counterWalk = walk
+	go func() {
+		defer m.Close()
+		keys, err := counterKeys(m)
+		if err != nil {
+			b.log.Warn("prune counters", "error", err)
+		}
+		walk <- keys
+	}()
 }
 
 // pruneCountersAtInit prunes the counter map against what the maps hold
@@ -173,8 +213,7 @@ func sumCounters(m *ebpf.Map, t *table) (map[model.ServicePortName]*dataplane.Po
 	for id := range t.info {
 		port(id)
 	}
-	members := memberPairs(t)
-	for k := range members {
+	for k := range memberPairs(t) {
 		pc := port(k.Id)
 		if ep, ok := endpoint(k.BackendId); pc != nil && ok {
 			if pc.Endpoints == nil {
@@ -187,7 +226,7 @@ func sumCounters(m *ebpf.Map, t *table) (map[model.ServicePortName]*dataplane.Po
 	var perCPU []svcnatCounterValue
 	it := m.Iterate()
 	for it.Next(&k, &perCPU) {
-		if !liveCounters(t, members, k) {
+		if !liveCounters(t, k) {
 			continue
 		}
 		var sum svcnatCounterValue

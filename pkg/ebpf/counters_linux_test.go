@@ -114,6 +114,13 @@ func TestCountersSocketHooks(t *testing.T) {
 	if err := b.Sync(t.Context(), stateOf(web, dns, idle)); err != nil {
 		t.Fatal(err)
 	}
+	// The prune's walk runs in the background; the next sync deletes.
+	for deadline := time.Now().Add(5 * time.Second); len(b.counterWalk) == 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := b.Sync(t.Context(), stateOf(web, dns, idle)); err != nil {
+		t.Fatal(err)
+	}
 	c = readCounters(t, env)
 	if got := c[web.Name]; got.Connections != conns || len(got.Endpoints) != 1 || got.Endpoints["10.244.1.2:8080"] != reached["10.244.1.2:8080"] {
 		t.Errorf("web after removing 10.244.1.3:8080: %d connections, endpoints %v", got.Connections, got.Endpoints)

@@ -147,9 +147,11 @@ func (d *socketDestroyer) runIn(path string) error {
 // last sync removed from the maps, or that drained since, once no UDP
 // ServicePort of s has them serving: as kube-proxy keeps the conntrack
 // entries of flows to a terminating endpoint, a socket talking to one goes
-// on until the endpoint stops serving.
+// on until the endpoint stops serving. Which endpoints serve changes only
+// with a ServicePort, so a sync that changes none and removed nothing
+// looks at nothing.
 func (b *Backend) destroyGone(s *model.State) {
-	if len(b.rec.removedUDP) == 0 && len(b.draining) == 0 {
+	if len(b.rec.removedUDP) == 0 && (len(b.draining) == 0 || s.Change != nil && s.Change.Empty()) {
 		return
 	}
 	serving := map[svcnatBackend]bool{}

@@ -5,6 +5,7 @@ package ebpf
 import (
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -656,6 +657,25 @@ func TestTCPrograms(t *testing.T) {
 		b2.sweeper.wait()
 		if _, ok := flowOf(t, spreadFlow); ok {
 			t.Errorf("after a restart, a flow to %s (removed while the agent was down) is still translated", f.replySrc)
+		}
+
+		// A change (after the first sync's full sweep) judges the flows
+		// to the frontends of the ServicePorts it names, and only those.
+		h.prog = b2.tc.SvcnatTcIngress
+		toTaker := tuple{src: ap("198.51.100.14:41000"), dst: ap("203.0.113.40:53"), proto: protoUDP, payloadBytes: 4}
+		newFlow(t, toTaker, "10.244.1.9:53", "198.51.100.14:41000")
+		without := &model.State{ServicePorts: maps.Clone(next.ServicePorts), ClusterCIDRs: next.ClusterCIDRs,
+			Change: &model.Change{Removed: []model.ServicePortName{taker.Name}}}
+		delete(without.ServicePorts, taker.Name)
+		if err := b2.Sync(t.Context(), without); err != nil {
+			t.Fatal(err)
+		}
+		b2.sweeper.wait()
+		if _, ok := flowOf(t, toTaker); ok {
+			t.Error("a flow to a removed ServicePort's externalIP is still translated after a change naming it")
+		}
+		if _, ok := flowOf(t, kept); !ok {
+			t.Error("a flow to a ServicePort the change does not name was forgotten")
 		}
 	})
 }

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -65,15 +66,22 @@ const (
 	MinLRUEntries = 1024
 )
 
-// Backend is the eBPF dataplane. It implements dataplane.Backend.
+// Backend is the eBPF dataplane. It implements dataplane.Backend and the
+// agent's DriftChecker; CheckDrift may run beside the other methods once
+// Init has returned.
 type Backend struct {
-	opts    Options
-	log     *slog.Logger
-	objs    *svcnatObjects
-	links   []link.Link
-	pins    *mapPins
-	rec     *reconciler
-	entries *prometheus.GaugeVec
+	// mu is held by Sync and Close throughout, and by CheckDrift while it
+	// looks at the reconciler; checking by CheckDrift throughout and by
+	// Close, which closes the maps CheckDrift reads.
+	mu       sync.Mutex
+	checking sync.Mutex
+	opts     Options
+	log      *slog.Logger
+	objs     *svcnatObjects
+	links    []link.Link
+	pins     *mapPins
+	rec      *reconciler
+	entries  *prometheus.GaugeVec
 	// destroyer is nil when the kernel cannot destroy sockets.
 	destroyer *socketDestroyer
 	// draining are UDP endpoints gone from the maps whose connected sockets
@@ -224,6 +232,8 @@ func (b *Backend) Init(ctx context.Context) error {
 // successful Sync (or from what the kernel holds, after a failure or at
 // start). It fails before writing anything when s does not fit the maps.
 func (b *Backend) Sync(ctx context.Context, s *model.State) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.rec == nil {
 		return errors.New("sync ebpf backend: Init has not run")
 	}
@@ -320,6 +330,10 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 // Close releases the backend's file descriptors, after the running flow
 // sweep; pinned maps and links stay, and translation goes on.
 func (b *Backend) Close() error {
+	b.checking.Lock()
+	defer b.checking.Unlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	var errs []error
 	for _, l := range b.links {
 		errs = append(errs, l.Close())

@@ -40,8 +40,9 @@
 // still hold them. ServicePorts are admitted in name order while they fit
 // the maps; one that does not fit (or cannot be encoded, or claims another's
 // frontend) fails alone, named in dataplane.PortErrors, and holds nothing.
-// After a failed write, and on every sync that changes nothing (the
-// periodic one), the sync reads the maps back and rewrites what differs.
+// After a failed write, and after CheckDrift (beside the sync loop) found
+// entries changed by hand, the sync reads the maps back and rewrites what
+// differs.
 // The reconciler works on bpfMap[K, V], one typed BPF map each (maps.go
 // pairs each with its field of the desired-state table); tests use an
 // in-memory fake that fails writes at random and checks, after every

@@ -624,8 +624,7 @@ func (t *table) slotBackend(id uint32, set uint8, slot uint32) (uint32, svcnatBa
 // listed in missing. Every endpoint read must have its membership entry:
 // without it affinity and stickiness are lost. (An extra membership is not
 // checked: writes put memberships before slots and delete them after, so
-// one shows for a moment during every change; the periodic sync repairs
-// drift.) Without a frontend there is no count; then the slots present
+// one shows for a moment during every change; CheckDrift finds drift.) Without a frontend there is no count; then the slots present
 // from 0 on are read.
 func decodeSet(t *table, id uint32, set uint8, count uint16, counted bool) (eps []model.Endpoint, missing []uint16, err error) {
 	for i := uint32(0); i <= 0xffff; i++ {

@@ -84,6 +84,9 @@ type reconciler struct {
 	// an incremental sync leaves them failed while they stay the same and
 	// nothing was removed.
 	failed dataplane.PortErrors
+	// writes counts the syncs that wrote or may have written, so that a
+	// comparison with the kernel that ran beside one can tell (drift.go).
+	writes uint64
 }
 
 // sync makes the maps hold s. A ServicePort that cannot be encoded, claims
@@ -93,10 +96,12 @@ type reconciler struct {
 // old or the new entries or a mix the datapath can use (every slot below a
 // count exists); the next sync repairs them.
 //
-// With s.Change set, sync encodes only the ServicePorts it names; one that
-// changes nothing (the periodic reconcile) reads the maps back and rewrites
-// what differs, so that entries changed or deleted by hand are repaired.
-// Without, it encodes everything and compares it with the maps.
+// With s.Change set, sync encodes only the ServicePorts it names, and one
+// that changes nothing (the periodic sync) writes nothing unless
+// ServicePorts failed: it does not read the kernel, which CheckDrift
+// compares beside the sync loop (it forgets written when it finds entries
+// changed or deleted by hand, so that the next sync repairs them). Without
+// s.Change, sync encodes everything and compares it with the maps.
 func (r *reconciler) sync(s *model.State) error {
 	r.removed, r.removedUDP = nil, nil
 	if r.written != nil && s.Change != nil {
@@ -104,19 +109,13 @@ func (r *reconciler) sync(s *model.State) error {
 		case errors.Is(err, errUnchanged) && len(r.failed) > 0:
 			// The periodic sync tries the failed ServicePorts again.
 		case errors.Is(err, errUnchanged):
-			// Comparing what the kernel holds with what was written is
-			// cheaper than encoding everything again.
-			cur, err := readTable(r.maps)
-			if err != nil {
-				return err
-			}
-			if cur.equal(r.written) {
-				return nil
-			}
+			return nil
 		case !errors.Is(err, errSyncAll):
+			r.writes++
 			return err
 		}
 	}
+	r.writes++
 	return r.syncAll(s)
 }
 

@@ -410,8 +410,8 @@ func TestReconcilerIncremental(t *testing.T) {
 	}
 }
 
-// TestReconcilerRepairsDrift: a sync that changes nothing (the periodic
-// one) reads the maps back and rewrites entries deleted or changed by hand.
+// TestReconcilerRepairsDrift: a sync without a Change reads the maps back
+// and rewrites entries deleted or changed by hand.
 func TestReconcilerRepairsDrift(t *testing.T) {
 	k := newFakeKernel(1 << 20)
 	rec := &reconciler{maps: k.maps}

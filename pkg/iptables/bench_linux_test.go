@@ -85,6 +85,27 @@ func benchBackend(b *testing.B, mode string) *Backend {
 	return be
 }
 
+// syncedBackend10k returns a backend that programmed 10,000 Services x 10
+// endpoints, and their State.
+func syncedBackend10k(b *testing.B, mode string) (*Backend, *model.State) {
+	s := bigState(10000, 10)
+	be := benchBackend(b, mode)
+	if err := be.Sync(b.Context(), s); err != nil {
+		b.Fatal(err)
+	}
+	return be, s
+}
+
+// toggleEndpoint adds an endpoint to sp, or takes it away again.
+func toggleEndpoint(sp *model.ServicePort) {
+	extra := model.Endpoint{IP: netip.MustParseAddr("10.245.0.1"), Port: 8080}
+	if n := len(sp.ClusterEndpoints); n > 0 && sp.ClusterEndpoints[n-1] == extra {
+		sp.ClusterEndpoints = sp.ClusterEndpoints[:n-1]
+	} else {
+		sp.ClusterEndpoints = append(sp.ClusterEndpoints, extra)
+	}
+}
+
 // BenchmarkSync10k measures a full sync (the first one after Init) of
 // 10,000 Services x 10 endpoints into empty tables.
 func BenchmarkSync10k(b *testing.B) {
@@ -132,23 +153,12 @@ func benchmarkSyncOneServiceChange10k(b *testing.B, mode string) {
 	if !inBenchNetns(b) {
 		return
 	}
-	s := bigState(10000, 10)
-	be := benchBackend(b, mode)
-	if err := be.Sync(b.Context(), s); err != nil {
-		b.Fatal(err)
-	}
+	be, s := syncedBackend10k(b, mode)
 	sp := s.ServicePorts[model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}]
-	extra := model.Endpoint{IP: netip.MustParseAddr("10.245.0.1"), Port: 8080}
 	s.Change = &model.Change{Updated: []model.ServicePortName{sp.Name}}
 	b.ReportAllocs()
-	i := 0
 	for b.Loop() {
-		i++
-		if i%2 == 1 {
-			sp.ClusterEndpoints = append(sp.ClusterEndpoints, extra)
-		} else {
-			sp.ClusterEndpoints = sp.ClusterEndpoints[:len(sp.ClusterEndpoints)-1]
-		}
+		toggleEndpoint(sp)
 		if err := be.Sync(b.Context(), s); err != nil {
 			b.Fatal(err)
 		}
@@ -193,13 +203,8 @@ func benchmarkSyncBurst(b *testing.B, mode string, window time.Duration) {
 	if !inBenchNetns(b) {
 		return
 	}
-	s := bigState(10000, 10)
-	be := benchBackend(b, mode)
-	if err := be.Sync(b.Context(), s); err != nil {
-		b.Fatal(err)
-	}
+	be, s := syncedBackend10k(b, mode)
 	sps := s.Sorted()[:burstChanges]
-	extra := model.Endpoint{IP: netip.MustParseAddr("10.245.0.1"), Port: 8080}
 	var latencies []time.Duration
 	var cpu time.Duration
 	syncs := 0
@@ -217,11 +222,7 @@ func benchmarkSyncBurst(b *testing.B, mode string, window time.Duration) {
 			arrived := min(burstChanges, int(lastStart.Sub(start)/burstGap)+1)
 			s.Change = &model.Change{}
 			for _, sp := range sps[next:arrived] {
-				if n := len(sp.ClusterEndpoints); n > 0 && sp.ClusterEndpoints[n-1] == extra {
-					sp.ClusterEndpoints = sp.ClusterEndpoints[:n-1]
-				} else {
-					sp.ClusterEndpoints = append(sp.ClusterEndpoints, extra)
-				}
+				toggleEndpoint(sp)
 				s.Change.Updated = append(s.Change.Updated, sp.Name)
 			}
 			if err := be.Sync(b.Context(), s); err != nil {

@@ -134,8 +134,8 @@ func benchmarkSync10k(b *testing.B, mode string) {
 			b.Fatal(err)
 		}
 	}
-	b.ReportMetric(float64(be.families[0].last.Rules(tableNAT)), "nat-rules")
-	b.ReportMetric(float64(len(be.families[0].last.Tables[tableNAT])), "nat-chains")
+	b.ReportMetric(float64(be.families[0].prog.rules[tableNAT]), "nat-rules")
+	b.ReportMetric(float64(len(be.families[0].prog.sums[tableNAT])), "nat-chains")
 }
 
 // BenchmarkSyncOneServiceChange10k measures the sync after one Service's

@@ -142,8 +142,7 @@ func TestIncrementalRender(t *testing.T) {
 	check := func(s *model.State, what string) {
 		t.Helper()
 		for _, f := range families {
-			out, gone := progs[f].update(s, f, renderOptions{masqBit: DefaultMasqueradeBit}, true)
-			progs[f].record(sumsOf(out), gone)
+			out, gone := progs[f].apply(s, f)
 			for c := range gone {
 				delete(kernel[f].Tables[c.table], c.chain)
 			}
@@ -192,16 +191,14 @@ func TestIncrementalRender(t *testing.T) {
 // the chains above the leaves, not the other ServicePorts' chains.
 func TestUpdateRendersTheChange(t *testing.T) {
 	s := bigState(1000, 10)
-	o := renderOptions{masqBit: DefaultMasqueradeBit}
 	p := newProgrammed()
-	out, gone := p.update(s, model.IPv4, o, true)
-	p.record(sumsOf(out), gone)
+	p.apply(s, model.IPv4)
 	name := model.ServicePortName{Namespace: "ns7", Name: "svc107", Port: "http", Family: model.IPv4}
 	sp := s.ServicePorts[name].Clone()
 	sp.ClusterEndpoints = sp.ClusterEndpoints[1:]
 	s.ServicePorts[name] = sp
 	s.Change = &model.Change{Updated: []model.ServicePortName{name}}
-	out, gone = p.update(s, model.IPv4, o, true)
+	out, gone := p.update(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, true)
 	var services []string
 	n := 0
 	for _, chains := range out.Tables {

@@ -106,15 +106,22 @@ func BenchmarkParse10k(b *testing.B) {
 	}
 }
 
+// apply updates p to s's part of family with the default options and
+// records the result as written, as a Sync does; it returns what the
+// update rendered and found gone.
+func (p *programmed) apply(s *model.State, family model.Family) (*Ruleset, map[tableChain]bool) {
+	out, gone := p.update(s, family, renderOptions{masqBit: DefaultMasqueradeBit}, true)
+	p.record(sumsOf(out), gone)
+	return out, gone
+}
+
 // BenchmarkRenderOneChange10k renders 10,000 Services after one changed,
 // with what a Backend keeps between syncs and the Change the agent hands
 // over.
 func BenchmarkRenderOneChange10k(b *testing.B) {
 	s := bigState(10000, 10)
-	o := renderOptions{masqBit: DefaultMasqueradeBit}
 	p := newProgrammed()
-	out, gone := p.update(s, model.IPv4, o, true)
-	p.record(sumsOf(out), gone)
+	p.apply(s, model.IPv4)
 	name := model.ServicePortName{Namespace: "ns7", Name: "svc1007", Port: "http", Family: model.IPv4}
 	s.Change = &model.Change{Updated: []model.ServicePortName{name}}
 	b.ReportAllocs()
@@ -122,8 +129,7 @@ func BenchmarkRenderOneChange10k(b *testing.B) {
 		sp := s.ServicePorts[name].Clone()
 		sp.ClusterEndpoints[0].Port++
 		s.ServicePorts[name] = sp
-		out, gone := p.update(s, model.IPv4, o, true)
-		p.record(sumsOf(out), gone)
+		p.apply(s, model.IPv4)
 	}
 }
 
@@ -139,9 +145,7 @@ func BenchmarkRetainedHeap10k(b *testing.B) {
 		runtime.GC()
 		runtime.ReadMemStats(&before)
 		p := newProgrammed()
-		out, gone := p.update(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, true)
-		p.record(sumsOf(out), gone)
-		out = nil
+		p.apply(s, model.IPv4)
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		runtime.KeepAlive(p)

@@ -263,8 +263,9 @@ func sumOf(rules []string) chainSum {
 // rules of every chain whose rules may have changed and the chains no
 // longer wanted. With incremental set, and when s carries a Change and the
 // cluster CIDRs are those of the last update, it renders only the
-// ServicePorts the Change names and the chains they share; otherwise every
-// chain (gone then holds every chain of p's sums not rendered).
+// ServicePorts the Change names and the chains they share (so the Change
+// must name every ServicePort that differs from p's last update); otherwise
+// every chain (gone then holds every chain of p's sums not rendered).
 func (p *programmed) update(s *model.State, family model.Family, o renderOptions, incremental bool) (out *Ruleset, gone map[tableChain]bool) {
 	r := &renderer{
 		rs:          newRuleset(family),

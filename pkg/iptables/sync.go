@@ -269,9 +269,11 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 	if len(ft.repair) > 0 {
 		b.log.Warn("repairing svcnat iptables rules changed outside svcnat", "family", ft.family, "chains", len(ft.repair))
 	}
-	// A repair renders everything: the chains to repair may be any.
+	// A full sync renders everything, whatever the Change names (after a
+	// failure of this family alone the agent hands a Change); so does a
+	// repair, as the chains to repair may be any.
 	p := ft.prog
-	out, gone := p.update(s, ft.family, b.renderOptions, len(ft.repair) == 0)
+	out, gone := p.update(s, ft.family, b.renderOptions, !full && len(ft.repair) == 0)
 	sums := sumsOf(out)
 	var payload strings.Builder
 	for _, table := range []string{tableFilter, tableNAT} {

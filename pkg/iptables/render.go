@@ -59,6 +59,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/maphash"
+	"maps"
 	"math"
 	"net/netip"
 	"slices"
@@ -203,7 +204,7 @@ func render(s *model.State, family model.Family, o renderOptions) *Ruleset {
 // leaf chains they are in, and the few chains above the leaves.
 type programmed struct {
 	cidrs  []netip.Prefix
-	frags  map[model.ServicePortName]*fragment
+	frags  map[model.ServicePortName]fragment
 	leaves map[tableChain][]leafEntry
 	// locals counts the ServicePorts with a local endpoint per address;
 	// hairpin counts the addresses per hairpin chain.
@@ -220,7 +221,7 @@ type programmed struct {
 
 func newProgrammed() *programmed {
 	return &programmed{
-		frags:  map[model.ServicePortName]*fragment{},
+		frags:  map[model.ServicePortName]fragment{},
 		leaves: map[tableChain][]leafEntry{},
 		locals: map[netip.Addr]int{},
 		always: map[tableChain]bool{},
@@ -305,8 +306,8 @@ func (p *programmed) update(s *model.State, family model.Family, o renderOptions
 	}
 	p.cidrs = r.cidrs
 	for _, name := range names {
-		if f := p.frags[name]; f != nil {
-			for _, c := range f.chains {
+		if f, ok := p.frags[name]; ok {
+			for _, c := range ownChains(name) {
 				gone[tableChain{tableNAT, c}] = true
 			}
 			for _, l := range f.leaves {
@@ -327,11 +328,8 @@ func (p *programmed) update(s *model.State, family model.Family, o renderOptions
 			continue
 		}
 		sr := r.servicePort(sp)
-		f := &fragment{locals: sr.locals}
-		for _, c := range sortedKeys(sr.chains) {
-			r.rs.Tables[tableNAT][c] = sr.chains[c]
-			f.chains = append(f.chains, c)
-		}
+		f := fragment{locals: sr.locals}
+		maps.Copy(r.rs.Tables[tableNAT], sr.chains)
 		for i, l := range sr.leaves {
 			l.entry.seq = i
 			p.leaves[l.chain] = append(p.leaves[l.chain], l.entry)
@@ -359,9 +357,11 @@ func (p *programmed) update(s *model.State, family model.Family, o renderOptions
 	for _, table := range []string{tableNAT, tableFilter} {
 		r.trees(p, table, dirtyLeaves)
 	}
-	for table, chains := range r.rs.Tables {
-		for c := range chains {
-			delete(gone, tableChain{table, c})
+	for c := range gone {
+		if _, rendered := r.rs.Tables[c.table][c.chain]; rendered {
+			delete(gone, c)
+		} else if _, written := p.sums[c.table][c.chain]; !written {
+			delete(gone, c)
 		}
 	}
 	return r.rs, gone
@@ -402,13 +402,18 @@ type renderer struct {
 	cidrs       []netip.Prefix
 }
 
-// fragment is what programmed keeps of one ServicePort: the names of its
-// own nat chains, the leaf chains holding its frontend rules, the
-// addresses of its local endpoints.
+// fragment is what programmed keeps of one ServicePort: the leaf chains
+// holding its frontend rules and the addresses of its local endpoints.
+// (Its own chains are named after it: ownChains.)
 type fragment struct {
-	chains []string
 	leaves []tableChain
 	locals []netip.Addr
+}
+
+// ownChains names the nat chains a ServicePort may have.
+func ownChains(n model.ServicePortName) [3]string {
+	h := chainHash(n.String())
+	return [3]string{prefixCluster + h, prefixLocal + h, prefixExternal + h}
 }
 
 // spRules is what one ServicePort contributes to the rules: its own nat
@@ -515,8 +520,8 @@ func affinitySeconds(sp *model.ServicePort) int64 {
 
 func (r *renderer) servicePort(sp *model.ServicePort) *spRules {
 	fr := &spRules{chains: map[string][]string{}}
-	h := chainHash(sp.Name.String())
-	svc, lcl, ext := prefixCluster+h, prefixLocal+h, prefixExternal+h
+	own := ownChains(sp.Name)
+	svc, lcl, ext := own[0], own[1], own[2]
 	spc := spnComment(sp.Name)
 	if len(sp.ClusterEndpoints) > 0 {
 		if len(r.cidrs) > 0 {

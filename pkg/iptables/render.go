@@ -4,9 +4,11 @@
 // syncs with iptables-restore.
 //
 // The Backend is in three layers: render.go and parse.go encode and decode
-// (pure); sync.go plans what a sync writes from what was last written and
-// the new rules (planTable), and checks the kernel for changes made outside
-// svcnat; runner.go is the kernel layer, the iptables binaries and
+// (pure; render.go also keeps, between syncs, a sum of each chain written
+// and just enough per ServicePort to render after a change only the chains
+// it touches: programmed); sync.go plans what a sync writes from those sums
+// and the chains rendered (planTable), and checks the kernel for changes
+// made outside svcnat by summing the rules it reads; runner.go is the kernel layer, the iptables binaries and
 // go-iptables behind a small runner interface, which the tests replace
 // with an in-memory model of iptables (fake_test.go), so the sync logic
 // and the dataplane conformance suite run without root. backend.go holds

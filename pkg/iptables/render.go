@@ -3,12 +3,15 @@
 // iptables-save output), and a Backend that applies the difference between
 // syncs with iptables-restore.
 //
-// The Backend is in three layers: render.go and parse.go encode and decode
-// (pure; render.go also keeps, between syncs, a sum of each chain written
-// and just enough per ServicePort to render after a change only the chains
-// it touches: programmed); sync.go plans what a sync writes from those sums
-// and the chains rendered (planTable), and checks the kernel for changes
-// made outside svcnat by summing the rules it reads; runner.go is the kernel layer, the iptables binaries and
+// The Backend is in three layers. Pure encoding and decoding: render.go
+// and tree.go render the rules; save.go reads iptables-save text into
+// chains, rule.go one rule's matches, decode.go the chains back into a
+// model.State; render.go also keeps, between syncs, a sum of each chain
+// written and just enough per ServicePort to render after a change only
+// the chains it touches (programmed). Planning: sync.go decides what a
+// sync writes from those sums and the chains rendered (planTable), and
+// checks the kernel for changes made outside svcnat by summing the rules
+// it reads. The kernel layer: runner.go, the iptables binaries and
 // go-iptables behind a small runner interface, which the tests replace
 // with an in-memory model of iptables (fake_test.go), so the sync logic
 // and the dataplane conformance suite run without root. backend.go holds

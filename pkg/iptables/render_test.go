@@ -217,6 +217,23 @@ func TestUpdateRendersTheChange(t *testing.T) {
 	}
 }
 
+// TestRestoreSize: writeRestore grows its buffer once, by the size of what
+// it writes (after Grow(n), n bytes are written without another
+// allocation), which restoreSize must give exactly.
+func TestRestoreSize(t *testing.T) {
+	cases := conformance.Cases()
+	rs := Render(cases[len(cases)-1].State, model.IPv4, DefaultMasqueradeBit)
+	for _, table := range []string{tableNAT, tableFilter} {
+		write := sortedKeys(rs.Tables[table])
+		del := []string{"SVCNAT-GONE", "SVCNAT-ALSO-GONE"}
+		var b strings.Builder
+		writeRestore(&b, table, write, rs.Tables[table], del)
+		if got := restoreSize(table, write, rs.Tables[table], del); got != b.Len() {
+			t.Errorf("%s: size %d, wrote %d bytes", table, got, b.Len())
+		}
+	}
+}
+
 func TestTokenize(t *testing.T) {
 	for in, want := range map[string][]string{
 		`-A X -m comment --comment "a/b:c ClusterIP" -j Y`: {"-A", "X", "-m", "comment", "--comment", "a/b:c ClusterIP", "-j", "Y"},

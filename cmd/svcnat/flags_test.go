@@ -77,7 +77,7 @@ func TestBackendAutoFallsBackOnlyWhenNotSupported(t *testing.T) {
 	}
 }
 
-// --min-sync-period defaults by backend (1 s for iptables, 10 ms for eBPF);
+// --min-sync-period defaults by backend (250 ms for iptables, 10 ms for eBPF);
 // a value on the command line or in the config file wins for both.
 func TestMinSyncPeriodDefault(t *testing.T) {
 	cfgFile := filepath.Join(t.TempDir(), "svcnat.yaml")
@@ -90,7 +90,7 @@ func TestMinSyncPeriodDefault(t *testing.T) {
 		backend string
 		want    time.Duration
 	}{
-		{nil, "", backendIptables, time.Second},
+		{nil, "", backendIptables, 250 * time.Millisecond},
 		{nil, "", backendEBPF, 10 * time.Millisecond},
 		{[]string{"--min-sync-period=2s"}, "", backendEBPF, 2 * time.Second},
 		{[]string{"--min-sync-period=5ms"}, "", backendIptables, 5 * time.Millisecond},

@@ -120,8 +120,8 @@ func newRunCommand() *cobra.Command {
 	fs := cmd.Flags()
 	f.node.register(fs)
 	f.backend.register(fs, backendIptables)
-	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", 0, "least time between two syncs, after the two a quiet spell allows back to back; changes within it are programmed together (default 1s with the iptables backend, whose every sync runs iptables-restore; 10ms with ebpf, whose map writes take microseconds)")
-	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of periodic reconciles; with iptables also how often every svcnat chain in the kernel is compared, beside the sync loop, with what svcnat wrote, to repair outside changes")
+	fs.DurationVar(&f.minSyncPeriod, "min-sync-period", 0, "least time between two syncs, after the two a quiet spell allows back to back; changes within it are programmed together (default 250ms with the iptables backend, whose every sync runs iptables-restore of the changed chains; 10ms with ebpf, whose map writes take microseconds)")
+	fs.DurationVar(&f.syncPeriod, "sync-period", 30*time.Second, "interval of periodic reconciles, and of the comparison, beside the sync loop, of svcnat's chains (iptables) or maps (ebpf) in the kernel with what svcnat wrote, to repair outside changes")
 	fs.StringVar(&f.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of the /metrics endpoint; empty disables it")
 	fs.BoolVar(&f.profiling, "profiling", false, "also serve net/http/pprof under /debug/pprof/ on the metrics address (as kube-proxy's --profiling)")
 	fs.BoolVar(&f.endpointCounters, "metrics-endpoint-counters", false, "also export the datapath's connection counters per endpoint on /metrics (svcnat_endpoint_connections_total: one series per Service port and endpoint)")
@@ -262,12 +262,14 @@ func releaseAfterFirstSync(ctx context.Context, interval time.Duration, synced f
 }
 
 // minSyncPeriod is --min-sync-period when given, else the default of the
-// backend in use: a sync of the iptables backend runs iptables-restore, which
-// costs hundreds of milliseconds at 10,000 Services, so changes wait up to 1 s
-// to be written together (kube-proxy's default, for the same reason); the
-// eBPF backend writes a change to its maps in microseconds, so changes that
-// follow each other (a new Service, then its EndpointSlice; a rolling update)
-// wait only 10 ms.
+// backend in use. A sync of the iptables backend runs iptables-restore with
+// the changed chains only, about 150 ms at 10,000 Services (nf_tables), so
+// changes wait up to 250 ms to be written together: a change that follows a
+// sync (a new Service, then its EndpointSlice; a rolling update) is
+// programmed in about the window plus one sync, and a long burst costs at
+// most four syncs a second. (kube-proxy's 1 s protects a restore of every
+// rule, which svcnat does not do.) The eBPF backend writes a change to its
+// maps in microseconds, so changes that follow each other wait only 10 ms.
 func minSyncPeriod(given time.Duration, set bool, backend string) time.Duration {
 	switch {
 	case set:
@@ -275,7 +277,7 @@ func minSyncPeriod(given time.Duration, set bool, backend string) time.Duration 
 	case backend == backendEBPF:
 		return 10 * time.Millisecond
 	default:
-		return time.Second
+		return 250 * time.Millisecond
 	}
 }
 

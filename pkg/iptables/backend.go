@@ -74,12 +74,9 @@ type Backend struct {
 type familyTables struct {
 	family model.Family
 	run    runner
-	// last is what the last successful Sync wrote; nil makes the next Sync
-	// rewrite everything. A Ruleset is not changed once written, so
-	// CheckDrift reads it without holding Backend.mu.
-	last *Ruleset
-	// cache makes rendering after a small change cost little.
-	cache renderCache
+	// prog is what the last successful Sync wrote, in short; nil makes
+	// the next Sync rewrite everything.
+	prog *programmed
 	// repair holds the chains a comparison found changed outside svcnat:
 	// the next Sync rewrites (or deletes) those of svcnat, and puts back
 	// the jump rules of the built-in ones.
@@ -193,7 +190,7 @@ func (b *Backend) Init(ctx context.Context) error {
 		return err
 	}
 	for _, ft := range b.families {
-		ft.last = nil
+		ft.prog = nil
 		if err := ft.ensureJumps(); err != nil {
 			return err
 		}
@@ -272,7 +269,7 @@ func (b *Backend) Verify(ctx context.Context) ([]string, error) {
 		}
 		s, problems := decodeState(rs)
 		out = append(out, problems...)
-		want := render(s, ft.family, b.renderOptions, nil)
+		want := render(s, ft.family, b.renderOptions)
 		for _, table := range []string{tableFilter, tableNAT} {
 			got, wantChains := rs.Tables[table], want.Tables[table]
 			for _, c := range sortedKeys(wantChains) {
@@ -345,7 +342,7 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 		return err
 	}
 	for _, ft := range b.families {
-		ft.last = nil
+		ft.prog = nil
 		for _, j := range jumps {
 			// A rule cannot jump to a missing chain (and legacy iptables
 			// fails to check for one).

@@ -394,6 +394,68 @@ func TestFailedSyncRewritesAll(t *testing.T) {
 	}
 }
 
+// TestFailedFamilyRewritesAll: when one family's restore fails, Sync
+// reports that family's ServicePorts as failed and the agent goes on with
+// Changes; the next Sync, though its Change names one ServicePort, must
+// rewrite the failed family whole and leave the other family's rules be.
+func TestFailedFamilyRewritesAll(t *testing.T) {
+	k := &testKernel{mode: ModeNFT, host: newFakeHost()}
+	b := k.initBackend(t, Options{Families: []model.Family{model.IPv4, model.IPv6}})
+	ctx := t.Context()
+	s := allCase()
+	// Without cluster CIDRs: a change of them alone makes a sync render
+	// everything.
+	s.ClusterCIDRs = nil
+	s.ServicePorts = maps.Clone(s.ServicePorts)
+	for name, sp := range s.ServicePorts {
+		if name.Family == model.IPv6 {
+			// A second IPv6 ServicePort, which no Change names below.
+			sp = sp.Clone()
+			sp.Name.Name += "-other"
+			sp.Frontends = sp.Frontends[:1]
+			sp.Frontends[0].IP = netip.MustParseAddr("fd00:96::11")
+			s.ServicePorts[sp.Name] = sp
+			break
+		}
+	}
+	if err := b.Sync(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	fake := k.fake(t, model.IPv6)
+	fake.failRestore = errors.New("ip6tables-restore cannot run")
+	next := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
+	var changed model.ServicePortName
+	for _, sp := range next.Sorted() {
+		if sp.Name.Family == model.IPv6 && sp.Name.Name == "web" {
+			sp = sp.Clone()
+			sp.ClusterEndpoints = sp.ClusterEndpoints[1:]
+			next.ServicePorts[sp.Name], changed = sp, sp.Name
+			break
+		}
+	}
+	if changed.Name == "" {
+		t.Fatal("no IPv6 service port with endpoints in the conformance cases")
+	}
+	next = conformance.WithChange(s, next)
+	var perPort dataplane.PortErrors
+	if err := b.Sync(ctx, next); !errors.As(err, &perPort) || perPort[changed] == nil {
+		t.Fatalf("sync with a failing IPv6 restore = %v, want the IPv6 service ports failed alone", err)
+	}
+	fake.failRestore = nil
+	again := &model.State{ClusterCIDRs: next.ClusterCIDRs, ServicePorts: next.ServicePorts,
+		Change: &model.Change{Updated: []model.ServicePortName{changed}}}
+	if err := b.Sync(ctx, again); err != nil {
+		t.Fatal(err)
+	}
+	got, err := b.Dump(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range conformance.Diff(next, got) {
+		t.Error(d)
+	}
+}
+
 // TestDetectMode: auto picks the variant holding the host's rules.
 func TestDetectMode(t *testing.T) {
 	if !netnstest.InNetns(t) {

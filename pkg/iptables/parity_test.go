@@ -251,7 +251,7 @@ func TestVerifyFindsStructuralDrift(t *testing.T) {
 			t.Fatalf("in sync: %v %q, want nothing", err, problems)
 		}
 		chainOf := func(table, prefix string) string {
-			for _, c := range sortedKeys(b.families[0].last.Tables[table]) {
+			for _, c := range sortedKeys(b.families[0].prog.sums[table]) {
 				if strings.HasPrefix(c, prefix) {
 					return c
 				}

@@ -9,35 +9,38 @@ import (
 type tableChain struct{ table, chain string }
 
 // planTable decides which chains of one table a sync writes (declares,
-// which flushes them, and fills with want's rules) and deletes, in name
-// order. last is what the last successful sync wrote to the table; nil
-// means nothing is known and the sync writes every chain of want and
-// deletes every other svcnat chain of existing, the kernel's. Otherwise it
-// writes the chains that differ from last or are to be repaired, and
-// deletes those of last no longer wanted and any svcnat chain to repair
-// that is neither wanted nor in last (one made outside svcnat).
-func planTable(table string, want, last map[string][]string, existing []string, repair map[tableChain]bool) (write, del []string) {
+// which flushes them, and fills with their rules) and deletes, in name
+// order. rendered holds the sums of the chains the sync rendered (every
+// chain whose rules may have changed), gone the chains it found no longer
+// wanted, last the sums of what the last successful sync wrote to the
+// table. A nil last means nothing is known: the sync then writes every
+// chain rendered (which must be all of them) and deletes every other
+// svcnat chain of existing, the kernel's. Otherwise it writes the rendered
+// chains whose sum differs from last's or that are to be repaired, and
+// deletes the chains of gone that last holds and any svcnat chain to repair
+// that is neither rendered nor in last (one made outside svcnat).
+func planTable(table string, rendered map[string]chainSum, gone map[tableChain]bool, last map[string]chainSum, existing []string, repair map[tableChain]bool) (write, del []string) {
 	if last == nil {
 		for _, c := range existing {
-			if _, ok := want[c]; !ok {
+			if _, ok := rendered[c]; !ok {
 				del = append(del, c)
 			}
 		}
-		return sortedKeys(want), del
+		return sortedKeys(rendered), del
 	}
-	for _, c := range sortedKeys(want) {
+	for _, c := range sortedKeys(rendered) {
 		old, ok := last[c]
-		if !ok || !slices.Equal(old, want[c]) || repair[tableChain{table, c}] {
+		if !ok || old != rendered[c] || repair[tableChain{table, c}] {
 			write = append(write, c)
 		}
 	}
-	for _, c := range sortedKeys(last) {
-		if _, ok := want[c]; !ok {
-			del = append(del, c)
+	for c := range gone {
+		if _, ok := last[c.chain]; ok && c.table == table {
+			del = append(del, c.chain)
 		}
 	}
 	for c := range repair {
-		_, wanted := want[c.chain]
+		_, wanted := rendered[c.chain]
 		_, written := last[c.chain]
 		if c.table == table && strings.HasPrefix(c.chain, chainPrefix) && !wanted && !written {
 			del = append(del, c.chain)

@@ -3,10 +3,15 @@
 // iptables-save output), and a Backend that applies the difference between
 // syncs with iptables-restore.
 //
-// The Backend is in three layers: render.go and parse.go encode and decode
-// (pure); sync.go plans what a sync writes from what was last written and
-// the new rules (planTable), and checks the kernel for changes made outside
-// svcnat; runner.go is the kernel layer, the iptables binaries and
+// The Backend is in three layers. Pure encoding and decoding: render.go
+// and tree.go render the rules; save.go reads iptables-save text into
+// chains, rule.go one rule's matches, decode.go the chains back into a
+// model.State; render.go also keeps, between syncs, a sum of each chain
+// written and just enough per ServicePort to render after a change only
+// the chains it touches (programmed). Planning: sync.go decides what a
+// sync writes from those sums and the chains rendered (planTable), and
+// checks the kernel for changes made outside svcnat by summing the rules
+// it reads. The kernel layer: runner.go, the iptables binaries and
 // go-iptables behind a small runner interface, which the tests replace
 // with an in-memory model of iptables (fake_test.go), so the sync logic
 // and the dataplane conformance suite run without root. backend.go holds
@@ -56,7 +61,10 @@ package iptables
 import (
 	"crypto/sha256"
 	"encoding/base32"
+	"encoding/binary"
 	"fmt"
+	"hash/maphash"
+	"maps"
 	"math"
 	"net/netip"
 	"slices"
@@ -137,19 +145,41 @@ func (r *Ruleset) Text() string {
 // in them first), appends rules' rules to each chain of write, and deletes
 // the chains of del.
 func writeRestore(b *strings.Builder, table string, write []string, rules map[string][]string, del []string) {
+	// Grown once: a full sync's payload is tens of megabytes at 10,000
+	// Services, and growing by doubling would leave as much garbage.
+	b.Grow(restoreSize(table, write, rules, del))
 	fmt.Fprintf(b, "*%s\n", table)
 	for _, c := range slices.Concat(write, del) {
 		fmt.Fprintf(b, ":%s - [0:0]\n", c)
 	}
 	for _, c := range write {
 		for _, rule := range rules[c] {
-			fmt.Fprintf(b, "-A %s %s\n", c, rule)
+			for _, w := range []string{"-A ", c, " ", rule, "\n"} {
+				b.WriteString(w) // not Fprintf: no garbage per rule
+			}
 		}
 	}
 	for _, c := range del {
 		fmt.Fprintf(b, "-X %s\n", c)
 	}
 	b.WriteString("COMMIT\n")
+}
+
+// restoreSize is the length of what writeRestore writes.
+func restoreSize(table string, write []string, rules map[string][]string, del []string) int {
+	size := len("*\nCOMMIT\n") + len(table)
+	for _, c := range slices.Concat(write, del) {
+		size += len(":c - [0:0]\n") - 1 + len(c)
+	}
+	for _, c := range write {
+		for _, rule := range rules[c] {
+			size += len("-A c r\n") - 2 + len(c) + len(rule)
+		}
+	}
+	for _, c := range del {
+		size += len("-X c\n") - 1 + len(c)
+	}
+	return size
 }
 
 // Rules counts the rules of a table.
@@ -174,7 +204,7 @@ func sortedKeys[V any](m map[string]V) []string {
 // the mark bit for masquerading. Render is pure and deterministic: equal
 // states give equal rulesets.
 func Render(s *model.State, family model.Family, masqBit int) *Ruleset {
-	return render(s, family, renderOptions{masqBit: masqBit}, nil)
+	return render(s, family, renderOptions{masqBit: masqBit})
 }
 
 // renderOptions are the host's settings rules depend on.
@@ -186,63 +216,209 @@ type renderOptions struct {
 	keepInvalid bool
 }
 
-// renderCache keeps what each ServicePort contributed to the last render,
-// so that the next render formats only the ServicePorts its State's Change
-// names.
-type renderCache struct {
-	cidrs     []netip.Prefix
-	fragments map[model.ServicePortName]*fragment
+// render returns every chain of the family's part of s.
+func render(s *model.State, family model.Family, o renderOptions) *Ruleset {
+	out, _ := newProgrammed().update(s, family, o, false)
+	return out
 }
 
-// render is Render, reusing and refreshing cache when it is not nil.
-func render(s *model.State, family model.Family, o renderOptions, cache *renderCache) *Ruleset {
+// programmed is what a Backend remembers of one family's rules between
+// syncs, kept small: a sum of each chain (not its rules), and per
+// ServicePort the names of its own chains, the leaf chains holding its
+// frontend rules and its local endpoint addresses. Only the leaf chains'
+// entries are kept whole, as they are shared by many ServicePorts. This
+// lets a sync after a change render only the ServicePorts it names, the
+// leaf chains they are in, and the few chains above the leaves.
+type programmed struct {
+	cidrs  []netip.Prefix
+	frags  map[model.ServicePortName]fragment
+	leaves map[tableChain][]leafEntry
+	// locals counts the ServicePorts with a local endpoint per address;
+	// hairpin counts the addresses per hairpin chain.
+	locals  map[netip.Addr]int
+	hairpin [16]int
+	// always are the chains every update renders (the dispatch chains
+	// above the leaves and the shared chains) as of the last update.
+	always map[tableChain]bool
+	// sums: table -> chain -> sum of its rules, for every chain of the
+	// last update; rules: table -> number of rules.
+	sums  map[string]map[string]chainSum
+	rules map[string]int
+}
+
+func newProgrammed() *programmed {
+	return &programmed{
+		frags:  map[model.ServicePortName]fragment{},
+		leaves: map[tableChain][]leafEntry{},
+		locals: map[netip.Addr]int{},
+		always: map[tableChain]bool{},
+		sums:   map[string]map[string]chainSum{tableNAT: {}, tableFilter: {}},
+		rules:  map[string]int{},
+	}
+}
+
+// chainSum stands for a chain's rules: their number and a hash of them in
+// order.
+type chainSum struct {
+	hash  uint64
+	rules int
+}
+
+// sumSeed seeds the hashes of chainSum; sums are never kept beyond the
+// process.
+var sumSeed = maphash.MakeSeed()
+
+// add returns the sum of the chain with rule appended.
+func (c chainSum) add(rule string) chainSum {
+	var h maphash.Hash
+	h.SetSeed(sumSeed)
+	var prev [8]byte
+	binary.LittleEndian.PutUint64(prev[:], c.hash)
+	h.Write(prev[:])
+	h.WriteString(rule)
+	return chainSum{hash: h.Sum64(), rules: c.rules + 1}
+}
+
+func sumOf(rules []string) chainSum {
+	var c chainSum
+	for _, r := range rules {
+		c = c.add(r)
+	}
+	return c
+}
+
+// update brings p to s, except for its sums (record), and returns the
+// rules of every chain whose rules may have changed and the chains no
+// longer wanted. With incremental set, and when s carries a Change and the
+// cluster CIDRs are those of the last update, it renders only the
+// ServicePorts the Change names and the chains they share (so the Change
+// must name every ServicePort that differs from p's last update); otherwise
+// every chain (gone then holds every chain of p's sums not rendered).
+func (p *programmed) update(s *model.State, family model.Family, o renderOptions, incremental bool) (out *Ruleset, gone map[tableChain]bool) {
 	r := &renderer{
 		rs:          newRuleset(family),
 		family:      family,
 		keepInvalid: o.keepInvalid,
 		masqMark:    fmt.Sprintf("0x%x", uint32(1)<<o.masqBit),
-		leaves:      map[string]map[string][]leafEntry{tableNAT: {}, tableFilter: {}},
-		locals:      map[netip.Addr]bool{},
 	}
 	for _, c := range s.ClusterCIDRs {
 		if model.FamilyOf(c.Addr()) == family {
 			r.cidrs = append(r.cidrs, c)
 		}
 	}
-	reuse := cache != nil && s.Change != nil && slices.Equal(cache.cidrs, r.cidrs)
-	if cache != nil {
-		if !reuse {
-			cache.cidrs, cache.fragments = r.cidrs, map[model.ServicePortName]*fragment{}
+	gone = map[tableChain]bool{}
+	var names []model.ServicePortName
+	dirtyLeaves := map[tableChain]bool{}
+	var dirtyHairpin [16]bool
+	if incremental && s.Change != nil && slices.Equal(p.cidrs, r.cidrs) {
+		names = slices.Concat(s.Change.Updated, s.Change.Removed)
+		slices.SortFunc(names, model.ServicePortName.Compare)
+		names = slices.Compact(names)
+		for c := range p.always {
+			gone[c] = true
 		}
-		if s.Change != nil {
-			for _, name := range slices.Concat(s.Change.Updated, s.Change.Removed) {
-				delete(cache.fragments, name)
+	} else {
+		for table, sums := range p.sums {
+			for c := range sums {
+				gone[tableChain{table, c}] = true
 			}
 		}
+		sums, rules := p.sums, p.rules
+		*p = *newProgrammed()
+		p.sums, p.rules = sums, rules
+		for name := range s.ServicePorts {
+			names = append(names, name)
+		}
+		dirtyHairpin = [16]bool{true, true, true, true, true, true, true, true, true, true, true, true, true, true, true, true}
 	}
-	// Map order is fine: leaf entries are sorted, and merging keeps the
-	// order of one ServicePort's entries.
-	for _, sp := range s.ServicePorts {
-		if sp.Name.Family != family {
+	p.cidrs = r.cidrs
+	for _, name := range names {
+		if f, ok := p.frags[name]; ok {
+			for _, c := range ownChains(name) {
+				gone[tableChain{tableNAT, c}] = true
+			}
+			for _, l := range f.leaves {
+				p.leaves[l] = slices.DeleteFunc(p.leaves[l], func(e leafEntry) bool { return e.name == name })
+				dirtyLeaves[l] = true
+			}
+			for _, a := range f.locals {
+				if p.locals[a]--; p.locals[a] == 0 {
+					delete(p.locals, a)
+					p.hairpin[hairpinBucket(a)]--
+					dirtyHairpin[hairpinBucket(a)] = true
+				}
+			}
+			delete(p.frags, name)
+		}
+		sp := s.ServicePorts[name]
+		if sp == nil || name.Family != family {
 			continue
 		}
-		var frag *fragment
-		if cache != nil {
-			frag = cache.fragments[sp.Name]
+		sr := r.servicePort(sp)
+		f := fragment{locals: sr.locals}
+		maps.Copy(r.rs.Tables[tableNAT], sr.chains)
+		for i, l := range sr.leaves {
+			l.entry.seq = i
+			p.leaves[l.chain] = append(p.leaves[l.chain], l.entry)
+			if !slices.Contains(f.leaves, l.chain) {
+				f.leaves = append(f.leaves, l.chain)
+			}
+			dirtyLeaves[l.chain] = true
 		}
-		if frag == nil {
-			frag = r.servicePort(sp)
-			if cache != nil {
-				cache.fragments[sp.Name] = frag
+		for _, a := range f.locals {
+			if p.locals[a]++; p.locals[a] == 1 {
+				p.hairpin[hairpinBucket(a)]++
+				dirtyHairpin[hairpinBucket(a)] = true
 			}
 		}
-		r.merge(frag)
+		p.frags[name] = f
 	}
-	r.shared()
+	for l := range dirtyLeaves {
+		if len(p.leaves[l]) == 0 {
+			delete(p.leaves, l)
+			gone[l] = true
+		}
+	}
+	p.always = map[tableChain]bool{}
+	r.shared(p, dirtyHairpin, gone)
 	for _, table := range []string{tableNAT, tableFilter} {
-		r.trees(table)
+		r.trees(p, table, dirtyLeaves)
 	}
-	return r.rs
+	for c := range gone {
+		if _, rendered := r.rs.Tables[c.table][c.chain]; rendered {
+			delete(gone, c)
+		} else if _, written := p.sums[c.table][c.chain]; !written {
+			delete(gone, c)
+		}
+	}
+	return r.rs, gone
+}
+
+// sumsOf returns the sums of a ruleset's chains: table -> chain -> sum.
+func sumsOf(rs *Ruleset) map[string]map[string]chainSum {
+	out := map[string]map[string]chainSum{}
+	for table, chains := range rs.Tables {
+		out[table] = make(map[string]chainSum, len(chains))
+		for c, rules := range chains {
+			out[table][c] = sumOf(rules)
+		}
+	}
+	return out
+}
+
+// record notes in p's sums the chains an update rendered (with their
+// sums) and found gone, once they are written.
+func (p *programmed) record(sums map[string]map[string]chainSum, gone map[tableChain]bool) {
+	for c := range gone {
+		p.rules[c.table] -= p.sums[c.table][c.chain].rules
+		delete(p.sums[c.table], c.chain)
+	}
+	for table, chains := range sums {
+		for c, sum := range chains {
+			p.rules[table] += sum.rules - p.sums[table][c].rules
+			p.sums[table][c] = sum
+		}
+	}
 }
 
 type renderer struct {
@@ -251,52 +427,47 @@ type renderer struct {
 	keepInvalid bool
 	masqMark    string
 	cidrs       []netip.Prefix
-	// leaves: table -> leaf chain -> entries, sorted before writing.
-	leaves map[string]map[string][]leafEntry
-	locals map[netip.Addr]bool
 }
 
-// fragment is what one ServicePort contributes: its own nat chains, its
-// entries in the dispatch trees' leaves, its local endpoint addresses.
-// Fragments are not changed once made.
+// fragment is what programmed keeps of one ServicePort: the leaf chains
+// holding its frontend rules and the addresses of its local endpoints.
+// (Its own chains are named after it: ownChains.)
 type fragment struct {
+	leaves []tableChain
+	locals []netip.Addr
+}
+
+// ownChains names the nat chains a ServicePort may have.
+func ownChains(n model.ServicePortName) [3]string {
+	h := chainHash(n.String())
+	return [3]string{prefixCluster + h, prefixLocal + h, prefixExternal + h}
+}
+
+// spRules is what one ServicePort contributes to the rules: its own nat
+// chains, its entries in the dispatch trees' leaves, its local endpoint
+// addresses.
+type spRules struct {
 	chains map[string][]string
 	leaves []leafRef
 	locals []netip.Addr
 }
 
 type leafRef struct {
-	table, chain string
-	entry        leafEntry
+	chain tableChain
+	entry leafEntry
 }
 
-func (f *fragment) add(chain, rule string) { f.chains[chain] = append(f.chains[chain], rule) }
+func (f *spRules) add(chain, rule string) { f.chains[chain] = append(f.chains[chain], rule) }
 
 // leaf adds a frontend rule to the leaf chain of its dispatch tree: the
 // port tree for NodePorts (their addresses are few and shared by all
 // NodePorts), the address tree for the others.
-func (f *fragment) leaf(table string, fe model.Frontend, sp *model.ServicePort, rule string) {
+func (f *spRules) leaf(table string, fe model.Frontend, sp *model.ServicePort, rule string) {
 	chain := addrLeaf(fe.IP)
 	if fe.Kind == model.NodePort {
 		chain = portLeaf(sp.Protocol, fe.Port)
 	}
-	f.leaves = append(f.leaves, leafRef{table, chain, leafEntry{ip: fe.IP, proto: sp.Protocol, port: fe.Port, name: sp.Name, rule: rule}})
-}
-
-func (r *renderer) merge(f *fragment) {
-	nat := r.rs.Tables[tableNAT]
-	for c, rules := range f.chains {
-		nat[c] = rules
-	}
-	for _, l := range f.leaves {
-		leaves := r.leaves[l.table]
-		e := l.entry
-		e.seq = len(leaves[l.chain])
-		leaves[l.chain] = append(leaves[l.chain], e)
-	}
-	for _, a := range f.locals {
-		r.locals[a] = true
-	}
+	f.leaves = append(f.leaves, leafRef{tableChain{table, chain}, leafEntry{ip: fe.IP, proto: sp.Protocol, port: fe.Port, name: sp.Name, rule: rule}})
 }
 
 // leafEntry is one rule in a dispatch tree's leaf chain.
@@ -305,7 +476,7 @@ type leafEntry struct {
 	proto model.Protocol
 	port  uint16
 	name  model.ServicePortName
-	seq   int
+	seq   int // order among the ServicePort's entries
 	rule  string
 }
 
@@ -374,10 +545,10 @@ func affinitySeconds(sp *model.ServicePort) int64 {
 	return int64(math.Ceil(sp.AffinityTimeout.Seconds()))
 }
 
-func (r *renderer) servicePort(sp *model.ServicePort) *fragment {
-	fr := &fragment{chains: map[string][]string{}}
-	h := chainHash(sp.Name.String())
-	svc, lcl, ext := prefixCluster+h, prefixLocal+h, prefixExternal+h
+func (r *renderer) servicePort(sp *model.ServicePort) *spRules {
+	fr := &spRules{chains: map[string][]string{}}
+	own := ownChains(sp.Name)
+	svc, lcl, ext := own[0], own[1], own[2]
 	spc := spnComment(sp.Name)
 	if len(sp.ClusterEndpoints) > 0 {
 		if len(r.cidrs) > 0 {
@@ -462,7 +633,7 @@ func (r *renderer) servicePort(sp *model.ServicePort) *fragment {
 		}
 	}
 	if sp.HealthCheckNodePort != 0 {
-		fr.leaves = append(fr.leaves, leafRef{tableFilter, portLeaf(model.TCP, sp.HealthCheckNodePort), leafEntry{
+		fr.leaves = append(fr.leaves, leafRef{tableChain{tableFilter, portLeaf(model.TCP, sp.HealthCheckNodePort)}, leafEntry{
 			proto: model.TCP, port: sp.HealthCheckNodePort, name: sp.Name,
 			rule: fmt.Sprintf("%s -m addrtype --dst-type LOCAL %s -j ACCEPT",
 				portMatch(model.TCP, strconv.Itoa(int(sp.HealthCheckNodePort))),
@@ -475,7 +646,7 @@ func (r *renderer) servicePort(sp *model.ServicePort) *fragment {
 // endpoints writes one DNAT rule per endpoint into chain: with affinity, a
 // first pass sends clients seen within the timeout back to their endpoint;
 // then endpoint i of n is chosen with probability 1/(n-i).
-func (r *renderer) endpoints(fr *fragment, chain string, sp *model.ServicePort, eps []model.Endpoint) {
+func (r *renderer) endpoints(fr *spRules, chain string, sp *model.ServicePort, eps []model.Endpoint) {
 	// The comment says which endpoints run on this node: locality is a
 	// property of the ServicePort's endpoint, not of the address alone.
 	head := func(e model.Endpoint) string {

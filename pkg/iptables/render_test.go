@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"flag"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -127,17 +128,38 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-// TestRenderCache checks that rendering with the cache of earlier renders
-// gives what rendering from scratch gives, when the state's Change names
-// the ServicePorts replaced since the last render, and without a Change.
-func TestRenderCache(t *testing.T) {
-	var cache renderCache
+// TestIncrementalRender checks that what a Backend keeps between syncs
+// (programmed) lets an update render only what changed, and that applying
+// each update's chains and deletions to what was there gives what
+// rendering from scratch gives, when the state's Change names the
+// ServicePorts replaced since the last update, and without a Change.
+func TestIncrementalRender(t *testing.T) {
+	progs := map[model.Family]*programmed{}
+	kernel := map[model.Family]*Ruleset{}
+	for _, f := range families {
+		progs[f], kernel[f] = newProgrammed(), newRuleset(f)
+	}
 	check := func(s *model.State, what string) {
 		t.Helper()
 		for _, f := range families {
-			got := render(s, f, renderOptions{masqBit: DefaultMasqueradeBit}, &cache).Text()
-			if want := Render(s, f, DefaultMasqueradeBit).Text(); got != want {
-				t.Fatalf("%s, %s: cached render differs:\n%s\nwant\n%s", what, f, got, want)
+			out, gone := progs[f].apply(s, f)
+			for c := range gone {
+				delete(kernel[f].Tables[c.table], c.chain)
+			}
+			for table, chains := range out.Tables {
+				maps.Copy(kernel[f].Tables[table], chains)
+			}
+			want := Render(s, f, DefaultMasqueradeBit)
+			if got := kernel[f].Text(); got != want.Text() {
+				t.Fatalf("%s, %s: incremental render differs:\n%s\nwant\n%s", what, f, got, want.Text())
+			}
+			if sums := sumsOf(want); !maps.EqualFunc(progs[f].sums, sums, maps.Equal) {
+				t.Fatalf("%s, %s: sums kept %v, want %v", what, f, progs[f].sums, sums)
+			}
+			for _, table := range []string{tableNAT, tableFilter} {
+				if got := progs[f].rules[table]; got != want.Rules(table) {
+					t.Fatalf("%s, %s: %d %s rules counted, want %d", what, f, got, table, want.Rules(table))
+				}
 			}
 		}
 	}
@@ -161,6 +183,55 @@ func TestRenderCache(t *testing.T) {
 	check(conformance.WithChange(all, next), "All, changed")
 	next.ClusterCIDRs = next.ClusterCIDRs[:1]
 	check(conformance.WithChange(next, next), "All, one cluster CIDR less")
+	check(conformance.WithChange(next, &model.State{ClusterCIDRs: next.ClusterCIDRs}), "Empty")
+}
+
+// TestUpdateRendersTheChange: after one ServicePort's endpoints changed
+// among 1,000, an update renders its chain, the leaf chains it is in and
+// the chains above the leaves, not the other ServicePorts' chains.
+func TestUpdateRendersTheChange(t *testing.T) {
+	s := bigState(1000, 10)
+	p := newProgrammed()
+	p.apply(s, model.IPv4)
+	name := model.ServicePortName{Namespace: "ns7", Name: "svc107", Port: "http", Family: model.IPv4}
+	sp := s.ServicePorts[name].Clone()
+	sp.ClusterEndpoints = sp.ClusterEndpoints[1:]
+	s.ServicePorts[name] = sp
+	s.Change = &model.Change{Updated: []model.ServicePortName{name}}
+	out, gone := p.update(s, model.IPv4, renderOptions{masqBit: DefaultMasqueradeBit}, true)
+	var services []string
+	n := 0
+	for _, chains := range out.Tables {
+		for c := range chains {
+			n++
+			if strings.HasPrefix(c, prefixCluster) {
+				services = append(services, c)
+			}
+		}
+	}
+	if want := []string{prefixCluster + chainHash(name.String())}; !slices.Equal(services, want) || len(gone) > 0 {
+		t.Errorf("rendered the Service chains %q and found %v gone, want %q and none", services, gone, want)
+	}
+	if n > 100 {
+		t.Errorf("one change rendered %d chains, want its own, its leaves and the chains above the leaves", n)
+	}
+}
+
+// TestRestoreSize: writeRestore grows its buffer once, by the size of what
+// it writes (after Grow(n), n bytes are written without another
+// allocation), which restoreSize must give exactly.
+func TestRestoreSize(t *testing.T) {
+	cases := conformance.Cases()
+	rs := Render(cases[len(cases)-1].State, model.IPv4, DefaultMasqueradeBit)
+	for _, table := range []string{tableNAT, tableFilter} {
+		write := sortedKeys(rs.Tables[table])
+		del := []string{"SVCNAT-GONE", "SVCNAT-ALSO-GONE"}
+		var b strings.Builder
+		writeRestore(&b, table, write, rs.Tables[table], del)
+		if got := restoreSize(table, write, rs.Tables[table], del); got != b.Len() {
+			t.Errorf("%s: size %d, wrote %d bytes", table, got, b.Len())
+		}
+	}
 }
 
 func TestTokenize(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -74,21 +75,17 @@ func (ft *familyTables) ensureJumps() error {
 	return nil
 }
 
-// drift reads the kernel's tables as they stream out of iptables-save
-// and returns the chains that differ from last: svcnat chains with other
-// rules, missing or extra svcnat chains, and built-in chains missing one of
-// svcnat's jump rules.
-func (ft *familyTables) drift(ctx context.Context, last *Ruleset) (map[tableChain]bool, error) {
-	out := map[tableChain]bool{}
+// kernelSums reads the family's tables as they stream out of
+// iptables-save and returns the sum of each svcnat chain's rules, and the
+// built-in chains missing one of svcnat's jump rules.
+func (ft *familyTables) kernelSums(ctx context.Context) (map[tableChain]chainSum, map[tableChain]bool, error) {
+	sums := map[tableChain]chainSum{}
+	missing := map[tableChain]bool{}
 	saved := make([]string, len(jumps))
 	for i, j := range jumps {
 		saved[i] = specText(j.spec())
 	}
 	for _, table := range []string{tableFilter, tableNAT} {
-		want := last.Tables[table]
-		// matched counts the rules of each svcnat chain in the kernel that
-		// equal last's so far; -1 once one differs.
-		matched := map[string]int{}
 		jumped := make([]bool, len(jumps))
 		err := ft.scanTable(ctx, table, func(_, chain, rule string, declared bool) error {
 			if !strings.HasPrefix(chain, chainPrefix) {
@@ -97,37 +94,44 @@ func (ft *familyTables) drift(ctx context.Context, last *Ruleset) (map[tableChai
 				}
 				return nil
 			}
-			n, seen := matched[chain]
-			switch {
-			case declared:
-				matched[chain] = 0
-			case seen && n >= 0 && n < len(want[chain]) && want[chain][n] == rule:
-				matched[chain] = n + 1
-			default:
-				matched[chain] = -1
+			c := tableChain{table, chain}
+			if declared {
+				sums[c] = chainSum{}
+			} else {
+				sums[c] = sums[c].add(rule)
 			}
 			return nil
 		})
 		if err != nil {
-			return nil, err
-		}
-		for c, n := range matched {
-			if rules, ok := want[c]; !ok || n != len(rules) {
-				out[tableChain{table, c}] = true
-			}
-		}
-		for c := range want {
-			if _, ok := matched[c]; !ok {
-				out[tableChain{table, c}] = true
-			}
+			return nil, nil, err
 		}
 		for i, j := range jumps {
 			if j.table == table && !jumped[i] {
-				out[tableChain{table, j.chain}] = true
+				missing[tableChain{table, j.chain}] = true
 			}
 		}
 	}
-	return out, nil
+	return sums, missing, nil
+}
+
+// drift returns the chains where the kernel, as kernelSums read it,
+// differs from p: svcnat chains with other rules, missing or extra svcnat
+// chains, and built-in chains missing one of svcnat's jump rules.
+func (p *programmed) drift(kernel map[tableChain]chainSum, missingJumps map[tableChain]bool) map[tableChain]bool {
+	out := maps.Clone(missingJumps)
+	for c, sum := range kernel {
+		if want, ok := p.sums[c.table][c.chain]; !ok || want != sum {
+			out[c] = true
+		}
+	}
+	for table, sums := range p.sums {
+		for c := range sums {
+			if _, ok := kernel[tableChain{table, c}]; !ok {
+				out[tableChain{table, c}] = true
+			}
+		}
+	}
+	return out
 }
 
 // specText is a rule given as iptables arguments as iptables-save prints
@@ -155,19 +159,20 @@ func (b *Backend) CheckDrift(ctx context.Context) (bool, error) {
 	found := false
 	for _, ft := range b.families {
 		b.mu.Lock()
-		last := ft.last
+		compare := ft.prog != nil
 		ft.written = map[tableChain]bool{}
 		b.mu.Unlock()
-		var drift map[tableChain]bool
+		var kernel map[tableChain]chainSum
+		var missing map[tableChain]bool
 		var err error
-		if last != nil {
-			drift, err = ft.drift(ctx, last)
+		if compare {
+			kernel, missing, err = ft.kernelSums(ctx)
 		}
 		b.mu.Lock()
 		written := ft.written
 		ft.written = nil
-		if ft.last != nil {
-			for c := range drift {
+		if ft.prog != nil && compare && err == nil {
+			for c := range ft.prog.drift(kernel, missing) {
 				if !written[c] {
 					ft.markRepair(c)
 				}
@@ -214,7 +219,7 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 	for _, ft := range b.families {
 		if err := b.syncFamily(ctx, ft, s); err != nil {
 			failed[ft.family] = err
-			ft.last = nil
+			ft.prog = nil
 			if le, ok := errors.AsType[*LockError](err); ok {
 				b.log.Warn("waited for the xtables lock in vain; the sync fails and is retried",
 					"family", ft.family, "waited", LockWait, "holder", cmp.Or(le.Holder, "unknown"))
@@ -249,23 +254,30 @@ func (b *Backend) Sync(ctx context.Context, s *model.State) error {
 }
 
 func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.State) error {
-	want := render(s, ft.family, b.renderOptions, &ft.cache)
-	full := ft.last == nil
-	if !full && s.Change == nil {
-		drift, err := ft.drift(ctx, ft.last)
+	full := ft.prog == nil
+	if full {
+		ft.prog = newProgrammed()
+	} else if s.Change == nil {
+		kernel, missing, err := ft.kernelSums(ctx)
 		if err != nil {
 			return fmt.Errorf("compare %s rules with the kernel: %w", ft.family, err)
 		}
-		for c := range drift {
+		for c := range ft.prog.drift(kernel, missing) {
 			ft.markRepair(c)
 		}
 	}
 	if len(ft.repair) > 0 {
 		b.log.Warn("repairing svcnat iptables rules changed outside svcnat", "family", ft.family, "chains", len(ft.repair))
 	}
+	// A full sync renders everything, whatever the Change names (after a
+	// failure of this family alone the agent hands a Change); so does a
+	// repair, as the chains to repair may be any.
+	p := ft.prog
+	out, gone := p.update(s, ft.family, b.renderOptions, !full && len(ft.repair) == 0)
+	sums := sumsOf(out)
 	var payload strings.Builder
 	for _, table := range []string{tableFilter, tableNAT} {
-		var last map[string][]string
+		var last map[string]chainSum
 		var existing []string
 		if full {
 			var err error
@@ -273,9 +285,9 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 				return err
 			}
 		} else {
-			last = ft.last.Tables[table]
+			last = p.sums[table]
 		}
-		write, del := planTable(table, want.Tables[table], last, existing, ft.repair)
+		write, del := planTable(table, sums[table], gone, last, existing, ft.repair)
 		for _, c := range slices.Concat(write, del) {
 			ft.wrote(table, c)
 		}
@@ -283,7 +295,7 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 		b.lastWrite.written += len(write)
 		b.lastWrite.deleted += len(del)
 		if len(write)+len(del) > 0 {
-			writeRestore(&payload, table, write, want.Tables[table], del)
+			writeRestore(&payload, table, write, out.Tables[table], del)
 		}
 	}
 	if payload.Len() > 0 {
@@ -292,7 +304,7 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 			return err
 		}
 	}
-	ft.last = want
+	p.record(sums, gone)
 	repairJumps := false
 	for c := range ft.repair {
 		repairJumps = repairJumps || !strings.HasPrefix(c.chain, chainPrefix)
@@ -306,7 +318,7 @@ func (b *Backend) syncFamily(ctx context.Context, ft *familyTables, s *model.Sta
 		}
 	}
 	for _, table := range []string{tableNAT, tableFilter} {
-		b.rules.WithLabelValues(string(ft.family), table).Set(float64(want.Rules(table)))
+		b.rules.WithLabelValues(string(ft.family), table).Set(float64(p.rules[table]))
 	}
 	return nil
 }

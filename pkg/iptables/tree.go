@@ -79,23 +79,29 @@ func portDispatch(p model.Protocol, path []byte) string {
 	return portMatch(p, fmt.Sprintf("%d:%d", lo, hi))
 }
 
-// trees writes the leaf chains of table and the dispatch chains above them.
-func (r *renderer) trees(table string) {
+// trees renders the dirty leaf chains of table from p's entries, and every
+// dispatch chain above p's leaves, noting those in p.always.
+func (r *renderer) trees(p *programmed, table string, dirty map[tableChain]bool) {
 	root := chainServices
 	if table == tableFilter {
 		root = chainFilter
 	}
 	children := map[string][]string{}
-	for leaf, entries := range r.leaves[table] {
-		slices.SortFunc(entries, func(a, b leafEntry) int {
-			return cmp.Or(a.ip.Compare(b.ip), cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port),
-				a.name.Compare(b.name), cmp.Compare(a.seq, b.seq))
-		})
-		for _, e := range entries {
-			r.add(table, leaf, e.rule)
+	for leaf, entries := range p.leaves {
+		if leaf.table != table {
+			continue
+		}
+		if dirty[leaf] {
+			slices.SortFunc(entries, func(a, b leafEntry) int {
+				return cmp.Or(a.ip.Compare(b.ip), cmp.Compare(a.proto, b.proto), cmp.Compare(a.port, b.port),
+					a.name.Compare(b.name), cmp.Compare(a.seq, b.seq))
+			})
+			for _, e := range entries {
+				r.add(table, leaf.chain, e.rule)
+			}
 		}
 		// Link the leaf to the root through its ancestors.
-		chain := leaf
+		chain := leaf.chain
 		for {
 			parent := treeParent(chain, root)
 			if !slices.Contains(children[parent], chain) {
@@ -108,6 +114,7 @@ func (r *renderer) trees(table string) {
 		}
 	}
 	for _, parent := range sortedKeys(children) {
+		p.always[tableChain{table, parent}] = true
 		kids := children[parent]
 		slices.Sort(kids)
 		for _, child := range kids {
@@ -158,29 +165,44 @@ func (r *renderer) dispatchMatch(child string) string {
 	return portDispatch(model.Protocol(p), parseHexPath(path))
 }
 
-// shared writes the chains that do not belong to one ServicePort.
-func (r *renderer) shared() {
+// hairpinBucket is the hairpin chain of a local endpoint address: its
+// lowest 4 bits.
+func hairpinBucket(a netip.Addr) byte { return addrNibbles(a)[0] }
+
+// shared renders the chains that do not belong to one ServicePort: the
+// hairpin chains of the dirty buckets from p's local addresses (a bucket
+// left empty is gone), and every other, noting those in p.always.
+func (r *renderer) shared(p *programmed, dirty [16]bool, gone map[tableChain]bool) {
 	nat := r.rs.Tables[tableNAT]
 	nat[chainServices] = nil
 	r.rs.Tables[tableFilter][chainFilter] = nil
-	locals := make([]netip.Addr, 0, len(r.locals))
-	for a := range r.locals {
-		locals = append(locals, a)
+	var buckets [16][]netip.Addr
+	if slices.Contains(dirty[:], true) {
+		for a := range p.locals {
+			if b := hairpinBucket(a); dirty[b] {
+				buckets[b] = append(buckets[b], a)
+			}
+		}
 	}
-	slices.SortFunc(locals, func(a, b netip.Addr) int {
-		return cmp.Or(cmp.Compare(addrNibbles(a)[0], addrNibbles(b)[0]), a.Compare(b))
-	})
 	// Hairpin: a DNATed connection from a local endpoint to itself. The
 	// rules are dispatched on the source's lowest 4 bits, so a connection
 	// walks at most 16 rules plus a sixteenth of the node's endpoints.
-	for _, a := range locals {
-		path := addrNibbles(a)[:1]
-		chain := prefixHairpin + hexPath(path)
-		if _, ok := nat[chain]; !ok {
-			r.add(tableNAT, chainPostrouting, strings.Replace(addrDispatch(r.family, path), "-d", "-s", 1)+
+	for b := range byte(16) {
+		chain := prefixHairpin + hexPath([]byte{b})
+		if p.hairpin[b] > 0 {
+			r.add(tableNAT, chainPostrouting, strings.Replace(addrDispatch(r.family, []byte{b}), "-d", "-s", 1)+
 				" -m conntrack --ctstate DNAT -j "+chain)
 		}
-		r.add(tableNAT, chain, fmt.Sprintf("-s %s -d %s %s -j MASQUERADE --random-fully", hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
+		if !dirty[b] {
+			continue
+		}
+		if len(buckets[b]) == 0 {
+			gone[tableChain{tableNAT, chain}] = true
+		}
+		slices.SortFunc(buckets[b], netip.Addr.Compare)
+		for _, a := range buckets[b] {
+			r.add(tableNAT, chain, fmt.Sprintf("-s %s -d %s %s -j MASQUERADE --random-fully", hostPrefix(a), hostPrefix(a), comment(commentHairpin)))
+		}
 	}
 	mark := r.masqMark + "/" + r.masqMark
 	filter := r.rs.Tables[tableFilter]
@@ -201,5 +223,9 @@ func (r *renderer) shared() {
 			r.add(tableNAT, chainOffCluster, "-s "+c.String()+" "+comment(commentCIDR)+" -j RETURN")
 		}
 		r.add(tableNAT, chainOffCluster, comment(commentMasq)+" -j MARK --set-xmark "+mark)
+	}
+	for _, c := range []tableChain{{tableNAT, chainServices}, {tableFilter, chainFilter}, {tableFilter, chainForward},
+		{tableNAT, chainPostrouting}, {tableNAT, chainMarkMasq}, {tableNAT, chainOffCluster}} {
+		p.always[c] = true
 	}
 }

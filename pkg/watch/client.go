@@ -44,12 +44,11 @@ type Snapshot struct {
 // List reads every Proxied Service and EndpointSlice and the Node named
 // nodeName from the apiserver, once (for `svcnat dump --check`).
 func List(ctx context.Context, client kubernetes.Interface, nodeName string) (*Snapshot, error) {
-	opts := metav1.ListOptions{LabelSelector: Proxied}
-	svcs, err := client.CoreV1().Services(metav1.NamespaceAll).List(ctx, opts)
+	svcs, _, err := listServices(ctx, client, 0)
 	if err != nil {
-		return nil, fmt.Errorf("list services: %w", err)
+		return nil, err
 	}
-	slices, err := client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, opts)
+	slices, err := client.DiscoveryV1().EndpointSlices(metav1.NamespaceAll).List(ctx, metav1.ListOptions{LabelSelector: Proxied})
 	if err != nil {
 		return nil, fmt.Errorf("list endpointslices: %w", err)
 	}
@@ -69,4 +68,20 @@ func List(ctx context.Context, client kubernetes.Interface, nodeName string) (*S
 		snap.Node = node
 	}
 	return snap, nil
+}
+
+// listServices lists up to limit (0: all) Proxied Services, leaving the
+// headless ones out if the apiserver can (NotHeadless), and returns the
+// field selector it used.
+func listServices(ctx context.Context, client kubernetes.Interface, limit int64) (*corev1.ServiceList, string, error) {
+	opts := metav1.ListOptions{LabelSelector: Proxied, FieldSelector: NotHeadless, Limit: limit}
+	svcs, err := client.CoreV1().Services(metav1.NamespaceAll).List(ctx, opts)
+	if apierrors.IsBadRequest(err) {
+		opts.FieldSelector = ""
+		svcs, err = client.CoreV1().Services(metav1.NamespaceAll).List(ctx, opts)
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("list services: %w", err)
+	}
+	return svcs, opts.FieldSelector, nil
 }

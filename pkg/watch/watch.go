@@ -46,6 +46,13 @@ const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
 // addition.
 const Proxied = "!" + LabelServiceProxyName + ",!" + corev1.IsHeadlessService
 
+// NotHeadless is the field selector that leaves headless Services
+// (clusterIP None: nothing to proxy) out on the apiserver, as kube-proxy
+// does since Kubernetes 1.32. Apiservers before 1.31 refuse it (400 Bad
+// Request); svcnat then selects Services by label only and pkg/model
+// ignores the headless ones, as it always does.
+const NotHeadless = "spec.clusterIP!=None"
+
 // byService indexes EndpointSlices by "namespace/service-name".
 const byService = "service"
 
@@ -60,6 +67,7 @@ type Sink interface {
 
 // Watcher holds the informers and answers questions from their caches.
 type Watcher struct {
+	client   kubernetes.Interface
 	services cache.SharedIndexInformer
 	slices   cache.SharedIndexInformer
 	node     cache.SharedIndexInformer
@@ -69,6 +77,9 @@ type Watcher struct {
 	sink     Sink
 	log      *slog.Logger
 	start    []func(<-chan struct{})
+	// startServices starts the Services informer once the apiserver has
+	// said whether it selects by NotHeadless.
+	startServices func(context.Context)
 }
 
 // New creates informers for Services, EndpointSlices and the Node named
@@ -77,19 +88,31 @@ type Watcher struct {
 func New(client kubernetes.Interface, nodeName string, resync time.Duration, log *slog.Logger) (*Watcher, error) {
 	factory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = Proxied }))
+	// Services have a factory of their own, for the field selector
+	// Start finds the apiserver accepts before it starts it.
+	var svcFields string
+	svcFactory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.LabelSelector, o.FieldSelector = Proxied, svcFields
+		}))
 	nodeFactory := informers.NewSharedInformerFactoryWithOptions(client, resync, informers.WithTransform(trim),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector(metav1.ObjectNameField, nodeName).String()
 		}))
 	w := &Watcher{
-		services: factory.Core().V1().Services().Informer(),
+		client:   client,
+		services: svcFactory.Core().V1().Services().Informer(),
 		slices:   factory.Discovery().V1().EndpointSlices().Informer(),
 		node:     nodeFactory.Core().V1().Nodes().Informer(),
-		svcList:  factory.Core().V1().Services().Lister(),
+		svcList:  svcFactory.Core().V1().Services().Lister(),
 		nodeList: nodeFactory.Core().V1().Nodes().Lister(),
 		nodeName: nodeName,
 		log:      log,
 		start:    []func(<-chan struct{}){factory.Start, nodeFactory.Start},
+	}
+	w.startServices = func(ctx context.Context) {
+		svcFields = w.serviceFieldSelector(ctx)
+		svcFactory.Start(ctx.Done())
 	}
 	if err := w.slices.AddIndexers(cache.Indexers{byService: sliceServiceIndex}); err != nil {
 		return nil, fmt.Errorf("index endpointslices by service: %w", err)
@@ -302,6 +325,30 @@ func (w *Watcher) Start(ctx context.Context, sink Sink) {
 	w.sink = sink
 	for _, start := range w.start {
 		start(ctx.Done())
+	}
+	go w.startServices(ctx)
+}
+
+// serviceFieldSelector asks the apiserver, until it answers or ctx ends,
+// whether it selects Services by NotHeadless, and returns the field
+// selector to watch them with.
+func (w *Watcher) serviceFieldSelector(ctx context.Context) string {
+	delay := time.Second
+	for {
+		_, fields, err := listServices(ctx, w.client, 1)
+		switch {
+		case err == nil && fields == "":
+			w.log.Info("the apiserver does not select Services by " + NotHeadless + " (Kubernetes before 1.31): headless Services are cached, and ignored")
+			return fields
+		case err == nil || ctx.Err() != nil:
+			return fields
+		}
+		w.log.Warn("list services, trying again", "err", err, "in", delay)
+		select {
+		case <-ctx.Done():
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 30*time.Second)
 	}
 }
 

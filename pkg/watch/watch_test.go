@@ -12,10 +12,14 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
@@ -123,17 +127,24 @@ func start(t *testing.T, objs ...runtime.Object) (*fake.Clientset, *Watcher, *re
 func startWith(t *testing.T, sink Sink, objs ...runtime.Object) (*fake.Clientset, *Watcher) {
 	t.Helper()
 	client := fake.NewClientset(objs...)
+	return client, startOn(t, client, sink)
+}
+
+// startOn starts a watcher over client telling sink, and waits (up to 30 s)
+// for its caches.
+func startOn(t *testing.T, client kubernetes.Interface, sink Sink) *Watcher {
+	t.Helper()
 	w, err := New(client, "node1", 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	w.Start(ctx, sink)
 	if !w.WaitForCacheSync(ctx) {
 		t.Fatal("caches did not sync")
 	}
-	return client, w
+	return w
 }
 
 // TestServiceEvents checks that adding, changing and deleting a Service
@@ -194,20 +205,15 @@ func TestOnlyProxiedCached(t *testing.T) {
 	}
 	requests := map[string]int{}
 	for _, a := range client.Actions() {
-		var sel labels.Selector
-		switch a := a.(type) {
-		case k8stesting.ListAction:
-			sel = a.GetListRestrictions().Labels
-		case k8stesting.WatchAction:
-			sel = a.GetWatchRestrictions().Labels
-		default:
-			continue
-		}
+		sel, fsel, ok := restrictions(a)
 		res := a.GetResource().Resource
-		if res != "services" && res != "endpointslices" {
+		if !ok || res != "services" && res != "endpointslices" {
 			continue
 		}
 		requests[res]++
+		if want := map[string]string{"services": NotHeadless}[res]; fsel.String() != want {
+			t.Errorf("%s %s with field selector %q, want %q", a.GetVerb(), res, fsel, want)
+		}
 		for _, l := range []map[string]string{other, headless} {
 			if sel.Matches(labels.Set(l)) {
 				t.Errorf("%s %s selects labels %v (selector %q)", a.GetVerb(), res, l, sel)
@@ -219,6 +225,52 @@ func TestOnlyProxiedCached(t *testing.T) {
 	}
 	if requests["services"] < 2 || requests["endpointslices"] < 2 {
 		t.Errorf("list and watch requests seen: %v, want both for services and endpointslices", requests)
+	}
+}
+
+// restrictions returns the label and field selectors of a list or watch
+// request, and whether a is one.
+func restrictions(a k8stesting.Action) (labels.Selector, fields.Selector, bool) {
+	switch a := a.(type) {
+	case k8stesting.ListAction:
+		r := a.GetListRestrictions()
+		return r.Labels, r.Fields, true
+	case k8stesting.WatchAction:
+		r := a.GetWatchRestrictions()
+		return r.Labels, r.Fields, true
+	}
+	return nil, nil, false
+}
+
+// TestServicesWithoutNotHeadless: an apiserver before Kubernetes 1.31
+// refuses the NotHeadless field selector (400 Bad Request). The Watcher then
+// lists and watches Services by label only, and List does too, instead of
+// failing every request.
+func TestServicesWithoutNotHeadless(t *testing.T) {
+	client := fake.NewClientset(service("a", "web", nil))
+	refused := 0
+	refuse := func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if _, f, _ := restrictions(a); f != nil && !f.Empty() {
+			refused++
+			return true, nil, apierrors.NewBadRequest(`Unable to find "/v1, Resource=services" that match label selector "", field selector NotHeadless: field label not supported: spec.clusterIP`)
+		}
+		return false, nil, nil
+	}
+	client.PrependReactor("list", "services", refuse)
+	client.PrependWatchReactor("services", func(a k8stesting.Action) (bool, watch.Interface, error) {
+		handled, _, err := refuse(a)
+		return handled, nil, err
+	})
+	w := startOn(t, client, &recorder{})
+	if keys, err := w.ServiceKeys(); err != nil || !slices.Equal(keys, []types.NamespacedName{key("a", "web")}) {
+		t.Errorf("ServiceKeys() = %v, %v; want [a/web]", keys, err)
+	}
+	snap, err := List(context.Background(), client, "node1")
+	if err != nil || len(snap.Services) != 1 {
+		t.Errorf("List: %v services, %v; want a/web", snap, err)
+	}
+	if refused != 2 {
+		t.Errorf("%d requests with the field selector refused, want 2 (the Watcher's first, List's first)", refused)
 	}
 }
 

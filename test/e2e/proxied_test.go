@@ -68,13 +68,16 @@ func (s *changedSink) take(k types.NamespacedName) bool {
 }
 
 // testWatcherCachesOnlyProxied runs svcnat's watch.Watcher in the test,
-// against the real apiserver: objects labelled for another proxy or headless
-// never enter its caches, and label changes reach it as the deletions and
-// additions the agent relies on.
+// against the real apiserver: objects labelled for another proxy or headless,
+// and headless Services, never enter its caches, and label changes reach it
+// as the deletions and additions the agent relies on.
 func testWatcherCachesOnlyProxied(t *testing.T, e *env) {
 	other := newService("cache-other", corev1.ServiceTypeClusterIP, svcPort("", corev1.ProtocolTCP, 80, tcpA))
 	other.Labels = map[string]string{watch.LabelServiceProxyName: "someone-else"}
 	e.service(t, other)
+	headlessSvc := newService("cache-headless", corev1.ServiceTypeClusterIP, svcPort("", corev1.ProtocolTCP, 80, tcpA))
+	headlessSvc.Spec.ClusterIP = corev1.ClusterIPNone
+	e.service(t, headlessSvc)
 	e.simpleService(t, "cache-mine", corev1.ServiceTypeClusterIP, "node1-a")
 	headless := tcpSlice("cache-mine", "cache-mine-2", e.ready("node2-a")...)
 	headless.Labels[corev1.IsHeadlessService] = ""
@@ -89,10 +92,11 @@ func testWatcherCachesOnlyProxied(t *testing.T, e *env) {
 	if !w.WaitForCacheSync(t.Context()) {
 		t.Fatal("watcher caches did not sync")
 	}
-	mine, otherKey := types.NamespacedName{Namespace: ns, Name: "cache-mine"}, types.NamespacedName{Namespace: ns, Name: "cache-other"}
+	mine := types.NamespacedName{Namespace: ns, Name: "cache-mine"}
+	otherKey, headlessKey := types.NamespacedName{Namespace: ns, Name: "cache-other"}, types.NamespacedName{Namespace: ns, Name: "cache-headless"}
 	keys, err := w.ServiceKeys()
-	if err != nil || !slices.Contains(keys, mine) || slices.Contains(keys, otherKey) {
-		t.Fatalf("cached services %v, %v; want %s and not %s", keys, err, mine, otherKey)
+	if err != nil || !slices.Contains(keys, mine) || slices.Contains(keys, otherKey) || slices.Contains(keys, headlessKey) {
+		t.Fatalf("cached services %v, %v; want %s and neither %s nor %s", keys, err, mine, otherKey, headlessKey)
 	}
 	if s, err := w.Service(otherKey); s != nil || err != nil {
 		t.Fatalf("Service(%s) = %v, %v; want nil, nil (not cached)", otherKey, s, err)

@@ -515,6 +515,54 @@ func TestDriftCheckBesideTheLoop(t *testing.T) {
 	h.waitArmed(61 * time.Second)
 }
 
+// TestDriftCheckCostBounded: a comparison that takes long runs less often,
+// driftCheckShare times its duration after it ended (2 s: 100 s, not the
+// 30-s SyncPeriod), so that the iptables backend's read of every rule stays
+// a small share of a CPU at rest.
+func TestDriftCheckCostBounded(t *testing.T) {
+	db := &driftBackend{checks: make(chan struct{}, 1), answers: make(chan bool)}
+	h := newHarnessWith(t, func(fb *fakeBackend) dataplane.Backend { db.fakeBackend = fb; return db })
+	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
+	h.cachesSynced()
+	h.waitSync()
+	h.waitArmed(30 * time.Second)
+	check := func(at time.Duration, want bool) {
+		t.Helper()
+		wait := 100 * time.Millisecond
+		if want {
+			wait = 5 * time.Second
+		}
+		select {
+		case <-db.checks:
+			if !want {
+				t.Fatalf("drift check at %v", at)
+			}
+		case <-time.After(wait):
+			if want {
+				t.Fatalf("no drift check at %v", at)
+			}
+		}
+	}
+	h.advanceTo(30 * time.Second)
+	check(30*time.Second, true)
+	h.waitSync() // the periodic one
+	h.waitArmed(60 * time.Second)
+	timers := h.clock.Waiters()   // without the drift check's, which fired
+	h.advanceTo(32 * time.Second) // the comparison took 2 s
+	db.answers <- false
+	deadline := time.Now().Add(5 * time.Second)
+	for h.clock.Waiters() == timers && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	for _, at := range []time.Duration{62 * time.Second, 131 * time.Second} {
+		h.advanceTo(at)
+		check(at, false)
+	}
+	h.advanceTo(132 * time.Second)
+	check(132*time.Second, true)
+	db.answers <- false
+}
+
 func TestRetriesWithBackoff(t *testing.T) {
 	h := newHarness(t)
 	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))

@@ -120,14 +120,7 @@ func TestSweepPendingMerges(t *testing.T) {
 // does on the Sync path is the same at 10 and at 10,000 ServicePorts.
 func TestSweepRequestCostFollowsChange(t *testing.T) {
 	allocs := func(n int) float64 {
-		s := benchState(n)
-		var w flowSweeper
-		w.filter(s)
-		var name model.ServicePortName
-		for name = range s.ServicePorts {
-			break
-		}
-		s.Change = &model.Change{Updated: []model.ServicePortName{name}}
+		w, s := sweeperBeforeOneChange(n)
 		return testing.AllocsPerRun(20, func() { w.filter(s) })
 	}
 	if small, large := allocs(10), allocs(10000); large > small {
@@ -139,16 +132,23 @@ func TestSweepRequestCostFollowsChange(t *testing.T) {
 // for a change of one Service at 10,000 Services x 10 endpoints: build
 // the filter the background sweep judges flows with.
 func BenchmarkSweepRequest10k(b *testing.B) {
-	s := benchState(10000)
-	var w flowSweeper
+	w, s := sweeperBeforeOneChange(10000)
+	b.ReportAllocs()
+	for b.Loop() {
+		w.filter(s)
+	}
+}
+
+// sweeperBeforeOneChange returns a flow sweeper that has judged a state of
+// n ServicePorts, and that state carrying a change of one of them.
+func sweeperBeforeOneChange(n int) (*flowSweeper, *model.State) {
+	s := benchState(n)
+	w := new(flowSweeper)
 	w.filter(s)
 	var name model.ServicePortName
 	for name = range s.ServicePorts {
 		break
 	}
 	s.Change = &model.Change{Updated: []model.ServicePortName{name}}
-	b.ReportAllocs()
-	for b.Loop() {
-		w.filter(s)
-	}
+	return w, s
 }

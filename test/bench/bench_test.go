@@ -8,9 +8,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/svcnat/svcnat/test/testbed"
 )
 
 // TestMain lets the test binary serve as the prober, as the benchmark
@@ -205,6 +208,25 @@ func TestPatternReport(t *testing.T) {
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+}
+
+// TestEBPFMapFlags: svcnat-ebpf keeps its default map sizes where they
+// hold every endpoint twice, and gets larger ones, naming the flag, where
+// they do not (30,000 Services of 10 endpoints did not fit the default).
+func TestEBPFMapFlags(t *testing.T) {
+	for _, tc := range []struct {
+		kind     testbed.ProxyKind
+		services int
+		want     []string
+	}{
+		{testbed.SvcnatEBPF, 10010, nil},
+		{testbed.SvcnatEBPF, 30010, []string{"--bpf-map-max-backends=655360"}},
+		{testbed.SvcnatIptables, 30010, nil},
+	} {
+		if got := ebpfMapFlags(tc.kind, tc.services); !slices.Equal(got, tc.want) {
+			t.Errorf("ebpfMapFlags(%s, %d) = %q, want %q", tc.kind, tc.services, got, tc.want)
 		}
 	}
 }

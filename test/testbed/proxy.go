@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -141,7 +142,7 @@ func (p *Proxy) args() []string {
 			// benchmark can save profiles.
 			"--profiling", "--metrics-bind-address=127.0.0.1:10249",
 			fmt.Sprintf("--healthz-bind-address=0.0.0.0:%d", HealthzPort),
-		}, append(p.backendArgs(), p.Extra...)...)
+		}, slices.Concat(p.backendArgs(), p.c.SvcnatFlags, p.Extra)...)
 	}
 }
 

@@ -101,6 +101,9 @@ type Cluster struct {
 	RESTConfig *rest.Config
 	Binaries   Binaries
 	Log        *slog.Logger
+	// SvcnatFlags are further flags for every svcnat proxy started from
+	// now on (the benchmark sizes the eBPF maps for its load with them).
+	SvcnatFlags []string
 
 	// Router and FarClient are the router and the client behind its
 	// 1280-byte hop (HardNetwork only).

@@ -131,10 +131,10 @@ func setPortRange(t *testing.T, netns string, first, last int) {
 // maxBusyPorts is how many ports of the range dialRange may find bound by
 // other sockets of the namespace before the scenario fails as not testing
 // what it means to. The client's connections of earlier scenarios hold
-// ports in TIME_WAIT for 60 s, and a socket that bound its port implicitly
-// (no SO_REUSEADDR) keeps refusing bind() to it until then: after a fast
-// proxy's scenarios, a tenth of the range (CI: 100 ports, the even ones
-// connect() picks).
+// ports in TIME_WAIT for 60 s, and a port bound implicitly by connect()
+// (no SO_REUSEADDR) refuses bind() until then, even with SO_REUSEADDR.
+// After a fast proxy's scenarios that was a tenth of the range (CI: 100
+// ports, the even ones connect() picks); a quarter leaves room.
 const maxBusyPorts = (hostPortLast - hostPortFirst + 1) / 4
 
 // dialRange connects from netns to addr from every port of

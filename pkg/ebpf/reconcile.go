@@ -80,9 +80,8 @@ type reconciler struct {
 	// may still point at them; removedUDP those a UDP ServicePort used:
 	// connected sockets may still point at them.
 	removed, removedUDP []svcnatBackend
-	// failed are the ServicePorts the last full sync could not program;
-	// an incremental sync leaves them failed while they stay the same and
-	// nothing was removed.
+	// failed are the ServicePorts the maps do not hold, with the reason:
+	// they could not be encoded or did not fit.
 	failed dataplane.PortErrors
 	// writes counts the syncs that wrote or may have written, so that a
 	// comparison with the kernel that ran beside one can tell (drift.go).
@@ -96,18 +95,17 @@ type reconciler struct {
 // old or the new entries or a mix the datapath can use (every slot below a
 // count exists); the next sync repairs them.
 //
-// With s.Change set, sync encodes only the ServicePorts it names, and one
-// that changes nothing (the periodic sync) writes nothing unless
-// ServicePorts failed: it does not read the kernel, which CheckDrift
-// compares beside the sync loop (it forgets written when it finds entries
-// changed or deleted by hand, so that the next sync repairs them). Without
-// s.Change, sync encodes everything and compares it with the maps.
+// With s.Change set, sync encodes only the ServicePorts it names, and the
+// failed ones when they may fit now (syncChanges); one that changes nothing
+// (the periodic sync) writes nothing unless ServicePorts failed. It does
+// not read the kernel, which CheckDrift compares beside the sync loop (it
+// forgets written when it finds entries changed or deleted by hand, so that
+// the next sync repairs them). Without s.Change, sync encodes everything and
+// compares it with the maps.
 func (r *reconciler) sync(s *model.State) error {
 	r.removed, r.removedUDP = nil, nil
 	if r.written != nil && s.Change != nil {
 		switch err := r.syncChanges(s); {
-		case errors.Is(err, errUnchanged) && len(r.failed) > 0:
-			// The periodic sync tries the failed ServicePorts again.
 		case errors.Is(err, errUnchanged):
 			return nil
 		case !errors.Is(err, errSyncAll):
@@ -251,18 +249,110 @@ func shrank(cur, want *table) bool {
 	return false
 }
 
-// syncChanges writes the entries of the ServicePorts s.Change names: old
-// holds what they replace, next what replaces it.
+// syncChanges writes what s.Change names. When that freed room in a map,
+// or changed nothing (the periodic sync), it tries the ServicePorts that
+// failed again, as a second change: over capacity, a change costs what it
+// touches plus, when room frees up, what waits for room; never a full sync.
 func (r *reconciler) syncChanges(s *model.State) error {
+	before := r.counts()
+	err := r.writeChanges(s, s.Change.Updated, s.Change.Removed)
+	unchanged := errors.Is(err, errUnchanged)
+	if (err != nil && !unchanged) || len(r.failed) == 0 {
+		return err
+	}
+	freed := false
+	for i, n := range r.counts() {
+		freed = freed || n < before[i]
+	}
+	if unchanged || freed {
+		var retry, gone []model.ServicePortName
+		for name := range r.failed {
+			if _, ok := s.ServicePorts[name]; ok {
+				retry = append(retry, name)
+			} else {
+				gone = append(gone, name)
+			}
+		}
+		if err := r.writeChanges(s, retry, gone); err != nil {
+			return err
+		}
+	}
+	if len(r.failed) > 0 {
+		return maps.Clone(r.failed)
+	}
+	return nil
+}
+
+// counts are how many entries each map holds.
+func (r *reconciler) counts() []int {
+	out := make([]int, len(r.maps))
+	for i, m := range r.maps {
+		out[i] = m.count(r.written)
+	}
+	return out
+}
+
+// writeChanges writes the entries of the ServicePorts updated and removed
+// name: old holds what they replace, next what replaces it. Those that
+// cannot be encoded, or, in name order, do not fit the maps (admit) fail
+// alone: they join r.failed and hold no entries.
+func (r *reconciler) writeChanges(s *model.State, updated, removed []model.ServicePortName) error {
 	old, next := r.scratch()
+	updated = slices.SortedFunc(slices.Values(updated), model.ServicePortName.Compare)
 	replaced := map[uint32]bool{} // ids of ServicePorts changed or removed
+	for _, name := range slices.Concat(updated, removed) {
+		if prev, ok := r.frags[name]; ok {
+			replaced[prev.id] = true
+		}
+	}
 	frags := map[model.ServicePortName]fragment{}
-	var removed []model.ServicePortName
+	rejected := dataplane.PortErrors{}
+	for _, name := range updated {
+		f, err := encodeServicePort(s.ServicePorts[name], r.ids, next)
+		if err != nil {
+			rejected[name] = err
+			continue
+		}
+		frags[name] = f
+	}
+	for key, v := range next.services {
+		if cur, ok := r.written.services[key]; ok && cur.Id != v.Id && !replaced[cur.Id] {
+			return errSyncAll // name order decides who has it
+		}
+	}
+	if cidrs := encodeClusterCIDRs(s.ClusterCIDRs); !maps.Equal(cidrs, r.written.clusterCIDRs) {
+		maps.Copy(old.clusterCIDRs, r.written.clusterCIDRs)
+		maps.Copy(next.clusterCIDRs, cidrs)
+	}
+	if len(updated) == 0 && len(removed) == 0 && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
+		return errUnchanged
+	}
+	encoded := maps.Clone(frags)
+	next, _ = admit(r.maps, r.written, next, frags, rejected)
+	if checkCapacity(r.maps, r.written, next) != nil {
+		return errSyncAll // the cluster CIDRs do not fit
+	}
+
+	// A backend is written when the first ServicePort names it and deleted
+	// when the last one stops.
 	delta := map[uint32]int32{}
 	usedByUDP := map[uint32]bool{} // backends that changed or removed UDP ServicePorts named
 	var bids []uint32
-	drop := func(prev fragment) {
-		replaced[prev.id] = true
+	for _, f := range frags {
+		bids = f.appendBackendIDs(bids[:0], next)
+		for _, bid := range bids {
+			delta[bid]++
+		}
+	}
+	var gone []model.ServicePortName // written before, not after
+	for _, name := range slices.Concat(updated, removed) {
+		prev, ok := r.frags[name]
+		if !ok {
+			continue
+		}
+		if _, ok := frags[name]; !ok {
+			gone = append(gone, name)
+		}
 		prev.copyTo(old, r.written)
 		bids = prev.appendBackendIDs(bids[:0], r.written)
 		for _, bid := range bids {
@@ -270,33 +360,6 @@ func (r *reconciler) syncChanges(s *model.State) error {
 			usedByUDP[bid] = usedByUDP[bid] || prev.udp
 		}
 	}
-	for _, name := range s.Change.Updated {
-		f, err := encodeServicePort(s.ServicePorts[name], r.ids, next)
-		if err != nil {
-			return errSyncAll // it fails alone there
-		}
-		bids = f.appendBackendIDs(bids[:0], next)
-		for _, bid := range bids {
-			delta[bid]++
-		}
-		frags[name] = f
-		if prev, ok := r.frags[name]; ok {
-			drop(prev)
-		}
-	}
-	for _, name := range s.Change.Removed {
-		if prev, ok := r.frags[name]; ok {
-			drop(prev)
-			removed = append(removed, name)
-		}
-	}
-	for key, v := range next.services {
-		if cur, ok := r.written.services[key]; ok && cur.Id != v.Id && !replaced[cur.Id] {
-			return errSyncAll
-		}
-	}
-	// A backend is written when the first ServicePort names it and deleted
-	// when the last one stops.
 	var orphans []uint32
 	for bid, d := range delta {
 		before := r.refs[bid]
@@ -312,19 +375,6 @@ func (r *reconciler) syncChanges(s *model.State) error {
 			// New: next holds it already.
 		}
 	}
-	if cidrs := encodeClusterCIDRs(s.ClusterCIDRs); !maps.Equal(cidrs, r.written.clusterCIDRs) {
-		maps.Copy(old.clusterCIDRs, r.written.clusterCIDRs)
-		maps.Copy(next.clusterCIDRs, cidrs)
-	}
-	if s.Change.Empty() && len(next.clusterCIDRs) == 0 && len(old.clusterCIDRs) == 0 {
-		return errUnchanged
-	}
-	if len(removed) > 0 && len(r.failed) > 0 {
-		return errSyncAll // what failed may fit now
-	}
-	if checkCapacity(r.maps, r.written, next) != nil {
-		return errSyncAll
-	}
 	if err := apply(r.maps, old, next); err != nil {
 		r.written, r.frags, r.refs = nil, nil, nil
 		return err
@@ -333,14 +383,28 @@ func (r *reconciler) syncChanges(s *model.State) error {
 	for _, c := range columns {
 		c.replace(r.written, old, next)
 	}
-	for _, name := range removed {
+	// The numbers of what did not fit go, unless written (gone forgets
+	// those below).
+	for name, f := range encoded {
+		if _, ok := frags[name]; ok {
+			continue
+		}
+		r.ids.services.forget(f.id)
+		for _, bid := range f.appendBackendIDs(bids[:0], r.next) {
+			if _, ok := r.written.backends[bid]; !ok {
+				r.ids.backends.forget(bid)
+			}
+		}
+	}
+	for _, name := range gone {
 		r.ids.services.forget(r.frags[name].id)
 		delete(r.frags, name)
 	}
 	maps.Copy(r.frags, frags)
-	for _, name := range slices.Concat(s.Change.Updated, s.Change.Removed) {
+	for _, name := range slices.Concat(updated, removed) {
 		delete(r.failed, name)
 	}
+	maps.Copy(r.failed, rejected)
 	for bid, d := range delta {
 		if r.refs[bid] += d; r.refs[bid] <= 0 {
 			delete(r.refs, bid)
@@ -352,9 +416,6 @@ func (r *reconciler) syncChanges(s *model.State) error {
 		if usedByUDP[bid] {
 			r.removedUDP = append(r.removedUDP, old.backends[bid])
 		}
-	}
-	if len(r.failed) > 0 {
-		return maps.Clone(r.failed)
 	}
 	return nil
 }

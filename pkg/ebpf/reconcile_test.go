@@ -52,9 +52,11 @@ func (c *column[K, V]) inFake(k *fakeKernel) desiredMap {
 func (k *fakeKernel) checkDatapath() (inconsistent func() error) {
 	var first error
 	k.after = func() {
+		reads := k.reads // the check's own reads are not the reconciler's
 		if err := datapathConsistent(k.maps); err != nil && first == nil {
 			first = err
 		}
+		k.reads = reads
 	}
 	return func() error {
 		err := first
@@ -479,6 +481,85 @@ func TestReconcilerFailedStayIncremental(t *testing.T) {
 	err := rec.sync(conformance.WithChange(prev, s))
 	if errors.As(err, &again) && len(again) >= len(failed) {
 		t.Fatalf("after the others were removed, still %d failed: %v", len(again), err)
+	}
+}
+
+// TestReconcilerOverCapacity: with maps too small for the state, every
+// change, the periodic sync included, is written incrementally (the maps are
+// never read back; a full read at 30,000 Services took seconds), the maps
+// hold exactly the ServicePorts that did not fail, and none fails that
+// would fit.
+func TestReconcilerOverCapacity(t *testing.T) {
+	const capacity = 40
+	failures := 0
+	for seed := range uint64(10) {
+		r := rand.New(rand.NewPCG(seed, 11))
+		k := newFakeKernel(capacity)
+		inconsistent := k.checkDatapath()
+		rec := &reconciler{maps: k.maps}
+		s := randomState(r, 30)
+		for step := range 60 {
+			k.reads = 0
+			err := rec.sync(s)
+			var failed dataplane.PortErrors
+			if err != nil && !errors.As(err, &failed) {
+				t.Fatalf("seed %d step %d: %v", seed, step, err)
+			}
+			failures += len(failed)
+			if step > 0 && k.reads > 0 {
+				t.Fatalf("seed %d step %d: an incremental sync with %d ServicePorts failed read the maps %d times", seed, step, len(failed), k.reads)
+			}
+			if err := inconsistent(); err != nil {
+				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, err)
+			}
+			got, err := readTable(k.maps)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !got.equal(rec.written) {
+				t.Fatalf("seed %d step %d: maps differ from what the reconciler believes it wrote", seed, step)
+			}
+			// Numbers are held by what the maps hold, and by nothing else.
+			if len(rec.ids.services.taken) != len(got.info) || len(rec.ids.backends.taken) != len(got.backends) {
+				t.Fatalf("seed %d step %d: %d ServicePort and %d backend numbers held for %d and %d in the maps", seed, step,
+					len(rec.ids.services.taken), len(rec.ids.backends.taken), len(got.info), len(got.backends))
+			}
+			programmed := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
+			for name, sp := range s.ServicePorts {
+				if failed[name] == nil {
+					programmed.ServicePorts[name] = sp
+				}
+			}
+			dumped, _, err := decode(got)
+			if err != nil {
+				t.Fatalf("seed %d step %d: decode: %v", seed, step, err)
+			}
+			statesEqual(t, programmed, dumped)
+			// Encoded alone, with numbers of its own, a ServicePort has at
+			// least the entries it would add to the maps.
+			for name, ferr := range failed {
+				own := newTable()
+				if _, err := encodeServicePort(s.ServicePorts[name], newIDs(), own); err != nil {
+					t.Fatal(err)
+				}
+				fits := true
+				for _, m := range k.maps {
+					fits = fits && m.count(got)+m.count(own) <= capacity
+				}
+				if fits {
+					t.Errorf("seed %d step %d: %s failed (%v) but fits the maps", seed, step, name, ferr)
+				}
+			}
+			if t.Failed() {
+				t.Fatalf("seed %d step %d", seed, step)
+			}
+			prev := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: maps.Clone(s.ServicePorts)}
+			mutate(r, s, randomState(r, 40))
+			s = conformance.WithChange(prev, s)
+		}
+	}
+	if failures == 0 {
+		t.Fatal("no ServicePort ever failed: the maps are not too small for the states")
 	}
 }
 

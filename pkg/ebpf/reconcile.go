@@ -214,9 +214,12 @@ func admit(ms mapSet, cur, want *table, frags map[model.ServicePortName]fragment
 	}
 	grow := make([]int, len(ms))
 	full := false
+	own := newTable()
 	for _, name := range names {
 		f := frags[name]
-		own := newTable()
+		for _, c := range columns {
+			c.clear(own)
+		}
 		f.copyTo(own, want)
 		var errs []string
 		for i, m := range ms {

@@ -62,7 +62,7 @@ func TestShort(t *testing.T) {
 		{"connection means", r.ConnServiceMeanUs > 0 && r.ConnDirectMeanUs > 0 && r.ConnServiceRate > 0 && r.ConnDirectRate > 0},
 		{"overhead", r.ConnOverheadPct > -100 && r.ConnOverheadPct < 10000},
 		{"memory", r.RSSSteadyMB > 1 && r.RSSSteadyMB < 10000 && r.RSSBurstPeakMB > 1 && r.RSSBurstPeakMB < 10000},
-		{"cpu", r.CPUInitSeconds >= 0 && r.CPUIdlePct >= 0 && r.CPUIdlePct <= 100*float64(rep.Machine.Cores) && r.CPUBurstSeconds >= 0},
+		{"cpu", r.CPUInitSeconds > 0 && r.CPUIdlePct >= 0 && r.CPUIdlePct <= 100*float64(rep.Machine.Cores) && r.CPUBurstSeconds > 0},
 		{"burst", r.BurstChanges == cfg.burst && r.BurstConvergeSeconds > 0 && r.BurstWriteSeconds > 0 && r.BurstConvergeSeconds >= r.BurstWriteSeconds},
 		{"programmed", r.Rules > r.Services && r.Chains > 0},
 		{"date", r.Date != "" && rep.Machine.Cores > 0 && rep.Machine.Kernel != ""},
@@ -144,13 +144,6 @@ func TestPercentile(t *testing.T) {
 }
 
 func TestProcReaders(t *testing.T) {
-	// Burn a little CPU so the reading cannot be zero.
-	for start := time.Now(); time.Since(start) < 50*time.Millisecond; {
-	}
-	cpu, err := cpuSeconds(os.Getpid())
-	if err != nil || cpu <= 0 {
-		t.Errorf("cpuSeconds(self) = %v, %v; want > 0", cpu, err)
-	}
 	rss, err := rssMB(os.Getpid())
 	if err != nil || rss <= 1 {
 		t.Errorf("rssMB(self) = %v, %v; want > 1 MiB", rss, err)

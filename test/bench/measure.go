@@ -173,7 +173,7 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 			}
 		} else {
 			res.InitSeconds = time.Since(start).Seconds()
-			if res.CPUInitSeconds, err = cpuSeconds(b.c.Nodes[0].Proxy.PID()); err != nil {
+			if res.CPUInitSeconds, err = b.c.Nodes[0].Proxy.CPUSeconds(); err != nil {
 				return res, err
 			}
 			log.Info("programmed", "seconds", res.InitSeconds, "cpu", res.CPUInitSeconds)
@@ -242,7 +242,7 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 	}
 
 	// 3. Steady state: memory and idle CPU.
-	cpu0, err := cpuSeconds(proxy.PID())
+	cpu0, err := proxy.CPUSeconds()
 	if err != nil {
 		return res, err
 	}
@@ -250,7 +250,7 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 	if err := sleep(ctx, b.p.idle); err != nil {
 		return res, err
 	}
-	cpu1, err := cpuSeconds(proxy.PID())
+	cpu1, err := proxy.CPUSeconds()
 	if err != nil {
 		return res, err
 	}
@@ -393,7 +393,7 @@ func (b *bench) reprogram(ctx context.Context, p *probeService, pod *testbed.Pod
 
 func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Result) error {
 	pid := proxy.PID()
-	cpu0, err := cpuSeconds(pid)
+	cpu0, err := proxy.CPUSeconds()
 	if err != nil {
 		return err
 	}
@@ -441,7 +441,7 @@ func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Resul
 	if err != nil {
 		return fmt.Errorf("burst: %w", err)
 	}
-	cpu1, err := cpuSeconds(pid)
+	cpu1, err := proxy.CPUSeconds()
 	if err != nil {
 		return err
 	}
@@ -592,33 +592,6 @@ func countPinned(ctx context.Context, dir string) (int, error) {
 		return 0, fmt.Errorf("count pinned map entries under %s: %w", dir, err)
 	}
 	return total, nil
-}
-
-// clockTicks is USER_HZ, the unit of CPU times in /proc (100 on Linux).
-const clockTicks = 100
-
-// cpuSeconds returns the user and system CPU time of pid plus that of its
-// waited-for children.
-func cpuSeconds(pid int) (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, fmt.Errorf("read cpu time of pid %d: %w", pid, err)
-	}
-	// The command name may hold spaces; fields start after its ')'.
-	s := string(b)
-	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(f) < 15 {
-		return 0, fmt.Errorf("read cpu time of pid %d: short stat line", pid)
-	}
-	total := 0.0
-	for _, i := range []int{11, 12, 13, 14} { // utime stime cutime cstime
-		v, err := strconv.ParseFloat(f[i], 64)
-		if err != nil {
-			return 0, fmt.Errorf("read cpu time of pid %d: %w", pid, err)
-		}
-		total += v
-	}
-	return total / clockTicks, nil
 }
 
 // rssMB returns the resident set size of pid in MiB.

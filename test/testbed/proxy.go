@@ -4,11 +4,13 @@ package testbed
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -57,9 +59,13 @@ type Proxy struct {
 	// cgroupPath is the node's cgroup as an eBPF proxy sees it (see
 	// ebpfMounts).
 	cgroupPath string
-	c          *Cluster
-	proc       *Process
-	runs       int
+	// cgroup is the cgroup v2 directory the proxy runs in, with every
+	// process it starts (iptables-restore, ...), so that CPUSeconds counts
+	// their CPU as it is spent.
+	cgroup string
+	c      *Cluster
+	proc   *Process
+	runs   int
 
 	// Extra are further flags for an svcnat proxy's run command.
 	Extra []string
@@ -79,24 +85,12 @@ func (c *Cluster) LaunchProxies(ctx context.Context, kind ProxyKind) error {
 }
 
 func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) error {
-	if kind.IsSvcnat() && c.Binaries.Svcnat == "" {
-		return fmt.Errorf("start %s: no svcnat binary", kind)
-	}
-	pins, cgroups := "", ""
-	if kind == SvcnatEBPF {
-		var err error
-		if pins, cgroups, err = c.ebpfMounts(); err != nil {
-			return fmt.Errorf("start %s: %w", kind, err)
-		}
-	}
 	for _, n := range c.Nodes {
-		p := &Proxy{Kind: kind, Node: n, c: c}
-		if kind == SvcnatEBPF {
-			p.PinDir = filepath.Join(pins, n.Netns)
-			p.cgroupPath = filepath.Join(cgroups, filepath.Base(n.Cgroup))
+		p, err := c.newProxy(kind, n, nil)
+		if err != nil {
+			return fmt.Errorf("start %s on %s: %w", kind, n.Name, err)
 		}
 		n.Proxy = p
-		c.onClose(p.remove)
 		if err := p.launch(); err != nil {
 			return err
 		}
@@ -108,6 +102,32 @@ func (c *Cluster) startProxies(ctx context.Context, kind ProxyKind, wait bool) e
 		}
 	}
 	return nil
+}
+
+// newProxy makes a proxy of kind for node n, svcnat with the extra run
+// flags, in a cgroup of its own; Close removes it, after what it installed
+// outside its namespace. launch starts it.
+func (c *Cluster) newProxy(kind ProxyKind, n *Node, extra []string) (*Proxy, error) {
+	if kind.IsSvcnat() && c.Binaries.Svcnat == "" {
+		return nil, errors.New("no svcnat binary")
+	}
+	p := &Proxy{Kind: kind, Node: n, Extra: extra, c: c}
+	if kind == SvcnatEBPF {
+		pins, cgroups, err := c.ebpfMounts()
+		if err != nil {
+			return nil, err
+		}
+		p.PinDir = filepath.Join(pins, n.Netns)
+		p.cgroupPath = filepath.Join(cgroups, filepath.Base(n.Cgroup))
+	}
+	c.proxies++
+	var err error
+	if p.cgroup, err = c.addCgroup(fmt.Sprintf("%s-proxy%d", n.Netns, c.proxies)); err != nil {
+		return nil, err
+	}
+	c.onClose(func() error { return killCgroupTree(p.cgroup) })
+	c.onClose(p.remove)
+	return p, nil
 }
 
 // backendArgs are the flags naming an svcnat backend and where it lives.
@@ -162,12 +182,38 @@ func (p *Proxy) launch() error {
 	p.runs++
 	var err error
 	p.proc, err = start(procSpec{
-		name:  fmt.Sprintf("%s on %s", p.Kind, p.Node.Name),
-		netns: p.Node.Netns,
-		log:   p.c.logPath(fmt.Sprintf("proxy-%s", p.Node.Name)),
-		args:  p.args(),
+		name:   fmt.Sprintf("%s on %s", p.Kind, p.Node.Name),
+		netns:  p.Node.Netns,
+		cgroup: p.cgroup,
+		log:    p.c.logPath(fmt.Sprintf("proxy-%s", p.Node.Name)),
+		args:   p.args(),
 	})
 	return err
+}
+
+// CPUSeconds is the CPU time the proxy and the processes it started have
+// spent since its first start, read from its cgroup: a child's CPU counts
+// as it is spent, not when the proxy reaps it (as /proc's cutime would).
+func (p *Proxy) CPUSeconds() (float64, error) {
+	return cgroupCPUSeconds(p.cgroup)
+}
+
+// cgroupCPUSeconds reads usage_usec from the cgroup v2 directory's cpu.stat.
+func cgroupCPUSeconds(dir string) (float64, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "cpu.stat"))
+	if err != nil {
+		return 0, fmt.Errorf("read cpu time of cgroup: %w", err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "usage_usec "); ok {
+			usec, err := strconv.ParseUint(v, 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("read cpu time of cgroup %s: %w", dir, err)
+			}
+			return float64(usec) / 1e6, nil
+		}
+	}
+	return 0, fmt.Errorf("read cpu time of cgroup %s: no usage_usec in cpu.stat", dir)
 }
 
 // WaitHealthy waits until the proxy's /healthz answers 200.

@@ -112,6 +112,7 @@ type Cluster struct {
 	etcd, apiserver *Process
 	apiserverFlags  []string // added to the defaults
 	token           string
+	proxies         int // proxies started, to name their cgroups
 	mu              sync.Mutex
 	cleanups        []func() error
 	closeOnce       sync.Once

@@ -58,6 +58,9 @@ type config struct {
 	merge   bool
 	warm    bool
 	render  bool
+	// defaultMaps runs svcnat-ebpf with its default map sizes (see
+	// ebpfMapFlags).
+	defaultMaps bool
 	// conditions says what else ran on the machine, for the report.
 	conditions string
 }
@@ -117,6 +120,7 @@ func parseFlags(args []string) (config, error) {
 	noPlots := fs.Bool("no-plots", false, "skip the PNG plots")
 	render := fs.Bool("render", false, "only rewrite results.md and the plots from -out/results.json")
 	conditions := fs.String("conditions", "", "what else ran on the machine during the run, written into the report")
+	defaultMaps := fs.Bool("ebpf-default-maps", false, "run svcnat-ebpf with its default map sizes even where the load needs larger ones, to measure it over capacity")
 	warm := fs.Bool("warm", true, "when a proxy's cold start is over -cap, measure the rest warm (Services added while it runs); larger sizes then skip its cold start")
 	if err := fs.Parse(args); err != nil {
 		return config{}, err
@@ -127,7 +131,8 @@ func parseFlags(args []string) (config, error) {
 		return cfg, nil
 	}
 	cfg := config{out: *out, cap: *capD, changes: *changes, pairs: *pairs, burst: *burst, idle: *idle,
-		workers: *workers, probes: *probes, rounds: *rounds, bursts: *bursts, plots: !*noPlots, merge: *merge, warm: *warm, render: *render, conditions: *conditions}
+		workers: *workers, probes: *probes, rounds: *rounds, bursts: *bursts, plots: !*noPlots, merge: *merge, warm: *warm, render: *render, conditions: *conditions,
+		defaultMaps: *defaultMaps}
 	for f := range strings.SplitSeq(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 || n > 60000 {
@@ -201,7 +206,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 		c: c, w: &workload{kube: kube, workers: cfg.workers},
 		backends: pods[1:3],
 		p: params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm,
-			rounds: cfg.rounds, burstRounds: cfg.bursts},
+			rounds: cfg.rounds, burstRounds: cfg.bursts, defaultMaps: cfg.defaultMaps},
 		capped: map[testbed.ProxyKind]int{},
 		out:    cfg.out,
 	}

@@ -104,6 +104,8 @@ type params struct {
 	// rounds of the new-Service pattern and steps of the rolling update;
 	// burstRounds bursts, each changing every probe Service once.
 	rounds, burstRounds int
+	// defaultMaps leaves svcnat-ebpf's maps at their default sizes.
+	defaultMaps bool
 }
 
 // bench holds what every measurement shares.
@@ -144,6 +146,10 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 	res = Result{Proxy: string(kind), Services: services, Endpoints: endpointsPerService, CapSeconds: b.p.cap.Seconds()}
 	log := b.c.Log.With("proxy", kind, "services", services)
 	b.c.SvcnatFlags = ebpfMapFlags(kind, services+len(b.probes))
+	if b.p.defaultMaps && b.c.SvcnatFlags != nil {
+		res.note("default map sizes (-ebpf-default-maps), too small for the load: %s not passed", strings.Join(b.c.SvcnatFlags, " "))
+		b.c.SvcnatFlags = nil
+	}
 	defer func() {
 		if serr := b.c.StopProxies(); serr != nil {
 			err = errors.Join(err, fmt.Errorf("stop %s: %w", kind, serr))

@@ -365,6 +365,25 @@ func uniqueAddr(f model.Family) netip.Addr {
 	return netip.AddrFrom16([16]byte{0xfd, 0xc8, 14: byte(uniqueCounter >> 8), 15: byte(uniqueCounter)})
 }
 
+// checkWritten fails the test, naming the sync at, when the datapath saw a
+// half-written Service during it (inconsistent, from checkDatapath) or
+// the maps differ from what rec believes it wrote; it returns what the maps
+// hold.
+func checkWritten(t *testing.T, rec *reconciler, inconsistent func() error, at string) *table {
+	t.Helper()
+	if err := inconsistent(); err != nil {
+		t.Fatalf("%s: datapath saw a half-written service: %v", at, err)
+	}
+	got, err := readTable(rec.maps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.equal(rec.written) {
+		t.Fatalf("%s: maps differ from what the reconciler believes it wrote", at)
+	}
+	return got
+}
+
 func TestReconcilerIncremental(t *testing.T) {
 	for seed := range uint64(10) {
 		r := rand.New(rand.NewPCG(seed, 9))
@@ -376,16 +395,7 @@ func TestReconcilerIncremental(t *testing.T) {
 			if err := rec.sync(s); err != nil {
 				t.Fatalf("seed %d step %d: %v", seed, step, err)
 			}
-			if err := inconsistent(); err != nil {
-				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, err)
-			}
-			got, err := readTable(k.maps)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !got.equal(rec.written) {
-				t.Fatalf("seed %d step %d: maps differ from what the reconciler believes it wrote", seed, step)
-			}
+			got := checkWritten(t, rec, inconsistent, fmt.Sprintf("seed %d step %d", seed, step))
 			// Exactly the entries a fresh encoding has: nothing left over.
 			fresh, _, failed := encode(s, newIDs())
 			if len(failed) > 0 {
@@ -509,16 +519,7 @@ func TestReconcilerOverCapacity(t *testing.T) {
 			if step > 0 && k.reads > 0 {
 				t.Fatalf("seed %d step %d: an incremental sync with %d ServicePorts failed read the maps %d times", seed, step, len(failed), k.reads)
 			}
-			if err := inconsistent(); err != nil {
-				t.Fatalf("seed %d step %d: datapath saw a half-written service: %v", seed, step, err)
-			}
-			got, err := readTable(k.maps)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !got.equal(rec.written) {
-				t.Fatalf("seed %d step %d: maps differ from what the reconciler believes it wrote", seed, step)
-			}
+			got := checkWritten(t, rec, inconsistent, fmt.Sprintf("seed %d step %d", seed, step))
 			// Numbers are held by what the maps hold, and by nothing else.
 			if len(rec.ids.services.taken) != len(got.info) || len(rec.ids.backends.taken) != len(got.backends) {
 				t.Fatalf("seed %d step %d: %d ServicePort and %d backend numbers held for %d and %d in the maps", seed, step,

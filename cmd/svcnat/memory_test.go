@@ -5,14 +5,16 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// TestMemoryPolicy checks the documented default: GOGC=50 unless the GOGC
-// environment variable says otherwise.
+// TestMemoryPolicy checks the documented default: GOGC=50 (and
+// releaseMemory) unless the GOGC environment variable says otherwise.
 func TestMemoryPolicy(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(100))
 	t.Setenv("GOGC", "")
@@ -20,53 +22,97 @@ func TestMemoryPolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	debug.SetGCPercent(100)
-	setMemoryPolicy()
+	if !setMemoryPolicy() {
+		t.Error("without GOGC: policy not applied")
+	}
 	if got := debug.SetGCPercent(100); got != defaultGCPercent {
 		t.Errorf("without GOGC: GC percent %d, want %d", got, defaultGCPercent)
 	}
 	t.Setenv("GOGC", "200")
 	debug.SetGCPercent(200) // as the runtime read it at start
-	setMemoryPolicy()
+	if setMemoryPolicy() {
+		t.Error("with GOGC=200: policy applied")
+	}
 	if got := debug.SetGCPercent(100); got != 200 {
 		t.Errorf("with GOGC=200: GC percent %d, want 200 left alone", got)
 	}
 }
 
-// TestReleaseAfterFirstSync checks that the memory is returned once the
-// first sync is done, not before, and that an ended context stops the wait.
-func TestReleaseAfterFirstSync(t *testing.T) {
+// TestReleaseMemory runs releaseMemory against the real runtime, with a
+// live heap of 64 MiB: nothing is returned before the first sync; the
+// first quiet check after it returns memory (a forced collection); then
+// nothing while the free heap is small, and the 64 MiB a burst left free
+// soon after it is; an ended context stops it.
+func TestReleaseMemory(t *testing.T) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	var synced, checks atomic.Int32
-	done := make(chan struct{})
-	go func() {
-		releaseAfterFirstSync(t.Context(), time.Millisecond, func() bool { checks.Add(1); return synced.Load() == 1 }, log)
-		close(done)
-	}()
-	for checks.Load() < 3 {
-		time.Sleep(time.Millisecond)
+	forced := func() uint64 {
+		s := []metrics.Sample{{Name: "/gc/cycles/forced:gc-cycles"}}
+		metrics.Read(s)
+		return s[0].Value.Uint64()
 	}
-	select {
-	case <-done:
-		t.Fatal("returned before the first sync")
-	default:
+	// waitForced waits until the forced collections exceed n, or fails.
+	waitForced := func(n uint64, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); forced() <= n; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no memory returned %s", what)
+			}
+		}
 	}
-	synced.Store(1)
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("did not return after the first sync")
+	const interval = 5 * time.Millisecond
+	quiet := func(what string) {
+		t.Helper()
+		before := forced()
+		time.Sleep(20 * interval)
+		if n := forced() - before; n > 0 {
+			t.Fatalf("%d collections forced %s", n, what)
+		}
 	}
-
+	live := make([]byte, 64<<20)
+	for i := range live {
+		live[i] = 1
+	}
+	runtime.GC()
+	var last atomic.Pointer[time.Time]
+	last.Store(&time.Time{})
 	ctx, cancel := context.WithCancel(t.Context())
-	cancel()
 	stopped := make(chan struct{})
 	go func() {
-		releaseAfterFirstSync(ctx, time.Hour, func() bool { return false }, log)
+		releaseMemory(ctx, interval, func() time.Time { return *last.Load() }, log)
 		close(stopped)
 	}()
+	quiet("before the first sync")
+	synced := time.Now().Add(-time.Hour)
+	n := forced()
+	last.Store(&synced)
+	waitForced(n, "after the first sync")
+	quiet("with little of the heap free")
+	burst := make([]byte, 64<<20)
+	for i := range burst {
+		burst[i] = 1
+	}
+	burst = nil
+	runtime.GC()
+	if _, free := heapLiveFree(); free < 32<<20 {
+		t.Skipf("the runtime returned the burst's memory itself (%d MiB free left)", free>>20)
+	}
+	waitForced(forced(), "with the burst's 64 MiB free")
+	// The collection counts before FreeOSMemory returns the memory.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		live, free := heapLiveFree()
+		if free <= live/4 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after the release: %d MiB free for %d MiB live", free>>20, live>>20)
+		}
+	}
+	cancel()
 	select {
 	case <-stopped:
 	case <-time.After(10 * time.Second):
 		t.Fatal("did not return when the context ended")
 	}
+	runtime.KeepAlive(live)
+	runtime.KeepAlive(burst)
 }

@@ -11,8 +11,8 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"strings"
 	"syscall"
 	"time"
@@ -135,7 +135,7 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	setMemoryPolicy()
+	memoryPolicy := setMemoryPolicy()
 	client, err := watch.Client(f.node.kubeconfig, "svcnat/"+version)
 	if err != nil {
 		return err
@@ -217,7 +217,9 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 	log.Info("svcnat starting", "version", version, "node", cfg.NodeName, "backend", backendName,
 		"clusterCIDRs", cfg.ClusterCIDRs, "nodePortAddresses", cfg.NodePortAddresses)
 	w.Start(ctx, a)
-	go releaseAfterFirstSync(ctx, time.Second, func() bool { return !a.Health().Status().LastUpdated.IsZero() }, log)
+	if memoryPolicy {
+		go releaseMemory(ctx, time.Second, func() time.Time { return a.Health().Status().LastUpdated }, log)
+	}
 	if err := a.Run(ctx); err != nil {
 		return err
 	}
@@ -232,33 +234,56 @@ func run(ctx context.Context, f *runFlags, log *slog.Logger) error {
 // and keeps the resident memory nearer the live heap.
 const defaultGCPercent = 50
 
-// setMemoryPolicy applies defaultGCPercent unless GOGC is set. (GOMEMLIMIT,
-// when set, limits the memory as Go's runtime always does.)
-func setMemoryPolicy() {
-	if _, set := os.LookupEnv("GOGC"); !set {
-		debug.SetGCPercent(defaultGCPercent)
+// setMemoryPolicy applies defaultGCPercent unless GOGC is set, and says
+// whether it did: releaseMemory runs only then. (GOMEMLIMIT, when set,
+// limits the memory as Go's runtime always does.)
+func setMemoryPolicy() bool {
+	if _, set := os.LookupEnv("GOGC"); set {
+		return false
 	}
+	debug.SetGCPercent(defaultGCPercent)
+	return true
 }
 
-// releaseAfterFirstSync waits, checking every interval, until synced
-// reports the first successful sync, then returns the memory freed since
-// (the peak of listing every object and programming them all at once) to
-// the operating system, once, instead of letting the runtime return it
-// over minutes. It returns early when ctx ends.
-func releaseAfterFirstSync(ctx context.Context, interval time.Duration, synced func() bool, log *slog.Logger) {
+// releaseMemory returns the heap memory the runtime holds free to the
+// operating system: once after the first sync (the peak of listing every
+// object and programming them all at once), and after that whenever the
+// free heap is more than a quarter of the live heap (what a burst of
+// changes left, once a collection freed it). It acts only when no sync ran
+// in the last interval, so that a burst reuses its memory instead, and
+// checks every interval until ctx ends. Left to itself, Go's runtime keeps
+// heap memory up to a tenth above its next collection's goal (with GOGC=50,
+// up to two thirds of the live heap again, free) and returns the rest
+// gradually.
+func releaseMemory(ctx context.Context, interval time.Duration, lastSync func() time.Time, log *slog.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	for !synced() {
+	first := true
+	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		if last := lastSync(); last.IsZero() || time.Since(last) < interval {
+			continue
+		}
+		live, free := heapLiveFree()
+		if !first && free <= live/4 {
+			continue
+		}
+		first = false
+		debug.FreeOSMemory()
+		log.Info("memory returned to the operating system", "heapLiveMiB", live>>20, "heapFreeMiB", free>>20)
 	}
-	debug.FreeOSMemory()
-	var m runtime.MemStats
-	runtime.ReadMemStats(&m)
-	log.Info("first sync done; memory returned to the operating system", "heapLiveMiB", m.HeapAlloc>>20, "heapReleasedMiB", m.HeapReleased>>20)
+}
+
+// heapLiveFree returns the live heap at the last collection and the heap
+// memory held free, not yet returned to the operating system.
+func heapLiveFree() (live, free uint64) {
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}, {Name: "/memory/classes/heap/free:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64(), s[1].Value.Uint64()
 }
 
 // minSyncPeriod is --min-sync-period when given, else the default of the

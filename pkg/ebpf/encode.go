@@ -78,12 +78,6 @@ func newTable() *table {
 	}
 }
 
-func (t *table) equal(o *table) bool {
-	return maps.Equal(t.services, o.services) && maps.Equal(t.info, o.info) &&
-		maps.Equal(t.slots, o.slots) && maps.Equal(t.members, o.members) && maps.Equal(t.backends, o.backends) &&
-		maps.Equal(t.sourceRanges, o.sourceRanges) && maps.Equal(t.clusterCIDRs, o.clusterCIDRs)
-}
-
 // ids hands out the numbers that name ServicePorts and endpoints in the maps.
 // A number stays with its ServicePort or endpoint while it exists, and a
 // released number is not handed out again until the counter wraps, so a slot

@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"maps"
 
 	"github.com/svcnat/svcnat/pkg/model"
@@ -67,6 +68,30 @@ type tableColumn interface {
 	replace(dst, old, next *table)
 	// clear empties t's field.
 	clear(t *table)
+	// digest summarizes t's field (see digest).
+	digest(t *table) digest
+}
+
+// digest summarizes a map's entries whatever their order: how many, and the
+// sum of their hashes. Two digests that are equal say, but for a 64-bit hash
+// collision, that the maps hold the same entries; CheckDrift compares the
+// kernel's maps with what was written this way, without a copy of either.
+type digest struct {
+	n   int
+	sum uint64
+}
+
+// digestSeed seeds the hashes of digests, which live only in this process.
+var digestSeed = maphash.MakeSeed()
+
+type entry[K, V comparable] struct {
+	k K
+	v V
+}
+
+func (d *digest) add(h uint64) {
+	d.n++
+	d.sum += h
 }
 
 // column is a desired-state map as the table sees it.
@@ -98,6 +123,14 @@ func (c *column[K, V]) fresh(m, a, b *table) int {
 
 func (c *column[K, V]) clear(t *table) { clear(c.field(t)) }
 
+func (c *column[K, V]) digest(t *table) digest {
+	var d digest
+	for k, v := range c.field(t) {
+		d.add(maphash.Comparable(digestSeed, entry[K, V]{k, v}))
+	}
+	return d
+}
+
 func (c *column[K, V]) replace(dst, old, next *table) {
 	d := c.field(dst)
 	for k := range c.field(old) {
@@ -121,6 +154,8 @@ type desiredMap interface {
 	maxEntries() int
 	// read adds the map's entries to t's field.
 	read(t *table) error
+	// digestKernel summarizes the map's entries as digest does a field's.
+	digestKernel() (digest, error)
 	// putChanged writes the entries of want's field that cur's lacks or
 	// holds with another value.
 	putChanged(cur, want *table) error
@@ -143,6 +178,14 @@ func (m *tableMap[K, V]) read(t *table) error {
 		return fmt.Errorf("read map %s: %w", m.name, err)
 	}
 	return nil
+}
+
+func (m *tableMap[K, V]) digestKernel() (digest, error) {
+	var d digest
+	if err := m.m.Iterate(func(k K, v V) { d.add(maphash.Comparable(digestSeed, entry[K, V]{k, v})) }); err != nil {
+		return digest{}, fmt.Errorf("read map %s: %w", m.name, err)
+	}
+	return d, nil
 }
 
 func (m *tableMap[K, V]) putChanged(cur, want *table) error {

@@ -47,6 +47,13 @@ func (c *column[K, V]) inFake(k *fakeKernel) desiredMap {
 	return c.bind(k.capacity, m)
 }
 
+// equal reports whether t and o hold the same entries.
+func (t *table) equal(o *table) bool {
+	return maps.Equal(t.services, o.services) && maps.Equal(t.info, o.info) &&
+		maps.Equal(t.slots, o.slots) && maps.Equal(t.members, o.members) && maps.Equal(t.backends, o.backends) &&
+		maps.Equal(t.sourceRanges, o.sourceRanges) && maps.Equal(t.clusterCIDRs, o.clusterCIDRs)
+}
+
 // checkDatapath makes every write check the datapath's invariant;
 // inconsistent returns the first violation since it was last called.
 func (k *fakeKernel) checkDatapath() (inconsistent func() error) {

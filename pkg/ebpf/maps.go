@@ -89,9 +89,10 @@ type entry[K, V comparable] struct {
 	v V
 }
 
-func (d *digest) add(h uint64) {
+// addDigest adds the entry k, v to d.
+func addDigest[K, V comparable](d *digest, k K, v V) {
 	d.n++
-	d.sum += h
+	d.sum += maphash.Comparable(digestSeed, entry[K, V]{k, v})
 }
 
 // column is a desired-state map as the table sees it.
@@ -126,7 +127,7 @@ func (c *column[K, V]) clear(t *table) { clear(c.field(t)) }
 func (c *column[K, V]) digest(t *table) digest {
 	var d digest
 	for k, v := range c.field(t) {
-		d.add(maphash.Comparable(digestSeed, entry[K, V]{k, v}))
+		addDigest(&d, k, v)
 	}
 	return d
 }
@@ -182,7 +183,7 @@ func (m *tableMap[K, V]) read(t *table) error {
 
 func (m *tableMap[K, V]) digestKernel() (digest, error) {
 	var d digest
-	if err := m.m.Iterate(func(k K, v V) { d.add(maphash.Comparable(digestSeed, entry[K, V]{k, v})) }); err != nil {
+	if err := m.m.Iterate(func(k K, v V) { addDigest(&d, k, v) }); err != nil {
 		return digest{}, fmt.Errorf("read map %s: %w", m.name, err)
 	}
 	return d, nil

@@ -130,8 +130,8 @@ type bench struct {
 // would: room for every endpoint twice (a full sync that renumbers writes
 // the new entries before it deletes the old), in steps of 64Ki, when the
 // default (--bpf-map-max-backends=262144) has less. With the default, the
-// 30,000-Service run left about 3,800 Services unprogrammed ("does not fit
-// the maps"), and a new Service took 4 s to program (p50).
+// 30,000-Service run leaves about 3,800 Services unprogrammed ("does not fit
+// the maps"); -ebpf-default-maps measures that.
 func ebpfMapFlags(kind testbed.ProxyKind, services int) []string {
 	const step, defaultBackends = 1 << 16, 1 << 18
 	need := (2*services*endpointsPerService + step - 1) / step * step

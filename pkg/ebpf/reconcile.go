@@ -331,9 +331,11 @@ func (r *reconciler) writeChanges(s *model.State, updated, removed []model.Servi
 		return errUnchanged
 	}
 	encoded := maps.Clone(frags)
-	next, _ = admit(r.maps, r.written, next, frags, rejected)
-	if checkCapacity(r.maps, r.written, next) != nil {
-		return errSyncAll // the cluster CIDRs do not fit
+	next, full := admit(r.maps, r.written, next, frags, rejected)
+	// When everything fits, admit has checked it; the cluster CIDRs are no
+	// ServicePort's and may not fit all the same.
+	if full && checkCapacity(r.maps, r.written, next) != nil {
+		return errSyncAll
 	}
 
 	// A backend is written when the first ServicePort names it and deleted

@@ -85,6 +85,11 @@ func newTable() *table {
 // another endpoint under that number. Endpoints are keyed by their map
 // value: 20 bytes without pointers, which the garbage collector need not
 // scan, where a model.Endpoint has 32 with one.
+//
+// ids keeps one index, key to number. The other way, the tables are the
+// index: once the counter wraps, a number is free when neither the table
+// the maps hold nor the one being encoded uses it. A second map here was a
+// tenth of the reconciler's heap.
 type ids struct {
 	services numbering[model.ServicePortName]
 	backends numbering[svcnatBackend]
@@ -92,60 +97,57 @@ type ids struct {
 
 type numbering[K comparable] struct {
 	byKey map[K]uint32
-	taken map[uint32]K
 	next  uint32
 }
 
 func newNumbering[K comparable]() numbering[K] {
-	return numbering[K]{byKey: map[K]uint32{}, taken: map[uint32]K{}, next: 1}
+	return numbering[K]{byKey: map[K]uint32{}, next: 1}
 }
 
 func (n *numbering[K]) set(k K, id uint32) {
-	n.taken[id] = k
 	n.next = max(n.next, id+1)
 	if old, ok := n.byKey[k]; !ok || id < old {
 		n.byKey[k] = id
 	}
 }
 
-// get returns k's number, giving it the next free one if it has none.
-func (n *numbering[K]) get(k K) uint32 {
+// get returns k's number, giving it the next one used says is free if it
+// has none.
+func (n *numbering[K]) get(k K, used func(uint32) bool) uint32 {
 	if id, ok := n.byKey[k]; ok {
 		return id
 	}
 	for {
 		id := n.next
 		n.next++
-		if _, used := n.taken[id]; id != 0 && !used {
+		if id != 0 && !used(id) {
 			n.byKey[k] = id
-			n.taken[id] = k
 			return id
 		}
 	}
 }
 
 // reserve makes room for size keys when n holds fewer than half as many:
-// growing the maps key by key was a tenth of the first sync at 10,000
+// growing the map key by key was a tenth of the first sync at 10,000
 // Services.
 func (n *numbering[K]) reserve(size int) {
 	if len(n.byKey) >= size/2 {
 		return
 	}
-	byKey, taken := make(map[K]uint32, size), make(map[uint32]K, size)
+	byKey := make(map[K]uint32, size)
 	maps.Copy(byKey, n.byKey)
-	maps.Copy(taken, n.taken)
-	n.byKey, n.taken = byKey, taken
+	n.byKey = byKey
 }
 
 // keep forgets the numbers for which live is false.
 func (n *numbering[K]) keep(live func(uint32) bool) {
-	for id, k := range n.taken {
-		if !live(id) {
-			delete(n.taken, id)
-			if n.byKey[k] == id {
-				delete(n.byKey, k)
-			}
-		}
+	maps.DeleteFunc(n.byKey, func(_ K, id uint32) bool { return !live(id) })
+}
+
+// forget drops k's number, if it is id.
+func (n *numbering[K]) forget(k K, id uint32) {
+	if n.byKey[k] == id {
+		delete(n.byKey, k)
 	}
 }
 
@@ -153,10 +155,27 @@ func newIDs() *ids {
 	return &ids{services: newNumbering[model.ServicePortName](), backends: newNumbering[svcnatBackend]()}
 }
 
+// service returns name's number; a new one is one neither held, the table
+// the maps hold, nor t uses.
+func (n *ids) service(name model.ServicePortName, held, t *table) uint32 {
+	return n.services.get(name, func(id uint32) bool { return hasKey(held.info, id) || hasKey(t.info, id) })
+}
+
+// backend returns b's number, as service does.
+func (n *ids) backend(b svcnatBackend, held, t *table) uint32 {
+	return n.backends.get(b, func(id uint32) bool { return hasKey(held.backends, id) || hasKey(t.backends, id) })
+}
+
+func hasKey[K comparable, V any](m map[K]V, k K) bool {
+	_, ok := m[k]
+	return ok
+}
+
 // adoptIDs continues the numbering found in t, as written by an earlier
-// run. Every number any entry uses is taken, also one a failed write left
-// without Service info or slot, or whose Service info does not decode, so
-// that no number is reused while an entry still holds it.
+// run. The counter starts after every number any entry uses, also one a
+// failed write left without Service info or slot, or whose Service info
+// does not decode, so that no number is reused while an entry still holds
+// it.
 func adoptIDs(t *table) *ids {
 	n := newIDs()
 	for id, info := range t.info {
@@ -189,23 +208,11 @@ func adoptIDs(t *table) *ids {
 	return n
 }
 
-// forget drops the number id and its key.
-func (n *numbering[K]) forget(id uint32) {
-	k, ok := n.taken[id]
-	if !ok {
-		return
-	}
-	delete(n.taken, id)
-	if n.byKey[k] == id {
-		delete(n.byKey, k)
-	}
-}
-
 // release forgets the numbers t does not use, once t is all the kernel
 // holds.
 func (n *ids) release(t *table) {
-	n.services.keep(func(id uint32) bool { _, ok := t.info[id]; return ok })
-	n.backends.keep(func(id uint32) bool { _, ok := t.backends[id]; return ok })
+	n.services.keep(func(id uint32) bool { return hasKey(t.info, id) })
+	n.backends.keep(func(id uint32) bool { return hasKey(t.backends, id) })
 }
 
 // fragment is what the reconciler remembers of one ServicePort: the keys
@@ -276,10 +283,11 @@ func (f *fragment) appendBackendIDs(buf []uint32, t *table) []uint32 {
 }
 
 // encode turns s into map entries, numbering ServicePorts and endpoints with
-// n, and returns them, with the fragment of each ServicePort. A ServicePort
+// n (new numbers are ones held, what the maps hold, does not use), and
+// returns them, with the fragment of each ServicePort. A ServicePort
 // that cannot be encoded, or that claims a frontend a ServicePort before it
 // in name order has, fails alone: it is in failed, with no entries.
-func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]fragment, dataplane.PortErrors) {
+func encode(s *model.State, n *ids, held *table) (*table, map[model.ServicePortName]fragment, dataplane.PortErrors) {
 	sorted := s.Sorted()
 	// Sized from the start: growing the maps entry by entry cost a quarter
 	// of the first sync at 10,000 Services.
@@ -303,7 +311,7 @@ func encode(s *model.State, n *ids) (*table, map[model.ServicePortName]fragment,
 	frags := make(map[model.ServicePortName]fragment, len(sorted))
 	failed := dataplane.PortErrors{}
 	for _, sp := range sorted {
-		f, err := encodeServicePort(sp, n, t)
+		f, err := encodeServicePort(sp, n, held, t)
 		if err != nil {
 			failed[sp.Name] = err
 			continue
@@ -330,9 +338,10 @@ func encodeBackend(ep model.Endpoint) svcnatBackend {
 }
 
 // encodeServicePort adds the entries of one ServicePort to t and returns
-// its fragment. It fails, adding nothing, when sp cannot be encoded or one
-// of its frontends is one of another ServicePort in t.
-func encodeServicePort(sp *model.ServicePort, n *ids, t *table) (fragment, error) {
+// its fragment, numbered as encode does. It fails, adding nothing, when sp
+// cannot be encoded or one of its frontends is one of another ServicePort
+// in t.
+func encodeServicePort(sp *model.ServicePort, n *ids, held, t *table) (fragment, error) {
 	proto, ok := protocols[sp.Protocol]
 	if !ok {
 		return fragment{}, fmt.Errorf("encode service port %s: unknown protocol %q", sp.Name, sp.Protocol)
@@ -359,16 +368,17 @@ func encodeServicePort(sp *model.ServicePort, n *ids, t *table) (fragment, error
 		}
 		key := svcnatSvcKey{Addr: addr16(fe.IP), Port: htons(fe.Port), Proto: proto}
 		if other, dup := t.services[key]; dup {
-			return fragment{}, fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", sp.Name, fe.IP, fe.Port, n.services.taken[other.Id])
+			owner, _, _ := decodeInfo(t.info[other.Id])
+			return fragment{}, fmt.Errorf("encode service port %s: frontend %s port %d is also a frontend of %s", sp.Name, fe.IP, fe.Port, owner)
 		}
 		f.frontends[i] = key
 	}
-	id := n.services.get(sp.Name)
+	id := n.service(sp.Name, held, t)
 	f.id = id
 	t.info[id] = info
 	backend := func(ep model.Endpoint) uint32 {
 		b := encodeBackend(ep)
-		bid := n.backends.get(b)
+		bid := n.backend(b, held, t)
 		t.backends[bid] = b
 		return bid
 	}

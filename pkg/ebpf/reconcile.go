@@ -137,7 +137,7 @@ func (r *reconciler) syncAll(s *model.State) error {
 			// what is still missing.
 			r.ids = adoptIDs(cur)
 		}
-		want, frags, failed := encode(s, r.ids)
+		want, frags, failed := encode(s, r.ids, cur)
 		want, full := admit(r.maps, cur, want, frags, failed)
 		// When everything fits, admit has checked it; the cluster CIDRs
 		// are no ServicePort's and may not fit all the same.
@@ -311,7 +311,7 @@ func (r *reconciler) writeChanges(s *model.State, updated, removed []model.Servi
 	frags := map[model.ServicePortName]fragment{}
 	rejected := dataplane.PortErrors{}
 	for _, name := range updated {
-		f, err := encodeServicePort(s.ServicePorts[name], r.ids, next)
+		f, err := encodeServicePort(s.ServicePorts[name], r.ids, r.written, next)
 		if err != nil {
 			rejected[name] = err
 			continue
@@ -394,15 +394,15 @@ func (r *reconciler) writeChanges(s *model.State, updated, removed []model.Servi
 		if _, ok := frags[name]; ok {
 			continue
 		}
-		r.ids.services.forget(f.id)
+		r.ids.services.forget(name, f.id)
 		for _, bid := range f.appendBackendIDs(bids[:0], r.next) {
 			if _, ok := r.written.backends[bid]; !ok {
-				r.ids.backends.forget(bid)
+				r.ids.backends.forget(r.next.backends[bid], bid)
 			}
 		}
 	}
 	for _, name := range gone {
-		r.ids.services.forget(r.frags[name].id)
+		r.ids.services.forget(name, r.frags[name].id)
 		delete(r.frags, name)
 	}
 	maps.Copy(r.frags, frags)
@@ -416,7 +416,7 @@ func (r *reconciler) writeChanges(s *model.State, updated, removed []model.Servi
 		}
 	}
 	for _, bid := range orphans {
-		r.ids.backends.forget(bid)
+		r.ids.backends.forget(old.backends[bid], bid)
 		r.removed = append(r.removed, old.backends[bid])
 		if usedByUDP[bid] {
 			r.removedUDP = append(r.removedUDP, old.backends[bid])

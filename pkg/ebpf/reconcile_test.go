@@ -404,7 +404,7 @@ func TestReconcilerIncremental(t *testing.T) {
 			}
 			got := checkWritten(t, rec, inconsistent, fmt.Sprintf("seed %d step %d", seed, step))
 			// Exactly the entries a fresh encoding has: nothing left over.
-			fresh, _, failed := encode(s, newIDs())
+			fresh, _, failed := encode(s, newIDs(), newTable())
 			if len(failed) > 0 {
 				t.Fatal(failed)
 			}
@@ -528,9 +528,9 @@ func TestReconcilerOverCapacity(t *testing.T) {
 			}
 			got := checkWritten(t, rec, inconsistent, fmt.Sprintf("seed %d step %d", seed, step))
 			// Numbers are held by what the maps hold, and by nothing else.
-			if len(rec.ids.services.taken) != len(got.info) || len(rec.ids.backends.taken) != len(got.backends) {
+			if len(rec.ids.services.byKey) != len(got.info) || len(rec.ids.backends.byKey) != len(got.backends) {
 				t.Fatalf("seed %d step %d: %d ServicePort and %d backend numbers held for %d and %d in the maps", seed, step,
-					len(rec.ids.services.taken), len(rec.ids.backends.taken), len(got.info), len(got.backends))
+					len(rec.ids.services.byKey), len(rec.ids.backends.byKey), len(got.info), len(got.backends))
 			}
 			programmed := &model.State{ClusterCIDRs: s.ClusterCIDRs, ServicePorts: map[model.ServicePortName]*model.ServicePort{}}
 			for name, sp := range s.ServicePorts {
@@ -547,7 +547,7 @@ func TestReconcilerOverCapacity(t *testing.T) {
 			// least the entries it would add to the maps.
 			for name, ferr := range failed {
 				own := newTable()
-				if _, err := encodeServicePort(s.ServicePorts[name], newIDs(), own); err != nil {
+				if _, err := encodeServicePort(s.ServicePorts[name], newIDs(), newTable(), own); err != nil {
 					t.Fatal(err)
 				}
 				fits := true

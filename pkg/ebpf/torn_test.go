@@ -50,7 +50,7 @@ func TestDecodeTornSet(t *testing.T) {
 		}, nil, []uint16{0, 1, 2}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tab, frags, failed := encode(s, newIDs())
+			tab, frags, failed := encode(s, newIDs(), newTable())
 			if len(failed) > 0 {
 				t.Fatal(failed)
 			}

@@ -40,6 +40,8 @@ var fillerBase = netip.MustParseAddr("172.20.0.0")
 type workload struct {
 	kube    kubernetes.Interface
 	workers int
+	// delivered is when the bench's own watch received probe writes.
+	delivered *deliveries
 
 	mu      sync.Mutex
 	slices  []*discoveryv1.EndpointSlice // filler slices, by index
@@ -212,18 +214,18 @@ func (w *workload) createService(ctx context.Context, name string) (*probeServic
 	return &probeService{name: name, clusterIP: ip}, nil
 }
 
-// createSlice creates the Service's EndpointSlice with the given endpoints
-// and returns the time just before the write was sent.
-func (w *workload) createSlice(ctx context.Context, p *probeService, eps ...discoveryv1.Endpoint) (time.Time, error) {
+// createSlice creates the Service's EndpointSlice with the given endpoints.
+func (w *workload) createSlice(ctx context.Context, p *probeService, eps ...discoveryv1.Endpoint) (write, error) {
 	slice := testbed.EndpointSlice(benchNamespace, p.name, p.name+"-1",
 		[]discoveryv1.EndpointPort{testbed.SlicePort(portName, corev1.ProtocolTCP, servicePort)}, eps...)
-	t0 := time.Now()
+	slice.Labels[probeLabel] = ""
+	wr := write{at: time.Now()}
 	got, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, slice, metav1.CreateOptions{})
 	if err != nil {
-		return t0, fmt.Errorf("create endpointslice of service %s: %w", p.name, err)
+		return wr, fmt.Errorf("create endpointslice of service %s: %w", p.name, err)
 	}
-	p.slice = got
-	return t0, nil
+	p.slice, wr.version = got, got.ResourceVersion
+	return wr, nil
 }
 
 // deleteService deletes the Service and its EndpointSlice (no controller
@@ -251,28 +253,26 @@ func (w *workload) createProbe(ctx context.Context, name string, pod *testbed.Po
 	return p, nil
 }
 
-// setEndpoints rewrites the Service's slice and returns the time just
-// before the write was sent.
-func (w *workload) setEndpoints(ctx context.Context, p *probeService, eps ...discoveryv1.Endpoint) (time.Time, error) {
+// setEndpoints rewrites the Service's slice.
+func (w *workload) setEndpoints(ctx context.Context, p *probeService, eps ...discoveryv1.Endpoint) (write, error) {
 	s := p.slice.DeepCopy()
 	s.Endpoints = eps
-	t0 := time.Now()
+	wr := write{at: time.Now()}
 	got, err := w.kube.DiscoveryV1().EndpointSlices(benchNamespace).Update(ctx, s, metav1.UpdateOptions{})
 	if err != nil {
-		return t0, fmt.Errorf("update endpointslice of service %s: %w", p.name, err)
+		return wr, fmt.Errorf("update endpointslice of service %s: %w", p.name, err)
 	}
-	p.slice = got
-	return t0, nil
+	p.slice, wr.version = got, got.ResourceVersion
+	return wr, nil
 }
 
-// point updates the probe Service's slice to the given pod and returns the
-// time just before the write was sent.
-func (w *workload) point(ctx context.Context, p *probeService, pod *testbed.Pod) (time.Time, error) {
-	t0, err := w.setEndpoints(ctx, p, pod.Endpoint(testbed.Ready))
+// point updates the probe Service's slice to the given pod.
+func (w *workload) point(ctx context.Context, p *probeService, pod *testbed.Pod) (write, error) {
+	wr, err := w.setEndpoints(ctx, p, pod.Endpoint(testbed.Ready))
 	if err == nil {
 		p.pod = pod
 	}
-	return t0, err
+	return wr, err
 }
 
 // rollingService is a Deployment's Service, as a rolling update rewrites
@@ -317,17 +317,17 @@ func (r *rollingService) endpoints(old *testbed.Pod) []discoveryv1.Endpoint {
 // step replaces the oldest ready pod as a Deployment does: the new pod
 // becomes ready (the previous step's terminating pod is gone by then), then
 // the old one terminates, written as soon as the first write returned. It
-// returns the time before each write.
-func (w *workload) step(ctx context.Context, r *rollingService) (addedAt, oldAt time.Time, err error) {
+// returns the two writes.
+func (w *workload) step(ctx context.Context, r *rollingService) (addedW, oldW write, err error) {
 	added, old := r.upcoming()
 	r.next++
 	r.ready = append(r.ready, added)
-	if addedAt, err = w.setEndpoints(ctx, r.probeService, r.endpoints(nil)...); err != nil {
-		return addedAt, oldAt, err
+	if addedW, err = w.setEndpoints(ctx, r.probeService, r.endpoints(nil)...); err != nil {
+		return addedW, oldW, err
 	}
-	oldAt, err = w.setEndpoints(ctx, r.probeService, r.endpoints(old)...)
+	oldW, err = w.setEndpoints(ctx, r.probeService, r.endpoints(old)...)
 	r.ready = slices.DeleteFunc(r.ready, func(p *testbed.Pod) bool { return p == old })
-	return addedAt, oldAt, err
+	return addedW, oldW, err
 }
 
 // upcoming returns the pods the next step adds and replaces.

@@ -201,9 +201,13 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*Report, error) {
 	if _, err := kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: benchNamespace}}, metav1.CreateOptions{}); err != nil {
 		return nil, fmt.Errorf("create namespace %s: %w", benchNamespace, err)
 	}
+	delivered, err := watchDeliveries(ctx, kube)
+	if err != nil {
+		return nil, err
+	}
 	pods := c.Nodes[0].Pods
 	b := &bench{
-		c: c, w: &workload{kube: kube, workers: cfg.workers},
+		c: c, w: &workload{kube: kube, workers: cfg.workers, delivered: delivered},
 		backends: pods[1:3],
 		p: params{cap: cfg.cap, changes: cfg.changes, pairs: cfg.pairs, burst: cfg.burst, idle: cfg.idle, warm: cfg.warm,
 			rounds: cfg.rounds, burstRounds: cfg.bursts, defaultMaps: cfg.defaultMaps},

@@ -201,7 +201,7 @@ func (b *bench) measure(ctx context.Context, kind testbed.ProxyKind, services in
 	var move timings
 	for i := range b.p.changes {
 		p := b.probes[i%len(b.probes)]
-		d, err := b.reprogram(ctx, p, b.other(p), b.p.cap)
+		d, err := b.reprogram(ctx, p, b.other(p), b.p.cap, &move)
 		if err != nil {
 			if ctx.Err() != nil {
 				return res, ctx.Err()
@@ -365,7 +365,7 @@ func (b *bench) warmStart(ctx context.Context, kind testbed.ProxyKind, res *Resu
 		if err := b.w.hide(ctx, false, from, min(from+warmBatch, n)); err != nil {
 			return err
 		}
-		if _, err := b.reprogram(ctx, b.probes[0], b.other(b.probes[0]), b.p.cap); err != nil {
+		if _, err := b.reprogram(ctx, b.probes[0], b.other(b.probes[0]), b.p.cap, &timings{}); err != nil {
 			return fmt.Errorf("warm start: catch up with %d unhidden Services: %w", min(from+warmBatch, n), err)
 		}
 	}
@@ -384,17 +384,19 @@ func (b *bench) other(p *probeService) *testbed.Pod {
 }
 
 // reprogram points a probe Service at pod and returns how long until a
-// connection through the Service first reached it.
-func (b *bench) reprogram(ctx context.Context, p *probeService, pod *testbed.Pod, limit time.Duration) (time.Duration, error) {
-	var t0 time.Time
+// connection through the Service first reached it; it adds the watch's
+// delivery of the write to t.
+func (b *bench) reprogram(ctx context.Context, p *probeService, pod *testbed.Pod, limit time.Duration, t *timings) (time.Duration, error) {
+	var wr write
 	res, err := b.during(ctx, limit, minInterval, []watchTarget{{Addr: p.addr(), Want: pod.Name}}, func() (err error) {
-		t0, err = b.w.point(ctx, p, pod)
+		wr, err = b.w.point(ctx, p, pod)
 		return err
 	})
 	if err != nil {
 		return 0, err
 	}
-	return seen(res[0], t0)
+	t.delivered(b.w.delivered, wr)
+	return seen(res[0], wr.at)
 }
 
 func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Result) error {
@@ -434,7 +436,7 @@ func (b *bench) burstPhase(ctx context.Context, proxy *testbed.Proxy, res *Resul
 	start := time.Now()
 	wrote, err := b.w.burst(ctx, b.p.burst)
 	if err == nil {
-		_, err = b.reprogram(ctx, b.probes[0], b.other(b.probes[0]), b.p.cap)
+		_, err = b.reprogram(ctx, b.probes[0], b.other(b.probes[0]), b.p.cap, &timings{})
 	}
 	converged := time.Since(start)
 	close(stop)

@@ -35,28 +35,43 @@ const burstGap = 10 * time.Millisecond
 
 // Pattern is the programming latency of one pattern, nearest-rank
 // percentiles over the changes seen; Timeouts were not seen within the cap.
+// Watch is the floor under it: when an informer of the bench's own, beside
+// the proxy's, received the writes (deliveries).
 type Pattern struct {
-	Name     string  `json:"name"`
-	Samples  int     `json:"samples"`
-	Timeouts int     `json:"timeouts,omitempty"`
-	P50Ms    float64 `json:"p50Ms"`
-	P90Ms    float64 `json:"p90Ms"`
-	P99Ms    float64 `json:"p99Ms"`
-	MaxMs    float64 `json:"maxMs"`
+	Name       string  `json:"name"`
+	Samples    int     `json:"samples"`
+	Timeouts   int     `json:"timeouts,omitempty"`
+	P50Ms      float64 `json:"p50Ms"`
+	P90Ms      float64 `json:"p90Ms"`
+	P99Ms      float64 `json:"p99Ms"`
+	MaxMs      float64 `json:"maxMs"`
+	WatchP50Ms float64 `json:"watchP50Ms,omitempty"`
+	WatchP99Ms float64 `json:"watchP99Ms,omitempty"`
 }
 
-// timings collects the latencies of one pattern.
+// timings collects the latencies of one pattern, and the watch's.
 type timings struct {
-	ms       []float64
-	timeouts int
+	ms, watch []float64
+	timeouts  int
 }
 
 func (t *timings) add(d time.Duration) { t.ms = append(t.ms, float64(d)/float64(time.Millisecond)) }
+
+// delivered adds how long after it was sent the bench's informer received
+// w, when it did.
+func (t *timings) delivered(d *deliveries, w write) {
+	if took, ok := d.took(w); ok {
+		t.watch = append(t.watch, float64(took)/float64(time.Millisecond))
+	}
+}
 
 func (t *timings) pattern(name string) Pattern {
 	p := Pattern{Name: name, Samples: len(t.ms), Timeouts: t.timeouts}
 	if len(t.ms) > 0 {
 		p.P50Ms, p.P90Ms, p.P99Ms, p.MaxMs = percentile(t.ms, 50), percentile(t.ms, 90), percentile(t.ms, 99), percentile(t.ms, 100)
+	}
+	if len(t.watch) > 0 {
+		p.WatchP50Ms, p.WatchP99Ms = percentile(t.watch, 50), percentile(t.watch, 99)
 	}
 	return p
 }
@@ -130,13 +145,14 @@ func (b *bench) newServices(ctx context.Context, tag string) (Pattern, error) {
 		if err != nil {
 			return t.pattern(patNewService), err
 		}
-		var t0 time.Time
+		var wr write
 		res, err := b.during(ctx, b.p.cap, minInterval, []watchTarget{{Addr: p.addr(), Want: pod.Name}}, func() (err error) {
-			t0, err = b.w.createSlice(ctx, p, pod.Endpoint(testbed.Ready))
+			wr, err = b.w.createSlice(ctx, p, pod.Endpoint(testbed.Ready))
 			return err
 		})
 		if err == nil {
-			if d, serr := seen(res[0], t0); serr != nil {
+			t.delivered(b.w.delivered, wr)
+			if d, serr := seen(res[0], wr.at); serr != nil {
 				t.timeouts++
 				b.c.Log.Warn("new service not reached", "service", p.name, "err", serr)
 			} else {
@@ -162,7 +178,7 @@ func (b *bench) bursts(ctx context.Context) (Pattern, error) {
 	for range b.p.burstRounds {
 		targets := make([]watchTarget, len(b.probes))
 		to := make([]*testbed.Pod, len(b.probes))
-		at := make([]time.Time, len(b.probes))
+		at := make([]write, len(b.probes))
 		for i, p := range b.probes {
 			to[i] = b.other(p)
 			targets[i] = watchTarget{Addr: p.addr(), Want: to[i].Name}
@@ -184,7 +200,8 @@ func (b *bench) bursts(ctx context.Context) (Pattern, error) {
 			return t.pattern(patBurst), err
 		}
 		for i, r := range res {
-			d, err := seen(r, at[i])
+			t.delivered(b.w.delivered, at[i])
+			d, err := seen(r, at[i].at)
 			if err == nil {
 				t.add(d)
 				continue
@@ -211,16 +228,18 @@ func (b *bench) rolling(ctx context.Context) (added, gone Pattern, err error) {
 	for range b.p.rounds {
 		// The pods the step will use, for the watch that starts first.
 		newPod, oldPod := r.upcoming()
-		var addedAt, oldAt time.Time
+		var added, old write
 		res, err := b.during(ctx, b.p.cap, minInterval, []watchTarget{{Addr: r.addr(), Want: newPod.Name, Gone: oldPod.Name}}, func() (err error) {
-			addedAt, oldAt, err = b.w.step(ctx, r)
+			added, old, err = b.w.step(ctx, r)
 			return err
 		})
 		if err != nil {
 			return ta.pattern(patRollingNew), tg.pattern(patRollingGone), err
 		}
+		ta.delivered(b.w.delivered, added)
+		tg.delivered(b.w.delivered, old)
 		w := res[0]
-		if d, err := seen(w, addedAt); err != nil {
+		if d, err := seen(w, added.at); err != nil {
 			ta.timeouts++
 		} else {
 			ta.add(d)
@@ -229,7 +248,7 @@ func (b *bench) rolling(ctx context.Context) (added, gone Pattern, err error) {
 			tg.timeouts++
 			b.c.Log.Warn("rolling update step not seen", "new", newPod.Name, "old", oldPod.Name, "err", w.Err)
 		} else {
-			tg.add(max(0, time.Unix(0, w.GoneAt).Sub(oldAt)))
+			tg.add(max(0, time.Unix(0, w.GoneAt).Sub(old.at)))
 		}
 		if err := sleep(ctx, time.Second); err != nil {
 			return ta.pattern(patRollingNew), tg.pattern(patRollingGone), err

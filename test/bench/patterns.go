@@ -33,6 +33,12 @@ var patterns = []struct{ name, label string }{
 // burstGap is the time between the changes of a burst.
 const burstGap = 10 * time.Millisecond
 
+// rollingFanout is how many attempts the prober starts together on the
+// rolling Service, whose new pod is one of three endpoints: with one, it
+// was reached about 4 ms after a single endpoint would have been, the odds
+// of one connection in three; with four, one tick in five misses it.
+const rollingFanout = 4
+
 // Pattern is the programming latency of one pattern, nearest-rank
 // percentiles over the changes seen; Timeouts were not seen within the cap.
 // Watch is the floor under it: when an informer of the bench's own, beside
@@ -229,7 +235,7 @@ func (b *bench) rolling(ctx context.Context) (added, gone Pattern, err error) {
 		// The pods the step will use, for the watch that starts first.
 		newPod, oldPod := r.upcoming()
 		var added, old write
-		res, err := b.during(ctx, b.p.cap, minInterval, []watchTarget{{Addr: r.addr(), Want: newPod.Name, Gone: oldPod.Name}}, func() (err error) {
+		res, err := b.during(ctx, b.p.cap, minInterval, []watchTarget{{Addr: r.addr(), Want: newPod.Name, Gone: oldPod.Name, Fanout: rollingFanout}}, func() (err error) {
 			added, old, err = b.w.step(ctx, r)
 			return err
 		})

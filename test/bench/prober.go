@@ -54,11 +54,16 @@ type proberRequest struct {
 
 // watchTarget is one Service address a "watch" connects to, and what it
 // waits for there: Want answering once (empty: any pod), and, when Gone is
-// set, Gone no longer answering (no answer from it for goneQuiet).
+// set, Gone no longer answering (no answer from it for goneQuiet). Fanout
+// attempts start together each interval (at least 1, at most maxFanout):
+// where Want is one of several endpoints, one attempt reaches it only by
+// chance, and the time until it answers would measure the odds, not the
+// datapath.
 type watchTarget struct {
-	Addr string `json:"addr"`
-	Want string `json:"want,omitempty"`
-	Gone string `json:"gone,omitempty"`
+	Addr   string `json:"addr"`
+	Want   string `json:"want,omitempty"`
+	Gone   string `json:"gone,omitempty"`
+	Fanout int    `json:"fanout,omitempty"`
 }
 
 // watchResult is what a "watch" saw at one target, as wall-clock Unix
@@ -103,6 +108,7 @@ const (
 	goneQuiet = 300 * time.Millisecond
 	// maxInflight bounds the overlapping attempts of one target.
 	maxInflight = 128
+	maxFanout   = 8
 )
 
 // runProber serves requests from stdin until it is closed.
@@ -178,8 +184,8 @@ func serveRequest(req proberRequest) proberResponse {
 	}
 }
 
-// watch starts an attempt on t every interval, overlapping, until t shows
-// what it waits for or the deadline passes.
+// watch starts t.Fanout attempts on t every interval, overlapping, until t
+// shows what it waits for or the deadline passes.
 func watch(t watchTarget, interval time.Duration, deadline time.Time) watchResult {
 	var (
 		mu       sync.Mutex
@@ -203,13 +209,12 @@ func watch(t watchTarget, interval time.Duration, deadline time.Time) watchResul
 		// answered by Gone, and none was.
 		return len(starts) > 0 && now.Sub(starts[0]) >= goneQuiet && now.Sub(lastGone) >= goneQuiet
 	}
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
-	for now := time.Now(); now.Before(deadline) && !done(now); now = <-tick.C {
+	// attempt starts one connection, unless maxInflight hang already.
+	attempt := func() {
 		select {
 		case slots <- struct{}{}:
 		default:
-			continue // maxInflight attempts hang already
+			return
 		}
 		start := time.Now()
 		mu.Lock()
@@ -231,6 +236,13 @@ func watch(t watchTarget, interval time.Duration, deadline time.Time) watchResul
 				lastGone = start
 			}
 		})
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for now := time.Now(); now.Before(deadline) && !done(now); now = <-tick.C {
+		for range min(max(t.Fanout, 1), maxFanout) {
+			attempt()
+		}
 	}
 	inflight.Wait()
 	res.Attempts = len(starts)

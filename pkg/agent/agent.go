@@ -438,6 +438,7 @@ func (a *Agent) requeue(keys []types.NamespacedName, all bool) {
 // sync rebuilds the dirty Services and programs the whole state.
 func (a *Agent) sync(ctx context.Context) error {
 	start := a.clock.Now()
+	queued := a.health.waited(start)
 	keys, all := a.takeDirty()
 	if all {
 		current, err := a.src.ServiceKeys()
@@ -508,7 +509,7 @@ func (a *Agent) sync(ctx context.Context) error {
 	a.metrics.servicePorts.Set(float64(len(state.ServicePorts)))
 	a.metrics.endpoints.Set(float64(a.endpoints))
 	a.log.Info("synced", "services", len(a.ports), "servicePorts", len(state.ServicePorts),
-		"endpoints", a.endpoints, "rebuilt", len(keys), "changed", changed, "revision", a.revision, "took", took)
+		"endpoints", a.endpoints, "rebuilt", len(keys), "changed", changed, "revision", a.revision, "queued", queued, "took", took)
 	return nil
 }
 

@@ -411,7 +411,8 @@ func TestCoalescesAndRebuildsOnlyDirtyServices(t *testing.T) {
 // programmed at once, without waiting for the minimum interval; changes
 // after those are paced, one sync per interval, however many arrive.
 func TestSecondChangeAfterQuietSpellNotDelayed(t *testing.T) {
-	h := newHarness(t)
+	var logs syncBuffer
+	h := newHarness(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
 	h.src.put(service("web", "10.96.0.10"), endpointSlice("web", "web-1", "10.244.0.5"))
 	h.cachesSynced()
 	h.waitSync()
@@ -445,6 +446,19 @@ func TestSecondChangeAfterQuietSpellNotDelayed(t *testing.T) {
 	h.a.ServiceChanged(k)
 	h.waitArmed(12 * time.Second)
 	h.noSync()
+	// Each sync's log line says how long its oldest change waited in the
+	// agent: the first sync since the agent started, the two of the burst
+	// not at all, the paced one the interval.
+	var queued []string
+	for line := range strings.Lines(logs.String()) {
+		if strings.Contains(line, "msg=synced") {
+			_, q, _ := strings.Cut(line, " queued=")
+			queued = append(queued, strings.Fields(q + " ")[0])
+		}
+	}
+	if want := []string{"0s", "0s", "0s", "1s"}; !slices.Equal(queued, want) {
+		t.Errorf("queued in the synced lines: %q, want %q:\n%s", queued, want, logs.String())
+	}
 }
 
 // driftBackend is a fakeBackend whose CheckDrift waits for the test to

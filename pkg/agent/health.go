@@ -49,6 +49,17 @@ func (h *Health) queued() {
 	}
 }
 
+// waited returns how long the oldest change waiting has waited at now;
+// zero when none waits.
+func (h *Health) waited(now time.Time) time.Duration {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.oldestQueued.IsZero() {
+		return 0
+	}
+	return now.Sub(h.oldestQueued)
+}
+
 // updated records a successful sync: nothing waits any more.
 func (h *Health) updated() {
 	h.mu.Lock()

@@ -282,7 +282,11 @@ Services point at real echo servers in pod namespaces):
     second; "new pod reached" is timed from the first write until a connection
     reaches the new pod, "old pod gone" from the second until the first
     connection started after the last one the old pod answered (and then
-    300 ms without it); steps 1 s apart.
+    300 ms without it); steps 1 s apart; four attempts start together each
+    tick, as the new pod is one of three endpoints.
+- **the floor**: an informer of the bench's own, on the same apiserver as
+  the proxy's, records when each probe write reaches it; the time from the
+  write is what the apiserver and the watch take before any proxy can act.
 - **new connection**: connect() until the server's first line, closed with a
   reset, alternating through the Service and directly to the same pod (A B A B);
   overhead = median via Service / median direct - 1. In kube-proxy's iptables

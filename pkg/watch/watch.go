@@ -77,6 +77,9 @@ type Watcher struct {
 	sink     Sink
 	log      *slog.Logger
 	start    []func(<-chan struct{})
+	// handled say whether each event handler has been handed every
+	// object of its informer's first list.
+	handled []cache.InformerSynced
 	// startServices starts the Services informer once the apiserver has
 	// said whether it selects by NotHeadless.
 	startServices func(context.Context)
@@ -138,9 +141,11 @@ func New(client kubernetes.Interface, nodeName string, resync time.Duration, log
 		}},
 	}
 	for _, h := range handlers {
-		if _, err := h.inf.AddEventHandler(h.h); err != nil {
+		reg, err := h.inf.AddEventHandler(h.h)
+		if err != nil {
 			return nil, fmt.Errorf("add event handler: %w", err)
 		}
+		w.handled = append(w.handled, reg.HasSynced)
 	}
 	return w, nil
 }
@@ -352,10 +357,13 @@ func (w *Watcher) serviceFieldSelector(ctx context.Context) string {
 	}
 }
 
-// WaitForCacheSync blocks until every informer has listed its objects once,
-// and reports false if ctx ended first.
+// WaitForCacheSync blocks until every informer has listed its objects once
+// and handed each of them to the Sink, and reports false if ctx ended
+// first. Waiting for the caches alone, the agent's first sync ran while the
+// list's events were still arriving, and a second sync rebuilt the
+// Services they named (about half of 10,000) for nothing.
 func (w *Watcher) WaitForCacheSync(ctx context.Context) bool {
-	return cache.WaitForCacheSync(ctx.Done(), w.services.HasSynced, w.slices.HasSynced, w.node.HasSynced)
+	return cache.WaitForCacheSync(ctx.Done(), w.handled...)
 }
 
 // Service returns the Service named key from the cache, or nil when there

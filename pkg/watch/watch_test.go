@@ -2,6 +2,7 @@ package watch
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"maps"
@@ -145,6 +146,32 @@ func startOn(t *testing.T, client kubernetes.Interface, sink Sink) *Watcher {
 		t.Fatal("caches did not sync")
 	}
 	return w
+}
+
+// slowSink takes a millisecond a call, as a busy agent may.
+type slowSink struct{ recorder }
+
+func (s *slowSink) ServiceChanged(k types.NamespacedName) {
+	time.Sleep(time.Millisecond)
+	s.recorder.ServiceChanged(k)
+}
+
+// TestWaitForCacheSyncWaitsForHandlers: when WaitForCacheSync returns, the
+// sink has been told of every listed Service, so the agent's first sync
+// leaves none for a second one. Waiting for the caches alone, it had been
+// told of 30 of 200.
+func TestWaitForCacheSyncWaitsForHandlers(t *testing.T) {
+	const n = 200
+	var objs []runtime.Object
+	for i := range n {
+		objs = append(objs, service("a", fmt.Sprintf("s%d", i), nil))
+	}
+	sink := &slowSink{}
+	startWith(t, sink, objs...)
+	got, _ := sink.take()
+	if len(got) < n {
+		t.Errorf("the sink was told of %d of %d Services when the caches were synced", len(got), n)
+	}
 }
 
 // TestServiceEvents checks that adding, changing and deleting a Service

@@ -144,6 +144,32 @@ func TestPercentile(t *testing.T) {
 	}
 }
 
+// TestWatchTimesTheReachingAttemptsStart: a change is programmed at once
+// on a path where every connection takes 50 ms; the watch must report
+// when the first connection that reached the new pod started (within a
+// tick of the change), not when it ended, which would add the
+// connection's own time to the proxy's programming latency.
+func TestWatchTimesTheReachingAttemptsStart(t *testing.T) {
+	const took = 50 * time.Millisecond
+	programmed := time.Now().Add(40 * time.Millisecond)
+	connect := func(string, time.Duration) (string, error) {
+		pod := "old"
+		if !time.Now().Before(programmed) {
+			pod = "new"
+		}
+		time.Sleep(took)
+		return pod, nil
+	}
+	r := watch(watchTarget{Addr: "10.96.0.1:80", Want: "new"}, minInterval, time.Now().Add(5*time.Second), connect)
+	if r.Err != "" || r.OKAt == 0 {
+		t.Fatalf("watch: %q, okAt %d", r.Err, r.OKAt)
+	}
+	late := time.Unix(0, r.OKAt).Sub(programmed)
+	if late < -10*time.Millisecond || late >= took {
+		t.Errorf("new pod reached %v after the change was programmed; want within a tick (%v): the first attempt that reached it started then, and took %v", late, minInterval, took)
+	}
+}
+
 func TestProcReaders(t *testing.T) {
 	rss, err := rssMB(os.Getpid())
 	if err != nil || rss <= 1 {

@@ -383,9 +383,9 @@ func (b *bench) other(p *probeService) *testbed.Pod {
 	return b.backends[0]
 }
 
-// reprogram points a probe Service at pod and returns how long until a
-// connection through the Service first reached it; it adds the watch's
-// delivery of the write to t.
+// reprogram points a probe Service at pod and returns how long until the
+// first connection through the Service that reached it started; it adds
+// the watch's delivery of the write to t.
 func (b *bench) reprogram(ctx context.Context, p *probeService, pod *testbed.Pod, limit time.Duration, t *timings) (time.Duration, error) {
 	var wr write
 	res, err := b.during(ctx, limit, minInterval, []watchTarget{{Addr: p.addr(), Want: pod.Name}}, func() (err error) {

@@ -12,7 +12,8 @@ import (
 )
 
 // The patterns of changes users make, each timed from the write of a
-// change until a new connection through the Service shows it.
+// change until the first new connection through the Service that shows it
+// starts.
 const (
 	patMove        = "move"
 	patNewService  = "new-service"
@@ -119,7 +120,8 @@ func (b *bench) during(ctx context.Context, limit, interval time.Duration, targe
 	return a.resp.Targets, nil
 }
 
-// seen returns how long after at the watch saw its target's change.
+// seen returns how long after at the watch's first attempt that saw its
+// target's change started.
 func seen(r watchResult, at time.Time) (time.Duration, error) {
 	if r.OKAt == 0 {
 		return 0, errors.New(r.Err)
